@@ -1,0 +1,66 @@
+"""Per-token log-probabilities without materialising batch x seq x vocab logits.
+
+Alignment convention (the one place it is written down): the score of token ``i`` is
+``nll[i] = -log p(input_ids[i] | input_ids[:i])``, computed from the hidden state at position
+``i - 1`` and *stored at position* ``i``. Position 0 has no context and is never scored (NaN).
+
+The decoder runs once; the LM head runs only on the rows that are scored, in chunks, so memory
+is ``rows_per_chunk x vocab`` instead of ``batch x seq x vocab`` and masked or prompt positions
+cost no LM-head FLOPs at all.
+"""
+
+from __future__ import annotations
+
+import torch
+
+# Rows of fp32 logits per LM-head chunk are sized to about this many bytes.
+_CHUNK_BYTES = 1 << 28
+
+
+def split_causal_lm(model):
+    """(decoder, lm_head, final_logit_softcap) of a causal LM, unwrapping PEFT models."""
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    decoder = getattr(inner, inner.base_model_prefix)
+    head = inner.get_output_embeddings()
+    softcap = getattr(inner.config, "final_logit_softcapping", None)
+    return decoder, head, softcap
+
+
+def head_logits(head, hidden: torch.Tensor, softcap: float | None) -> torch.Tensor:
+    """fp32 logits of hidden rows ``(N, H) -> (N, V)``, with Gemma-style soft-capping if set."""
+    logits = head(hidden).float()
+    if softcap:
+        logits = torch.tanh(logits / softcap) * softcap
+    return logits
+
+
+def chunk_rows(vocab_size: int) -> int:
+    return max(1, _CHUNK_BYTES // (4 * vocab_size))
+
+
+def rows_nll(head, hidden: torch.Tensor, targets: torch.Tensor, softcap: float | None = None) -> torch.Tensor:
+    """``-log p(target)`` for each hidden row: ``(N, H), (N,) -> (N,)`` fp32, chunked over N."""
+    out = []
+    step = chunk_rows(head.weight.shape[0])
+    for s in range(0, hidden.shape[0], step):
+        logits = head_logits(head, hidden[s : s + step], softcap)  # (n, V)
+        target_logit = logits.gather(1, targets[s : s + step, None]).squeeze(1)
+        out.append(torch.logsumexp(logits, dim=-1) - target_logit)
+    return torch.cat(out) if out else hidden.new_zeros(0, dtype=torch.float32)
+
+
+def token_nll(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, score_mask: torch.Tensor) -> torch.Tensor:
+    """NLL of each token where ``score_mask`` is set, NaN elsewhere: ``(B, T) -> (B, T)`` fp32.
+
+    Position 0 is never scored. Differentiable when called with grad enabled.
+    """
+    decoder, head, softcap = split_causal_lm(model)
+    hidden = decoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # (B, T, H)
+    predict = score_mask[:, 1:].bool() & attention_mask[:, 1:].bool()  # token i predicted from i-1
+    rows = hidden[:, :-1][predict]  # (N, H)
+    targets = input_ids[:, 1:][predict]  # (N,)
+    nll = rows_nll(head, rows, targets, softcap)
+    out = torch.full(input_ids.shape, float("nan"), dtype=torch.float32, device=input_ids.device)
+    shifted = out[:, 1:].clone()
+    shifted[predict] = nll
+    return torch.cat([out[:, :1], shifted], dim=1)

