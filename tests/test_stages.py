@@ -37,6 +37,10 @@ def score(model_dir, data_file, out, **kw):
     return run_score(ScoreConfig(model=str(model_dir), data=str(data_file), out_dir=str(out), device="cpu", batch_tokens=128, **kw))
 
 
+def flat_nll(table):
+    return np.concatenate([np.asarray(x, dtype=np.float64) for x in table.column("nll").to_pylist()])
+
+
 def test_scores_file_columns_and_alignment(model_dir, data_file, tmp_path):
     out = score(model_dir, data_file, tmp_path / "scores")
     table = pq.read_table(out / "scores.parquet")
@@ -123,3 +127,55 @@ def test_mask_stage_counts_examples_left_without_tokens(model_dir, data_file, tm
 def test_mask_stage_needs_finished_scores(tmp_path):
     with pytest.raises(FileNotFoundError, match="forgetless score"):
         run_mask(MaskConfig(scores=str(tmp_path / "nothing"), out_dir=str(tmp_path / "m")))
+
+
+def test_crash_mid_scoring_resumes_and_equals_uninterrupted(model_dir, data_file, tmp_path, monkeypatch):
+    import forgetless.scoring as scoring
+
+    full = pq.read_table(score(model_dir, data_file, tmp_path / "full", part_size=2) / "scores.parquet")
+    real, calls = scoring.score_encoded, []
+
+    def crash_on_second_part(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt  # stands in for a kill between parts
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(scoring, "score_encoded", crash_on_second_part)
+    with pytest.raises(KeyboardInterrupt):
+        score(model_dir, data_file, tmp_path / "crash", part_size=2)
+    assert not (tmp_path / "crash" / "manifest.json").exists() and not (tmp_path / "crash" / "scores.parquet").exists()
+    assert (tmp_path / "crash" / "parts" / "part-00000.npz").is_file()
+    calls.clear()
+    monkeypatch.setattr(scoring, "score_encoded", lambda *a, **k: (calls.append(1), real(*a, **k))[1])
+    resumed = pq.read_table(score(model_dir, data_file, tmp_path / "crash", part_size=2) / "scores.parquet")
+    assert len(calls) == 2  # parts 1 and 2 of 3; part 0 came from disk
+    assert np.allclose(flat_nll(resumed), flat_nll(full), equal_nan=True, atol=1e-6)
+    assert not (tmp_path / "crash" / "parts").exists()
+
+
+def test_kill_9_during_scoring_then_rerun(model_dir, tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    rows = [{"prompt": f"Write a python function number {i}.", "response": "def add(a, b):\n    return a + b" * (1 + i % 5)} for i in range(60)]
+    data = tmp_path / "many.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "killed"
+    cmd = [sys.executable, "-m", "forgetless.cli", "score", "--model", str(model_dir), "--data", str(data),
+           "--out-dir", str(out), "part_size=1", "batch_tokens=64", "device=cpu"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline and not (out / "parts" / "part-00002.npz").exists() and proc.poll() is None:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (out / "manifest.json").exists() or proc.returncode == 0
+    assert subprocess.run(cmd, capture_output=True).returncode == 0
+    reference = score(model_dir, data, tmp_path / "clean")
+    a, b = (flat_nll(pq.read_table(d / "scores.parquet")) for d in (out, reference))
+    assert np.allclose(a, b, equal_nan=True, atol=1e-5)
+    assert not list(out.glob(".*.tmp"))

@@ -49,6 +49,16 @@ def write_parquet(path: Path, table) -> None:
     _atomic(Path(path), lambda tmp: pq.write_table(table, tmp))
 
 
+def write_npz(path: Path, arrays: dict) -> None:
+    import numpy as np
+
+    def save(tmp):
+        with open(tmp, "wb") as f:
+            np.savez(f, **arrays)
+
+    _atomic(Path(path), save)
+
+
 def read_json(path: Path) -> Any:
     return json.loads(Path(path).read_text(encoding="utf-8"))
 

@@ -9,6 +9,7 @@ template, data or max length invalidates it, and the log says which.
 from __future__ import annotations
 
 import logging
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -40,6 +41,7 @@ class ScoreConfig:
     max_length: int = field(default=1024, metadata={"help": "tokens per example; longer ones are handled by 'overlong'"})
     overlong: str = field(default="truncate", metadata={"help": "'truncate' (cut from the right) or 'skip' examples over max_length; both are counted"})
     batch_tokens: int = field(default=8192, metadata={"help": "padded tokens per forward batch (length-bucketed)"})
+    part_size: int = field(default=256, metadata={"help": "examples per saved part: a crash loses at most one part's work"})
     dtype: str = field(default="auto", metadata={"help": "auto (bf16 on CUDA, else fp32), float32, bfloat16, float16"})
     device: str | None = field(default=None, metadata={"help": "cuda or cpu (default: cuda when available)"})
     out_dir: str = field(default="runs/default/scores", metadata={"help": "output directory"})
@@ -49,6 +51,8 @@ class ScoreConfig:
             raise ValueError(f"max_length must be at least 2, got {self.max_length}")
         if self.overlong not in ("truncate", "skip"):
             raise ValueError(f"overlong must be 'truncate' or 'skip', got {self.overlong!r}")
+        if self.part_size < 1:
+            raise ValueError(f"part_size must be positive, got {self.part_size}")
         if self.batch_tokens < 1:
             raise ValueError(f"batch_tokens must be positive, got {self.batch_tokens}")
         if self.limit is not None and self.limit < 1:
@@ -141,10 +145,11 @@ def run_score(config: ScoreConfig) -> Path:
     if not kept:
         raise ValueError(f"no example of {config.data} has a response token within max_length={config.max_length}")
     encoded = [enc for _, enc in kept]
-    nlls = score_encoded(model, encoded, tokenizer.pad_token_id, config.batch_tokens)
-    n_nonfinite = int(sum(np.sum(np.isinf(n)) for n in nlls))
-    if n_nonfinite:
-        logger.warning("%d response tokens have an infinite NLL (probability 0 under the model)", n_nonfinite)
+    nlls = score_in_parts(model, encoded, tokenizer.pad_token_id, config.batch_tokens, out / "parts", key, config.part_size)
+    n_inf = int(sum(np.sum(np.isinf(n)) for n in nlls))
+    n_nan = int(sum(np.sum(np.isnan(n[1:][np.asarray(e.response_mask[1:], bool)])) for n, e in zip(nlls, encoded)))
+    if n_inf or n_nan:
+        logger.warning("non-finite scores: %d response tokens with NLL inf (probability 0), %d NaN (masking will refuse them)", n_inf, n_nan)
     table = pa.table({
         "id": [ex.id for ex, _ in kept],
         "input_ids": [e.input_ids for e in encoded],
@@ -153,9 +158,37 @@ def run_score(config: ScoreConfig) -> Path:
         "truncated": [e.truncated for e in encoded],
     })
     stats = score_statistics(nlls, [np.asarray(e.response_mask, dtype=bool) for e in encoded])
-    stats.update(counts, examples=len(examples), scored_examples=len(kept), nonfinite_nll_tokens=n_nonfinite)
+    stats.update(counts, examples=len(examples), scored_examples=len(kept), inf_nll_tokens=n_inf, nan_nll_tokens=n_nan)
     artifacts.write_parquet(out / SCORES_FILE, table)
     artifacts.write_json(out / "stats.json", stats)
     artifacts.write_manifest(out, key, config)
+    shutil.rmtree(out / "parts", ignore_errors=True)
     return out
+
+
+def score_in_parts(model, encoded: list[Encoded], pad_id: int, batch_tokens: int, parts_dir: Path, key: dict, part_size: int) -> list[np.ndarray]:
+    """Score in parts of ``part_size`` examples, each saved as it finishes, so a crash loses one part at most.
+
+    Parts made under another key (model, data, ...) are discarded; matching ones are reused.
+    """
+    key_file = parts_dir / "key.json"
+    if parts_dir.exists() and (not key_file.is_file() or artifacts.read_json(key_file) != key):
+        shutil.rmtree(parts_dir)
+    if not key_file.is_file():
+        artifacts.write_json(key_file, key)
+    nlls: list[np.ndarray] = []
+    starts = range(0, len(encoded), part_size)
+    done = sum((parts_dir / f"part-{i:05d}.npz").is_file() for i in range(len(starts)))
+    if done:
+        logger.info("resuming: %d of %d parts already scored in %s", done, len(starts), parts_dir)
+    for part, start in enumerate(starts):
+        path = parts_dir / f"part-{part:05d}.npz"
+        if path.is_file():
+            with np.load(path) as saved:
+                nlls.extend(saved[f"a{i}"] for i in range(len(saved.files)))
+            continue
+        scored = score_encoded(model, encoded[start : start + part_size], pad_id, batch_tokens)
+        artifacts.write_npz(path, {f"a{i}": a for i, a in enumerate(scored)})
+        nlls.extend(scored)
+    return nlls
 
