@@ -59,6 +59,7 @@ class TrainConfig:
     batch_size: int = field(default=4, metadata={"help": "examples per micro-batch per device"})
     grad_accum: int = field(default=1, metadata={"help": "micro-batches per optimizer step"})
     weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay (the weight-decay baseline)"})
+    optim: str = field(default="adamw_torch", metadata={"help": "HF optimizer name (adamw_torch, sgd, ...)"})
     max_grad_norm: float = field(default=1.0, metadata={"help": "gradient clipping norm"})
     seed: int = field(default=0, metadata={"help": "seed of initialisation, dropout and data order"})
     save_steps: int = field(default=0, metadata={"help": "checkpoint every N steps (0: no checkpoints)"})
@@ -109,8 +110,14 @@ def _loss_log_callback(path: Path, trainer_ref: dict):
     class LossLog(TrainerCallback):
         """Appends one JSON line per logging step: step, loss, lr, trained tokens (and nll/kl per token)."""
 
-        def on_train_begin(self, args, state, control, **kwargs):
-            # After a resume keep only the lines of steps the checkpoint had reached.
+        trimmed = False
+
+        def on_step_begin(self, args, state, control, **kwargs):
+            # After a resume keep only the lines of steps the checkpoint had reached (the state is restored
+            # after on_train_begin, so this happens before the first step instead).
+            if self.trimmed:
+                return
+            self.trimmed = True
             lines = path.read_text().splitlines() if path.exists() else []
             kept = [ln for ln in lines if json.loads(ln)["step"] <= state.global_step]
             path.write_text("".join(ln + "\n" for ln in kept))
@@ -185,11 +192,11 @@ def training_arguments(config: TrainConfig, out: Path, device: str, dtype: torch
         gradient_accumulation_steps=config.grad_accum, learning_rate=config.learning_rate,
         lr_scheduler_type=config.lr_scheduler, warmup_steps=config.warmup_ratio,
         num_train_epochs=config.epochs, max_steps=config.max_steps, weight_decay=config.weight_decay,
-        max_grad_norm=config.max_grad_norm, seed=config.seed, data_seed=config.seed,
+        optim=config.optim, max_grad_norm=config.max_grad_norm, seed=config.seed, data_seed=config.seed,
         save_strategy="steps" if config.save_steps else "no", save_steps=config.save_steps or 500,
         save_total_limit=config.save_total_limit, logging_steps=config.logging_steps, report_to=[],
         remove_unused_columns=False, label_names=["labels"], use_cpu=device == "cpu",
-        bf16=dtype == torch.bfloat16, gradient_checkpointing=config.gradient_checkpointing,
+        bf16=dtype == torch.bfloat16, activation_checkpointing=config.gradient_checkpointing,
         deepspeed=config.deepspeed, dataloader_num_workers=0,
     )
 
