@@ -160,10 +160,11 @@ def test_short_real_run_on_embedded_mbpp(tmp_path, embedded):
     from forgetless.data import load_examples
 
     model, tok = embedded
-    rows = build_sft_table(load_examples("mbpp-train", limit=4), tok, max_length=96)
+    # The 4 shortest of the first 8 (158-208 tokens): the prompts alone run to 245 tokens, so no cut.
+    rows = sorted(build_sft_table(load_examples("mbpp-train", limit=8), tok), key=lambda r: len(r["input_ids"]))[:4]
     write_table(rows, tmp_path / "mbpp.parquet")
     out = run_train(TrainConfig(data=str(tmp_path / "mbpp.parquet"), output_dir=str(tmp_path / "run"),
-                                max_steps=2, batch_size=2, learning_rate=1e-3, device="cpu"))
+                                max_steps=2, batch_size=1, learning_rate=1e-3, device="cpu"))
     ids = torch.tensor([rows[0]["input_ids"][:32]])
     with torch.no_grad():
         before = model(ids).logits
