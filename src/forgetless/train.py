@@ -179,6 +179,9 @@ def prepare_model(config: TrainConfig, model):
         return model
     from peft import LoraConfig, get_peft_model
 
+    if config.gradient_checkpointing:
+        # Checkpointed layers of a frozen base need an input that requires grad, or no gradient reaches the adapter.
+        model.enable_input_require_grads()
     targets = config.target_modules if config.target_modules == "all-linear" else [
         t.strip() for t in config.target_modules.split(",") if t.strip()]
     peft_config = LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
