@@ -212,8 +212,10 @@ def hf_generate_fn(model, tokenizer, cfg: EvalConfig) -> GenerateFn:
     return lambda prompts, decoding: generate(model, tokenizer, prompts, decoding, cfg.batch_size, cfg.progress)
 
 
-def evaluate_model(model, tokenizer, cfg: EvalConfig, output_dir: str | Path | None = None) -> dict[str, dict]:
-    """Evaluate an in-memory model (no caching: its weights have no fingerprint)."""
+def evaluate_model(model, tokenizer, cfg: EvalConfig, output_dir: str | Path | None = None,
+                   tasks: Sequence[str | Task] | None = None) -> dict[str, dict]:
+    """Evaluate an in-memory model on ``tasks`` (default cfg.tasks; names or Task objects).
+    No caching: in-memory weights have no fingerprint."""
     out = None
     if output_dir is not None:
         out = Path(output_dir)
@@ -221,7 +223,7 @@ def evaluate_model(model, tokenizer, cfg: EvalConfig, output_dir: str | Path | N
     was_training = model.training
     model.eval()
     try:
-        return evaluate_tasks(cfg.tasks, cfg, hf_generate_fn(model, tokenizer, cfg), out)
+        return evaluate_tasks(tasks or cfg.tasks, cfg, hf_generate_fn(model, tokenizer, cfg), out)
     finally:
         model.train(was_training)
 
