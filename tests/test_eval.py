@@ -10,7 +10,7 @@ import torch
 
 from forgetless.evaluate import EvalConfig, evaluate_model, evaluate_tasks, run_eval
 from forgetless.generation import DecodingSettings, _cut_at_stop, generate, left_pad, stop_token_ids
-from forgetless.stats import paired_difference, wilson_interval
+from forgetless.intervals import paired_difference, wilson_interval
 from forgetless.tasks.custom import task_from_definition
 from forgetless.tasks.gsm8k import load_gsm8k
 

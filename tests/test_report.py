@@ -7,7 +7,7 @@ import json
 import pytest
 
 from forgetless.report import ReportConfig, forgetting_metrics, load_extras, relative_change, run_report
-from forgetless.stats import bootstrap_interval, score_interval, wilson_interval
+from forgetless.intervals import bootstrap_interval, score_interval, wilson_interval
 
 
 def test_relative_change():

@@ -32,7 +32,7 @@ from typing import Any, Callable, Sequence
 
 from forgetless.generation import DecodingSettings, generate
 from forgetless.sandbox import SandboxLimits
-from forgetless.stats import score_interval
+from forgetless.intervals import score_interval
 from forgetless.tasks import Item, Task, get_task, items_fingerprint, select_items
 
 logger = logging.getLogger(__name__)

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from forgetless.stats import paired_difference
+from forgetless.intervals import paired_difference
 
 logger = logging.getLogger(__name__)
 
