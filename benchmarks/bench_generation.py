@@ -31,11 +31,11 @@ def main() -> None:
     model, tokenizer = load_model_and_tokenizer(args.model, device=args.device)
     prompts = [it.messages for it in get_task(args.task).load()[: args.items]]
     settings = DecodingSettings(max_new_tokens=args.max_new_tokens)
-    generate(model, tokenizer, prompts[:1], DecodingSettings(max_new_tokens=2), 1, progress=False)  # warm-up
+    generate(model, tokenizer, prompts[:1], DecodingSettings(max_new_tokens=2), 1, show_progress=False)  # warm-up
     timings, outputs = {}, {}
     for name, batch_size in (("batched", args.batch_size), ("single", 1)):
         start = time.perf_counter()
-        outputs[name] = generate(model, tokenizer, prompts, settings, batch_size, progress=False)
+        outputs[name] = generate(model, tokenizer, prompts, settings, batch_size, show_progress=False)
         timings[name] = time.perf_counter() - start
     same = sum(a == b for a, b in zip(outputs["batched"], outputs["single"]))
     print(json.dumps({

@@ -37,8 +37,8 @@ def test_batched_generation_equals_one_at_a_time(tokenizer, tiny_model):
                [{"role": "user", "content": "hello"}],
                [{"role": "user", "content": "The quick brown fox jumps over the lazy dog."}]]
     settings = DecodingSettings(max_new_tokens=6)
-    batched = generate(tiny_model, tokenizer, prompts, settings, batch_size=3, progress=False)
-    single = [generate(tiny_model, tokenizer, [p], settings, batch_size=1, progress=False)[0] for p in prompts]
+    batched = generate(tiny_model, tokenizer, prompts, settings, batch_size=3, show_progress=False)
+    single = [generate(tiny_model, tokenizer, [p], settings, batch_size=1, show_progress=False)[0] for p in prompts]
     assert batched == single  # left padding must not change greedy outputs
     assert len(batched) == 3
 

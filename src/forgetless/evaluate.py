@@ -22,7 +22,6 @@ import hashlib
 import json
 import logging
 import os
-import platform
 import shutil
 import tempfile
 import time
@@ -30,9 +29,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+from forgetless.artifacts import write_json, write_manifest, write_text
 from forgetless.generation import DecodingSettings, generate
-from forgetless.sandbox import SandboxLimits
 from forgetless.intervals import score_interval
+from forgetless.sandbox import SandboxLimits
 from forgetless.tasks import Item, Task, get_task, items_fingerprint, select_items
 
 logger = logging.getLogger(__name__)
@@ -114,20 +114,10 @@ def score_task(task: Task, items: list[Item], outputs: list[str], settings: dict
     return summary, records
 
 
-def _write_json(path: Path, data: Any) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, ensure_ascii=False, default=str) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
-
-
 def write_task_results(out: Path, summary: dict, records: list[dict]) -> None:
     name = summary["task"]
-    tmp = out / f"{name}.items.jsonl.tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        for r in records:
-            f.write(json.dumps(r, ensure_ascii=False, default=str) + "\n")
-    os.replace(tmp, out / f"{name}.items.jsonl")
-    _write_json(out / f"{name}.json", summary)
+    write_text(out / f"{name}.items.jsonl", "".join(json.dumps(r, ensure_ascii=False, default=str) + "\n" for r in records))
+    write_json(out / f"{name}.json", summary)
 
 
 def read_predictions(path: str) -> dict[tuple[str | None, str], str]:
@@ -256,7 +246,7 @@ def run_eval(cfg: EvalConfig) -> Path:
     """Evaluate cfg.model (+ adapter) or cfg.predictions on cfg.tasks; returns the output dir."""
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    _write_json(out / "config.json", dataclasses.asdict(cfg))
+    write_json(out / "config.json", dataclasses.asdict(cfg))
     started = time.time()
     if cfg.predictions is not None:
         results = evaluate_tasks(cfg.tasks, cfg, None, out, predictions=read_predictions(cfg.predictions))
@@ -267,9 +257,21 @@ def run_eval(cfg: EvalConfig) -> Path:
         fingerprint = model_fingerprint(cfg.model, cfg.revision) if not cfg.adapter else None
         generate_fn = _LazyGenerate(cfg)
         results = evaluate_tasks(cfg.tasks, cfg, generate_fn, out, fingerprint=fingerprint)
-    _write_json(out / "scores.json", results)
-    _write_json(out / "manifest.json", _manifest(cfg, fingerprint, started))
+    write_json(out / "scores.json", results)
+    key = {"stage": "eval", "model": cfg.model, "revision": cfg.revision, "adapter": cfg.adapter, "fingerprint": fingerprint,
+           "tasks": {t: r["settings"].get("task_hash") for t, r in results.items()}, "predictions": cfg.predictions,
+           "seconds": round(time.time() - started, 1)}
+    write_manifest(out, key, cfg)
     return out
+
+
+def print_eval_summary(out: Path) -> None:
+    """One line per task: score, 95% interval, items."""
+    scores = json.loads((Path(out) / "scores.json").read_text())
+    for name, r in scores.items():
+        lo, hi = r["ci95"]
+        print(f"{name:>16}  {r['metric']:<18} {r['score']:.3f}  [{lo:.3f}, {hi:.3f}]  n={r['n']}")
+    print(f"results in {out}")
 
 
 class _LazyGenerate:
@@ -282,16 +284,3 @@ class _LazyGenerate:
         if self.fn is None:
             self.fn = _pick_generate_fn(self.cfg)
         return self.fn(prompts, decoding)
-
-
-def _manifest(cfg: EvalConfig, fingerprint: str | None, started: float) -> dict:
-    import torch
-    import transformers
-
-    import forgetless
-
-    return {"stage": "eval", "model": cfg.model, "revision": cfg.revision, "adapter": cfg.adapter,
-            "fingerprint": fingerprint, "tasks": list(cfg.tasks), "predictions": cfg.predictions,
-            "started": started, "seconds": round(time.time() - started, 1),
-            "versions": {"forgetless": forgetless.__version__, "torch": torch.__version__,
-                         "transformers": transformers.__version__, "python": platform.python_version()}}

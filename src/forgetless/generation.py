@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
+from forgetless.progress import progress
 from forgetless.templates import encode_prompt
 
 logger = logging.getLogger(__name__)
@@ -82,8 +83,8 @@ def _cut_at_stop(new_ids: list[int], stops: set[int], pad_id: int | None) -> lis
 
 @torch.no_grad()
 def generate(model, tokenizer, prompts: list[list[dict[str, str]]], settings: DecodingSettings = DecodingSettings(),
-             batch_size: int = 8, progress: bool = True, description: str = "generating") -> list[str]:
-    """One completion per prompt (a list of chat messages), in input order."""
+             batch_size: int = 8, show_progress: bool = True, description: str = "generating") -> list[str]:
+    """One completion per prompt (a list of chat messages), in input order. The bar counts items (items/s)."""
     if not prompts:
         return []
     encoded = [encode_prompt(tokenizer, messages) for messages in prompts]
@@ -95,48 +96,17 @@ def generate(model, tokenizer, prompts: list[list[dict[str, str]]], settings: De
     if not settings.greedy:
         torch.manual_seed(settings.seed)
     start = time.monotonic()
-    with _progress(progress, len(prompts), description) as advance:
-        for b in range(0, len(order), batch_size):
-            rows = order[b:b + batch_size]
-            ids, mask = left_pad([encoded[i] for i in rows], config.pad_token_id)
-            out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), generation_config=config)
-            for row, i in enumerate(rows):
-                new = _cut_at_stop(out[row, ids.shape[1]:].tolist(), stops, config.pad_token_id)
-                outputs[i] = tokenizer.decode(new, skip_special_tokens=True)
-            advance(len(rows))
+    batches = [order[b:b + batch_size] for b in range(0, len(order), batch_size)]
+    bar = progress(batches, description, len(prompts), count=len) if show_progress else batches
+    for rows in bar:
+        ids, mask = left_pad([encoded[i] for i in rows], config.pad_token_id)
+        out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), generation_config=config)
+        for row, i in enumerate(rows):
+            new = _cut_at_stop(out[row, ids.shape[1]:].tolist(), stops, config.pad_token_id)
+            outputs[i] = tokenizer.decode(new, skip_special_tokens=True)
     elapsed = time.monotonic() - start
     logger.info("%s: %d items in %.1f s (%.2f items/s)", description, len(prompts), elapsed, len(prompts) / max(elapsed, 1e-9))
     return [o if o is not None else "" for o in outputs]
-
-
-class _progress:
-    """A rich progress bar with items/s, or nothing when disabled."""
-
-    def __init__(self, enabled: bool, total: int, description: str):
-        self.enabled, self.total, self.description = enabled, total, description
-
-    def __enter__(self):
-        if not self.enabled:
-            return lambda n: None
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn
-
-        self.bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TaskProgressColumn(),
-                            TextColumn("{task.fields[rate]}"), TimeElapsedColumn(), transient=False)
-        self.bar.start()
-        self.task = self.bar.add_task(self.description, total=self.total, rate="")
-        self.start, self.done = time.monotonic(), 0
-
-        def advance(n: int) -> None:
-            self.done += n
-            rate = self.done / max(time.monotonic() - self.start, 1e-9)
-            self.bar.update(self.task, advance=n, rate=f"{rate:.2f} items/s")
-
-        return advance
-
-    def __exit__(self, *exc):
-        if self.enabled:
-            self.bar.stop()
-        return False
 
 
 def vllm_available() -> bool:
