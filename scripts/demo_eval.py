@@ -22,7 +22,7 @@ import torch
 from forgetless.data import load_examples
 from forgetless.evaluate import EvalConfig, print_eval_summary, run_eval
 from forgetless.modeling import load_model_and_tokenizer
-from forgetless.report import ReportConfig, run_report
+from forgetless.report import ReportConfig, print_report, run_report
 from forgetless.templates import encode_conversation
 
 
@@ -90,7 +90,7 @@ def main() -> None:
                          max_new_tokens=args.max_new_tokens, batch_size=args.limit, device="cpu", **extra)
         print_eval_summary(run_eval(cfg))
         timings[label] = round(time.monotonic() - start, 1)
-    run_report(ReportConfig(runs=(f"base={out / 'base'}", f"lora-sft={out / 'tuned'}"), output_dir=str(out / "report")))
+    print_report(run_report(ReportConfig(runs=(f"base={out / 'base'}", f"lora-sft={out / 'tuned'}"), output_dir=str(out / "report"))))
     print(f"eval seconds: {timings}")
 
 

@@ -131,3 +131,13 @@ def test_short_real_run_of_the_embedded_model(tmp_path, embedded):
         assert all(isinstance(r["output"], str) for r in records)
     arc = [json.loads(line) for line in (tmp_path / "arc_challenge.items.jsonl").read_text().splitlines()]
     assert any(r["extracted"] in ("A", "B", "C", "D") for r in arc)  # the model answers with a letter
+
+
+def test_configs_load_from_cli_style_overrides(tmp_path):
+    from forgetless.config import load_config
+    from forgetless.report import ReportConfig
+
+    cfg = load_config(EvalConfig, None, ["tasks=[gsm8k, math]", "limit=3", "seed=null", f"output_dir={tmp_path}"])
+    assert cfg.tasks == ("gsm8k", "math") and cfg.limit == 3 and cfg.seed is None
+    rep = load_config(ReportConfig, None, ["runs=[base=/a, stm=/b]", "target=gsm8k"])
+    assert rep.runs == ("base=/a", "stm=/b") and rep.target == "gsm8k"

@@ -278,7 +278,7 @@ def _save(fig, path: Path) -> Path:
 
 
 def run_report(cfg: ReportConfig) -> Path:
-    """Write report.md, report.json and plots into cfg.output_dir; print the table; return the dir."""
+    """Write report.md, report.json and plots into cfg.output_dir; return the dir."""
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     report = build_report(cfg)
@@ -289,5 +289,10 @@ def run_report(cfg: ReportConfig) -> Path:
         tmp.write_text(text, encoding="utf-8")
         os.replace(tmp, out / name)
     plot_report(report, out)
-    print(markdown)
     return out
+
+
+def print_report(out: Path) -> None:
+    """Print the Markdown table (the CLI's printer for this stage)."""
+    print((Path(out) / "report.md").read_text(encoding="utf-8"))
+    print(f"report and plots in {out}")
