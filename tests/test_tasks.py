@@ -151,7 +151,9 @@ def test_sql_execution_accuracy(sql_fixture):
     assert "CREATE TABLE items" in items[0].messages[0]["content"]
     outputs = ["```sql\nSELECT name FROM items WHERE price >= 12 ORDER BY name DESC\n```",  # same rows, other order
                "SELECT COUNT(id) - 1 FROM items;"]
-    assert [s.score for s in task.evaluate(outputs, items)] == [1.0, 0.0]
+    scored = task.evaluate(outputs, items)
+    assert [s.score for s in scored] == [1.0, 0.0]
+    assert [s.detail for s in scored] == ["match", "different rows"]
 
 
 def test_sql_cannot_write_or_hang(sql_fixture):

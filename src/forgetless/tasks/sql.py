@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 from forgetless.data import load_records
-from forgetless.tasks import Item, Task, stable_id
+from forgetless.tasks import Item, Scored, Task, stable_id
 
 PROMPT = ("-- SQLite database schema:\n{schema}\n\n{evidence}-- Question: {question}\n"
           "Write one SQLite query that answers the question. Reply with the query in a ```sql code block.")
@@ -101,7 +101,15 @@ def load_sql(data: str, db_root: str, prompt: str = PROMPT) -> list[Item]:
 
 
 def sql_task(data: str, db_root: str, name: str = "sql", timeout_s: float = 5.0, max_new_tokens: int = 256) -> Task:
-    return Task(name=name, metric="execution_accuracy", load=lambda: load_sql(data, db_root),
+    def score_batch(outputs: list[str], items: list[Item]) -> list[Scored]:
+        scored = []
+        for output, item in zip(outputs, items):
+            query = extract_sql(output)
+            score, why = execution_match(query, item, timeout_s)
+            scored.append(Scored(query, score, why))
+        return scored
+
+    return Task(score_batch=score_batch, name=name, metric="execution_accuracy", load=lambda: load_sql(data, db_root),
                 extract=lambda o, it: extract_sql(o),
                 score=lambda pred, it: execution_match(pred, it, timeout_s)[0],
                 max_new_tokens=max_new_tokens, chance=0.0,
