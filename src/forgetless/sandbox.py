@@ -186,7 +186,10 @@ def _status(returncode: int | None, timed_out: bool, stderr: str) -> str:
         sig = -returncode
         if sig == signal.SIGXFSZ:
             return "output_limit"
-        return f"killed:{signal.Signals(sig).name}" if sig in signal.Signals._value2member_map_ else f"killed:{sig}"
+        try:
+            return f"killed:{signal.Signals(sig).name}"
+        except ValueError:
+            return f"killed:{sig}"
     if "File too large" in stderr:  # CPython ignores SIGXFSZ, so the cap shows as EFBIG
         return "output_limit"
     if "MemoryError" in stderr:
@@ -199,6 +202,36 @@ def _kill_group(pid: int) -> None:
         os.killpg(pid, signal.SIGKILL)
     except (ProcessLookupError, PermissionError):
         pass  # already gone
+
+
+def _processes_with(marker: bytes) -> list[int]:
+    """Pids whose command line contains ``marker`` (the sandbox's unique directory)."""
+    pids = []
+    for entry in os.scandir("/proc"):
+        if entry.name.isdigit():
+            try:
+                with open(f"/proc/{entry.name}/cmdline", "rb") as f:
+                    if marker in f.read():
+                        pids.append(int(entry.name))
+            except OSError:
+                continue  # ended while we looked
+    return pids
+
+
+def _reap(marker: bytes, grace_s: float = 5.0) -> None:
+    """Wait until no process of this sandbox is left. The kernel tears a PID namespace down
+    asynchronously after its init dies; without namespaces, leftovers are killed one by one."""
+    deadline = time.monotonic() + grace_s
+    while pids := _processes_with(marker):
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+        if time.monotonic() > deadline:
+            logger.warning("sandbox: processes %s still alive after %.0f s", pids, grace_s)
+            return
+        time.sleep(0.02)
 
 
 def run_program(source: str, limits: SandboxLimits = SandboxLimits()) -> SandboxResult:
@@ -236,6 +269,8 @@ def run_program(source: str, limits: SandboxLimits = SandboxLimits()) -> Sandbox
         # Always: anything the program left running in its group goes too.
         _kill_group(proc.pid)
         proc.wait()
+        if os.path.isdir("/proc"):
+            _reap(str(root).encode())
     wall = time.monotonic() - start
     stdout = _read_capped(logs / "stdout", limits.output_bytes)
     stderr = _read_capped(logs / "stderr", limits.output_bytes)
