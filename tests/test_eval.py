@@ -86,6 +86,7 @@ def test_base_results_are_cached_and_reused(tmp_path):
         results = evaluate_tasks([task], cfg, fake_generate, tmp_path / run, fingerprint="model-x")
         assert results["echo"]["score"] == 1.0
     assert calls == [4]  # the second run came from the cache
+    assert json.loads((tmp_path / "b" / "echo.json").read_text())["settings"]["source"] == "cache"
     assert (tmp_path / "b" / "echo.items.jsonl").read_text() == (tmp_path / "a" / "echo.items.jsonl").read_text()
     (tmp_path / "c").mkdir()
     evaluate_tasks([task], EvalConfig(output_dir=str(tmp_path), tasks=("echo",), cache_dir=str(tmp_path / "cache"), limit=2),

@@ -156,9 +156,11 @@ def evaluate_tasks(tasks: Sequence[str | Task], cfg: EvalConfig, generate_fn: Ge
         cached = cache_root / key if key else None
         if cached is not None and (cached / f"{task.name}.json").is_file() and out is not None:
             logger.info("%s: reusing cached results %s", task.name, cached)
-            for suffix in (".json", ".items.jsonl"):
-                shutil.copyfile(cached / f"{task.name}{suffix}", out / f"{task.name}{suffix}")
-            results[task.name] = json.loads((out / f"{task.name}.json").read_text())
+            shutil.copyfile(cached / f"{task.name}.items.jsonl", out / f"{task.name}.items.jsonl")
+            summary = json.loads((cached / f"{task.name}.json").read_text())
+            summary["settings"].update(source="cache", cache_key=key)
+            write_json(out / f"{task.name}.json", summary)
+            results[task.name] = summary
             continue
         if predictions is not None:
             found = [(it, predictions.get((task.name, it.id), predictions.get((None, it.id)))) for it in items]
@@ -259,8 +261,8 @@ def run_eval(cfg: EvalConfig) -> Path:
         results = evaluate_tasks(cfg.tasks, cfg, generate_fn, out, fingerprint=fingerprint)
     write_json(out / "scores.json", results)
     key = {"stage": "eval", "model": cfg.model, "revision": cfg.revision, "adapter": cfg.adapter, "fingerprint": fingerprint,
-           "tasks": {t: r["settings"].get("task_hash") for t, r in results.items()}, "predictions": cfg.predictions,
-           "seconds": round(time.time() - started, 1)}
+           "tasks": {t: r["settings"].get("task_hash") for t, r in results.items()}, "predictions": cfg.predictions}
+    logger.info("eval finished in %.1f s: %s", time.time() - started, out)
     write_manifest(out, key, cfg)
     return out
 
