@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 
 from forgetless.evaluate import EvalConfig, evaluate_model, evaluate_tasks, run_eval
 from forgetless.generation import DecodingSettings, _cut_at_stop, generate, left_pad, stop_token_ids
@@ -119,18 +118,32 @@ def test_paired_difference_hand_computed():
     assert d["ci95"][0] <= 0.0 <= d["ci95"][1]
 
 
+def _sql_definition(root):
+    import sqlite3
+
+    (root / "dbs" / "shop").mkdir(parents=True)
+    conn = sqlite3.connect(root / "dbs" / "shop" / "shop.sqlite")
+    conn.executescript("CREATE TABLE items (id INTEGER, name TEXT, price REAL); INSERT INTO items VALUES (1, 'pen', 1.5), (2, 'bag', 30);")
+    conn.commit()
+    conn.close()
+    (root / "dev.json").write_text(json.dumps([{"question_id": "q1", "db_id": "shop", "question": "How many items?", "SQL": "SELECT COUNT(*) FROM items"},
+                                               {"question_id": "q2", "db_id": "shop", "question": "Cheapest item?", "SQL": "SELECT name FROM items ORDER BY price LIMIT 1"}]))
+    (root / "sql.yaml").write_text(f"name: sql_shop\ndata: {root / 'dev.json'}\ndb_root: {root / 'dbs'}\nmetric: sql\n")
+    return str(root / "sql.yaml")
+
+
 @pytest.mark.slow
 def test_short_real_run_of_the_embedded_model(tmp_path, embedded):
     model, tokenizer = embedded
-    cfg = EvalConfig(tasks=("mbpp", "gsm8k", "math", "arc_challenge"), limit=2, max_new_tokens=8, batch_size=2,
-                     progress=False, sandbox_timeout_s=5)
-    results = evaluate_model(model, tokenizer, cfg, tmp_path)
-    assert set(results) == {"mbpp", "gsm8k", "math", "arc_challenge"}
+    tasks = ("mbpp", "gsm8k", "math", "arc_challenge", _sql_definition(tmp_path))
+    cfg = EvalConfig(tasks=tasks, limit=2, max_new_tokens=8, batch_size=2, progress=False, sandbox_timeout_s=5)
+    results = evaluate_model(model, tokenizer, cfg, tmp_path / "out")
+    assert set(results) == {"mbpp", "gsm8k", "math", "arc_challenge", "sql_shop"}
     for name, summary in results.items():
         assert summary["n"] == 2 and 0.0 <= summary["score"] <= 1.0
-        records = [json.loads(line) for line in (tmp_path / f"{name}.items.jsonl").read_text().splitlines()]
-        assert all(isinstance(r["output"], str) for r in records)
-    arc = [json.loads(line) for line in (tmp_path / "arc_challenge.items.jsonl").read_text().splitlines()]
+        records = [json.loads(line) for line in (tmp_path / "out" / f"{name}.items.jsonl").read_text().splitlines()]
+        assert all(isinstance(r["output"], str) and r["output"] for r in records)
+    arc = [json.loads(line) for line in (tmp_path / "out" / "arc_challenge.items.jsonl").read_text().splitlines()]
     assert any(r["extracted"] in ("A", "B", "C", "D") for r in arc)  # the model answers with a letter
 
 
