@@ -42,6 +42,32 @@ def test_batched_generation_equals_one_at_a_time(tokenizer, tiny_model):
     assert len(batched) == 3
 
 
+def _rigged(model, token_id: int):
+    """Make the model always predict ``token_id`` next (an LM head of zeros plus a one-hot bias)."""
+    import torch
+
+    head = torch.nn.Linear(model.config.hidden_size, model.config.vocab_size, bias=True)
+    with torch.no_grad():
+        head.weight.zero_()
+        head.bias.zero_()
+        head.bias[token_id] = 10.0
+    model.lm_head = head
+    return model
+
+
+def test_generation_stops_at_end_of_turn_and_respects_max_new_tokens(tokenizer):
+    from conftest import build_model
+
+    prompts = [[{"role": "user", "content": "hello"}], [{"role": "user", "content": "add two numbers please"}]]
+    im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    stopper = _rigged(build_model(len(tokenizer)), im_end)
+    assert generate(stopper, tokenizer, prompts, DecodingSettings(max_new_tokens=5), show_progress=False) == ["", ""]
+    token = tokenizer("a", add_special_tokens=False)["input_ids"][0]
+    talker = _rigged(build_model(len(tokenizer)), token)
+    outputs = generate(talker, tokenizer, prompts, DecodingSettings(max_new_tokens=5), show_progress=False)
+    assert [len(tokenizer(o, add_special_tokens=False)["input_ids"]) for o in outputs] == [5, 5]
+
+
 def _write_predictions(path, task, pairs):
     with open(path, "w") as f:
         for item_id, output in pairs:
