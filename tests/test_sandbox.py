@@ -134,14 +134,16 @@ def test_deleting_files_in_home_and_elsewhere_is_refused(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["home"]
 
 
-def test_environment_secrets_are_not_visible(monkeypatch):
+@pytest.mark.parametrize("limits", [LIMITS, SandboxLimits(timeout_s=2.0, namespaces=False, drop_privileges=False)],
+                         ids=["all-layers", "hook-only"])
+def test_environment_secrets_are_not_visible(monkeypatch, limits):
     secret = f"s3cr3t-{uuid.uuid4().hex}"
     monkeypatch.setenv("FORGETLESS_TEST_SECRET", secret)
     program = ("import os\n"
                "print(dict(os.environ))\n"
                "print(open('/proc/self/environ').read())\n"
                f"print(open('/proc/{os.getpid()}/environ').read())\n")
-    result = run_program(program, LIMITS)
+    result = run_program(program, limits)
     assert secret not in result.stdout + result.stderr
     assert "FORGETLESS_TEST_SECRET" not in result.stdout
 

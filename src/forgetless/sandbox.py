@@ -97,6 +97,9 @@ if "h" in flags:
         if event in _paths and not all(_inside(a) for a in args[:2] if isinstance(a, (str, bytes, os.PathLike))):
             raise PermissionError(f"sandbox: {event} outside the working directory")
         if event == "open" and args[0] is not None:
+            if isinstance(args[0], (str, bytes)) and os.fsdecode(args[0]).startswith("/proc/") and \
+                    os.path.basename(os.fsdecode(args[0])) in ("environ", "mem", "cmdline"):
+                raise PermissionError("sandbox: reading other processes' environment is not allowed")
             mode, flags_ = args[1] or "", args[2] or 0
             writes = any(c in str(mode) for c in "wax+") or (flags_ & _write)
             if writes and not _inside(args[0]):
