@@ -118,3 +118,25 @@ def test_report_config_validation():
         ReportConfig(runs=("a=x", "a=y"))
     with pytest.raises(ValueError):
         ReportConfig(runs=("a=x",), base="b")
+
+
+def test_eval_and_report_through_the_cli(tmp_path, monkeypatch, capsys):
+    """How the lead wires the stages: COMMANDS['eval'|'report'] = (config, run_<stage>, printer)."""
+    from forgetless import cli
+    from forgetless.evaluate import EvalConfig, print_eval_summary, run_eval
+    from forgetless.report import ReportConfig, print_report
+    from forgetless.tasks.gsm8k import load_gsm8k
+
+    monkeypatch.setitem(cli.COMMANDS, "eval", (EvalConfig, run_eval, print_eval_summary))
+    monkeypatch.setitem(cli.COMMANDS, "report", (ReportConfig, run_report, print_report))
+    items = load_gsm8k()[:4]
+    for label, right in (("base", 1), ("tuned", 3)):
+        preds = tmp_path / f"{label}.jsonl"
+        preds.write_text("".join(json.dumps({"task": "gsm8k", "id": it.id, "output": f"#### {it.gold if k < right else -1:g}"}) + "\n"
+                                 for k, it in enumerate(items)))
+        assert cli.main(["eval", "--predictions", str(preds), "--output-dir", str(tmp_path / label), "tasks=[gsm8k]"]) == 0
+    assert cli.main(["report", f"runs=[base={tmp_path / 'base'}, tuned={tmp_path / 'tuned'}]", "target=gsm8k",
+                     "--output-dir", str(tmp_path / "rep")]) == 0
+    printed = capsys.readouterr().out
+    assert "| tuned | 0.750 [" in printed and "+200.0%" in printed  # TI = (0.75 - 0.25) / 0.25
+    assert (tmp_path / "rep" / "bwt_vs_ti.png").is_file()
