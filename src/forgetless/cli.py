@@ -10,18 +10,36 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from importlib import resources
+from pathlib import Path
 from typing import Callable
 
 from forgetless.config import ConfigError, field_help, load_config
 from forgetless.mask_stage import MaskConfig, run_mask
+from forgetless.run import RunConfig, run_experiment
 from forgetless.scoring import ScoreConfig, run_score
-from forgetless.summary import print_mask_summary, print_score_summary
+from forgetless.summary import print_mask_summary, print_report_summary, print_score_summary
+from forgetless.train import TrainConfig, run_train
 
 # name -> (config class, stage function, printer of the stage's results)
 COMMANDS: dict[str, tuple[type, Callable, Callable]] = {
     "score": (ScoreConfig, run_score, print_score_summary),
     "mask": (MaskConfig, run_mask, print_mask_summary),
+    "train": (TrainConfig, run_train, lambda out: None),  # run_train prints its own summary
+    "run": (RunConfig, run_experiment, print_report_summary),
 }
+
+
+def resolve_config_path(name: str) -> Path:
+    """A config file path, or the name of a config shipped with forgetless (``demo``, ``frontier``, ...)."""
+    path = Path(name)
+    if path.is_file():
+        return path
+    bundled = Path(str(resources.files("forgetless") / "configs" / f"{path.stem}.yaml"))
+    if bundled.is_file() and path.suffix in ("", ".yaml", ".yml") and path.parent == Path("."):
+        return bundled
+    shipped = sorted(p.stem for p in bundled.parent.glob("*.yaml"))
+    raise ConfigError(f"config {name!r} not found (shipped configs: {', '.join(shipped)})")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -33,7 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
         for field_name, default, help_text in field_help(cls):
             p.add_argument(f"--{field_name.replace('_', '-')}", dest=f"set_{field_name}", metavar="VALUE", help=help_text, default=argparse.SUPPRESS)
-        p.add_argument("overrides", nargs="*", metavar="key=value", help="more overrides, e.g. tau=10")
+        p.add_argument("overrides", nargs="*", metavar="[CONFIG] key=value", help="a config file or shipped config name, then overrides, e.g. tau=10")
     return parser
 
 
@@ -44,8 +62,12 @@ def main(argv: list[str] | None = None) -> int:
         logging.getLogger(noisy).setLevel(logging.WARNING)
     cls, stage, show = COMMANDS[args.command]
     flags = [f"{k[4:]}={v}" for k, v in vars(args).items() if k.startswith("set_")]
+    overrides = [o for o in args.overrides if "=" in o]
+    paths = [o for o in args.overrides if "=" not in o] + ([args.config] if args.config else [])
     try:
-        config = load_config(cls, args.config, flags + list(args.overrides))
+        if len(paths) > 1:
+            raise ConfigError(f"one config file at most, got {paths}")
+        config = load_config(cls, resolve_config_path(paths[0]) if paths else None, flags + overrides)
         out = stage(config)
         show(out)
     except KeyboardInterrupt:

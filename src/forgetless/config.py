@@ -77,6 +77,10 @@ def coerce(hint: Any, value: Any, where: str) -> Any:
         raise ConfigError(f"{where}: {value!r} is not a valid {hint}")
     if dataclasses.is_dataclass(hint):
         return value if isinstance(value, hint) else build(hint, value or {}, where + ".")
+    if origin is dict or hint is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+        return dict(value)
     if origin in (list, tuple):
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{where}: expected a list, got {value!r}")

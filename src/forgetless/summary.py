@@ -40,3 +40,9 @@ def print_mask_summary(out_dir: Path) -> None:
         f"{per['mean']:.1%}, min {per['min']:.1%}, max {per['max']:.1%}); mean weight {stats['mean_weight']:.3f}; "
         f"{stats['examples_without_trained_tokens']} of {stats['examples']} examples left with no trained token"
     )
+
+
+def print_report_summary(out_dir: Path) -> None:
+    from forgetless.report import print_report
+
+    print_report(out_dir)
