@@ -107,6 +107,28 @@ def test_report_reads_per_task_json_without_scores_json(tmp_path):
     assert "0.500 [0.42, 0.58] n=150" in (out / "report.md").read_text()
 
 
+def test_repeated_label_merges_eval_and_retention_dirs(tmp_path):
+    base_eval = _fake_run(tmp_path / "eval" / "base", {"mbpp": 0.2})
+    base_ret = _fake_run(tmp_path / "retention" / "base", {"piqa_mc": 0.6})
+    tuned_eval = _fake_run(tmp_path / "eval" / "stm", {"mbpp": 0.3})
+    tuned_ret = _fake_run(tmp_path / "retention" / "stm", {"piqa_mc": 0.54})
+    train = tmp_path / "train" / "stm"
+    masks = tmp_path / "masks" / "stm"
+    train.mkdir(parents=True)
+    masks.mkdir(parents=True)
+    (train / "config.json").write_text(json.dumps({"data": str(masks / "data.parquet")}))
+    (train / "train_summary.json").write_text(json.dumps({"table": {"masked_fraction": 0.3}}))
+    (train / "diagnostics.json").write_text(json.dumps({"total_frobenius": 0.75, "modules": {"q": {"frobenius": 0.1}}}))
+    (masks / "manifest.json").write_text(json.dumps({"key": {}, "config": {"policy": "threshold", "tau": 2.5}}))
+    cfg = ReportConfig(runs=(f"base={base_eval}", f"base={base_ret}", f"stm={tuned_eval}", f"stm={tuned_ret}"),
+                       train_dirs=(f"stm={train}",), output_dir=str(tmp_path / "rep"))
+    report = json.loads((run_report(cfg) / "report.json").read_text())
+    stm = report["rows"][1]
+    assert report["tasks"] == ["mbpp", "piqa_mc"] and len(report["rows"]) == 2
+    assert stm["metrics"]["TI"] == pytest.approx(0.5) and stm["metrics"]["BWT"] == pytest.approx(-0.1)
+    assert stm["extras"] == {"masked_fraction": 0.3, "tau": 2.5, "delta_w_norm": 0.75}
+
+
 def test_load_extras_missing_is_none(tmp_path):
     assert load_extras(tmp_path, None) == {"masked_fraction": None, "tau": None, "delta_w_norm": None}
 
@@ -114,8 +136,6 @@ def test_load_extras_missing_is_none(tmp_path):
 def test_report_config_validation():
     with pytest.raises(ValueError):
         ReportConfig(runs=())
-    with pytest.raises(ValueError):
-        ReportConfig(runs=("a=x", "a=y"))
     with pytest.raises(ValueError):
         ReportConfig(runs=("a=x",), base="b")
 

@@ -27,14 +27,16 @@ logger = logging.getLogger(__name__)
 EXTRA_KEYS = {
     "masked_fraction": ("masked_fraction", "mask_fraction", "masked_frac"),
     "tau": ("ppl_threshold", "tau"),
-    "delta_w_norm": ("delta_w_norm", "dw_norm", "weight_delta_norm", "delta_norm", "update_norm", "delta_w_fro"),
+    "delta_w_norm": ("total_frobenius", "delta_w_norm", "dw_norm", "weight_delta_norm", "update_norm"),
 }
-EXTRA_FILES = ("train_summary.json", "diagnostics.json", "summary.json")
+# train_summary.json: table.masked_fraction; diagnostics.json: total_frobenius (forgetless train).
+EXTRA_FILES = ("train_summary.json", "diagnostics.json", "mask_stats.json", "summary.json")
 
 
 @dataclass(frozen=True)
 class ReportConfig:
-    runs: tuple[str, ...] = field(default=(), metadata={"help": "label=eval_dir entries; the base run among them"})
+    runs: tuple[str, ...] = field(default=(), metadata={"help": "label=eval_dir entries; the base run among them; "
+                                                                "a repeated label merges its dirs' tasks (eval + retention)"})
     output_dir: str = field(default="runs/report", metadata={"help": "directory for report.md/json and plots"})
     base: str | None = field(default=None, metadata={"help": "label of the base run (default: 'base' if present, else the first)"})
     target: str = field(default="mbpp", metadata={"help": "the fine-tuning target task; every other task is non-target"})
@@ -49,8 +51,6 @@ class ReportConfig:
         if len(self.runs) < 1:
             raise ValueError("runs: give at least the base run as label=eval_dir")
         labels = [parse_labelled(r)[0] for r in self.runs]
-        if len(set(labels)) != len(labels):
-            raise ValueError(f"runs: labels must be unique, got {labels}")
         if self.base is not None and self.base not in labels:
             raise ValueError(f"base {self.base!r} is not one of the run labels {labels}")
 
@@ -133,21 +133,50 @@ def _find_key(data: Any, aliases: tuple[str, ...]) -> Any:
     return None
 
 
+def _mask_dir(train_dir: Path) -> Path | None:
+    """The mask stage's directory a forgetless train run read its data from (its manifest holds tau)."""
+    config = train_dir / "config.json"
+    if not config.is_file():
+        return None
+    data = json.loads(config.read_text()).get("data")
+    return Path(data).parent if isinstance(data, str) else None
+
+
 def load_extras(*dirs: str | Path | None) -> dict[str, float | None]:
-    """masked_fraction, tau, delta_w_norm from the first train_summary/diagnostics json that has them."""
+    """masked_fraction, tau, delta_w_norm from the first train_summary/diagnostics/mask json that has them."""
     extras: dict[str, float | None] = {k: None for k in EXTRA_KEYS}
+    search = []
     for d in dirs:
-        if d is None:
-            continue
-        for name in EXTRA_FILES:
-            f = Path(d) / name
+        if d is not None:
+            search.append(Path(d))
+            mask_dir = _mask_dir(Path(d))
+            if mask_dir is not None:
+                search.append(mask_dir)
+    for d in search:
+        for name in (*EXTRA_FILES, "manifest.json"):
+            f = d / name
             if not f.is_file():
                 continue
-            data = json.loads(f.read_text())
+            try:
+                data = json.loads(f.read_text())
+            except json.JSONDecodeError:
+                continue
             for key, aliases in EXTRA_KEYS.items():
-                if extras[key] is None:
+                if extras[key] is None and (name != "manifest.json" or key == "tau"):
                     extras[key] = _find_key(data, aliases)
     return extras
+
+
+def merge_scores(label: str, paths: list[str]) -> dict[str, dict]:
+    """task -> record over all of a label's dirs; a task found twice keeps the first (with a warning)."""
+    merged: dict[str, dict] = {}
+    for path in paths:
+        for task, record in load_scores(path).items():
+            if task in merged:
+                logger.warning("report: %s has task %s in more than one dir; keeping the first", label, task)
+                continue
+            merged[task] = {**record, "_dir": path}
+    return merged
 
 
 # --- the report -----------------------------------------------------------------------------
@@ -167,32 +196,40 @@ def _cell(record: dict | None) -> str:
 
 
 def build_report(cfg: ReportConfig) -> dict[str, Any]:
-    runs = [parse_labelled(r) for r in cfg.runs]
-    labels = [label for label, _ in runs]
+    groups: dict[str, list[str]] = {}
+    for label, path in map(parse_labelled, cfg.runs):
+        groups.setdefault(label, []).append(path)
+    labels = list(groups)
     base_label = cfg.base or ("base" if "base" in labels else labels[0])
-    scores = {label: load_scores(path) for label, path in runs}
+    scores = {label: merge_scores(label, paths) for label, paths in groups.items()}
     train = dict(parse_labelled(t) for t in cfg.train_dirs)
     tasks = list(cfg.tasks) or sorted({t for s in scores.values() for t in s}, key=lambda t: (t != cfg.target, t))
     lower = frozenset(t for s in scores.values() for t, r in s.items() if r.get("higher_is_better") is False)
     base_scores = {t: r["score"] for t, r in scores[base_label].items() if r.get("score") is not None}
     rows = []
-    for label, path in runs:
+    for label, paths in groups.items():
         run_scores = {t: r["score"] for t, r in scores[label].items() if r.get("score") is not None}
-        row = {"label": label, "path": path, "is_base": label == base_label,
-               "tasks": {t: scores[label].get(t) for t in tasks},
-               "extras": load_extras(train.get(label), path, Path(path).parent)}
+        row = {"label": label, "paths": paths, "is_base": label == base_label,
+               "tasks": {t: _public(scores[label].get(t)) for t in tasks},
+               "extras": load_extras(train.get(label), *paths, *(Path(p).parent for p in paths))}
         if label != base_label:
             row["metrics"] = forgetting_metrics(base_scores, run_scores, cfg.target, lower)
             row["paired"] = {}
             for t in tasks:
-                b, u = load_item_scores(runs[labels.index(base_label)][1], t), load_item_scores(path, t)
-                if b and u:
-                    row["paired"][t] = paired_difference(b, u)
+                if t in scores[base_label] and t in scores[label]:
+                    b = load_item_scores(scores[base_label][t]["_dir"], t)
+                    u = load_item_scores(scores[label][t]["_dir"], t)
+                    if b and u:
+                        row["paired"][t] = paired_difference(b, u)
         rows.append(row)
     return {"base": base_label, "target": cfg.target, "tasks": tasks, "lower_is_better": sorted(lower), "rows": rows,
             "definitions": {"TI": "(tuned - base) / base on the target task", "BWT": "mean over non-target tasks of (tuned - base) / base",
                             "TI_abs/BWT_abs": "the same as absolute differences", "ci95": "Wilson (accuracy) or bootstrap 95% interval",
                             "paired": "mean per-item difference tuned - base on shared item ids, paired bootstrap 95% interval"}}
+
+
+def _public(record: dict | None) -> dict | None:
+    return None if record is None else {k: v for k, v in record.items() if k != "_dir"}
 
 
 def render_markdown(report: dict[str, Any]) -> str:
