@@ -124,7 +124,14 @@ def vllm_generate_fn(model_path: str, adapter: str | None = None, revision: str 
     from vllm.lora.request import LoRARequest
 
     tokenizer = AutoTokenizer.from_pretrained(adapter or model_path)
-    llm = LLM(model=model_path, revision=revision, enable_lora=adapter is not None, seed=0)
+    lora_args = {}
+    if adapter:
+        import json
+        from pathlib import Path
+
+        rank = json.loads((Path(adapter) / "adapter_config.json").read_text()).get("r", 16)
+        lora_args = {"enable_lora": True, "max_lora_rank": max(16, 1 << (int(rank) - 1).bit_length())}
+    llm = LLM(model=model_path, revision=revision, seed=0, **lora_args)
     lora = LoRARequest("adapter", 1, adapter) if adapter else None
     stops = stop_token_ids(tokenizer)
 
