@@ -23,10 +23,6 @@ FENCE = re.compile(r"```[ \t]*(?:sql|sqlite|SQL)?[ \t]*\r?\n(.*?)(?:```|\Z)", re
 _READ_ACTIONS = {sqlite3.SQLITE_SELECT, sqlite3.SQLITE_READ, sqlite3.SQLITE_FUNCTION}
 
 
-class SQLTimeout(RuntimeError):
-    pass
-
-
 def find_database(db_root: str | Path, db_id: str) -> Path:
     root = Path(db_root)
     for candidate in (root / db_id / f"{db_id}.sqlite", root / f"{db_id}.sqlite", root / f"{db_id}.db"):
