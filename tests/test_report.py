@@ -1,0 +1,162 @@
+"""TI/BWT arithmetic by hand, undefined relative changes, and the report files from fake runs."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from forgetless.report import ReportConfig, forgetting_metrics, load_extras, relative_change, run_report
+from forgetless.intervals import bootstrap_interval, score_interval, wilson_interval
+
+
+def test_relative_change():
+    assert relative_change(0.6, 0.4) == pytest.approx(0.5)
+    assert relative_change(0.2, 0.4) == pytest.approx(-0.5)
+    assert relative_change(0.3, 0.0) is None  # never divide by zero
+
+
+def test_ti_bwt_hand_computed():
+    base = {"mbpp": 0.40, "gsm8k": 0.50, "math": 0.20, "arc": 0.80}
+    tuned = {"mbpp": 0.50, "gsm8k": 0.45, "math": 0.20, "arc": 0.60}
+    m = forgetting_metrics(base, tuned, "mbpp")
+    assert m["TI"] == pytest.approx(0.25)  # (0.5 - 0.4) / 0.4
+    assert m["TI_abs"] == pytest.approx(0.10)
+    # gsm8k -0.1, math 0.0, arc -0.25 -> mean -0.11667
+    assert m["BWT"] == pytest.approx((-0.1 + 0.0 - 0.25) / 3)
+    assert m["BWT_abs"] == pytest.approx((-0.05 + 0.0 - 0.20) / 3)
+    assert m["notes"] == [] and m["bwt_tasks"] == ["gsm8k", "math", "arc"]
+
+
+def test_zero_base_is_undefined_not_infinite():
+    base = {"mbpp": 0.0, "gsm8k": 0.0, "arc": 0.5, "kl": 0.0}
+    tuned = {"mbpp": 0.1, "gsm8k": 0.1, "arc": 0.25, "kl": 0.3}
+    m = forgetting_metrics(base, tuned, "mbpp", lower_is_better=frozenset({"kl"}))
+    assert m["TI"] is None and m["TI_abs"] == pytest.approx(0.1)
+    assert m["BWT"] == pytest.approx(-0.5)  # arc only; gsm8k undefined; kl not a retention score
+    assert m["BWT_abs"] == pytest.approx((0.1 - 0.25) / 2)
+    assert m["bwt_undefined"] == ["gsm8k"]
+    assert any("base score on mbpp is 0" in n for n in m["notes"])
+    assert forgetting_metrics({"arc": 0.5}, {"arc": 0.5}, "mbpp")["TI"] is None
+
+
+def test_intervals_hand_computed():
+    lo, hi = wilson_interval(5, 10)
+    assert (round(lo, 4), round(hi, 4)) == (0.2366, 0.7634)
+    assert wilson_interval(0, 4)[0] == 0.0 and wilson_interval(0, 0) == (0.0, 1.0)
+    assert score_interval([1.0, 0.0, 1.0, 1.0]) == wilson_interval(3, 4)
+    lo, hi = bootstrap_interval([0.5, 0.5, 0.5])
+    assert lo == pytest.approx(0.5) and hi == pytest.approx(0.5)
+
+
+def _fake_run(path, scores: dict[str, float], n: int = 10, items: dict[str, list[float]] | None = None, extras=None):
+    path.mkdir(parents=True)
+    records = {}
+    for task, score in scores.items():
+        records[task] = {"task": task, "metric": "accuracy", "score": score, "n": n, "ci95": list(wilson_interval(score * n, n)),
+                         "higher_is_better": True, "chance": None, "settings": {}}
+        if items and task in items:
+            (path / f"{task}.items.jsonl").write_text("".join(json.dumps({"id": f"{task}-{i}", "score": s}) + "\n"
+                                                              for i, s in enumerate(items[task])))
+    (path / "scores.json").write_text(json.dumps(records))
+    if extras:
+        (path.parent / "train_summary.json").write_text(json.dumps(extras))
+    return path
+
+
+def test_report_files_and_table(tmp_path):
+    base = _fake_run(tmp_path / "base" / "eval", {"mbpp": 0.4, "gsm8k": 0.5, "hellaswag_mc": 0.3},
+                     items={"mbpp": [1, 1, 0, 0, 0]})
+    stm = _fake_run(tmp_path / "stm" / "eval", {"mbpp": 0.5, "gsm8k": 0.5, "hellaswag_mc": 0.27},
+                    items={"mbpp": [1, 1, 1, 0, 0]}, extras={"config": {"ppl_threshold": 2.5}, "masked_fraction": 0.31, "delta_w_norm": 1.25})
+    gt = _fake_run(tmp_path / "gt" / "eval", {"mbpp": 0.6, "gsm8k": 0.25, "hellaswag_mc": 0.3},
+                   extras={"tau": 1000, "masked_fraction": 0.04})
+    cfg = ReportConfig(runs=(f"base={base}", f"stm-2.5={stm}", f"gt={gt}"), output_dir=str(tmp_path / "rep"))
+    out = run_report(cfg)
+    report = json.loads((out / "report.json").read_text())
+    rows = {r["label"]: r for r in report["rows"]}
+    assert report["base"] == "base" and report["tasks"][0] == "mbpp"  # target first, unknown task names kept
+    assert rows["stm-2.5"]["metrics"]["TI"] == pytest.approx(0.25)
+    assert rows["stm-2.5"]["metrics"]["BWT"] == pytest.approx((0.0 - 0.1) / 2)
+    assert rows["gt"]["metrics"]["BWT"] == pytest.approx((-0.5 + 0.0) / 2)
+    assert rows["stm-2.5"]["extras"] == {"masked_fraction": 0.31, "tau": 2.5, "delta_w_norm": 1.25}
+    assert rows["stm-2.5"]["paired"]["mbpp"]["mean"] == pytest.approx(0.2) and rows["stm-2.5"]["paired"]["mbpp"]["n"] == 5
+    markdown = (out / "report.md").read_text()
+    assert "| stm-2.5 | 0.500 [" in markdown and "+25.0%" in markdown and "n=10" in markdown
+    for png in ("bwt_vs_ti.png", "masked_fraction_vs_tau.png"):
+        assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_report_with_undefined_ti_still_plots(tmp_path):
+    base = _fake_run(tmp_path / "b", {"mbpp": 0.0, "gsm8k": 0.0})
+    tuned = _fake_run(tmp_path / "t", {"mbpp": 0.1, "gsm8k": 0.0})
+    out = run_report(ReportConfig(runs=(f"base={base}", f"tuned={tuned}"), output_dir=str(tmp_path / "rep")))
+    report = json.loads((out / "report.json").read_text())
+    assert report["rows"][1]["metrics"]["TI"] is None and report["rows"][1]["metrics"]["BWT"] is None
+    assert "TI undefined" in (out / "report.md").read_text()
+    assert (out / "bwt_vs_ti.png").is_file() and not (out / "masked_fraction_vs_tau.png").exists()
+
+
+def test_report_reads_per_task_json_without_scores_json(tmp_path):
+    run = tmp_path / "r"
+    run.mkdir()
+    (run / "arc_easy_mc.json").write_text(json.dumps({"task": "arc_easy_mc", "metric": "acc", "score": 0.5, "n": 150,
+                                                      "ci95": [0.42, 0.58], "higher_is_better": True, "chance": 0.25, "settings": {}}))
+    (run / "manifest.json").write_text("{}")
+    out = run_report(ReportConfig(runs=(f"base={run}",), target="arc_easy_mc", output_dir=str(tmp_path / "rep")))
+    assert "0.500 [0.42, 0.58] n=150" in (out / "report.md").read_text()
+
+
+def test_repeated_label_merges_eval_and_retention_dirs(tmp_path):
+    base_eval = _fake_run(tmp_path / "eval" / "base", {"mbpp": 0.2})
+    base_ret = _fake_run(tmp_path / "retention" / "base", {"piqa_mc": 0.6})
+    tuned_eval = _fake_run(tmp_path / "eval" / "stm", {"mbpp": 0.3})
+    tuned_ret = _fake_run(tmp_path / "retention" / "stm", {"piqa_mc": 0.54})
+    train = tmp_path / "train" / "stm"
+    masks = tmp_path / "masks" / "stm"
+    train.mkdir(parents=True)
+    masks.mkdir(parents=True)
+    (train / "config.json").write_text(json.dumps({"data": str(masks / "data.parquet")}))
+    (train / "train_summary.json").write_text(json.dumps({"table": {"masked_fraction": 0.3}}))
+    (train / "diagnostics.json").write_text(json.dumps({"total_frobenius": 0.75, "modules": {"q": {"frobenius": 0.1}}}))
+    (masks / "manifest.json").write_text(json.dumps({"key": {}, "config": {"policy": "threshold", "tau": 2.5}}))
+    cfg = ReportConfig(runs=(f"base={base_eval}", f"base={base_ret}", f"stm={tuned_eval}", f"stm={tuned_ret}"),
+                       train_dirs=(f"stm={train}",), output_dir=str(tmp_path / "rep"))
+    report = json.loads((run_report(cfg) / "report.json").read_text())
+    stm = report["rows"][1]
+    assert report["tasks"] == ["mbpp", "piqa_mc"] and len(report["rows"]) == 2
+    assert stm["metrics"]["TI"] == pytest.approx(0.5) and stm["metrics"]["BWT"] == pytest.approx(-0.1)
+    assert stm["extras"] == {"masked_fraction": 0.3, "tau": 2.5, "delta_w_norm": 0.75}
+
+
+def test_load_extras_missing_is_none(tmp_path):
+    assert load_extras(tmp_path, None) == {"masked_fraction": None, "tau": None, "delta_w_norm": None}
+
+
+def test_report_config_validation():
+    with pytest.raises(ValueError):
+        ReportConfig(runs=())
+    with pytest.raises(ValueError):
+        ReportConfig(runs=("a=x",), base="b")
+
+
+def test_eval_and_report_through_the_cli(tmp_path, monkeypatch, capsys):
+    """How the lead wires the stages: COMMANDS['eval'|'report'] = (config, run_<stage>, printer)."""
+    from forgetless import cli
+    from forgetless.evaluate import EvalConfig, print_eval_summary, run_eval
+    from forgetless.report import ReportConfig, print_report
+    from forgetless.tasks.gsm8k import load_gsm8k
+
+    monkeypatch.setitem(cli.COMMANDS, "eval", (EvalConfig, run_eval, print_eval_summary))
+    monkeypatch.setitem(cli.COMMANDS, "report", (ReportConfig, run_report, print_report))
+    items = load_gsm8k()[:4]
+    for label, right in (("base", 1), ("tuned", 3)):
+        preds = tmp_path / f"{label}.jsonl"
+        preds.write_text("".join(json.dumps({"task": "gsm8k", "id": it.id, "output": f"#### {it.gold if k < right else -1:g}"}) + "\n"
+                                 for k, it in enumerate(items)))
+        assert cli.main(["eval", "--predictions", str(preds), "--output-dir", str(tmp_path / label), "tasks=[gsm8k]"]) == 0
+    assert cli.main(["report", f"runs=[base={tmp_path / 'base'}, tuned={tmp_path / 'tuned'}]", "target=gsm8k",
+                     "--output-dir", str(tmp_path / "rep")]) == 0
+    printed = capsys.readouterr().out
+    assert "| tuned | 0.750 [" in printed and "+200.0%" in printed  # TI = (0.75 - 0.25) / 0.25
+    assert (tmp_path / "rep" / "bwt_vs_ti.png").is_file()
