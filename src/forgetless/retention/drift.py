@@ -148,15 +148,32 @@ def greedy_answers(model, tokenizer, prompts: list[list[int]], max_new_tokens: i
     return answers
 
 
+def nontarget_prompts(source: str, limit: int | None) -> tuple[list[str], list[list[dict]]]:
+    """(ids, prompt messages) of ``source``: chat data via ``load_examples``; raw ARC-style
+    records (``question`` + ``choices{text,label}``, no conversation) get a lettered prompt."""
+    from ..data import load_examples, load_records
+
+    records, _ = load_records(source)
+    first = records[0] if records else {}
+    if "question" in first and isinstance(first.get("choices"), dict) and "conversations" not in first:
+        records = records[:limit] if limit is not None else records
+        messages = []
+        for r in records:
+            options = "\n".join(f"{label}. {text}" for label, text in zip(r["choices"]["label"], r["choices"]["text"]))
+            messages.append([{"role": "user", "content": f"Question: {r['question']}\n{options}\n"
+                              "Answer with the letter of the correct choice, then explain."}])
+        return [str(r.get("id", i)) for i, r in enumerate(records)], messages
+    examples = load_examples(source, limit)
+    return [str(ex.id) for ex in examples], [ex.prompt_messages for ex in examples]
+
+
 def base_reference(model, tokenizer, base_model, source: str, limit: int | None, cache_dir,
                    max_new_tokens: int = 128, top_k: int = 128, base_id: str | None = None) -> dict:
     """Prompts, base answers and base statistics for ``source``, from the cache when present."""
-    from ..data import load_examples
     from ..templates import encode_prompt
 
-    examples = load_examples(source, limit)
-    prompts = [encode_prompt(tokenizer, ex.prompt_messages) for ex in examples]
-    ids = [str(ex.id) for ex in examples]
+    ids, messages = nontarget_prompts(source, limit)
+    prompts = [encode_prompt(tokenizer, m) for m in messages]
     key = {"kind": "drift", "base": base_fingerprint(model, base_model, base_id), "prompts": ids_hash(prompts),
            "max_new_tokens": max_new_tokens, "top_k": top_k}
     path = cache_path(cache_dir, "drift", key)

