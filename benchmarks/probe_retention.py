@@ -102,8 +102,12 @@ def main() -> None:
     parser.add_argument("--heldout-items", type=int, default=45)
     parser.add_argument("--max-new-tokens", type=int, default=96)
     parser.add_argument("--train-examples", type=int, default=64)
-    parser.add_argument("--methods", default="base,gt,stm2.5,stm20,random")
+    parser.add_argument("--methods", default="base,gt,stm2.5,random,stm20")
+    parser.add_argument("--report-only", action="store_true", help="only build the table from finished runs")
     args = parser.parse_args()
+    if args.report_only:
+        write_probe_report(args.out)
+        return
     args.cache = args.out / "cache"
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     from peft import LoraConfig, get_peft_model
@@ -139,6 +143,32 @@ def main() -> None:
             evaluate_all(probe, tokenizer, out_dir, args, base_id)
         model = probe.unload()  # drop the adapter: the next method starts from the base again
         (out_dir / "done").write_text("ok\n")
+    write_probe_report(args.out)
+
+
+def write_probe_report(out: Path) -> None:
+    """table.md (summary + per-task detail) and drift_vs_gain.png from the finished runs."""
+    from forgetless.retention.records import list_tasks, read_task
+    from forgetless.retention.report import markdown_table, plot_drift_vs_gain, summarize_run
+
+    names = {"gt": "ground truth", "stm2.5": "STM tau=2.5", "stm20": "STM tau@20% masked", "random": "random mask"}
+    runs = {names[d.name]: d for d in sorted(out.iterdir()) if d.name in names and (d / "done").exists()}
+    summaries = {name: summarize_run(out / "base", d) for name, d in runs.items()}
+    lines = [markdown_table(summaries), "", "| method | task | base | tuned | change [95% CI] |", "|---|---|---|---|---|"]
+    for name, s in summaries.items():
+        for task, row in s["tasks"].items():
+            lines.append(f"| {name} | {task} | {row['base']:.3f} | {row['tuned']:.3f} | "
+                         f"{row['change']:+.3f} [{row['change_ci95'][0]:+.3f}, {row['change_ci95'][1]:+.3f}] |")
+        d = runs[name]
+        for task in sorted(t for t in list_tasks(d) if t.startswith(("drift:", "heldout:"))):
+            rec = read_task(d, task)[0]
+            extra = f" (base {rec['settings']['base_score']:.3f})" if task.startswith("heldout:") else ""
+            lines.append(f"| {name} | {task} ({rec['metric']}) | | {rec['score']:.4f}{extra} | "
+                         f"[{rec['ci95'][0]:.4f}, {rec['ci95'][1]:.4f}] |")
+    (out / "table.md").write_text("\n".join(lines) + "\n")
+    (out / "summaries.json").write_text(json.dumps(summaries, indent=2))
+    plot_drift_vs_gain(summaries, out / "drift_vs_gain.png")
+    print((out / "table.md").read_text())
 
 
 if __name__ == "__main__":

@@ -119,3 +119,15 @@ def test_heldout_zero_change_for_identical_model(tokenizer, tmp_path):
     _perturb(tuned)
     moved = evaluate_heldout(tuned, tokenizer, base, "mbpp-validation", limit=2, cache_dir=tmp_path, tau=400.0)
     assert moved["heldout:mbpp-validation:all"]["settings"]["change"] != pytest.approx(0.0, abs=1e-4)
+
+
+def test_nontarget_prompts_for_chat_and_raw_arc_records():
+    from forgetless.retention.drift import nontarget_prompts
+
+    ids, messages = nontarget_prompts("arc_challenge-test", 2)
+    assert ids == ["Mercury_7175875", "Mercury_SC_409171"]
+    text = messages[0][0]["content"]
+    assert messages[0][0]["role"] == "user" and "A. Planetary density will decrease." in text
+    assert "D. Planetary gravity will become stronger." in text
+    ids, messages = nontarget_prompts("gsm8k", 1)
+    assert len(ids) == 1 and messages[0][-1]["role"] == "user"  # the gold answer is not in the prompt
