@@ -1,0 +1,115 @@
+"""Stage outputs: atomic writes and manifests that decide whether a cached output is still valid.
+
+Every file is written to a temporary name in the same directory and renamed into place, so a
+crash never leaves a half-written file that a later stage would take as complete. The manifest
+is written last: an output directory without a manifest (or with a stale key) is never reused.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import platform
+import tempfile
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+MANIFEST = "manifest.json"
+_VERSIONED = ("forgetless", "torch", "transformers", "tokenizers", "peft", "trl", "datasets", "accelerate")
+
+
+def _atomic(path: Path, write) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def write_text(path: Path, text: str) -> None:
+    _atomic(Path(path), lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+
+
+def write_json(path: Path, data: Any) -> None:
+    write_text(path, json.dumps(data, indent=2, sort_keys=False, default=_jsonable) + "\n")
+
+
+def write_parquet(path: Path, table) -> None:
+    import pyarrow.parquet as pq
+
+    _atomic(Path(path), lambda tmp: pq.write_table(table, tmp))
+
+
+def write_npz(path: Path, arrays: dict) -> None:
+    import numpy as np
+
+    def save(tmp):
+        with open(tmp, "wb") as f:
+            np.savez(f, **arrays)
+
+    _atomic(Path(path), save)
+
+
+def read_json(path: Path) -> Any:
+    return json.loads(Path(path).read_text(encoding="utf-8"))
+
+
+def versions() -> dict[str, str]:
+    found = {"python": platform.python_version()}
+    for name in _VERSIONED:
+        try:
+            found[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            pass
+    return found
+
+
+def write_manifest(out_dir: Path, key: dict[str, Any], config: Any) -> None:
+    """Write ``manifest.json`` (key, resolved config, versions) last, marking the stage complete."""
+    config_dict = dataclasses.asdict(config) if dataclasses.is_dataclass(config) else config
+    write_json(Path(out_dir) / MANIFEST, {"key": key, "config": config_dict, "versions": versions()})
+
+
+def is_fresh(out_dir: Path, key: dict[str, Any], *required: str) -> bool:
+    """True when ``out_dir`` holds a complete output made from exactly ``key``; log why not otherwise."""
+    manifest_path = Path(out_dir) / MANIFEST
+    if not manifest_path.is_file():
+        return False
+    try:
+        old = read_json(manifest_path).get("key", {})
+    except (json.JSONDecodeError, OSError):
+        logger.warning("ignoring unreadable %s", manifest_path)
+        return False
+    changed = stale_fields(old, key)
+    if changed:
+        logger.info("recomputing %s: %s changed", out_dir, ", ".join(changed))
+        return False
+    missing = [name for name in required if not (Path(out_dir) / name).is_file()]
+    if missing:
+        logger.info("recomputing %s: %s missing", out_dir, ", ".join(missing))
+        return False
+    return True
+
+
+def stale_fields(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    """Names of the key fields that differ between two manifests' keys."""
+    return sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+
+
+def _jsonable(value: Any) -> Any:
+    if dataclasses.is_dataclass(value):
+        return dataclasses.asdict(value)
+    if isinstance(value, Path):
+        return str(value)
+    if hasattr(value, "tolist"):
+        return value.tolist()
+    raise TypeError(f"not JSON serialisable: {type(value).__name__}")

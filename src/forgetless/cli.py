@@ -1,0 +1,63 @@
+"""The ``forgetless`` command line: one subcommand per stage, flags built from the stage configs.
+
+Every subcommand takes ``--config FILE.yaml``, a ``--<field>`` flag per config field, and
+``key=value`` overrides (``key.sub=value`` for nested sections). Errors print one line and exit 2;
+``--debug`` shows the traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from typing import Callable
+
+from forgetless.config import ConfigError, field_help, load_config
+from forgetless.mask_stage import MaskConfig, run_mask
+from forgetless.scoring import ScoreConfig, run_score
+from forgetless.summary import print_mask_summary, print_score_summary
+
+# name -> (config class, stage function, printer of the stage's results)
+COMMANDS: dict[str, tuple[type, Callable, Callable]] = {
+    "score": (ScoreConfig, run_score, print_score_summary),
+    "mask": (MaskConfig, run_mask, print_mask_summary),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="forgetless", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, (cls, fn, _) in COMMANDS.items():
+        p = sub.add_parser(name, help=(fn.__doc__ or "").splitlines()[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        p.add_argument("--config", help="YAML file with this stage's settings")
+        p.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
+        for field_name, default, help_text in field_help(cls):
+            p.add_argument(f"--{field_name.replace('_', '-')}", dest=f"set_{field_name}", metavar="VALUE", help=help_text, default=argparse.SUPPRESS)
+        p.add_argument("overrides", nargs="*", metavar="key=value", help="more overrides, e.g. tau=10")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.debug else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    for noisy in ("httpx", "urllib3", "filelock"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    cls, stage, show = COMMANDS[args.command]
+    flags = [f"{k[4:]}={v}" for k, v in vars(args).items() if k.startswith("set_")]
+    try:
+        config = load_config(cls, args.config, flags + list(args.overrides))
+        out = stage(config)
+        show(out)
+    except KeyboardInterrupt:
+        print("interrupted; finished outputs are kept, re-run to continue", file=sys.stderr)
+        return 130
+    except Exception as e:  # one line for the user; --debug for the traceback
+        if args.debug or not isinstance(e, (ConfigError, ValueError, OSError, RuntimeError)):
+            raise
+        print(f"forgetless {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

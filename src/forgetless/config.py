@@ -1,0 +1,136 @@
+"""Typed configs: frozen dataclasses loaded from one YAML file plus ``key.sub=value`` overrides.
+
+Unknown keys are errors that name the nearest valid key; values are checked against the field
+types here and against each config's own rules in its ``__post_init__``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config file or override cannot be applied."""
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``'train.lr=1e-4'`` -> (['train', 'lr'], 0.0001); the value is read as YAML."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} is not of the form key=value")
+    key, raw = text.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError as e:
+        raise ConfigError(f"override {text!r}: cannot read value ({e})") from None
+    return key.strip().split("."), value
+
+
+def set_nested(tree: dict, path: list[str], value: Any) -> None:
+    for part in path[:-1]:
+        node = tree.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"{'.'.join(path)}: {part} is a value, not a section")
+        tree = node
+    tree[path[-1]] = value
+
+
+def build(cls: type, values: dict[str, Any], where: str = "") -> Any:
+    """Instantiate dataclass ``cls`` from a (nested) dict, checking names and types."""
+    if not isinstance(values, dict):
+        raise ConfigError(f"{where or 'config'}: expected a mapping, got {type(values).__name__}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls) if f.init]
+    kwargs = {}
+    for key, value in values.items():
+        if key not in names:
+            near = difflib.get_close_matches(key, names, n=1)
+            hint = f"; did you mean {near[0]!r}?" if near else f" (valid: {', '.join(names)})"
+            raise ConfigError(f"unknown config key {where + key!r}{hint}")
+        kwargs[key] = coerce(hints[key], value, where + key)
+    try:
+        return cls(**kwargs)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"{where.rstrip('.') or cls.__name__}: {e}") from None
+
+
+def coerce(hint: Any, value: Any, where: str) -> Any:
+    """Check ``value`` against a field type; build nested dataclasses; int -> float where a float is wanted."""
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        options = typing.get_args(hint)
+        if value is None and type(None) in options:
+            return None
+        for option in options:
+            if option is type(None):
+                continue
+            try:
+                return coerce(option, value, where)
+            except ConfigError:
+                continue
+        raise ConfigError(f"{where}: {value!r} is not a valid {hint}")
+    if dataclasses.is_dataclass(hint):
+        return value if isinstance(value, hint) else build(hint, value or {}, where + ".")
+    if origin is dict or hint is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+        return dict(value)
+    if origin in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        (item,) = typing.get_args(hint)[:1] or (Any,)
+        return origin(coerce(item, v, f"{where}[{i}]") for i, v in enumerate(value))
+    if hint is Any:
+        return value
+    if hint is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if hint is float and isinstance(value, str):
+        try:  # YAML 1.1 reads '3e-4' and 'inf' as strings
+            return float(value)
+        except ValueError:
+            pass
+    if hint is str and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return str(value)
+    if isinstance(hint, type) and not isinstance(value, hint) or (hint is int and isinstance(value, bool)):
+        raise ConfigError(f"{where}: expected {getattr(hint, '__name__', hint)}, got {value!r}")
+    return value
+
+
+def load_config(cls: type, path: str | Path | None = None, overrides: list[str] = (), defaults: dict | None = None) -> Any:
+    """``cls`` from ``defaults``, then the YAML file at ``path``, then ``overrides`` (last wins)."""
+    values: dict[str, Any] = dict(defaults or {})
+    if path is not None:
+        try:
+            loaded = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
+        except (OSError, yaml.YAMLError) as e:
+            raise ConfigError(f"cannot read config {path}: {e}") from None
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: the config must be a mapping of keys to values")
+        values = merge(values, loaded)
+    for text in overrides:
+        key, value = parse_override(text)
+        set_nested(values, key, value)
+    return build(cls, values)
+
+
+def merge(base: dict, update: dict) -> dict:
+    out = dict(base)
+    for k, v in update.items():
+        out[k] = merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def field_help(cls: type) -> list[tuple[str, Any, str]]:
+    """(name, default, help) of each field, for ``--help``."""
+    rows = []
+    for f in dataclasses.fields(cls):
+        default = f.default if f.default is not dataclasses.MISSING else (
+            f.default_factory() if f.default_factory is not dataclasses.MISSING else None)
+        rows.append((f.name, default, f.metadata.get("help", "")))
+    return rows

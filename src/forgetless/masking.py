@@ -1,0 +1,164 @@
+"""Which response tokens to train on: hard masks and soft weights, as pure functions.
+
+Every policy works on the NLLs of *scored response tokens only* (prompt tokens are never
+trained on, whatever the policy) and returns a weight per token: 0 = masked (dropped from the
+loss), 1 = trained, values in between for soft policies. ppl > tau is the same as
+nll > log(tau); all thresholds are compared in NLL space.
+
+Policies (``weights_for_policy``):
+
+* ``none``       -- train every response token (ground-truth SFT).
+* ``threshold``  -- mask tokens with ppl > tau (the paper's STM, tau = 2.5).
+* ``fraction``   -- mask the top-q fraction by ppl, over the data set or per example.
+* ``auto-tau``   -- the threshold tau whose masked fraction is closest to q without exceeding it.
+* ``random``     -- mask exactly as many tokens as ``threshold`` at tau would, chosen uniformly
+  without replacement among response tokens with a seeded generator (the paper's control).
+* ``inverse``    -- mask the same count, but the *lowest*-ppl tokens.
+* ``reference-diff`` -- mask the top-q fraction by ``nll - reference_nll`` (the difference of two
+  scorings: Rho-1's excess loss, the paper's DPF), or the bottom-q with ``mask_highest=False``.
+* ``inverse-ppl`` -- soft: weight = p(token) = exp(-nll) under the base model (static DFT).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+HARD_POLICIES = ("none", "threshold", "fraction", "auto-tau", "random", "inverse", "reference-diff")
+SOFT_POLICIES = ("inverse-ppl",)
+POLICIES = HARD_POLICIES + SOFT_POLICIES
+IGNORE_INDEX = -100
+
+
+def check_tau(tau: float) -> None:
+    if not isinstance(tau, (int, float)) or math.isnan(tau) or tau <= 0:
+        raise ValueError(f"tau is a perplexity threshold and must be > 0 (inf masks nothing); got {tau!r}")
+
+
+def check_fraction(q: float) -> None:
+    if not isinstance(q, (int, float)) or math.isnan(q) or not 0 <= q < 1:
+        raise ValueError(f"a masked fraction must be in [0, 1); got {q!r}")
+
+
+def check_finite(nll: np.ndarray) -> None:
+    """NaN scores are never silently masked or kept (inf is a real score: probability 0)."""
+    bad = int(np.isnan(nll).sum())
+    if bad:
+        raise ValueError(f"{bad} response tokens have a NaN score; re-score the data (is the model producing NaN?)")
+
+
+def threshold_mask(nll: np.ndarray, tau: float) -> np.ndarray:
+    """True where ppl > tau."""
+    check_tau(tau)
+    return nll > math.log(tau)
+
+
+def top_k_mask(score: np.ndarray, k: int, highest: bool = True) -> np.ndarray:
+    """True at the ``k`` largest (or smallest) scores; ties broken by position, so deterministic."""
+    order = np.argsort(-score if highest else score, kind="stable")
+    mask = np.zeros(score.shape, dtype=bool)
+    mask[order[:k]] = True
+    return mask
+
+
+def fraction_count(n: int, q: float) -> int:
+    """Tokens masked for a fraction ``q`` of ``n``: floor(q * n), never more than asked."""
+    check_fraction(q)
+    return int(math.floor(q * n + 1e-9))
+
+
+def fraction_mask(nll: np.ndarray, q: float, sizes: list[int] | None = None) -> np.ndarray:
+    """Mask the top-q fraction by NLL over all tokens, or within each example when ``sizes`` is given."""
+    if sizes is None:
+        return top_k_mask(nll, fraction_count(nll.size, q))
+    parts = np.split(nll, np.cumsum(sizes)[:-1])
+    return np.concatenate([top_k_mask(p, fraction_count(p.size, q)) for p in parts])
+
+
+def tau_for_fraction(nll: np.ndarray, q: float) -> float:
+    """The tau whose threshold mask (ppl > tau) masks the most tokens without exceeding fraction q."""
+    if nll.size == 0:
+        raise ValueError("no tokens to choose a threshold from")
+    k = fraction_count(nll.size, q)  # < nll.size because q < 1
+    ordered = np.sort(nll)[::-1]
+    # Mask exactly the tokens strictly above the (k+1)-th largest NLL (ties stay unmasked).
+    return math.exp(float(ordered[k]))
+
+
+def random_mask(n: int, k: int, seed: int) -> np.ndarray:
+    """``k`` of ``n`` positions, uniformly without replacement, reproducible for a seed."""
+    if not 0 <= k <= n:
+        raise ValueError(f"cannot mask {k} of {n} tokens")
+    mask = np.zeros(n, dtype=bool)
+    mask[np.random.default_rng(seed).choice(n, size=k, replace=False)] = True
+    return mask
+
+
+def weights_for_policy(
+    nll: np.ndarray,
+    policy: str,
+    *,
+    tau: float = 2.5,
+    fraction: float | None = None,
+    sizes: list[int] | None = None,
+    seed: int = 0,
+    reference_nll: np.ndarray | None = None,
+    mask_highest: bool = True,
+) -> tuple[np.ndarray, dict]:
+    """Per-token weights (float64, in [0, 1]) for the flat response-token NLLs of a data set.
+
+    ``sizes`` gives the response-token count of each example (for per-example fractions).
+    Returns the weights and the resolved parameters (e.g. the tau that ``auto-tau`` found).
+    """
+    nll = np.asarray(nll, dtype=np.float64)
+    check_finite(nll)
+    info: dict = {"policy": policy}
+    if policy == "none":
+        masked = np.zeros(nll.shape, dtype=bool)
+    elif policy == "threshold":
+        masked, info["tau"] = threshold_mask(nll, tau), tau
+    elif policy == "fraction":
+        masked, info["fraction"] = fraction_mask(nll, _need(fraction, policy), sizes), fraction
+    elif policy == "auto-tau":
+        info["tau"] = tau_for_fraction(nll, _need(fraction, policy))
+        masked = threshold_mask(nll, info["tau"])
+    elif policy in ("random", "inverse"):
+        k = int(threshold_mask(nll, tau).sum()) if fraction is None else fraction_count(nll.size, fraction)
+        masked = random_mask(nll.size, k, seed) if policy == "random" else top_k_mask(nll, k, highest=False)
+        info.update(matched_tau=tau if fraction is None else None, matched_fraction=fraction, seed=seed)
+    elif policy == "reference-diff":
+        if reference_nll is None or np.shape(reference_nll) != nll.shape:
+            raise ValueError("reference-diff needs reference scores of the same tokens (same data and tokenizer)")
+        reference_nll = np.asarray(reference_nll, dtype=np.float64)
+        check_finite(reference_nll)
+        k = fraction_count(nll.size, _need(fraction, policy))
+        masked = top_k_mask(nll - reference_nll, k, highest=mask_highest)
+        info.update(fraction=fraction, mask_highest=mask_highest)
+    elif policy == "inverse-ppl":
+        return np.exp(-nll), info
+    else:
+        raise ValueError(f"unknown masking policy {policy!r}; choose one of {', '.join(POLICIES)}")
+    return (~masked).astype(np.float64), info
+
+
+def _need(fraction: float | None, policy: str) -> float:
+    if fraction is None:
+        raise ValueError(f"policy {policy!r} needs a target fraction (fraction=q, 0 <= q < 1)")
+    check_fraction(fraction)
+    return fraction
+
+
+def stm_labels(labels: torch.Tensor, nll: torch.Tensor, tau: float = 2.5) -> torch.Tensor:
+    """STM for your own trainer: set ``labels`` to -100 where the base model's ppl > tau.
+
+    ``labels`` is ``(B, T)`` with -100 at non-trained positions; ``nll`` is ``(B, T)``, aligned
+    with ``input_ids`` (``nll[b, i]`` scores token ``i``, as written by ``forgetless score``).
+    Tokens already ignored stay ignored; a trained token with a NaN score raises.
+    """
+    check_tau(tau)
+    trained = labels != IGNORE_INDEX
+    if torch.isnan(nll[trained]).any():
+        raise ValueError("a trained token has a NaN score: is `nll` aligned with `labels`?")
+    return labels.masked_fill(trained & (nll > math.log(tau)), IGNORE_INDEX)

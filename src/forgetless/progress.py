@@ -1,0 +1,23 @@
+"""Progress bars for loops that can take more than a few seconds."""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import Callable, Iterable, Iterator, TypeVar
+
+from tqdm.auto import tqdm
+
+T = TypeVar("T")
+
+
+def progress(items: Iterable[T], description: str, total_items: int, count: Callable[[T], int] = lambda _: 1) -> Iterator[T]:
+    """Yield ``items`` while a bar counts ``count(item)`` units each, showing units/s.
+
+    Disabled when stderr is not a terminal or ``FORGETLESS_PROGRESS=0``, so logs stay clean.
+    """
+    disable = os.environ.get("FORGETLESS_PROGRESS") == "0" or not sys.stderr.isatty()
+    with tqdm(total=total_items, desc=description, unit="ex", disable=disable, dynamic_ncols=True) as bar:
+        for item in items:
+            yield item
+            bar.update(count(item))

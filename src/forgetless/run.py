@@ -1,0 +1,190 @@
+"""``forgetless run CONFIG.yaml``: a whole comparison, from data to a forgetting report.
+
+Stages, each skipped when its output exists and was made from the same settings, so an
+interrupted grid resumes where it stopped:
+
+    score the training data -> mask per method -> train per method (x learning rate)
+    -> evaluate base and every tuned model -> retention measures -> report
+
+Everything lands in ``out_dir``: ``scores/``, ``masks/<policy>/``, ``train/<label>/``,
+``eval/<label>/``, ``retention/<label>/`` and ``report/``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from forgetless import artifacts
+from forgetless.config import ConfigError, build
+from forgetless.mask_stage import MASKED_FILE, MaskConfig, run_mask
+from forgetless.modeling import EMBEDDED
+from forgetless.scoring import ScoreConfig, run_score
+
+logger = logging.getLogger(__name__)
+
+STAMP = ".run_stamp.json"
+
+# method -> (masking policy, TrainConfig fields the method implies)
+METHOD_POLICIES: dict[str, tuple[str, dict[str, Any]]] = {
+    "sft": ("none", {}),
+    "stm": ("threshold", {}),
+    "auto-tau": ("auto-tau", {"method": "stm"}),
+    "random-mask": ("random", {}),
+    "inverse-mask": ("inverse", {}),
+    "soft": ("inverse-ppl", {}),
+    "kl": ("none", {}),
+    "weight-decay": ("none", {"method": "sft"}),
+    "self-output": ("none", {}),
+    "rephrase": ("none", {}),
+}
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    """One recipe of the comparison."""
+
+    method: str = field(metadata={"help": f"one of {', '.join(METHOD_POLICIES)}"})
+    name: str | None = field(default=None, metadata={"help": "label in the report (default: the method, with tau)"})
+    tau: float = field(default=2.5, metadata={"help": "perplexity threshold (stm) or the count to match (random-mask, inverse-mask)"})
+    fraction: float | None = field(default=None, metadata={"help": "target masked fraction (auto-tau; or the count for random/inverse)"})
+    seed: int = field(default=0, metadata={"help": "seed of the random mask"})
+    data: str | None = field(default=None, metadata={"help": "other training data for this method (e.g. self-output from `forgetless generate`)"})
+    train: dict[str, Any] = field(default_factory=dict, metadata={"help": "TrainConfig overrides for this method (e.g. kl_coef, weight_decay)"})
+
+    def __post_init__(self):
+        if self.method not in METHOD_POLICIES:
+            raise ValueError(f"unknown method {self.method!r}; choose one of {', '.join(METHOD_POLICIES)}")
+
+    @property
+    def label(self) -> str:
+        if self.name:
+            return self.name
+        if self.method in ("stm", "random-mask", "inverse-mask") and self.fraction is None:
+            return f"{self.method}-tau{self.tau:g}"
+        if self.fraction is not None:
+            return f"{self.method}-q{self.fraction:g}"
+        return self.method
+
+    def mask_config(self, scores: Path, out: Path) -> MaskConfig:
+        policy = METHOD_POLICIES[self.method][0]
+        return MaskConfig(scores=str(scores), policy=policy, tau=self.tau, fraction=self.fraction, seed=self.seed, out_dir=str(out))
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """A comparison of fine-tuning recipes on one model and one target data set."""
+
+    out_dir: str = field(default="runs/demo", metadata={"help": "where every stage writes"})
+    model: str = field(default=EMBEDDED, metadata={"help": "base model"})
+    data: str = field(default="mbpp-train", metadata={"help": "target-task training data"})
+    limit: int | None = field(default=None, metadata={"help": "first N training examples"})
+    max_length: int = field(default=1024, metadata={"help": "tokens per training example"})
+    methods: tuple[MethodSpec, ...] = field(default=(MethodSpec("sft"), MethodSpec("stm")), metadata={"help": "the recipes"})
+    learning_rates: tuple[float, ...] = field(default=(), metadata={"help": "learning-rate axis: every method at each (empty: train.learning_rate)"})
+    score: dict[str, Any] = field(default_factory=dict, metadata={"help": "ScoreConfig overrides (batch_tokens, device, ...)"})
+    train: dict[str, Any] = field(default_factory=dict, metadata={"help": "TrainConfig overrides shared by every method"})
+    eval: dict[str, Any] | None = field(default_factory=dict, metadata={"help": "EvalConfig overrides (tasks, limit, ...); null skips generative evaluation"})
+    retention: dict[str, Any] | None = field(default=None, metadata={"help": "RetentionConfig overrides (mc_tasks, drift_sources, ...); null skips them"})
+    target: str = field(default="mbpp", metadata={"help": "the target task's name in the report; every other task is non-target"})
+
+    def __post_init__(self):
+        labels = [m.label for m in self.methods]
+        if len(set(labels)) != len(labels):
+            raise ValueError(f"two methods share a label: {labels}; give them distinct `name`s")
+        if any(lr <= 0 for lr in self.learning_rates):
+            raise ValueError("learning rates must be positive")
+
+
+def stage_done(out: Path, settings: dict) -> bool:
+    stamp = out / STAMP
+    return stamp.is_file() and artifacts.read_json(stamp) == settings
+
+
+def run_once(out: Path, settings: dict, fn: Callable[[], Any], what: str) -> Path:
+    """Run ``fn`` unless ``out`` already holds its result for the same ``settings``."""
+    if stage_done(out, settings):
+        logger.info("%s: done already (%s)", what, out)
+        return out
+    logger.info("%s -> %s", what, out)
+    fn()
+    artifacts.write_json(out / STAMP, settings)
+    return out
+
+
+def make(cls: type, values: dict[str, Any], where: str) -> Any:
+    """A stage config from merged settings; unknown keys name the section they came from."""
+    try:
+        return build(cls, values)
+    except ConfigError as e:
+        raise ConfigError(f"{where}: {e}") from None
+
+
+def train_runs(config: RunConfig) -> list[tuple[str, MethodSpec, float | None]]:
+    """(label, method, learning rate) for each point of the grid."""
+    if not config.learning_rates:
+        return [(m.label, m, None) for m in config.methods]
+    return [(f"{m.label}@lr{lr:g}", m, lr) for m in config.methods for lr in config.learning_rates]
+
+
+def run_experiment(config: RunConfig) -> Path:
+    """Run every stage of the comparison; return the report directory."""
+    from forgetless.train import TrainConfig, run_train
+
+    out = Path(config.out_dir)
+    artifacts.write_json(out / "run_config.json", dataclasses.asdict(config))
+    score_settings = {"model": config.model, "limit": config.limit, "max_length": config.max_length, **config.score}
+    scores = {}
+    train_dirs: dict[str, Path] = {}
+    for label, method, lr in train_runs(config):
+        data = method.data or config.data
+        if data not in scores:
+            where = out / "scores" / ("target" if data == config.data else Path(data).stem)
+            scores[data] = run_score(make(ScoreConfig, {**score_settings, "data": data, "out_dir": str(where)}, "score"))
+        mask_cfg = method.mask_config(scores[data], out / "masks" / f"{Path(scores[data]).name}-{method.label}")
+        masks = run_mask(mask_cfg)
+        implied = METHOD_POLICIES[method.method][1]
+        values = {"model": config.model, **config.train, "method": method.method, **implied, **method.train,
+                  "data": str(masks / MASKED_FILE), "output_dir": str(out / "train" / label)}
+        if lr is not None:
+            values["learning_rate"] = lr
+        train_cfg = make(TrainConfig, values, f"train ({label})")
+        train_dirs[label] = run_once(Path(train_cfg.output_dir), dataclasses.asdict(train_cfg), lambda c=train_cfg: run_train(c), f"train {label}")
+    evals = evaluate_all(config, out, train_dirs)
+    return report(config, out, evals, train_dirs)
+
+
+def evaluate_all(config: RunConfig, out: Path, train_dirs: dict[str, Path]) -> dict[str, list[Path]]:
+    """Generative evaluation and retention measures of the base and every tuned model."""
+    from forgetless.evaluate import EvalConfig, run_eval
+    from forgetless.retention.stage import RetentionConfig, run_retention
+
+    models = {"base": (config.model, None), **{label: tuned_model(config.model, d) for label, d in train_dirs.items()}}
+    results: dict[str, list[Path]] = {label: [] for label in models}
+    for label, (model, adapter) in models.items():
+        common = {"model": model, "adapter": adapter}
+        if config.eval is not None:
+            cfg = make(EvalConfig, {**config.eval, **common, "output_dir": str(out / "eval" / label)}, "eval")
+            results[label].append(run_once(Path(cfg.output_dir), dataclasses.asdict(cfg), lambda c=cfg: run_eval(c), f"eval {label}"))
+        if config.retention is not None:
+            cfg = make(RetentionConfig, {**config.retention, **common, "output_dir": str(out / "retention" / label)}, "retention")
+            results[label].append(run_once(Path(cfg.output_dir), dataclasses.asdict(cfg), lambda c=cfg: run_retention(c), f"retention {label}"))
+    return results
+
+
+def tuned_model(base: str, train_dir: Path) -> tuple[str, str | None]:
+    """(model, adapter) of a training run: base + adapter, or the fully fine-tuned model."""
+    if (train_dir / "adapter").is_dir():
+        return base, str(train_dir / "adapter")
+    return str(train_dir / "model"), None
+
+
+def report(config: RunConfig, out: Path, evals: dict[str, list[Path]], train_dirs: dict[str, Path]) -> Path:
+    from forgetless.report import ReportConfig, run_report
+
+    runs = tuple(f"{label}={d}" for label, dirs in evals.items() for d in dirs)
+    trains = tuple(f"{label}={d}" for label, d in train_dirs.items())
+    return run_report(ReportConfig(runs=runs, train_dirs=trains, output_dir=str(out / "report"), base="base", target=config.target))

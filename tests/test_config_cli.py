@@ -1,0 +1,95 @@
+"""Configs (YAML + overrides, unknown keys, types) and the CLI's error handling."""
+
+import json
+from dataclasses import dataclass, field
+
+import pytest
+
+from forgetless.cli import main
+from forgetless.config import ConfigError, load_config
+from forgetless.mask_stage import MaskConfig
+from forgetless.scoring import ScoreConfig
+
+
+@dataclass(frozen=True)
+class Inner:
+    lr: float = 1e-4
+    steps: int = 10
+
+
+@dataclass(frozen=True)
+class Outer:
+    name: str = "x"
+    inner: Inner = field(default_factory=Inner)
+    fraction: float | None = None
+    tags: list[str] = field(default_factory=list)
+
+
+def test_yaml_then_overrides(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("name: run1\ninner:\n  lr: 3e-4\n  steps: 5\n")
+    cfg = load_config(Outer, path, ["inner.steps=7", "fraction=0.2", "tags=[a, b]"])
+    assert cfg == Outer(name="run1", inner=Inner(lr=3e-4, steps=7), fraction=0.2, tags=["a", "b"])
+
+
+def test_int_is_accepted_for_float_and_null_for_optional():
+    assert load_config(Outer, overrides=["inner.lr=1", "fraction=null"]).inner.lr == 1.0
+
+
+def test_unknown_key_names_the_nearest():
+    with pytest.raises(ConfigError, match="did you mean 'steps'"):
+        load_config(Outer, overrides=["inner.stesp=3"])
+    with pytest.raises(ConfigError, match="unknown config key 'tua'.*'tau'"):
+        load_config(MaskConfig, overrides=["tua=3"])
+
+
+def test_wrong_type_is_refused():
+    with pytest.raises(ConfigError, match="inner.steps: expected int"):
+        load_config(Outer, overrides=["inner.steps=many"])
+
+
+def test_post_init_rules_surface_as_config_errors():
+    with pytest.raises(ConfigError, match="tau"):
+        load_config(MaskConfig, overrides=["tau=0"])
+    with pytest.raises(ConfigError, match="tau"):
+        load_config(MaskConfig, overrides=["tau=nan"])
+    with pytest.raises(ConfigError, match=r"\[0, 1\)"):
+        load_config(MaskConfig, overrides=["fraction=1.0"])
+    with pytest.raises(ConfigError, match="overlong"):
+        load_config(ScoreConfig, overrides=["overlong=drop"])
+
+
+def test_cli_bad_input_is_one_line_and_exit_2(tmp_path, capsys):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}\n{oops\n')
+    assert main(["score", "--data", str(bad), "--out-dir", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and f"{bad}:2: malformed JSON" in err and "Traceback" not in err
+    assert not (tmp_path / "o").exists()
+
+
+def test_cli_unknown_key_and_offline_model(tmp_path, capsys):
+    assert main(["mask", "tua=3"]) == 2
+    assert "did you mean 'tau'" in capsys.readouterr().err
+    assert main(["score", "--model", "no-such-org/no-such-model", "--out-dir", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert "cannot load model 'no-such-org/no-such-model'" in err and "embedded" in err
+
+
+def test_cli_debug_shows_traceback(tmp_path):
+    with pytest.raises(ConfigError):
+        main(["mask", "--debug", "tua=3"])
+
+
+def test_cli_score_then_mask_on_tiny_model(tmp_path, capsys):
+    from conftest import build_model, build_tokenizer
+
+    tok = build_tokenizer("llama3")
+    build_model(len(tok)).save_pretrained(tmp_path / "m")
+    tok.save_pretrained(tmp_path / "m")
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"add {i}", "response": "return a + b"}) + "\n" for i in range(3)))
+    assert main(["score", "--model", str(tmp_path / "m"), "--data", str(data), "--out-dir", str(tmp_path / "s"), "device=cpu"]) == 0
+    assert "Masked fraction vs tau" in capsys.readouterr().out
+    assert main(["mask", "--scores", str(tmp_path / "s"), "--policy", "random", "--out-dir", str(tmp_path / "r")]) == 0
+    assert "policy random" in capsys.readouterr().out

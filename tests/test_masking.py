@@ -1,0 +1,124 @@
+"""Each masking policy's counts on hand-computed tensors."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from forgetless.masking import (
+    fraction_count, random_mask, stm_labels, tau_for_fraction, weights_for_policy,
+)
+
+# ppl of 10 response tokens, hand-picked: 1.1 1.2 1.5 2.0 2.4 | 2.6 3.0 5.0 20.0 1000.0
+PPL = np.array([1.1, 1.2, 1.5, 2.0, 2.4, 2.6, 3.0, 5.0, 20.0, 1000.0])
+NLL = np.log(PPL)
+SHUFFLE = np.array([7, 0, 9, 3, 5, 1, 8, 2, 6, 4])  # a fixed permutation so position != rank
+
+
+def masked(weights):
+    return set(np.flatnonzero(weights == 0).tolist())
+
+
+def test_threshold_masks_ppl_above_tau():
+    w, info = weights_for_policy(NLL[SHUFFLE], "threshold", tau=2.5)
+    # ppl 2.6, 3.0, 5.0, 20, 1000 sit at shuffled positions of ranks 5..9
+    assert masked(w) == {i for i, r in enumerate(SHUFFLE) if r >= 5}
+    assert info["tau"] == 2.5
+
+
+def test_threshold_is_strict_and_inf_masks_nothing():
+    nll = np.log(np.array([2.5, 2.5000001, 1.0]))
+    assert masked(weights_for_policy(nll, "threshold", tau=2.5)[0]) == {1}
+    assert masked(weights_for_policy(NLL, "threshold", tau=math.inf)[0]) == set()
+
+
+@pytest.mark.parametrize("tau", [0.0, -1.0, math.nan])
+def test_bad_tau_is_refused(tau):
+    with pytest.raises(ValueError, match="tau"):
+        weights_for_policy(NLL, "threshold", tau=tau)
+
+
+@pytest.mark.parametrize("q", [-0.1, 1.0, 1.5, math.nan])
+def test_bad_fraction_is_refused(q):
+    with pytest.raises(ValueError, match="fraction"):
+        weights_for_policy(NLL, "fraction", fraction=q)
+
+
+def test_fraction_masks_floor_q_n_highest():
+    w, _ = weights_for_policy(NLL[SHUFFLE], "fraction", fraction=0.25)  # floor(2.5) = 2 tokens
+    assert masked(w) == {i for i, r in enumerate(SHUFFLE) if r >= 8}
+    assert fraction_count(10, 0.3) == 3 and fraction_count(10, 0.29) == 2 and fraction_count(7, 0.0) == 0
+
+
+def test_fraction_per_example():
+    # example A: ppl 1.1 1.2 1000 5 ; example B: 1.5 2 2.4 2.6 3 20  (q=0.5 -> 2 and 3 tokens)
+    nll = np.log(np.array([1.1, 1.2, 1000, 5, 1.5, 2.0, 2.4, 2.6, 3.0, 20.0]))
+    w, _ = weights_for_policy(nll, "fraction", fraction=0.5, sizes=[4, 6])
+    assert masked(w) == {2, 3, 7, 8, 9}
+
+
+def test_auto_tau_hits_the_fraction_without_exceeding_it():
+    tau = tau_for_fraction(NLL, 0.3)  # 3 tokens: ppl 5, 20, 1000 -> tau is the 4th largest, 3.0
+    assert tau == pytest.approx(3.0)
+    w, info = weights_for_policy(NLL, "auto-tau", fraction=0.3)
+    assert masked(w) == {7, 8, 9} and info["tau"] == pytest.approx(3.0)
+
+
+def test_random_mask_matches_threshold_count_and_is_seeded():
+    w_thr, _ = weights_for_policy(NLL, "threshold", tau=2.5)
+    w1, _ = weights_for_policy(NLL, "random", tau=2.5, seed=1)
+    w2, _ = weights_for_policy(NLL, "random", tau=2.5, seed=1)
+    w3, _ = weights_for_policy(NLL, "random", tau=2.5, seed=2)
+    assert (w1 == 0).sum() == (w_thr == 0).sum() == 5
+    assert np.array_equal(w1, w2)
+    assert not np.array_equal(w1, w3)
+
+
+def test_random_mask_is_without_replacement_and_uniform():
+    counts = np.zeros(10)
+    for seed in range(2000):
+        m = random_mask(10, 3, seed)
+        assert m.sum() == 3
+        counts += m
+    assert np.allclose(counts / 2000, 0.3, atol=0.04)
+
+
+def test_inverse_masks_the_lowest_ppl_same_count():
+    w, _ = weights_for_policy(NLL[SHUFFLE], "inverse", tau=2.5)
+    assert masked(w) == {i for i, r in enumerate(SHUFFLE) if r < 5}
+
+
+def test_reference_diff_selects_by_difference():
+    ref = NLL.copy()
+    ref[[2, 6]] -= 3.0  # the reference finds tokens 2 and 6 much easier: largest nll - ref
+    w, _ = weights_for_policy(NLL, "reference-diff", fraction=0.2, reference_nll=ref)
+    assert masked(w) == {2, 6}
+    w_low, _ = weights_for_policy(NLL, "reference-diff", fraction=0.2, reference_nll=ref, mask_highest=False)
+    assert masked(w_low).isdisjoint({2, 6}) and len(masked(w_low)) == 2
+    with pytest.raises(ValueError, match="reference"):
+        weights_for_policy(NLL, "reference-diff", fraction=0.2, reference_nll=ref[:3])
+
+
+def test_inverse_ppl_weight_is_token_probability():
+    w, _ = weights_for_policy(np.log(np.array([1.0, 2.0, 4.0])), "inverse-ppl")
+    assert w.tolist() == pytest.approx([1.0, 0.5, 0.25])
+
+
+def test_nan_scores_are_never_silently_used():
+    with pytest.raises(ValueError, match="NaN"):
+        weights_for_policy(np.array([0.1, np.nan]), "none")
+
+
+def test_inf_score_is_masked_by_threshold():
+    w, _ = weights_for_policy(np.array([0.1, np.inf]), "threshold", tau=2.5)
+    assert masked(w) == {1}
+
+
+def test_stm_labels_for_own_trainer():
+    labels = torch.tensor([[-100, -100, 11, 12, 13, -100]])
+    nll = torch.tensor([[math.nan, 0.1, 0.2, 2.0, 0.9, math.nan]])  # ppl e^2 = 7.4 > 2.5
+    out = stm_labels(labels, nll, tau=2.5)
+    assert out.tolist() == [[-100, -100, 11, -100, 13, -100]]
+    with pytest.raises(ValueError, match="NaN"):
+        stm_labels(torch.tensor([[5, 6]]), torch.tensor([[math.nan, 0.1]]))

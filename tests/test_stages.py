@@ -1,0 +1,181 @@
+"""The score and mask stages end to end on a tiny saved model: outputs, caching, invalidation."""
+
+import json
+import math
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from conftest import build_model, build_tokenizer
+from forgetless.mask_stage import MaskConfig, run_mask
+from forgetless.scoring import ScoreConfig, length_buckets, run_score
+
+
+@pytest.fixture
+def model_dir(tmp_path):
+    tok = build_tokenizer("chatml")
+    path = tmp_path / "tiny"
+    build_model(len(tok)).save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+@pytest.fixture
+def data_file(tmp_path):
+    rows = [
+        {"id": f"ex{i}", "messages": [{"role": "user", "content": f"Write a python function number {i}."},
+                                      {"role": "assistant", "content": "def add(a, b):\n    return a + b" + " + 0" * i}]}
+        for i in range(6)
+    ]
+    path = tmp_path / "data.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def score(model_dir, data_file, out, **kw):
+    return run_score(ScoreConfig(model=str(model_dir), data=str(data_file), out_dir=str(out), device="cpu", batch_tokens=128, **kw))
+
+
+def flat_nll(table):
+    return np.concatenate([np.asarray(x, dtype=np.float64) for x in table.column("nll").to_pylist()])
+
+
+def test_scores_file_columns_and_alignment(model_dir, data_file, tmp_path):
+    out = score(model_dir, data_file, tmp_path / "scores")
+    table = pq.read_table(out / "scores.parquet")
+    assert table.column_names[:4] == ["id", "input_ids", "response_mask", "nll"]
+    assert table.column("id").to_pylist() == [f"ex{i}" for i in range(6)]  # input order survives bucketing
+    for ids, resp, nll in zip(*(table.column(c).to_pylist() for c in ("input_ids", "response_mask", "nll"))):
+        assert len(ids) == len(resp) == len(nll)
+        assert math.isnan(nll[0])
+        assert all(math.isnan(v) != bool(r) for v, r in zip(nll[1:], resp[1:]))
+    stats = json.loads((out / "stats.json").read_text())
+    n_resp = sum(sum(r[1:]) for r in table.column("response_mask").to_pylist())
+    assert stats["response_tokens"] == n_resp
+    assert set(stats["fraction_above"]) == {"1.5", "2.5", "10.0", "25.0", "100.0", "1000.0"}
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert {"model", "template", "data", "max_length"} <= set(manifest["key"]) and "torch" in manifest["versions"]
+
+
+def test_rerun_reuses_and_changes_invalidate(model_dir, data_file, tmp_path, caplog):
+    out = score(model_dir, data_file, tmp_path / "scores")
+    mtime = (out / "scores.parquet").stat().st_mtime_ns
+    score(model_dir, data_file, tmp_path / "scores")
+    assert (out / "scores.parquet").stat().st_mtime_ns == mtime  # reused
+    caplog.set_level("INFO")
+    score(model_dir, data_file, tmp_path / "scores", max_length=200)
+    assert "max_length changed" in caplog.text
+    assert (out / "scores.parquet").stat().st_mtime_ns != mtime
+    data_file.write_text(data_file.read_text().replace("number 1.", "number one."))
+    caplog.clear()
+    score(model_dir, data_file, tmp_path / "scores", max_length=200)
+    assert "data changed" in caplog.text
+    tok = build_tokenizer("chatml")
+    tok.chat_template = tok.chat_template.replace("helpful", "careful")
+    tok.save_pretrained(model_dir)
+    caplog.clear()
+    score(model_dir, data_file, tmp_path / "scores", max_length=200)
+    assert "template changed" in caplog.text
+
+
+def test_truncation_and_skip_are_counted(model_dir, data_file, tmp_path):
+    lengths = [len(r) for r in pq.read_table(score(model_dir, data_file, tmp_path / "a") / "scores.parquet").column("input_ids").to_pylist()]
+    limit = sorted(lengths)[3]  # the two longest... three longest exceed it or equal
+    over = sum(n > limit for n in lengths)
+    a = json.loads((score(model_dir, data_file, tmp_path / "b", max_length=limit) / "stats.json").read_text())
+    b = json.loads((score(model_dir, data_file, tmp_path / "c", max_length=limit, overlong="skip") / "stats.json").read_text())
+    assert a["truncated"] == over and a["scored_examples"] == 6
+    assert b["skipped_overlong"] == over and b["scored_examples"] == 6 - over
+
+
+def test_length_buckets_respect_budget_and_cover_all():
+    lengths = [5, 30, 12, 30, 7, 100]
+    batches = length_buckets(lengths, batch_tokens=60)
+    assert sorted(i for b in batches for i in b) == list(range(6))
+    for b in batches:
+        assert len(b) == 1 or len(b) * max(lengths[i] for i in b) <= 60
+    assert batches[0] == [5]  # longest first, alone
+
+
+def test_mask_stage_labels_and_weights(model_dir, data_file, tmp_path):
+    scores = score(model_dir, data_file, tmp_path / "scores")
+    table = pq.read_table(scores / "scores.parquet")
+    out = run_mask(MaskConfig(scores=str(scores), policy="threshold", tau=2.5, out_dir=str(tmp_path / "m")))
+    masked = pq.read_table(out / "data.parquet")
+    stats = json.loads((out / "mask_stats.json").read_text())
+    n_masked = 0
+    for ids, resp, nll, labels, weight in zip(*(masked.column(c).to_pylist() for c in ("input_ids", "response_mask", "nll", "labels", "loss_weight"))):
+        for i, (t, r, s, lab, w) in enumerate(zip(ids, resp, nll, labels, weight)):
+            trained = bool(r) and i > 0 and s <= math.log(2.5)
+            assert lab == (t if trained else -100)
+            assert w == (1.0 if trained else 0.0)
+            n_masked += bool(r) and i > 0 and not trained
+    assert stats["masked_tokens"] == n_masked
+    assert stats["masked_fraction"] == pytest.approx(n_masked / stats["response_tokens"])
+    nll_flat = np.concatenate([np.asarray(n)[1:][np.asarray(r[1:], bool)] for n, r in zip(table.column("nll").to_pylist(), table.column("response_mask").to_pylist())])
+    assert n_masked == int((nll_flat > math.log(2.5)).sum())
+
+
+def test_mask_stage_counts_examples_left_without_tokens(model_dir, data_file, tmp_path):
+    scores = score(model_dir, data_file, tmp_path / "scores")
+    out = run_mask(MaskConfig(scores=str(scores), policy="threshold", tau=1.0000001, out_dir=str(tmp_path / "m")))
+    stats = json.loads((out / "mask_stats.json").read_text())
+    assert stats["examples_without_trained_tokens"] == 6 and stats["trained_tokens"] == 0
+
+
+def test_mask_stage_needs_finished_scores(tmp_path):
+    with pytest.raises(FileNotFoundError, match="forgetless score"):
+        run_mask(MaskConfig(scores=str(tmp_path / "nothing"), out_dir=str(tmp_path / "m")))
+
+
+def test_crash_mid_scoring_resumes_and_equals_uninterrupted(model_dir, data_file, tmp_path, monkeypatch):
+    import forgetless.scoring as scoring
+
+    full = pq.read_table(score(model_dir, data_file, tmp_path / "full", part_size=2) / "scores.parquet")
+    real, calls = scoring.score_encoded, []
+
+    def crash_on_second_part(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt  # stands in for a kill between parts
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(scoring, "score_encoded", crash_on_second_part)
+    with pytest.raises(KeyboardInterrupt):
+        score(model_dir, data_file, tmp_path / "crash", part_size=2)
+    assert not (tmp_path / "crash" / "manifest.json").exists() and not (tmp_path / "crash" / "scores.parquet").exists()
+    assert (tmp_path / "crash" / "parts" / "part-00000.npz").is_file()
+    calls.clear()
+    monkeypatch.setattr(scoring, "score_encoded", lambda *a, **k: (calls.append(1), real(*a, **k))[1])
+    resumed = pq.read_table(score(model_dir, data_file, tmp_path / "crash", part_size=2) / "scores.parquet")
+    assert len(calls) == 2  # parts 1 and 2 of 3; part 0 came from disk
+    assert np.allclose(flat_nll(resumed), flat_nll(full), equal_nan=True, atol=1e-6)
+    assert not (tmp_path / "crash" / "parts").exists()
+
+
+def test_kill_9_during_scoring_then_rerun(model_dir, tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    rows = [{"prompt": f"Write a python function number {i}.", "response": "def add(a, b):\n    return a + b" * (1 + i % 5)} for i in range(60)]
+    data = tmp_path / "many.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "killed"
+    cmd = [sys.executable, "-m", "forgetless.cli", "score", "--model", str(model_dir), "--data", str(data),
+           "--out-dir", str(out), "part_size=1", "batch_tokens=64", "device=cpu"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline and not (out / "parts" / "part-00002.npz").exists() and proc.poll() is None:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (out / "manifest.json").exists() or proc.returncode == 0
+    assert subprocess.run(cmd, capture_output=True).returncode == 0
+    reference = score(model_dir, data, tmp_path / "clean")
+    a, b = (flat_nll(pq.read_table(d / "scores.parquet")) for d in (out, reference))
+    assert np.allclose(a, b, equal_nan=True, atol=1e-5)
+    assert not list(out.glob(".*.tmp"))
