@@ -80,7 +80,11 @@ def load_models(config: RetentionConfig):
         base = load_model(config.base_model, None, config.dtype, config.device)
         base_id = model_fingerprint(config.base_model)
     else:
-        base = model  # the model is its own base: drift 0, the reference rows of the report
+        # The model is its own base: drift 0, the reference rows of the report. A full
+        # fine-tune evaluated this way would wrongly show no drift, so say so.
+        logger.warning("retention: no adapter or base_model given; %s is treated as its own base (drift 0)",
+                       config.model)
+        base = model
     return model, tokenizer, base, base_id
 
 
