@@ -157,3 +157,17 @@ def test_mbpp_verifier_runs_tests_in_sandbox():
     assert verify.many(ex, [e.response for e in ex]) == [True, True]
     wrong = ex[1].response.replace("return", "return None and", 1)
     assert verify.many([ex[0], ex[1]], ["no code here", wrong]) == [False, False]
+
+
+@pytest.mark.slow
+def test_embedded_self_output_on_one_mbpp_prompt(embedded, monkeypatch, tmp_path):
+    """The real model and the real MBPP sandbox: one prompt, two short samples."""
+    monkeypatch.setattr(gen, "load_model_and_tokenizer", lambda *a, **k: embedded)
+    cfg = gen.GenerateConfig(data="mbpp-train", limit=1, samples=2, max_new_tokens=24, device="cpu", out_dir=str(tmp_path / "so"))
+    out = gen.run_generate(cfg)
+    stats = json.loads((out / "generation_stats.json").read_text())
+    assert stats["prompts"] == 1 and stats["samples"] == 2 and stats["ground_truth_verified"] == 1
+    (ex,) = load_examples(str(out / gen.DATA_FILE))
+    assert ex.meta["provenance"]["base_ppl"] > 1.0
+    mech = json.loads((out / "mechanism_stats.json").read_text())
+    assert mech["views"]["all"]["ground_truth"]["response_tokens"] > 10

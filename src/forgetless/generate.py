@@ -182,11 +182,17 @@ def generate_samples(model, tokenizer, examples: list[Example], config: Generate
     with open(path, "a", encoding="utf-8") as f:
         for b, rows in progress(todo, f"generating ({config.method})", total_items=sum(len(r) for _, r in todo), count=lambda t: len(t[1])):
             torch.manual_seed(batch_seed(config.seed, b))
-            for record in process_batch(model, tokenizer, [examples[i] for i in rows], config, verifier):
+            tic = time.monotonic()
+            records = process_batch(model, tokenizer, [examples[i] for i in rows], config, verifier)
+            for record in records:
                 if record["id"] not in done:  # a partly written batch is re-sampled identically; keep the first copy
                     f.write(json.dumps(record, ensure_ascii=False) + "\n")
                     done[record["id"]] = record
             f.flush()
+            rows_done = [s for r in records for s in r["samples"]]
+            logger.info("batch %d/%d: %d of %d samples verified, %d new tokens in %.0f s", b + 1, len(batches),
+                        sum(s["verified"] is True for s in rows_done), len(rows_done),
+                        sum(s["new_tokens"] for s in rows_done), time.monotonic() - tic)
     return done
 
 
@@ -320,7 +326,7 @@ def run_generate(config: GenerateConfig) -> Path:
                                                  "rephrase_template", "batch_size", "seed", "max_length", "dtype")}
     sampling.update(model=model_fingerprint(config.model, config.revision), template=template_hash(load_tokenizer(config.model, config.revision)))
     key = {"stage": "generate", "format": 1, **sampling, "data": fingerprint_examples(examples), "choose": config.choose,
-           "compare": list(config.compare)}
+           "compare": [fingerprint_examples(load_compared(p)[1].values()) for p in config.compare]}
     if artifacts.is_fresh(out, key, DATA_FILE):
         logger.info("reusing generated data in %s (inputs unchanged)", out)
         return out
