@@ -15,18 +15,26 @@ from pathlib import Path
 from typing import Callable
 
 from forgetless.config import ConfigError, field_help, load_config
+from forgetless.evaluate import EvalConfig, print_eval_summary, run_eval
+from forgetless.generate import GenerateConfig, print_generate_summary, run_generate
 from forgetless.mask_stage import MaskConfig, run_mask
+from forgetless.report import ReportConfig, print_report, run_report
+from forgetless.retention.stage import RetentionConfig, run_retention
 from forgetless.run import RunConfig, run_experiment
 from forgetless.scoring import ScoreConfig, run_score
-from forgetless.summary import print_mask_summary, print_report_summary, print_score_summary
+from forgetless.summary import print_mask_summary, print_score_summary
 from forgetless.train import TrainConfig, run_train
 
 # name -> (config class, stage function, printer of the stage's results)
 COMMANDS: dict[str, tuple[type, Callable, Callable]] = {
     "score": (ScoreConfig, run_score, print_score_summary),
     "mask": (MaskConfig, run_mask, print_mask_summary),
+    "generate": (GenerateConfig, run_generate, print_generate_summary),
     "train": (TrainConfig, run_train, lambda out: None),  # run_train prints its own summary
-    "run": (RunConfig, run_experiment, print_report_summary),
+    "eval": (EvalConfig, run_eval, print_eval_summary),
+    "retention": (RetentionConfig, run_retention, lambda out: print(f"retention records in {out}")),
+    "report": (ReportConfig, run_report, print_report),
+    "run": (RunConfig, run_experiment, print_report),
 }
 
 

@@ -41,8 +41,3 @@ def print_mask_summary(out_dir: Path) -> None:
         f"{stats['examples_without_trained_tokens']} of {stats['examples']} examples left with no trained token"
     )
 
-
-def print_report_summary(out_dir: Path) -> None:
-    from forgetless.report import print_report
-
-    print_report(out_dir)
