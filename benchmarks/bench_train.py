@@ -2,7 +2,7 @@
 
 Run from the repository root::
 
-    PYTHONPATH=src python benchmarks/bench_train.py --batch 4 --length 256 --steps 5 [--json out.json]
+    PYTHONPATH=src python benchmarks/bench_train.py --batch 4 --length 256 --steps 5 [--threads 1] [--json out.json]
 
 Each variant is a real ``Trainer.training_step`` (forward, loss, backward) on the embedded model with a LoRA
 adapter (r=16, all linear layers), on the same batch of MBPP examples cut to ``--length`` tokens:
@@ -68,7 +68,11 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--json", default=None)
+    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default); "
+                        "1 avoids spinning threads on a shared machine")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     from peft import LoraConfig, get_peft_model
     from transformers import Trainer, TrainingArguments

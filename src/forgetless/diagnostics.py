@@ -91,12 +91,13 @@ def adapter_updates(model, adapter: str = "default", top_k: int = 8) -> dict:
     for name, module in model.named_modules():
         if not isinstance(module, LoraLayer) or adapter not in module.lora_A:
             continue
-        a = module.lora_A[adapter].weight.detach().float().cpu()
-        b = module.lora_B[adapter].weight.detach().float().cpu()
+        # On the weights' own device: the SVDs of large models are slow on a CPU.
+        a = module.lora_A[adapter].weight.detach().float()
+        b = module.lora_B[adapter].weight.detach().float()
         scaling = float(module.scaling[adapter])
         if module.use_dora.get(adapter, False):
-            w = _transposed(module, module.get_base_layer().weight.detach().float().cpu())
-            m = module.lora_magnitude_vector[adapter].weight.detach().float().cpu().reshape(-1)
+            w = _transposed(module, module.get_base_layer().weight.detach().float())
+            m = module.lora_magnitude_vector[adapter].weight.detach().float().reshape(-1)
             modules[name] = update_stats(dora_delta(w, a, b, scaling, m), top_k)
         else:
             modules[name] = update_stats(lora_delta(a, b, scaling), top_k, lowrank_singular_values(a, b, scaling))
@@ -111,6 +112,7 @@ def full_updates(model, base_state: dict[str, torch.Tensor], top_k: int = 8) -> 
             continue
         if module.weight.shape[0] == getattr(getattr(model, "config", None), "vocab_size", -1):
             continue  # the LM head (often tied to the embeddings) is not a "layer" update in the paper's sense
-        delta = module.weight.detach().float().cpu() - base_state[f"{name}.weight"].float().cpu()
+        w = module.weight.detach().float()
+        delta = w - base_state[f"{name}.weight"].to(w.device).float()
         modules[name] = update_stats(delta, top_k)
     return summarize(modules)

@@ -154,9 +154,9 @@ class MaskedLossMixin:
     collator that keeps ``loss_weight`` (:class:`forgetless.collate.MaskedBatchCollator`).
     """
 
-    def __init__(self, *args, kl_coef: float = 0.0, reference=None, **kwargs):
+    def __init__(self, *args, kl_coef: float = 0.0, reference=None, record_stats: bool = False, **kwargs):
         super().__init__(*args, **kwargs)
-        self.kl_coef, self.reference = kl_coef, reference
+        self.kl_coef, self.reference, self.record_stats = kl_coef, reference, record_stats
         # Makes the Trainer count `num_items_in_batch` over the whole accumulation step and treat our loss as
         # already normalised by it (it is never passed to the model: compute_loss below owns the loss).
         self.model_accepts_loss_kwargs = True
@@ -164,9 +164,9 @@ class MaskedLossMixin:
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         loss, stats = compute_masked_loss(model, inputs, num_items_in_batch, self.kl_coef, self.reference)
-        if model.training:
+        if model.training and self.record_stats:  # read (and cleared) by forgetless.train's loss log
             self.loss_stats.append({k: (float(v) if v is not None else None) for k, v in stats.items()})
         if self.args.average_tokens_across_devices and num_items_in_batch is not None:
             # DDP averages gradients over processes; the count is already summed over them.
             loss = loss * self.accelerator.num_processes
-        return (loss, None) if return_outputs else loss
+        return (loss, {"loss": loss.detach()}) if return_outputs else loss

@@ -115,7 +115,7 @@ def _loss_log_callback(path: Path, trainer_ref: dict):
         def on_step_begin(self, args, state, control, **kwargs):
             # After a resume keep only the lines of steps the checkpoint had reached (the state is restored
             # after on_train_begin, so this happens before the first step instead).
-            if self.trimmed:
+            if self.trimmed or not state.is_world_process_zero:
                 return
             self.trimmed = True
             lines = path.read_text().splitlines() if path.exists() else []
@@ -133,7 +133,9 @@ def _loss_log_callback(path: Path, trainer_ref: dict):
             if stats and stats[0]["kl_sum"] is not None:
                 row["kl_per_token"] = sum(s["kl_sum"] for s in stats) / max(tokens, 1)
             trainer_ref["tokens"] = trainer_ref.get("tokens", 0) + int(tokens)
-            stats.clear()
+            stats.clear()  # on every process; only the first one writes
+            if not state.is_world_process_zero:
+                return
             with path.open("a") as f:
                 f.write(json.dumps(row) + "\n")
 
@@ -177,6 +179,9 @@ def prepare_model(config: TrainConfig, model):
         return model
     from peft import LoraConfig, get_peft_model
 
+    if config.gradient_checkpointing:
+        # Checkpointed layers of a frozen base need an input that requires grad, or no gradient reaches the adapter.
+        model.enable_input_require_grads()
     targets = config.target_modules if config.target_modules == "all-linear" else [
         t.strip() for t in config.target_modules.split(",") if t.strip()]
     peft_config = LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
@@ -286,7 +291,7 @@ def run_train(config: TrainConfig, callbacks: list | None = None) -> Path:
     trainer = _trainer_class()(
         model=model, args=training_arguments(config, out, device, dtype), train_dataset=rows,
         data_collator=MaskedBatchCollator(tokenizer.pad_token_id), kl_coef=config.kl_coef, reference=reference,
-        callbacks=[_loss_log_callback(out / "loss.jsonl", ref), *(callbacks or [])],
+        callbacks=[_loss_log_callback(out / "loss.jsonl", ref), *(callbacks or [])], record_stats=True,
     )
     ref["trainer"] = trainer
     if reference is not None:
@@ -294,6 +299,8 @@ def run_train(config: TrainConfig, callbacks: list | None = None) -> Path:
     start = time.time()
     result = trainer.train(resume_from_checkpoint=resume_from)
     wall = time.time() - start
+    if not trainer.is_world_process_zero():
+        return out  # one process writes the outputs
     model = trainer.model
     model.eval()
     diag = weight_diagnostics(config, model, base_state)

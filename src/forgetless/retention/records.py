@@ -1,0 +1,88 @@
+"""The result format shared with ``forgetless eval``: one JSON record and one JSONL per task.
+
+``<out>/<task>.json``::
+
+    {"task": str, "metric": str, "score": float, "n": int, "ci95": [lo, hi],
+     "higher_is_better": bool, "chance": float | null, "settings": {...}}
+
+``<out>/<task>.items.jsonl``: one ``{"id": str, "score": float, ...}`` per item. Task names may
+hold ``:`` (``piqa:acc_norm``, ``drift:gsm8k``); on disk it becomes ``__`` so names stay
+portable. Files are written to a temporary name and renamed, so a crash never leaves a
+half-written file that looks complete.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+from .stats import mean_interval, wilson_interval
+
+
+def task_filename(task: str) -> str:
+    return task.replace(":", "__").replace("/", "_")
+
+
+def make_record(task: str, metric: str, item_scores: list[float], *, higher_is_better: bool,
+                chance: float | None = None, settings: dict[str, Any] | None = None,
+                binary: bool = False) -> dict[str, Any]:
+    """Record of the mean of ``item_scores``: Wilson interval when ``binary``, else normal."""
+    n = len(item_scores)
+    if binary:
+        score = sum(item_scores) / n if n else math.nan
+        lo, hi = wilson_interval(sum(item_scores), n)
+    else:
+        score, lo, hi = mean_interval(item_scores)
+    return {"task": task, "metric": metric, "score": score, "n": n, "ci95": [lo, hi],
+            "higher_is_better": higher_is_better, "chance": chance, "settings": settings or {}}
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def write_task(out_dir: str | Path, record: dict[str, Any], items: list[dict[str, Any]]) -> Path:
+    """Write ``<task>.items.jsonl`` then ``<task>.json`` (the record last: it marks completion)."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stem = task_filename(record["task"])
+    _atomic_write(out_dir / f"{stem}.items.jsonl",
+                  "".join(json.dumps(it, ensure_ascii=False) + "\n" for it in items))
+    path = out_dir / f"{stem}.json"
+    _atomic_write(path, json.dumps(record, indent=2, ensure_ascii=False) + "\n")
+    return path
+
+
+def read_task(out_dir: str | Path, task: str) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
+    """(record, items by id) of a task written by :func:`write_task`."""
+    stem = task_filename(task)
+    out_dir = Path(out_dir)
+    record = json.loads((out_dir / f"{stem}.json").read_text(encoding="utf-8"))
+    items = {}
+    items_path = out_dir / f"{stem}.items.jsonl"
+    if items_path.is_file():
+        for line in items_path.read_text(encoding="utf-8").splitlines():
+            if line.strip():
+                item = json.loads(line)
+                items[str(item["id"])] = item
+    return record, items
+
+
+def list_tasks(out_dir: str | Path) -> list[str]:
+    """Task names of the records in ``out_dir``."""
+    names = []
+    for path in sorted(Path(out_dir).glob("*.json")):
+        if path.name.endswith(".items.json") or path.name in ("manifest.json", "config.json"):
+            continue
+        try:
+            record = json.loads(path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError:
+            continue
+        if isinstance(record, dict) and "task" in record and "score" in record:
+            names.append(record["task"])
+    return names

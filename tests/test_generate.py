@@ -1,0 +1,173 @@
+"""Generation stage: selection rules, statistics by hand, resumable end-to-end run on a tiny model
+with an injected verifier, and verifiers for MBPP (real sandbox) and math answers."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+
+import forgetless.generate as gen
+from forgetless.data import Example, load_examples
+from forgetless.mechanism import compare_sets, format_table, ppl_summary
+from forgetless.sampling import cut_at_stop, left_pad
+from forgetless.verify import Verifier, extract_code, gsm8k_gold, last_boxed, math_gold, math_match, mbpp_verifier
+
+
+def test_left_pad_and_cut_at_stop():
+    ids, mask = left_pad([[5, 6, 7], [8]], pad_id=0)
+    assert ids.tolist() == [[5, 6, 7], [0, 0, 8]]
+    assert mask.tolist() == [[1, 1, 1], [0, 0, 1]]
+    assert cut_at_stop([3, 4, 9, 5, 9], {9}) == ([3, 4], True)
+    assert cut_at_stop([3, 4], {9}) == ([3, 4], False)
+
+
+def _record(samples):
+    return {"id": "x", "ground_truth_verified": True, "samples": [
+        {"index": i, "text": f"s{i}", "verified": ok, "mean_nll": nll, "new_tokens": 1, "finished": True,
+         "token_nll": None if nll is None else [nll]} for i, (ok, nll) in enumerate(samples)]}
+
+
+def test_select_answer_rules():
+    # sample 1 is wrong despite the lowest NLL; 2 and 3 are correct, 3 has the lower NLL; 4 is empty.
+    record = _record([(False, 2.0), (False, 0.1), (True, 1.0), (True, 0.5), (False, None)])
+    assert gen.select_answer(record, "lowest-ppl", seed=0)["index"] == 3
+    assert gen.select_answer(record, "first", seed=0)["index"] == 2
+    picks = {gen.select_answer(record, "random", seed=s)["index"] for s in range(20)}
+    assert picks == {2, 3}
+    assert gen.select_answer(_record([(False, 1.0), (False, None)]), "lowest-ppl", 0) is None
+    # Nothing checked (task none): every non-empty sample is a candidate.
+    assert gen.select_answer(_record([(None, 1.0), (None, 0.3), (None, None)]), "lowest-ppl", 0)["index"] == 1
+
+
+def test_ppl_summary_by_hand():
+    # Example A: token NLLs 0 and ln 4 -> example ppl exp(ln4 / 2) = 2. Example B: ln 2 -> ppl 2.
+    stats = ppl_summary([np.array([0.0, math.log(4)]), np.array([math.log(2)]), np.array([])], taus=(1.5, 2.5, 10.0))
+    assert stats["examples"] == 2 and stats["response_tokens"] == 3
+    assert stats["mean_example_ppl"] == pytest.approx(2.0)
+    assert stats["corpus_ppl"] == pytest.approx(2.0)  # exp((ln4 + ln2) / 3) = exp(ln 8 / 3)
+    assert stats["fraction_examples_ppl_above_2"] == 0.0  # 2 is not above 2
+    # token ppls 1, 4, 2: above 1.5 -> 2 of 3; above 2.5 -> 1 of 3; above 10 -> none.
+    assert stats["fraction_tokens_above"] == pytest.approx({"1.5": 2 / 3, "2.5": 1 / 3, "10.0": 0.0})
+
+
+def test_compare_sets_views():
+    gt = {"a": np.array([2.0]), "b": np.array([2.0]), "c": np.array([2.0])}
+    so = {"a": np.array([0.0]), "b": np.array([2.0]), "c": np.array([0.0])}  # b fell back to the ground truth
+    stats = compare_sets({"ground_truth": gt, "self_output": so}, {"self_output": {"a", "c"}}, {"every": [np.array([1.0])]})
+    assert stats["prompts"] == {"all": 3, "generated": 2}
+    assert stats["views"]["all"]["self_output"]["mean_nll"] == pytest.approx(2 / 3)
+    assert stats["views"]["generated"]["self_output"]["mean_nll"] == 0.0
+    assert stats["views"]["generated"]["ground_truth"]["examples"] == 2
+    assert "self_output" in format_table(stats) and "all_samples" in format_table(stats)
+
+
+def test_config_validation():
+    with pytest.raises(ValueError, match="method"):
+        gen.GenerateConfig(method="distill")
+    with pytest.raises(ValueError, match="temperature"):
+        gen.GenerateConfig(temperature=0)
+    with pytest.raises(ValueError, match="reference"):
+        gen.GenerateConfig(method="rephrase", rephrase_template="Rewrite: {instruction}")
+    with pytest.raises(ValueError, match="paper"):
+        gen.GenerateConfig(method="paper_rephrase", data="gsm8k")
+
+
+def test_rephrase_prompt_holds_instruction_and_reference():
+    ex = Example("1", [{"role": "user", "content": "Add two numbers."}, {"role": "assistant", "content": "def add(a, b): return a + b"}])
+    cfg = gen.GenerateConfig(method="rephrase", rephrase_template="T: {instruction} | R: {reference}")
+    assert gen.generation_prompt(cfg, ex) == [{"role": "user", "content": "T: Add two numbers. | R: def add(a, b): return a + b"}]
+    assert gen.generation_prompt(gen.GenerateConfig(), ex) == ex.prompt_messages
+
+
+@pytest.fixture
+def tiny_stage(monkeypatch, tokenizer, tiny_model, tmp_path):
+    """run_generate on the tiny model; the 'verifier' accepts answers of even length."""
+    monkeypatch.setattr(gen, "load_model_and_tokenizer", lambda *a, **k: (tiny_model, tokenizer))
+    monkeypatch.setattr(gen, "load_tokenizer", lambda *a, **k: tokenizer)
+    monkeypatch.setattr(gen, "model_fingerprint", lambda *a, **k: "tiny")
+    monkeypatch.setattr(gen, "make_verifier", lambda *a, **k: Verifier("even", lambda e, a: len(a) % 2 == 0))
+    data = tmp_path / "train.jsonl"
+    data.write_text("".join(json.dumps({"id": f"e{i}", "prompt": f"Write a python function number {i}.",
+                                        "response": "def add(a, b):\n    return a + b\n", "test_list": ["assert 1"]}) + "\n"
+                            for i in range(5)))
+    return lambda **kw: gen.GenerateConfig(data=str(data), samples=3, max_new_tokens=6, batch_size=2, device="cpu",
+                                           out_dir=str(tmp_path / "out"), **kw)
+
+
+def test_run_generate_end_to_end_and_resume(tiny_stage):
+    cfg = tiny_stage()
+    out = gen.run_generate(cfg)
+    samples = (out / gen.SAMPLES_FILE).read_text().splitlines()
+    records = [json.loads(line) for line in samples]
+    assert [r["id"] for r in records] == [f"e{i}" for i in range(5)]
+    examples = load_examples(str(out / gen.DATA_FILE))  # readable by score/train like any data set
+    assert len(examples) == 5
+    stats = json.loads((out / "generation_stats.json").read_text())
+    expected_fallbacks = sum(not any(len(s["text"]) % 2 == 0 and s["text"].strip() for s in r["samples"]) for r in records)
+    assert stats["fallbacks"] == expected_fallbacks
+    assert stats["samples"] == 15 and stats["ground_truth_verified"] == 5  # the reference has even length (34)
+    for ex, r in zip(examples, records):
+        prov = ex.meta["provenance"]
+        assert set(prov) >= {"source", "sample_index", "verified", "base_ppl", "fallback"}
+        if prov["fallback"]:
+            assert prov["source"] == "ground_truth" and ex.response == "def add(a, b):\n    return a + b\n"
+        else:
+            chosen = r["samples"][prov["sample_index"]]
+            assert chosen["verified"] and ex.response == chosen["text"]
+            assert prov["base_ppl"] == pytest.approx(math.exp(np.mean(chosen["token_nll"])), rel=1e-3)
+        assert "response" not in ex.meta  # the original answer field would contradict the messages
+    mech = json.loads((out / "mechanism_stats.json").read_text())
+    assert set(mech["views"]["all"]) == {"ground_truth", "self_output"}
+
+    # Crash after the first batch (2 prompts) with a torn line: the re-run samples the rest identically.
+    (out / gen.SAMPLES_FILE).write_text("\n".join(samples[:2]) + '\n{"id": "e2", "sam')
+    for name in ("manifest.json", gen.DATA_FILE):
+        (out / name).unlink()
+    gen.run_generate(cfg)
+    resumed = [json.loads(line) for line in (out / gen.SAMPLES_FILE).read_text().splitlines()]
+    assert sorted(resumed, key=lambda r: r["id"]) == records
+    assert load_examples(str(out / gen.DATA_FILE))[4].messages == examples[4].messages
+
+
+def test_changed_sampling_settings_refuse_to_mix(tiny_stage):
+    gen.run_generate(tiny_stage())
+    with pytest.raises(ValueError, match="temperature"):
+        gen.run_generate(tiny_stage(temperature=0.9))
+
+
+def test_extract_code_and_math_golds():
+    assert extract_code("Sure:\n```python\ndef f():\n    return 1\n```\ntext") == "def f():\n    return 1\n"
+    assert extract_code("```python\ndef f(): pass") == "def f(): pass"  # cut mid-block
+    assert extract_code("def f(): pass") == "def f(): pass"
+    assert last_boxed(r"so \boxed{\frac{1}{2}} and") == r"\frac{1}{2}"
+    gsm = Example("g", [{"role": "user", "content": "q"}, {"role": "assistant", "content": "x\n#### 1,234"}])
+    assert gsm8k_gold(gsm) == "1234"
+    assert math_match(gsm8k_gold(gsm), "... so the answer is 1234.")
+    assert not math_match(gsm8k_gold(gsm), "the answer is 1233")
+    mth = Example("m", [{"role": "user", "content": "q"}, {"role": "assistant", "content": r"thus $\boxed{\frac{1}{2}}$"}])
+    assert math_match(math_gold(mth), r"The answer is $\boxed{0.5}$")
+
+
+def test_mbpp_verifier_runs_tests_in_sandbox():
+    ex = load_examples("mbpp-train", limit=2)
+    verify = mbpp_verifier(timeout_s=20)
+    assert verify.many(ex, [e.response for e in ex]) == [True, True]
+    wrong = ex[1].response.replace("return", "return None and", 1)
+    assert verify.many([ex[0], ex[1]], ["no code here", wrong]) == [False, False]
+
+
+@pytest.mark.slow
+def test_embedded_self_output_on_one_mbpp_prompt(embedded, monkeypatch, tmp_path):
+    """The real model and the real MBPP sandbox: one prompt, two short samples."""
+    monkeypatch.setattr(gen, "load_model_and_tokenizer", lambda *a, **k: embedded)
+    cfg = gen.GenerateConfig(data="mbpp-train", limit=1, samples=2, max_new_tokens=24, device="cpu", out_dir=str(tmp_path / "so"))
+    out = gen.run_generate(cfg)
+    stats = json.loads((out / "generation_stats.json").read_text())
+    assert stats["prompts"] == 1 and stats["samples"] == 2 and stats["ground_truth_verified"] == 1
+    (ex,) = load_examples(str(out / gen.DATA_FILE))
+    assert ex.meta["provenance"]["base_ppl"] > 1.0
+    mech = json.loads((out / "mechanism_stats.json").read_text())
+    assert mech["views"]["all"]["ground_truth"]["response_tokens"] > 10

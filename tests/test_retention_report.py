@@ -1,0 +1,74 @@
+"""Report columns from records (hand-made), and the stage end to end on a tiny saved model."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from forgetless.retention.records import make_record, write_task
+from forgetless.retention.report import markdown_table, plot_drift_vs_gain, summarize_run
+
+
+def _mc(out, task, scores, chance):
+    rec = make_record(task, "acc", scores, higher_is_better=True, chance=chance, binary=True)
+    write_task(out, rec, [{"id": str(i), "score": s} for i, s in enumerate(scores)])
+
+
+def _drift(out, source, score):
+    rec = make_record(f"drift:{source}", "kl_base_tuned", [score] * 4, higher_is_better=False)
+    write_task(out, rec, [{"id": str(i), "score": score} for i in range(4)])
+
+
+def test_bwt_counts_only_tasks_above_chance(tmp_path):
+    base, run = tmp_path / "base", tmp_path / "run"
+    _mc(base, "arc_easy", [1.0] * 10, 0.25)  # above chance
+    _mc(run, "arc_easy", [1.0] * 8 + [0.0] * 2, 0.25)
+    _mc(base, "boolq", [1.0] * 5 + [0.0] * 5, 0.5)  # at chance: listed, not counted
+    _mc(run, "boolq", [0.0] * 10, 0.5)
+    for d in (base, run):
+        _drift(d, "gsm8k", 0.0 if d == base else 0.2)
+        _drift(d, "math-test", 0.0 if d == base else 0.4)
+    s = summarize_run(base, run)
+    assert s["tasks"]["boolq"]["above_chance"] is False and s["tasks"]["arc_easy"]["above_chance"] is True
+    assert s["bwt_tasks"] == 1 and s["bwt"]["score"] == pytest.approx(-0.2)
+    lo, hi = s["bwt"]["ci95"]
+    assert lo < -0.2 < hi
+    assert s["mc_retention"]["score"] == pytest.approx(1 - 0.2 / 0.75)
+    assert s["drift"]["kl_base_tuned"]["score"] == pytest.approx(0.3)
+    assert s["drift"]["kl_base_tuned"]["sources"] == ["drift:gsm8k", "drift:math-test"]
+    table = markdown_table({"ground truth": s})
+    assert "| ground truth | -0.200 [" in table
+    plot_drift_vs_gain({"ground truth": s}, tmp_path / "p.png")  # no gain column: empty plot, no error
+    assert (tmp_path / "p.png").stat().st_size > 0
+
+
+def test_run_retention_end_to_end_on_tiny_models(tokenizer, tmp_path):
+    from conftest import build_model
+
+    from forgetless.retention.stage import RetentionConfig, run_retention
+
+    base_dir, tuned_dir = tmp_path / "base-model", tmp_path / "tuned-model"
+    base = build_model(len(tokenizer), seed=5)
+    base.save_pretrained(base_dir)
+    tokenizer.save_pretrained(base_dir)
+    with torch.no_grad():
+        base.model.layers[1].mlp.down_proj.weight.add_(0.3)
+    base.save_pretrained(tuned_dir)
+    tokenizer.save_pretrained(tuned_dir)
+    common = dict(mc_tasks=("piqa",), mc_limit=3, drift_sources=("gsm8k",), drift_limit=1, max_new_tokens=3,
+                  top_k=8, heldout_limit=2, cache_dir=str(tmp_path / "cache"), device="cpu", dtype="float32")
+    out_base = run_retention(RetentionConfig(model=str(base_dir), output_dir=str(tmp_path / "r0"), **common))
+    out_run = run_retention(RetentionConfig(model=str(tuned_dir), base_model=str(base_dir),
+                                            output_dir=str(tmp_path / "r1"), **common))
+    manifest = json.loads((out_run / "manifest.json").read_text())
+    assert "drift:gsm8k" in manifest["tasks"] and "heldout:mbpp-validation:kept" in manifest["tasks"]
+    assert json.loads((out_base / "drift__gsm8k.json").read_text())["score"] == 0.0
+    s = summarize_run(out_base, out_run)
+    assert s["drift"]["kl_base_tuned"]["score"] > 0
+    assert "gain_all" in s["target"] and "piqa:acc_norm" in s["tasks"]  # piqa's primary metric
+    with pytest.raises(ValueError):
+        RetentionConfig(mc_tasks=("nope",))
+    with pytest.raises(ValueError):
+        RetentionConfig(tau=0.5)
