@@ -14,7 +14,7 @@ import uuid
 
 import pytest
 
-from forgetless.sandbox import SandboxLimits, namespace_prefix, run_program, run_programs
+from forgetless.sandbox import SANDBOX_PREFIX, SandboxLimits, namespace_prefix, run_program, run_programs
 
 LIMITS = SandboxLimits(timeout_s=2.0, memory_mb=512, output_bytes=1 << 16)
 GOOD = "def add(a, b):\n    return a + b\nassert add(1, 2) == 3\n"
@@ -22,12 +22,15 @@ IS_ROOT = os.geteuid() == 0
 HAS_NS = bool(namespace_prefix())
 
 
+MINE = f"{SANDBOX_PREFIX}{os.getpid()}-"  # other test runs on this machine may use sandboxes too
+
+
 def _stray_processes() -> list[str]:
     found = []
     for cmdline in glob.glob("/proc/[0-9]*/cmdline"):
         try:
             with open(cmdline, "rb") as f:
-                if b"forgetless-sbx-" in f.read():
+                if MINE.encode() in f.read():
                     found.append(cmdline)
         except OSError:
             continue  # the process ended while we looked
@@ -38,7 +41,7 @@ def _stray_processes() -> list[str]:
 def nothing_left_behind():
     yield
     assert _stray_processes() == []
-    assert glob.glob(os.path.join(tempfile.gettempdir(), "forgetless-sbx-*")) == []
+    assert glob.glob(os.path.join(tempfile.gettempdir(), MINE + "*")) == []
 
 
 def test_good_program_passes_and_wrong_one_fails():

@@ -42,6 +42,7 @@ logger = logging.getLogger(__name__)
 
 NOBODY_UID = 65534
 NOBODY_GID = 65534
+SANDBOX_PREFIX = "forgetless-sbx-"
 EARLY_EXIT_CODE = 3  # the program called sys.exit()/exit() before its end: later asserts never ran
 # Standard modules generated solutions use, imported before privileges are dropped.
 PRELOAD_MODULES = ("math", "cmath", "re", "heapq", "collections", "collections.abc", "itertools", "functools",
@@ -239,7 +240,8 @@ def _reap(marker: bytes, grace_s: float = 5.0) -> None:
 
 def run_program(source: str, limits: SandboxLimits = SandboxLimits()) -> SandboxResult:
     """Run ``source`` as a Python program under ``limits``; never raises for what the program does."""
-    root = Path(tempfile.mkdtemp(prefix="forgetless-sbx-"))
+    # The evaluator's pid in the name tells whose sandbox a directory or process is.
+    root = Path(tempfile.mkdtemp(prefix=f"{SANDBOX_PREFIX}{os.getpid()}-"))
     work, logs = root / "work", root / "logs"
     work.mkdir()
     logs.mkdir(mode=0o700)
