@@ -1,0 +1,155 @@
+"""The frontier: interpolation at matched gain, the paired bootstrap, and checkpoint probes along a run."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+import torch
+
+from forgetless.frontier import (common_gains, interpolate_at_gain, matched_gain_table, paired_bootstrap,
+                                 resolved, verdict)
+from forgetless.probe import ProbeCallback, read_probes
+from forgetless.train import run_train
+from test_train import Crash, config, setup  # noqa: F401  (setup is a fixture)
+
+
+def test_interpolate_on_hand_made_curve():
+    curve = [(0.0, 1.0), (0.2, 0.9), (0.6, 0.5)]
+    assert interpolate_at_gain(curve, 0.1) == pytest.approx(0.95)
+    assert interpolate_at_gain(curve, 0.4) == pytest.approx(0.7)   # halfway from 0.9 to 0.5
+    assert interpolate_at_gain(curve, 0.2) == pytest.approx(0.9)   # a point itself
+    assert interpolate_at_gain(curve, 0.6) == pytest.approx(0.5)   # the end point is inside
+    assert interpolate_at_gain(curve, 0.61) is None                 # never extrapolate
+    assert interpolate_at_gain(curve, -0.01) is None
+    assert interpolate_at_gain([], 0.1) is None
+    assert interpolate_at_gain([(0.1, 0.8), (0.1, 0.6)], 0.1) == pytest.approx(0.7)  # equal gains averaged
+    with pytest.raises(ValueError):
+        interpolate_at_gain([(0.5, 1.0), (0.1, 0.9)], 0.2)
+
+
+def test_matched_gain_table_interval_and_lr():
+    curves = {
+        "sft": [{"gain": 0.4, "retention": 0.6, "ci95": [0.5, 0.7], "lr": 1e-3},
+                {"gain": 0.0, "retention": 1.0, "ci95": [1.0, 1.0], "lr": 1e-4}],   # unsorted on purpose
+        "stm": [{"gain": 0.0, "retention": 1.0, "ci95": [1.0, 1.0], "lr": 1e-4},
+                {"gain": 0.2, "retention": 0.9, "ci95": [0.8, 1.0], "lr": 1e-3}],
+    }
+    table = matched_gain_table(curves, [0.1, 0.3])
+    assert table["sft"][0.1]["retention"] == pytest.approx(0.9)
+    assert table["sft"][0.1]["ci95"] == pytest.approx([0.875, 0.925])
+    assert table["sft"][0.1]["lr"] == pytest.approx(10 ** -3.75)  # a quarter of the way on log10 lr
+    assert table["stm"][0.1]["retention"] == pytest.approx(0.95)
+    assert table["stm"][0.3] is None                              # stm's curve stops at gain 0.2
+    assert common_gains(curves, 3) == pytest.approx([0.0, 0.1, 0.2])
+    assert common_gains({"a": [{"gain": 0.0}, {"gain": 0.1}], "b": [{"gain": 0.2}]}) == []
+
+
+def test_paired_bootstrap_identical_models_interval_around_zero():
+    rng = random.Random(1)
+    a = {str(i): float(rng.random() < 0.5) for i in range(150)}
+    r = paired_bootstrap(a, dict(a), n_boot=500, seed=0)
+    assert r["n"] == 150 and r["mean"] == 0.0 and r["ci95"][0] <= 0.0 <= r["ci95"][1]
+    assert resolved(r) is False
+    assert "cannot tell" in verdict("stm", "sft", "ARC-Easy acc", r)
+
+
+def test_paired_bootstrap_finds_planted_difference_and_pairs_by_id():
+    rng = random.Random(2)
+    b = {str(i): float(rng.random() < 0.5) for i in range(200)}
+    # a answers 30 of b's wrong items right and nothing else differs: +0.15 exactly
+    wrong = [k for k, v in b.items() if v == 0.0][:30]
+    a = {k: (1.0 if k in wrong else v) for k, v in b.items()}
+    a["extra"] = 0.0  # ids only one model has are left out
+    r = paired_bootstrap(a, b, n_boot=1000, seed=0)
+    assert r["n"] == 200 and r["mean"] == pytest.approx(0.15)
+    assert 0.0 < r["ci95"][0] < 0.15 < r["ci95"][1]
+    assert resolved(r) is True
+    assert "stm is better" in verdict("stm", "sft", "acc", r)
+    assert "sft is better" in verdict("stm", "sft", "KL", r, higher_is_better=False)
+    assert resolved(paired_bootstrap({"x": 1.0}, {"y": 1.0})) is None
+
+
+def _probe_recorder(calls):
+    def probe(model, step):
+        calls.append((step, model.training))
+        model.eval()  # a careless probe: the callback must restore the mode
+        return {"step_measure": float(step), "retention": 1.0 - 0.1 * step}
+    return probe
+
+
+def test_probe_order_modes_and_last_step(setup, tmp_path):
+    calls = []
+    out = tmp_path / "probes.jsonl"
+    seen_modes = []
+
+    class Spy(ProbeCallback):
+        def on_step_end(self, args, state, control, model=None, **kw):
+            r = super().on_step_end(args, state, control, model=model, **kw)
+            seen_modes.append(all(m.training for m in model.modules()))
+            return r
+
+    cb = Spy(out, _probe_recorder(calls), every=2)
+    run_train(config(setup, "probe-order", max_steps=5, lora_dropout=0.1), callbacks=[cb])
+    assert [s for s, _ in calls] == [0, 2, 4, 5]  # step 0, every 2, and the last step
+    assert [r["step"] for r in read_probes(out)] == [0, 2, 4, 5]
+    assert all(seen_modes)  # the trainer's train mode is back after each probe
+
+
+def test_probe_resume_skips_done_steps(setup, tmp_path):
+    from transformers import TrainerCallback
+
+    class CrashAt(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step == 3:
+                raise Crash()
+
+    out = tmp_path / "probes.jsonl"
+    calls = []
+    kw = dict(max_steps=5, save_steps=2)
+    with pytest.raises(Crash):
+        run_train(config(setup, "probe-resume", **kw), callbacks=[ProbeCallback(out, _probe_recorder(calls), every=1), CrashAt()])
+    assert [s for s, _ in calls] == [0, 1, 2, 3]
+    calls.clear()
+    run_train(config(setup, "probe-resume", resume=True, **kw), callbacks=[ProbeCallback(out, _probe_recorder(calls), every=1)])
+    assert [s for s, _ in calls] == [4, 5]  # resumed from checkpoint-2: steps 3 is in the file already
+    assert [r["step"] for r in read_probes(out)] == [0, 1, 2, 3, 4, 5]
+
+
+def test_guard_stops_training(setup, tmp_path):
+    calls = []
+    cb = ProbeCallback(tmp_path / "probes.jsonl", _probe_recorder(calls), every=1,
+                       guard_metric="retention", guard_min=0.75)
+    d = run_train(config(setup, "probe-guard", max_steps=8), callbacks=[cb])
+    # retention = 1 - 0.1 * step falls below 0.75 at step 3
+    assert cb.stopped_at == 3
+    assert json.loads((d / "train_summary.json").read_text())["global_steps"] == 3
+
+
+def test_probe_keeps_adapter_state(setup):
+    """A probe that disables the adapter inside leaves it enabled, with the same weights."""
+    from peft import LoraConfig, get_peft_model
+
+    from conftest import build_model, build_tokenizer
+    from forgetless.probe import preserved_state
+
+    tok = build_tokenizer("chatml")
+    model = get_peft_model(build_model(len(tok)), LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    model.train()
+    ids = torch.tensor([[1, 2, 3, 4]])
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with torch.no_grad():
+        model.eval()
+        tuned = model(ids).logits
+        model.train()
+    with preserved_state(model):
+        with model.disable_adapter():
+            model.eval()
+            model(ids)
+    assert all(m.training for m in model.modules())
+    model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, tuned)
+    for k, v in model.state_dict().items():
+        torch.testing.assert_close(v, before[k])
