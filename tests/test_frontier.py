@@ -153,3 +153,51 @@ def test_probe_keeps_adapter_state(setup):
         torch.testing.assert_close(model(ids).logits, tuned)
     for k, v in model.state_dict().items():
         torch.testing.assert_close(v, before[k])
+
+
+def _records(d, acc_items, kl_items, nll_items, base_nll):
+    """Retention records of one model: an MC task, one drift source and held-out NLL (all kinds)."""
+    from forgetless.retention.records import make_record, write_task
+
+    write_task(d, make_record("arc_easy", "acc", acc_items, higher_is_better=True, chance=0.25, binary=True),
+               [{"id": str(i), "score": s} for i, s in enumerate(acc_items)])
+    write_task(d, make_record("drift:gsm8k", "kl_base_tuned", kl_items, higher_is_better=False),
+               [{"id": str(i), "score": s} for i, s in enumerate(kl_items)])
+    change = sum(nll_items) / len(nll_items) - base_nll
+    for kind in ("kept", "masked", "all"):
+        settings = {"kind": kind, "change": change, "change_ci95": [change - 0.01, change + 0.01], "base_score": base_nll}
+        write_task(d, make_record(f"heldout:mbpp-validation:{kind}", "nll", nll_items, higher_is_better=False,
+                                  settings=settings), [{"id": str(i), "score": s} for i, s in enumerate(nll_items)])
+
+
+def test_build_frontier_on_hand_made_records(tmp_path):
+    from forgetless.frontier_report import build_frontier, write_frontier
+
+    n = 100
+    base_acc = [1.0] * 60 + [0.0] * 40
+    _records(tmp_path / "base", base_acc, [0.0] * n, [1.0] * n, 1.0)
+    # sft: lr 1e-4 learns 0.2 nats, loses 10 items; lr 1e-3 learns 0.4, loses 20.
+    # stm: lr 1e-4 learns 0.1, loses nothing; lr 1e-3 learns 0.3, loses 5.
+    spec = {("sft", 1e-4): (0.2, 10), ("sft", 1e-3): (0.4, 20), ("stm", 1e-4): (0.1, 0), ("stm", 1e-3): (0.3, 5)}
+    grid = []
+    for (method, lr), (gain, lost) in spec.items():
+        label = f"{method}@lr{lr:g}"
+        acc = [0.0] * lost + base_acc[lost:]
+        _records(tmp_path / label, acc, [0.1 * lost / 10] * n, [1.0 - gain] * n, 1.0)
+        grid.append({"label": label, "method": method, "lr": lr, "retention_dir": tmp_path / label, "train_dir": None})
+    data = build_frontier(grid, tmp_path / "base", gain="gain_all", retention="mc_retention", n_gains=2)
+    # common range of gain: [0, 0.3]; base margin 0.6 - 0.25 = 0.35
+    assert data["gains"] == pytest.approx([0.3])
+    sft = data["matched"]["sft"][str(data["gains"][0])]
+    stm = data["matched"]["stm"][str(data["gains"][0])]
+    # sft at gain 0.3: halfway between 10 and 20 lost items = 15 items -> 1 - 0.15 / 0.35
+    assert sft["retention"] == pytest.approx(1 - 0.15 / 0.35)
+    assert stm["retention"] == pytest.approx(1 - 0.05 / 0.35)
+    assert stm["lr"] == pytest.approx(1e-3) and sft["lr"] == pytest.approx(10 ** -3.5)
+    same_lr = [r for r in data["paired"] if r["a"] == "stm@lr0.001" and r["b"] == "sft@lr0.001" and r["measure"] == "arc_easy"]
+    assert same_lr and same_lr[0]["mean"] == pytest.approx(0.15) and "stm@lr0.001 is better" in same_lr[0]["sentence"]
+    md = write_frontier(tmp_path / "report", data)
+    text = md.read_text()
+    assert "matched target gain" in text and "resolved by the item count" in text
+    assert (tmp_path / "report" / "frontier.png").stat().st_size > 0
+    assert json.loads((tmp_path / "report" / "frontier.json").read_text())["gains"] == pytest.approx([0.3])

@@ -55,7 +55,7 @@ def matched_gain_table(curves: dict[str, list[dict]], gains: Sequence[float]) ->
     ``curves``: method -> points ``{"gain", "retention", "ci95": [lo, hi] (optional),
     "lr": float (optional)}``. A point's interval bounds are interpolated like the value
     (an approximation: the bounds of neighbouring points, weighted by distance); the learning
-    rate is interpolated on a log scale. Returns method -> gain -> ``{"retention", "ci95",
+    rate is interpolated on a log scale among the points that have one. Returns method -> gain -> ``{"retention", "ci95",
     "lr"}`` or None where the curve does not reach that gain.
     """
     table: dict[str, dict[float, dict | None]] = {}
@@ -70,9 +70,9 @@ def matched_gain_table(curves: dict[str, list[dict]], gains: Sequence[float]) ->
             cell: dict[str, Any] = {"retention": value, "ci95": None, "lr": None}
             if all(p.get("ci95") for p in pts):
                 cell["ci95"] = [interpolate_at_gain(_curve(pts, lambda p, i=i: p["ci95"][i]), gain) for i in (0, 1)]
-            if all(p.get("lr") for p in pts):
-                log_lr = interpolate_at_gain(_curve(pts, lambda p: math.log(p["lr"])), gain)
-                cell["lr"] = math.exp(log_lr) if log_lr is not None else None
+            with_lr = [p for p in pts if p.get("lr")]  # the base point (lr 0) has none
+            log_lr = interpolate_at_gain(_curve(with_lr, lambda p: math.log(p["lr"])), gain)
+            cell["lr"] = math.exp(log_lr) if log_lr is not None else None
             row[gain] = cell
         table[method] = row
     return table

@@ -73,8 +73,16 @@ def read_probes(path: str | Path) -> list[dict]:
 
 @contextlib.contextmanager
 def preserved_state(model):
-    """Restore every module's train/eval flag after the probe; no gradients inside."""
+    """Restore every module's train/eval flag after the probe; no gradients inside.
+
+    Training turns the KV cache off (``config.use_cache = False``); the probe's greedy
+    generation needs it on, or each new token re-runs the whole sequence.
+    """
     modes = {name: m.training for name, m in model.named_modules()}
+    cfg = getattr(model, "config", None)
+    use_cache = getattr(cfg, "use_cache", None)
+    if cfg is not None:
+        cfg.use_cache = True
     try:
         with torch.no_grad():
             yield model
@@ -82,6 +90,8 @@ def preserved_state(model):
         for name, m in model.named_modules():
             if name in modes:
                 m.training = modes[name]
+        if cfg is not None:
+            cfg.use_cache = use_cache
 
 
 class ProbeCallback(TrainerCallback):
@@ -134,11 +144,10 @@ def _flat(summary: dict, step_dir: Path) -> dict:
     from .retention.records import list_tasks, read_task
     from .retention.report import accuracy_tasks
 
-    out = {"bwt": summary["bwt"]["score"], "mc_retention": summary["mc_retention"]["score"]}
-    for name, cell in summary["drift"].items():
-        out[name] = cell["score"]
-    for name, cell in summary["target"].items():
-        out[name] = cell["score"]
+    out = {}
+    cells = {"bwt": summary["bwt"], "mc_retention": summary["mc_retention"], **summary["drift"], **summary["target"]}
+    for name, cell in cells.items():
+        out[name], out[f"{name}_ci95"] = cell["score"], cell["ci95"]
     for task in accuracy_tasks(list_tasks(step_dir)):
         out[f"acc:{task}"] = read_task(step_dir, task)[0]["score"]
     return out

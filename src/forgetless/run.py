@@ -90,6 +90,8 @@ class RunConfig:
     eval: dict[str, Any] | None = field(default_factory=dict, metadata={"help": "EvalConfig overrides (tasks, limit, ...); null skips generative evaluation"})
     retention: dict[str, Any] | None = field(default=None, metadata={"help": "RetentionConfig overrides (mc_tasks, drift_sources, ...); null skips them"})
     target: str = field(default="mbpp", metadata={"help": "the target task's name in the report; every other task is non-target"})
+    probe: dict[str, Any] | None = field(default=None, metadata={"help": "ProbeConfig settings: evaluate a probe every N steps of each run (null: none)"})
+    frontier: dict[str, Any] = field(default_factory=dict, metadata={"help": "frontier report: gain (gain_all, gain_kept...), retention (mc_retention, top1_agreement...)"})
 
     def __post_init__(self):
         labels = [m.label for m in self.methods]
@@ -152,9 +154,14 @@ def run_experiment(config: RunConfig) -> Path:
         if lr is not None:
             values["learning_rate"] = lr
         train_cfg = make(TrainConfig, values, f"train ({label})")
-        train_dirs[label] = run_once(Path(train_cfg.output_dir), dataclasses.asdict(train_cfg), lambda c=train_cfg: run_train(c), f"train {label}")
+        settings = {**dataclasses.asdict(train_cfg), **({"probe": config.probe} if config.probe else {})}
+        train_dirs[label] = run_once(Path(train_cfg.output_dir), settings,
+                                     lambda c=train_cfg: run_train(c, callbacks=probe_callbacks(config, c, out)), f"train {label}")
     evals = evaluate_all(config, out, train_dirs)
-    return report(config, out, evals, train_dirs)
+    report_dir = report(config, out, evals, train_dirs)
+    if config.probe or len(config.learning_rates) > 1:
+        frontier(config, out, train_dirs, report_dir)
+    return report_dir
 
 
 def evaluate_all(config: RunConfig, out: Path, train_dirs: dict[str, Path]) -> dict[str, list[Path]]:
@@ -188,3 +195,38 @@ def report(config: RunConfig, out: Path, evals: dict[str, list[Path]], train_dir
     runs = tuple(f"{label}={d}" for label, dirs in evals.items() for d in dirs)
     trains = tuple(f"{label}={d}" for label, d in train_dirs.items())
     return run_report(ReportConfig(runs=runs, train_dirs=trains, output_dir=str(out / "report"), base="base", target=config.target))
+
+
+def probe_callbacks(config: RunConfig, train_cfg, out: Path) -> list:
+    """The checkpoint probe of ``config.probe`` for one training run (none when it is null)."""
+    if not config.probe:
+        return []
+    import shutil
+
+    from forgetless.modeling import load_tokenizer, model_fingerprint
+    from forgetless.probe import PROBES_FILE, ProbeCallback, ProbeConfig, retention_probe
+
+    cfg = make(ProbeConfig, config.probe, "probe")
+    train_dir = Path(train_cfg.output_dir)
+    if not train_cfg.resume:  # a fresh run: earlier probes belong to other settings
+        (train_dir / PROBES_FILE).unlink(missing_ok=True)
+        shutil.rmtree(train_dir / "probes", ignore_errors=True)
+    probe = retention_probe(cfg, load_tokenizer(config.model), train_dir / "probes", out / "probe_cache",
+                            model_fingerprint(config.model))
+    return [ProbeCallback(train_dir / PROBES_FILE, probe, cfg.every, cfg.guard_metric, cfg.guard_min)]
+
+
+def frontier(config: RunConfig, out: Path, train_dirs: dict[str, Path], report_dir: Path) -> Path | None:
+    """``report/frontier.{md,json,png}`` from the retention records and probes of the grid."""
+    from forgetless.frontier_report import build_frontier, write_frontier
+
+    base = out / "retention" / "base"
+    if config.retention is None or not base.is_dir():
+        logger.warning("frontier: needs the retention stage (retention: null here); skipped")
+        return None
+    grid = [{"label": label, "method": m.label, "lr": lr or config.train.get("learning_rate"),
+             "retention_dir": out / "retention" / label, "train_dir": train_dirs[label]}
+            for label, m, lr in train_runs(config)]
+    path = write_frontier(report_dir, build_frontier(grid, base, **config.frontier))
+    logger.info("frontier -> %s", path)
+    return path
