@@ -192,6 +192,7 @@ def test_build_frontier_on_hand_made_records(tmp_path):
     stm = data["matched"]["stm"][str(data["gains"][0])]
     # sft at gain 0.3: halfway between 10 and 20 lost items = 15 items -> 1 - 0.15 / 0.35
     assert sft["retention"] == pytest.approx(1 - 0.15 / 0.35)
+    assert sft["ci95"][0] < sft["retention"] < sft["ci95"][1]
     assert stm["retention"] == pytest.approx(1 - 0.05 / 0.35)
     assert stm["lr"] == pytest.approx(1e-3) and sft["lr"] == pytest.approx(10 ** -3.5)
     same_lr = [r for r in data["paired"] if r["a"] == "stm@lr0.001" and r["b"] == "sft@lr0.001" and r["measure"] == "arc_easy"]

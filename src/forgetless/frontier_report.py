@@ -105,6 +105,15 @@ def _nearest_pairs(curves: dict[str, list[dict]], labels: dict[tuple[str, int], 
     return pairs
 
 
+def base_point() -> dict:
+    """The base itself: no gain, nothing lost, no drift (exact, so a zero-width interval)."""
+    point = {"gain": 0.0, "gain_ci95": [0.0, 0.0], "label": "base"}
+    for name, _ in MEASURES:
+        v = 1.0 if name in ("mc_retention", "top1_agreement") else 0.0
+        point[name], point[f"{name}_ci95"] = v, [v, v]
+    return point
+
+
 def build_frontier(grid: list[dict], base_dir: Path, gain: str = "gain_all", retention: str = "mc_retention",
                    n_gains: int = 3) -> dict:
     """``grid``: [{"label", "method", "lr", "retention_dir", "train_dir"}] -> the frontier's data."""
@@ -113,7 +122,7 @@ def build_frontier(grid: list[dict], base_dir: Path, gain: str = "gain_all", ret
     labels: dict[tuple[str, int], str] = {}
     dirs = {"base": base_dir}
     for g in grid:
-        pts = curves.setdefault(g["method"], [{"gain": 0.0, "label": "base", **{m: (1.0 if m in ("mc_retention", "top1_agreement") else 0.0) for m, _ in MEASURES}}])
+        pts = curves.setdefault(g["method"], [base_point()])
         if g.get("retention_dir") and Path(g["retention_dir"]).is_dir():
             p = {"label": g["label"], "lr": g["lr"], **final_point(base_dir, Path(g["retention_dir"]), gain, g.get("train_dir"))}
             labels[(g["method"], len(pts))] = g["label"]
@@ -144,6 +153,33 @@ def _fmt(x, ci=None, d: int = 3) -> str:
     return f"{x:+.{d}f}"
 
 
+def matched_sentences(data: dict) -> list[str]:
+    """At each matched gain: the method of highest retention, and whether the intervals separate it."""
+    out = []
+    for g in data["gains"]:
+        cells = {m: row.get(str(g)) for m, row in data["matched"].items() if row.get(str(g))}
+        if len(cells) < 2:
+            continue
+        best = max(cells, key=lambda m: cells[m]["retention"])
+        rest = [m for m in cells if m != best]
+        lo = (cells[best]["ci95"] or [None])[0]
+        apart = lo is not None and all(cells[m]["ci95"] and cells[m]["ci95"][1] < lo for m in rest)
+        out.append(f"At target gain {g:.3f}, {best} keeps the most ({cells[best]['retention']:.3f} vs "
+                   + ", ".join(f"{m} {cells[m]['retention']:.3f}" for m in rest) + "); "
+                   + ("its interval is clear of the others'." if apart else
+                      "the intervals overlap, so this does not rank the methods."))
+    return out
+
+
+def mechanism_sentences(data: dict) -> list[str]:
+    by_lr: dict[float, list[str]] = {}
+    for method, pts in data["curves"].items():
+        for p in pts:
+            if p.get("lr") and not math.isnan(p.get("dw_frobenius", NAN)):
+                by_lr.setdefault(p["lr"], []).append(f"{method} {p['dw_frobenius']:.3f} (gain {p['gain']:+.3f})")
+    return [f"lr {lr:g}: " + "; ".join(v) for lr, v in sorted(by_lr.items())] or ["no weight diagnostics found."]
+
+
 def render_markdown(data: dict) -> str:
     gain, ret = data["gain"], data["retention"]
     lines = ["# Learning–forgetting frontier", "",
@@ -154,7 +190,7 @@ def render_markdown(data: dict) -> str:
              "| Δ entropy | ‖ΔW‖_F |", "|" + "---|" * 11]
     for method, pts in data["curves"].items():
         for p in pts[1:]:
-            lines.append(f"| {p['label']} | {p['lr']:g} | {_fmt(p['gain'], p.get('gain_ci95'))} | {_fmt(p.get('gain_kept'))} "
+            lines.append(f"| {p['label']} | {p.get('lr') or '—'} | {_fmt(p['gain'], p.get('gain_ci95'))} | {_fmt(p.get('gain_kept'))} "
                          f"| {_fmt(p.get('gain_masked'))} | {_fmt(p['mc_retention'], p.get('mc_retention_ci95'))} "
                          f"| {_fmt(p['top1_agreement'], p.get('top1_agreement_ci95'))} "
                          f"| {_fmt(p['kl_base_tuned'], p.get('kl_base_tuned_ci95'))} | {_fmt(p['kl_tuned_base'])} "
@@ -173,7 +209,10 @@ def render_markdown(data: dict) -> str:
                              (f" @ lr {c['lr']:.2g}" if c.get("lr") else ""))
             lines.append(f"| {method} | " + " | ".join(cells) + " |")
         lines += ["", "Interpolated intervals are approximate (the neighbouring points' bounds); where two "
-                  "methods' intervals overlap at a matched gain, this table does not rank them."]
+                  "methods' intervals overlap at a matched gain, this table does not rank them.", ""]
+        lines += [f"- {s}" for s in matched_sentences(data)]
+    lines += ["", "## Mechanism: ‖ΔW‖_F of the adapter at each learning rate", ""]
+    lines += [f"- {s}" for s in mechanism_sentences(data)]
     if any(data["probes"].values()):
         lines += ["", "## Probe points along each run", "", "| run | step | gain | MC retention | top-1 agree | KL(base‖tuned) | ‖ΔW‖_F |",
                   "|" + "---|" * 7]
