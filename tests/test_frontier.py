@@ -69,6 +69,8 @@ def test_paired_bootstrap_finds_planted_difference_and_pairs_by_id():
     assert "stm is better" in verdict("stm", "sft", "acc", r)
     assert "sft is better" in verdict("stm", "sft", "KL", r, higher_is_better=False)
     assert resolved(paired_bootstrap({"x": 1.0}, {"y": 1.0})) is None
+    few = paired_bootstrap({"0": 1.0, "1": 1.0}, {"0": 0.0, "1": 0.0})
+    assert resolved(few) is None and "too few to judge" in verdict("a", "b", "acc", few)
 
 
 def _probe_recorder(calls):

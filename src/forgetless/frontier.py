@@ -99,9 +99,14 @@ def paired_bootstrap(a: dict[str, float], b: dict[str, float], n_boot: int = 200
     return paired_difference(b, a, n_boot, seed)
 
 
+# Below this many paired items a percentile bootstrap interval is not trustworthy (with 2 items
+# it is the range of 2 numbers), so no difference is called resolved.
+MIN_ITEMS = 10
+
+
 def resolved(result: dict) -> bool | None:
-    """True when the interval excludes 0; None when there is nothing to judge."""
-    if not result.get("n") or result.get("ci95") is None:
+    """True when the interval excludes 0; None when there is nothing to judge (or too few items)."""
+    if not result.get("n") or result.get("ci95") is None or result["n"] < MIN_ITEMS:
         return None
     lo, hi = result["ci95"]
     return lo > 0 or hi < 0
@@ -110,9 +115,12 @@ def resolved(result: dict) -> bool | None:
 def verdict(a: str, b: str, measure: str, result: dict, higher_is_better: bool = True, digits: int = 3) -> str:
     """A plain sentence on the paired difference ``a - b`` in ``measure`` (from :func:`paired_bootstrap`)."""
     ok = resolved(result)
-    if ok is None:
+    if not result.get("n") or result.get("ci95") is None:
         return f"{measure}: {a} and {b} share no items; no comparison."
     mean, (lo, hi), n = result["mean"], result["ci95"], result["n"]
+    if ok is None:
+        return (f"{measure}: {a} − {b} = {mean:+.{digits}f} over only {n} paired items (fewer than {MIN_ITEMS}): "
+                f"too few to judge; this ranks nothing.")
     head = f"{measure}: {a} − {b} = {mean:+.{digits}f} [95% {lo:+.{digits}f}, {hi:+.{digits}f}] over {n} paired items"
     if not ok:
         return f"{head}; the interval includes 0, so {n} items cannot tell {a} from {b} on {measure}."

@@ -14,7 +14,7 @@ import logging
 import math
 from pathlib import Path
 
-from .frontier import common_gains, matched_gain_table, paired_bootstrap, verdict
+from .frontier import common_gains, matched_gain_table, paired_bootstrap, resolved, verdict
 from .probe import PROBES_FILE, read_probes
 from .retention.records import list_tasks, read_task
 from .retention.report import accuracy_tasks, summarize_run
@@ -221,7 +221,7 @@ def render_markdown(data: dict) -> str:
                 lines.append(f"| {label} | {p['step']} | {_fmt(p['gain'])} | {_fmt(p['mc_retention'])} | "
                              f"{_fmt(p['top1_agreement'])} | {_fmt(p['kl_base_tuned'])} | {_fmt(p['dw_frobenius'], d=2)} |")
     lines += ["", "## Paired differences (same items, paired bootstrap 95%)", ""]
-    resolved_n = sum(1 for r in data["paired"] if r["ci95"] and (r["ci95"][0] > 0 or r["ci95"][1] < 0))
+    resolved_n = sum(1 for r in data["paired"] if resolved(r))
     lines.append(f"{resolved_n} of {len(data['paired'])} paired differences are resolved by the item count "
                  "(interval excludes 0); every other difference below is inside its interval and ranks nothing.")
     lines += [""] + [f"- {r['sentence']}" for r in data["paired"]]
