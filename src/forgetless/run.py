@@ -187,4 +187,27 @@ def report(config: RunConfig, out: Path, evals: dict[str, list[Path]], train_dir
 
     runs = tuple(f"{label}={d}" for label, dirs in evals.items() for d in dirs)
     trains = tuple(f"{label}={d}" for label, d in train_dirs.items())
-    return run_report(ReportConfig(runs=runs, train_dirs=trains, output_dir=str(out / "report"), base="base", target=config.target))
+    report_dir = run_report(ReportConfig(runs=runs, train_dirs=trains, output_dir=str(out / "report"), base="base", target=config.target))
+    if config.retention is not None:
+        add_retention_section(report_dir, out / "retention", list(train_dirs), config.target)
+    return report_dir
+
+
+def add_retention_section(report_dir: Path, retention_dir: Path, labels: list[str], target: str) -> None:
+    """Append the retention table (paired against the base) to report.md, with its plot and JSON."""
+    from forgetless.retention.report import markdown_table, plot_drift_vs_gain, summarize_run
+
+    summaries = {label: summarize_run(retention_dir / "base", retention_dir / label, target_task=target) for label in labels}
+    artifacts.write_json(report_dir / "retention.json", summaries)
+    plot_drift_vs_gain(summaries, report_dir / "drift_vs_gain.png")
+    section = (
+        "\n## Retention, paired against the base model\n\n"
+        "BWT here averages only accuracy tasks where the base is above chance; MC retention is the share of the base's "
+        "above-chance multiple-choice skill left (1 = nothing lost); drift is the mean per-token KL between base and tuned "
+        "next-token distributions on non-target prompts and the base's own answers (both directions: KL(base‖tuned) also "
+        "charges sharpening toward what the base already believed); target gain is the drop in held-out NLL on tokens of "
+        "the kind STM keeps (base ppl ≤ τ) and of the kind it masks. Brackets: 95% intervals.\n\n"
+        + markdown_table(summaries)
+    )
+    markdown = (report_dir / "report.md").read_text(encoding="utf-8")
+    artifacts.write_text(report_dir / "report.md", markdown + section)
