@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import hashlib
 import json
 import logging
 import os
@@ -28,7 +27,9 @@ import torch
 from . import __version__
 from .collate import MaskedBatchCollator, read_table, table_counts
 from .diagnostics import adapter_updates, full_updates
+from .artifacts import write_json
 from .loss import MaskedLossMixin
+from .modeling import file_sha256
 
 logger = logging.getLogger(__name__)
 
@@ -142,13 +143,6 @@ def _loss_log_callback(path: Path, trainer_ref: dict):
     return LossLog()
 
 
-def write_json(path: Path, obj) -> None:
-    """Write JSON to a temp name, then rename: a crash never leaves a half-written file."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2, default=str) + "\n")
-    os.replace(tmp, path)
-
-
 def save_atomic(save, target: Path) -> None:
     """``save(tmp_dir)`` then rename to ``target`` (replacing an old one)."""
     tmp = target.with_name(f".{target.name}.tmp")
@@ -156,14 +150,6 @@ def save_atomic(save, target: Path) -> None:
     save(tmp)
     shutil.rmtree(target, ignore_errors=True)
     os.replace(tmp, target)
-
-
-def file_fingerprint(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 22):
-            h.update(block)
-    return h.hexdigest()[:16]
 
 
 def resolve_device(device: str) -> str:
@@ -241,7 +227,7 @@ def manifest(config: TrainConfig, tokenizer) -> dict:
         "stage": "train", "forgetless": __version__, "model": config.model, "revision": config.revision,
         "model_fingerprint": model_fingerprint(config.model, config.revision),
         "template_hash": template_hash(tokenizer), "data": str(Path(config.data).resolve()),
-        "data_fingerprint": file_fingerprint(config.data),
+        "data_fingerprint": file_sha256(Path(config.data))[:16],
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
                      "peft": peft.__version__, "trl": trl.__version__},
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
