@@ -182,3 +182,12 @@ def test_paper_method_writes_the_authors_answers(tiny_stage, tmp_path):
     assert all(ex.meta["provenance"]["base_ppl"] > 1.0 for ex in examples)
     assert examples[0].meta["provenance"]["source"] == "paper_rephrase"
     assert not (out / gen.SAMPLES_FILE).exists()
+
+
+def test_compare_adds_another_runs_answers_and_samples(tiny_stage, tmp_path):
+    first = gen.run_generate(tiny_stage(out_dir=str(tmp_path / "so")))
+    out = gen.run_generate(tiny_stage(method="rephrase", out_dir=str(tmp_path / "re"), compare=(str(first),)))
+    views = json.loads((out / "mechanism_stats.json").read_text())["views"]
+    assert list(views["all"]) == ["ground_truth", "rephrase", "self_output"]
+    assert views["all_samples"]["self_output (every sample)"]["examples"] == 15
+    assert views["all_samples"]["rephrase (every sample)"]["examples"] == 15
