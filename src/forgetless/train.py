@@ -26,9 +26,9 @@ from pathlib import Path
 import torch
 
 from . import __version__
-from .collate import MaskedBatchCollator, read_table, table_counts
+from .collate import MaskedBatchCollator, TableError, read_table, table_counts
 from .diagnostics import adapter_updates, full_updates
-from .loss import MaskedLossMixin
+from .loss import MaskedLossMixin, NonFiniteLossError
 
 logger = logging.getLogger(__name__)
 
@@ -275,6 +275,12 @@ def run_train(config: TrainConfig, callbacks: list | None = None) -> Path:
     rows = read_table(config.data)
     counts = table_counts(rows)
     logger.info("training table: %s", counts)
+    if counts["trained_tokens"] == 0:
+        raise TableError(f"{config.data}: all {counts['response_tokens']} response tokens of its "
+                         f"{counts['examples']} examples are masked: nothing to train on")
+    if counts["examples_without_trained_tokens"]:
+        logger.warning("%s: %d of %d examples have every response token masked (they add no loss)",
+                       config.data, counts["examples_without_trained_tokens"], counts["examples"])
     model, tokenizer = load_model_and_tokenizer(config.model, config.revision, config.dtype, device)
     model.config.use_cache = False
     # Full fine-tuning keeps W0 for the diagnostics and, for the KL method, a frozen reference model.
@@ -297,7 +303,12 @@ def run_train(config: TrainConfig, callbacks: list | None = None) -> Path:
     if reference is not None:
         reference.to(trainer.args.device)
     start = time.time()
-    result = trainer.train(resume_from_checkpoint=resume_from)
+    try:
+        result = trainer.train(resume_from_checkpoint=resume_from)
+    except NonFiniteLossError as e:
+        kept = last_checkpoint(out)
+        raise NonFiniteLossError(f"{e}; last good checkpoint: {kept or 'none (save_steps=0)'}"
+                                 f"{' (resume=true continues from it)' if kept else ''}") from None
     wall = time.time() - start
     if not trainer.is_world_process_zero():
         return out  # one process writes the outputs
