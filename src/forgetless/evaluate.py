@@ -123,13 +123,20 @@ def write_task_results(out: Path, summary: dict, records: list[dict]) -> None:
 def read_predictions(path: str) -> dict[tuple[str | None, str], str]:
     """(task or None, id) -> output, from lines {"task"?, "id", "output"}."""
     preds = {}
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if line.strip():
-                r = json.loads(line)
-                if "id" not in r or "output" not in r:
-                    raise ValueError(f"{path}:{n}: a prediction needs 'id' and 'output'")
-                preds[(r.get("task"), str(r["id"]))] = r["output"]
+    try:
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not UTF-8 (byte {e.start})") from None
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            r = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}:{n}: malformed JSON ({e.msg})") from None
+        if not isinstance(r, dict) or "id" not in r or "output" not in r:
+            raise ValueError(f"{path}:{n}: a prediction needs 'id' and 'output'")
+        preds[(r.get("task"), str(r["id"]))] = r["output"]
     return preds
 
 
