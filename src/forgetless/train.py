@@ -104,6 +104,14 @@ def _trainer_class():
     return MaskedLossTrainer
 
 
+def _logged_step(line: str) -> float:
+    """Step of a loss.jsonl line; infinity for a line cut short by a kill (so it is dropped on resume)."""
+    try:
+        return json.loads(line)["step"]
+    except (json.JSONDecodeError, KeyError, TypeError):
+        return float("inf")
+
+
 def _loss_log_callback(path: Path, trainer_ref: dict):
     from transformers import TrainerCallback
 
@@ -119,8 +127,10 @@ def _loss_log_callback(path: Path, trainer_ref: dict):
                 return
             self.trimmed = True
             lines = path.read_text().splitlines() if path.exists() else []
-            kept = [ln for ln in lines if json.loads(ln)["step"] <= state.global_step]
-            path.write_text("".join(ln + "\n" for ln in kept))
+            kept = [ln for ln in lines if _logged_step(ln) <= state.global_step]  # a cut last line goes too
+            tmp = path.with_name(f".{path.name}.tmp")
+            tmp.write_text("".join(ln + "\n" for ln in kept))
+            os.replace(tmp, path)
 
         def on_log(self, args, state, control, logs=None, **kwargs):
             if not logs or "loss" not in logs:
@@ -207,10 +217,19 @@ def training_arguments(config: TrainConfig, out: Path, device: str, dtype: torch
 
 
 def last_checkpoint(out: Path) -> str | None:
-    from transformers.trainer_utils import get_last_checkpoint
-
+    """The newest *complete* checkpoint: the Trainer writes ``trainer_state.json`` last and not atomically, so a
+    kill while saving leaves a newer folder without a readable one (which the Trainer's own pick would take)."""
     folder = out / "checkpoints"
-    return get_last_checkpoint(str(folder)) if folder.is_dir() else None
+    found = []
+    for d in folder.glob("checkpoint-*") if folder.is_dir() else []:
+        try:
+            step = int(d.name.split("-", 1)[1])
+            json.loads((d / "trainer_state.json").read_text())
+        except (ValueError, OSError):
+            logger.warning("ignoring incomplete checkpoint %s (interrupted while saving)", d)
+            continue
+        found.append((step, str(d)))
+    return max(found)[1] if found else None
 
 
 def weight_diagnostics(config: TrainConfig, model, base_state) -> dict:
