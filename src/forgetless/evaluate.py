@@ -163,7 +163,9 @@ def _why_cache_missed(cache_root: Path, parts: dict) -> str | None:
         changed = sorted(k for k in parts if old.get(k) != parts[k])
         if best is None or len(changed) < len(best):
             best = changed
-    return ", ".join(best) if best else None
+    names = {"model": "model files (weights, config, tokenizer or chat template)", "items": "items (task data or subset)",
+             "decoding": "decoding settings", "task_definition": "task definition"}
+    return ", ".join(names.get(k, k) for k in best) if best else None
 
 
 def _resume_key(settings: dict, cfg: EvalConfig) -> str:

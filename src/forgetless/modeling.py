@@ -105,7 +105,8 @@ def model_fingerprint(name: str, revision: str | None = None) -> str:
         for f in sorted(path.iterdir()):
             # .jinja: transformers 5 saves the chat template on its own; it decides the prompts too.
             if f.suffix in (".json", ".safetensors", ".bin", ".gguf", ".jinja", ".model", ".txt"):
-                h.update(f"{f.name}:{f.stat().st_size}:{int(f.stat().st_mtime)}".encode())
+                # Nanoseconds: weights rewritten within the same second (same size) must still count as changed.
+                h.update(f"{f.name}:{f.stat().st_size}:{f.stat().st_mtime_ns}".encode())
                 if f.name == "config.json":
                     h.update(f.read_bytes())
         return f"{path.resolve()}:{h.hexdigest()[:16]}"
