@@ -81,7 +81,7 @@ def test_incomplete_checkpoint_is_not_resumed_from(tmp_path):
     for step in (2, 3):
         (tmp_path / "checkpoints" / f"checkpoint-{step}").mkdir(parents=True)
     (tmp_path / "checkpoints" / "checkpoint-2" / "trainer_state.json").write_text("{}")
-    (tmp_path / "checkpoints" / "checkpoint-2" / "trainer_state.json").write_text('{"global_st')  # cut by a kill
+    (tmp_path / "checkpoints" / "checkpoint-3" / "trainer_state.json").write_text('{"global_st')  # cut by a kill
     assert last_checkpoint(tmp_path).endswith("checkpoint-2")
 
 
@@ -114,7 +114,7 @@ def test_kill_9_during_training_then_resume_equals_uninterrupted(world):
     done = rerun(cmd)
     assert done.returncode == 0, done.stderr[-2000:]
     summary = json.loads((out / "train_summary.json").read_text())
-    assert summary["resumed_from"] and int(summary["resumed_from"].rsplit("-", 1)[1]) >= 2
+    assert summary["resumed_from"] and int(summary["resumed_from"].rsplit("-", 1)[1]) >= 1  # 1 if the kill cut checkpoint-2 short
     assert [s for s, _ in losses(out)] == list(range(1, 6))
     assert [v for _, v in losses(out)] == pytest.approx([v for _, v in losses(reference)], rel=1e-5)
     a, b = adapter_weights(out), adapter_weights(reference)
