@@ -149,11 +149,14 @@ def measure_stages(config: RunConfig, label: str, model: str, adapter: str | Non
     from forgetless.retention.stage import RetentionConfig, run_retention
 
     out, common, stages = Path(config.out_dir), {"model": model, "adapter": adapter}, []
+    # A fully fine-tuned model needs its base named for drift; an adapter's base is the adapter disabled.
+    tuned_full = model != config.model
+    retention_common = {**common, "base_model": config.model if tuned_full else None}
     if config.eval is not None:
         cfg = make(EvalConfig, {**config.eval, **common, "output_dir": str(out / "eval" / label)}, "eval")
         stages.append((cfg, run_eval, f"eval {label}"))
     if config.retention is not None:
-        cfg = make(RetentionConfig, {**config.retention, **common, "output_dir": str(out / "retention" / label)}, "retention")
+        cfg = make(RetentionConfig, {**config.retention, **retention_common, "output_dir": str(out / "retention" / label)}, "retention")
         stages.append((cfg, run_retention, f"retention {label}"))
     return stages
 
