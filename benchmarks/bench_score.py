@@ -7,7 +7,7 @@ Side by side in one process, same model (the embedded SmolLM2-135M-Instruct), sa
   plain       -- the same batches through model(...).logits, no log-softmax: the cost of a forward
   reference   -- one example at a time, full-vocabulary fp32 log_softmax, gather, exp per token
 Times are medians over repeats, interleaved so machine load hits all three alike. Peak memory is
-measured in a fresh subprocess per method (peak RSS above the RSS after loading the model).
+measured in a fresh subprocess per method (peak RSS, sampled every 5 ms, above the RSS after loading).
 """
 
 from __future__ import annotations
@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import multiprocessing as mp
-import resource
 import statistics
 import time
 
@@ -62,12 +61,32 @@ def run_reference(model, tok, encoded, batch_tokens):
 METHODS = {"forgetless": run_forgetless, "plain": run_plain, "reference": run_reference}
 
 
+def rss_mib() -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
 def _peak(method: str, n_examples: int, batch_tokens: int, queue) -> None:
+    import threading
+
     torch.set_num_threads(2)
     model, tok, encoded = setup(n_examples)
-    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    base, peak, running = rss_mib(), [0.0], [True]
+
+    def sample():  # ru_maxrss would report the model load's peak; sample RSS during the method instead
+        while running[0]:
+            peak[0] = max(peak[0], rss_mib())
+            time.sleep(0.005)
+
+    watcher = threading.Thread(target=sample)
+    watcher.start()
     METHODS[method](model, tok, encoded, batch_tokens)
-    queue.put((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) / 1024)
+    running[0] = False
+    watcher.join()
+    queue.put(peak[0] - base)
 
 
 def peak_mib(method: str, n_examples: int, batch_tokens: int) -> float:

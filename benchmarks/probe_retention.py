@@ -61,7 +61,7 @@ def train_lora(model, encoded, keep_masks, epochs=2, batch_size=4, lr=2e-4, seed
             opt.zero_grad()
             loss.backward()
             opt.step()
-        logger.info("epoch %d done, last loss %.3f", epoch, float(loss))
+        logger.info("epoch %d done, last loss %.3f", epoch, float(loss.detach()))
     peft_model.eval()
     return peft_model
 
@@ -102,6 +102,7 @@ def main() -> None:
     parser.add_argument("--heldout-items", type=int, default=45)
     parser.add_argument("--max-new-tokens", type=int, default=96)
     parser.add_argument("--train-examples", type=int, default=64)
+    parser.add_argument("--lr", type=float, default=2e-4)
     parser.add_argument("--methods", default="base,gt,stm2.5,random,stm20")
     parser.add_argument("--report-only", action="store_true", help="only build the table from finished runs")
     args = parser.parse_args()
@@ -137,7 +138,7 @@ def main() -> None:
         else:
             t = time.time()
             keep = keep_masks_for(methods[name], encoded, base_nll, seed=0)
-            probe = train_lora(model, encoded, keep)
+            probe = train_lora(model, encoded, keep, lr=args.lr)
             logger.info("%s trained in %.0f s (kept %.3f of response tokens)", name, time.time() - t,
                         float(sum(int(k.sum()) for k in keep)) / sum(sum(e.response_mask) for e in encoded))
             evaluate_all(probe, tokenizer, out_dir, args, base_id)

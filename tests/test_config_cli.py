@@ -93,3 +93,12 @@ def test_cli_score_then_mask_on_tiny_model(tmp_path, capsys):
     assert "Masked fraction vs tau" in capsys.readouterr().out
     assert main(["mask", "--scores", str(tmp_path / "s"), "--policy", "random", "--out-dir", str(tmp_path / "r")]) == 0
     assert "policy random" in capsys.readouterr().out
+
+
+def test_single_string_is_a_one_item_list():
+    assert load_config(Outer, overrides=["tags=solo"]).tags == ["solo"]
+
+
+def test_overrides_may_stand_between_flags(tmp_path, capsys):
+    assert main(["mask", "--scores", str(tmp_path / "none"), "tau=3", "--out-dir", str(tmp_path / "o")]) == 2
+    assert "forgetless score" in capsys.readouterr().err  # parsed fine, failed only on the missing scores

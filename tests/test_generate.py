@@ -93,8 +93,8 @@ def tiny_stage(monkeypatch, tokenizer, tiny_model, tmp_path):
     data.write_text("".join(json.dumps({"id": f"e{i}", "prompt": f"Write a python function number {i}.",
                                         "response": "def add(a, b):\n    return a + b\n", "test_list": ["assert 1"]}) + "\n"
                             for i in range(5)))
-    return lambda **kw: gen.GenerateConfig(data=str(data), samples=3, max_new_tokens=6, batch_size=2, device="cpu",
-                                           out_dir=str(tmp_path / "out"), **kw)
+    defaults = dict(data=str(data), samples=3, max_new_tokens=6, batch_size=2, device="cpu", out_dir=str(tmp_path / "out"))
+    return lambda **kw: gen.GenerateConfig(**{**defaults, **kw})
 
 
 def test_run_generate_end_to_end_and_resume(tiny_stage):
@@ -171,3 +171,23 @@ def test_embedded_self_output_on_one_mbpp_prompt(embedded, monkeypatch, tmp_path
     assert ex.meta["provenance"]["base_ppl"] > 1.0
     mech = json.loads((out / "mechanism_stats.json").read_text())
     assert mech["views"]["all"]["ground_truth"]["response_tokens"] > 10
+
+
+def test_paper_method_writes_the_authors_answers(tiny_stage, tmp_path):
+    out = gen.run_generate(tiny_stage(method="paper_rephrase", data="mbpp-train", limit=3))
+    examples = load_examples(str(out / gen.DATA_FILE))
+    stats = json.loads((out / "generation_stats.json").read_text())
+    assert len(examples) == 3 and stats["prompts"] == 3
+    assert stats["fallbacks"] == sum(ex.meta["provenance"]["fallback"] for ex in examples)
+    assert all(ex.meta["provenance"]["base_ppl"] > 1.0 for ex in examples)
+    assert examples[0].meta["provenance"]["source"] == "paper_rephrase"
+    assert not (out / gen.SAMPLES_FILE).exists()
+
+
+def test_compare_adds_another_runs_answers_and_samples(tiny_stage, tmp_path):
+    first = gen.run_generate(tiny_stage(out_dir=str(tmp_path / "so")))
+    out = gen.run_generate(tiny_stage(method="rephrase", out_dir=str(tmp_path / "re"), compare=(str(first),)))
+    views = json.loads((out / "mechanism_stats.json").read_text())["views"]
+    assert list(views["all"]) == ["ground_truth", "rephrase", "self_output"]
+    assert views["all_samples"]["self_output (every sample)"]["examples"] == 15
+    assert views["all_samples"]["rephrase (every sample)"]["examples"] == 15

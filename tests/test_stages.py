@@ -155,7 +155,6 @@ def test_crash_mid_scoring_resumes_and_equals_uninterrupted(model_dir, data_file
 
 
 def test_kill_9_during_scoring_then_rerun(model_dir, tmp_path):
-    import os
     import signal
     import subprocess
     import sys

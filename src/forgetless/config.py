@@ -82,6 +82,8 @@ def coerce(hint: Any, value: Any, where: str) -> Any:
             raise ConfigError(f"{where}: expected a mapping, got {value!r}")
         return dict(value)
     if origin in (list, tuple):
+        if isinstance(value, str):  # `--tasks gsm8k`: one item
+            value = [value]
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{where}: expected a list, got {value!r}")
         (item,) = typing.get_args(hint)[:1] or (Any,)

@@ -123,14 +123,26 @@ def write_task_results(out: Path, summary: dict, records: list[dict]) -> None:
 def read_predictions(path: str) -> dict[tuple[str | None, str], str]:
     """(task or None, id) -> output, from lines {"task"?, "id", "output"}."""
     preds = {}
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if line.strip():
-                r = json.loads(line)
-                if "id" not in r or "output" not in r:
-                    raise ValueError(f"{path}:{n}: a prediction needs 'id' and 'output'")
-                preds[(r.get("task"), str(r["id"]))] = r["output"]
+    try:
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not UTF-8 (byte {e.start})") from None
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            r = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}:{n}: malformed JSON ({e.msg})") from None
+        if not isinstance(r, dict) or "id" not in r or "output" not in r:
+            raise ValueError(f"{path}:{n}: a prediction needs 'id' and 'output'")
+        preds[(r.get("task"), str(r["id"]))] = r["output"]
     return preds
+
+
+def _cache_parts(fingerprint: str, task: Task, items: list[Item], decoding: DecodingSettings) -> dict:
+    return {"model": fingerprint, "task": task.name, "task_definition": task.definition_hash(),
+            "items": items_fingerprint(items), "decoding": dataclasses.asdict(decoding)}
 
 
 def _cache_key(fingerprint: str, task: Task, items: list[Item], decoding: DecodingSettings) -> str:
@@ -138,10 +150,55 @@ def _cache_key(fingerprint: str, task: Task, items: list[Item], decoding: Decodi
     return hashlib.sha256(key.encode()).hexdigest()[:24]
 
 
+def _why_cache_missed(cache_root: Path, parts: dict) -> str | None:
+    """Which key parts differ from the nearest cached entry of the same task (None: no entry of it)."""
+    best = None
+    for key_file in cache_root.glob("*/key.json") if cache_root.is_dir() else []:
+        try:
+            old = json.loads(key_file.read_text())
+        except (OSError, json.JSONDecodeError):
+            continue
+        if old.get("task") != parts["task"]:
+            continue
+        changed = sorted(k for k in parts if old.get(k) != parts[k])
+        if best is None or len(changed) < len(best):
+            best = changed
+    names = {"model": "model files (weights, config, tokenizer or chat template)", "items": "items (task data or subset)",
+             "decoding": "decoding settings", "task_definition": "task definition"}
+    return ", ".join(names.get(k, k) for k in best) if best else None
+
+
+def _resume_key(settings: dict, cfg: EvalConfig) -> str:
+    """What a finished ``<task>.json`` in the output dir must have been made from to be kept on a re-run."""
+    from forgetless.modeling import model_fingerprint
+
+    extra = [[model_fingerprint(cfg.model, cfg.revision), model_fingerprint(cfg.adapter)] if cfg.adapter else None,
+             _file_hash(cfg.predictions) if cfg.predictions else None]
+    return hashlib.sha256(json.dumps([settings, extra], sort_keys=True, default=str).encode()).hexdigest()[:24]
+
+
+def _file_hash(path: str) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
+
+
+def _finished(out: Path | None, name: str, resume_key: str | None) -> dict | None:
+    """The score record of ``name`` already in ``out`` from identical settings (a re-run after a crash)."""
+    if out is None or resume_key is None or not (out / f"{name}.items.jsonl").is_file():
+        return None
+    try:
+        summary = json.loads((out / f"{name}.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    return summary if summary.get("settings", {}).get("resume_key") == resume_key else None
+
+
 def evaluate_tasks(tasks: Sequence[str | Task], cfg: EvalConfig, generate_fn: GenerateFn | None,
                    out: Path | None = None, fingerprint: str | None = None,
-                   predictions: dict | None = None) -> dict[str, dict]:
-    """Evaluate each task; write its files into ``out`` when given. Returns task -> score record."""
+                   predictions: dict | None = None, resume: bool = False) -> dict[str, dict]:
+    """Evaluate each task; write its files into ``out`` when given. Returns task -> score record.
+
+    ``resume``: keep a task whose results ``out`` already holds from the same settings (after a crash
+    mid-evaluation only the unfinished tasks run again)."""
     results = {}
     cache_root = Path(cfg.cache_dir) if cfg.cache_dir else _default_cache()
     for spec in tasks:
@@ -152,13 +209,24 @@ def evaluate_tasks(tasks: Sequence[str | Task], cfg: EvalConfig, generate_fn: Ge
                     "decoding": dataclasses.asdict(decoding), "limit": cfg.limit, "seed": cfg.seed,
                     "items_fingerprint": items_fingerprint(items), "task_hash": task.definition_hash(),
                     "backend": cfg.backend, "source": "generated"}
+        resume_key = _resume_key(settings, cfg) if resume else None
+        done = _finished(out, task.name, resume_key)
+        if done is not None:
+            logger.info("%s: already evaluated in %s (same settings); kept", task.name, out)
+            results[task.name] = done
+            continue
+        settings["resume_key"] = resume_key
         key = _cache_key(fingerprint, task, items, decoding) if fingerprint and cfg.cache and predictions is None else None
         cached = cache_root / key if key else None
+        if cached is not None and not (cached / f"{task.name}.json").is_file():
+            why = _why_cache_missed(cache_root, _cache_parts(fingerprint, task, items, decoding))
+            if why:
+                logger.info("%s: cached base results not used: %s changed", task.name, why)
         if cached is not None and (cached / f"{task.name}.json").is_file() and out is not None:
             logger.info("%s: reusing cached results %s", task.name, cached)
             shutil.copyfile(cached / f"{task.name}.items.jsonl", out / f"{task.name}.items.jsonl")
             summary = json.loads((cached / f"{task.name}.json").read_text())
-            summary["settings"].update(source="cache", cache_key=key)
+            summary["settings"].update(source="cache", cache_key=key, resume_key=resume_key)
             write_json(out / f"{task.name}.json", summary)
             results[task.name] = summary
             continue
@@ -179,7 +247,7 @@ def evaluate_tasks(tasks: Sequence[str | Task], cfg: EvalConfig, generate_fn: Ge
         if out is not None:
             write_task_results(out, summary, records)
             if cached is not None:
-                _store_cache(cached, out, task.name)
+                _store_cache(cached, out, task.name, _cache_parts(fingerprint, task, items, decoding))
     return results
 
 
@@ -189,11 +257,12 @@ def _default_cache() -> Path:
     return cache_dir() / "eval"
 
 
-def _store_cache(cached: Path, out: Path, name: str) -> None:
+def _store_cache(cached: Path, out: Path, name: str, parts: dict) -> None:
     cached.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=cached.parent, prefix=".tmp-"))
     for suffix in (".items.jsonl", ".json"):
         shutil.copyfile(out / f"{name}{suffix}", tmp / f"{name}{suffix}")
+    (tmp / "key.json").write_text(json.dumps(parts, default=str))  # lets a later miss say what changed
     try:
         os.replace(tmp, cached)
     except OSError:  # another run stored it first
@@ -226,9 +295,9 @@ def load_for_eval(cfg: EvalConfig):
 
     model, tokenizer = load_model_and_tokenizer(cfg.model, cfg.revision, cfg.dtype, cfg.device)
     if cfg.adapter:
-        from peft import PeftModel
+        from forgetless.modeling import load_adapter
 
-        model = PeftModel.from_pretrained(model, cfg.adapter).eval()
+        model = load_adapter(model, cfg.adapter, cfg.model)
     return model, tokenizer
 
 
@@ -251,14 +320,14 @@ def run_eval(cfg: EvalConfig) -> Path:
     write_json(out / "config.json", dataclasses.asdict(cfg))
     started = time.time()
     if cfg.predictions is not None:
-        results = evaluate_tasks(cfg.tasks, cfg, None, out, predictions=read_predictions(cfg.predictions))
+        results = evaluate_tasks(cfg.tasks, cfg, None, out, predictions=read_predictions(cfg.predictions), resume=True)
         fingerprint = None
     else:
         from forgetless.modeling import model_fingerprint
 
         fingerprint = model_fingerprint(cfg.model, cfg.revision) if not cfg.adapter else None
         generate_fn = _LazyGenerate(cfg)
-        results = evaluate_tasks(cfg.tasks, cfg, generate_fn, out, fingerprint=fingerprint)
+        results = evaluate_tasks(cfg.tasks, cfg, generate_fn, out, fingerprint=fingerprint, resume=True)
     write_json(out / "scores.json", results)
     key = {"stage": "eval", "model": cfg.model, "revision": cfg.revision, "adapter": cfg.adapter, "fingerprint": fingerprint,
            "tasks": {t: r["settings"].get("task_hash") for t, r in results.items()}, "predictions": cfg.predictions}

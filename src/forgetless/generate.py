@@ -288,6 +288,7 @@ def mechanism(model, tokenizer, examples: list[Example], final: list[Example], d
     sets = {"ground_truth": gt, config.method: final_nll}
     generated = {config.method: {ex.id for ex in final if not ex.meta["provenance"]["fallback"]}}
     ids = set(gt)
+    compared_samples: dict[str, list[np.ndarray]] = {}
     for path in config.compare:
         name, others = load_compared(path)
         shared = [others[i] for i in sorted(ids & set(others))]
@@ -297,12 +298,20 @@ def mechanism(model, tokenizer, examples: list[Example], final: list[Example], d
         name = name if name not in sets else f"{name}:{path}"
         sets[name] = score(shared)
         generated[name] = {e.id for e in shared if not e.meta.get("provenance", {}).get("fallback", False)}
-    samples = None
+        # Their every-sample NLLs too (same base model assumed, as for the whole comparison).
+        other_done = read_done(Path(path) / SAMPLES_FILE) if Path(path).is_dir() else {}
+        if other_done:
+            compared_samples[f"{name} (every sample)"] = every_sample_nll(other_done, [e.id for e in shared])
+    samples = {"ground_truth": [gt[ex.id] for ex in examples]}
     if done:
-        samples = {"ground_truth": [gt[ex.id] for ex in examples],
-                   f"{config.method} (every sample)": [np.asarray(s["token_nll"]) for ex in examples
-                                                       for s in done[ex.id]["samples"] if s["token_nll"]]}
-    return compare_sets(sets, generated, samples), final_nll
+        samples[f"{config.method} (every sample)"] = every_sample_nll(done, [ex.id for ex in examples])
+    samples.update(compared_samples)
+    return compare_sets(sets, generated, samples if len(samples) > 1 else None), final_nll
+
+
+def every_sample_nll(done: dict[str, dict], ids: list[str]) -> list[np.ndarray]:
+    """Response-token NLLs of every non-empty sample of the prompts ``ids``."""
+    return [np.asarray(s["token_nll"]) for i in ids if i in done for s in done[i]["samples"] if s["token_nll"]]
 
 
 def write_data(path: Path, final: list[Example], final_nll: dict[str, np.ndarray]) -> None:

@@ -147,6 +147,10 @@ def compute_masked_loss(model, inputs: dict, num_items=None, kl_coef: float = 0.
     return loss, stats
 
 
+class NonFiniteLossError(RuntimeError):
+    """The training loss became NaN or infinite; the step is not applied."""
+
+
 class MaskedLossMixin:
     """Put before ``Trainer`` / ``SFTTrainer`` in the bases to train with :func:`compute_masked_loss`.
 
@@ -164,6 +168,11 @@ class MaskedLossMixin:
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         loss, stats = compute_masked_loss(model, inputs, num_items_in_batch, self.kl_coef, self.reference)
+        # Checked before backward: a non-finite loss never reaches the weights, the optimizer state or a
+        # checkpoint, so the last checkpoint is the last good one. (One host sync per micro-batch.)
+        if model.training and not torch.isfinite(loss.detach()).all():
+            raise NonFiniteLossError(f"training loss became {loss.detach().float().item()} at step "
+                                     f"{self.state.global_step + 1}; the step was not applied")
         if model.training and self.record_stats:  # read (and cleared) by forgetless.train's loss log
             self.loss_stats.append({k: (float(v) if v is not None else None) for k, v in stats.items()})
         if self.args.average_tokens_across_devices and num_items_in_batch is not None:

@@ -103,8 +103,10 @@ def model_fingerprint(name: str, revision: str | None = None) -> str:
     if path.is_dir():
         h = hashlib.sha256()
         for f in sorted(path.iterdir()):
-            if f.suffix in (".json", ".safetensors", ".bin", ".gguf"):
-                h.update(f"{f.name}:{f.stat().st_size}:{int(f.stat().st_mtime)}".encode())
+            # .jinja: transformers 5 saves the chat template on its own; it decides the prompts too.
+            if f.suffix in (".json", ".safetensors", ".bin", ".gguf", ".jinja", ".model", ".txt"):
+                # Nanoseconds: weights rewritten within the same second (same size) must still count as changed.
+                h.update(f"{f.name}:{f.stat().st_size}:{f.stat().st_mtime_ns}".encode())
                 if f.name == "config.json":
                     h.update(f.read_bytes())
         return f"{path.resolve()}:{h.hexdigest()[:16]}"
@@ -164,3 +166,21 @@ def _load_hint(name: str, error: Exception) -> str:
         f"{'is disabled (HF_HUB_OFFLINE=1)' if offline else 'could not provide it'}. "
         f"Pass a local model directory, or '{EMBEDDED}' for the bundled SmolLM2-135M-Instruct. ({type(error).__name__})"
     )
+
+
+def load_adapter(model, adapter: str, model_name: str):
+    """``model`` wrapped with the PEFT adapter in directory ``adapter``, in eval mode.
+
+    An adapter trained on another base (other layer shapes or module names) fails inside PEFT with a
+    long multi-line message; it becomes one :class:`ModelLoadError` line naming both the adapter and the model.
+    """
+    from peft import PeftModel
+
+    if not (Path(adapter) / "adapter_config.json").is_file():
+        raise ModelLoadError(f"adapter {adapter}: no adapter_config.json there (not a PEFT adapter directory)")
+    try:
+        return PeftModel.from_pretrained(model, adapter).eval()
+    except (RuntimeError, ValueError, KeyError, OSError) as e:
+        detail = next((ln.strip() for ln in str(e).splitlines() if "size mismatch" in ln or "not found" in ln),
+                      str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__)
+        raise ModelLoadError(f"adapter {adapter} does not match model {model_name}: {detail[:300]}") from None

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -71,7 +72,8 @@ class MethodSpec:
 
     def mask_config(self, scores: Path, out: Path) -> MaskConfig:
         policy = METHOD_POLICIES[self.method][0]
-        return MaskConfig(scores=str(scores), policy=policy, tau=self.tau, fraction=self.fraction, seed=self.seed, out_dir=str(out))
+        tau = self.tau if policy in ("threshold", "random", "inverse") else math.inf  # others use no tau
+        return MaskConfig(scores=str(scores), policy=policy, tau=tau, fraction=self.fraction, seed=self.seed, out_dir=str(out))
 
 
 @dataclass(frozen=True)
@@ -132,53 +134,83 @@ def train_runs(config: RunConfig) -> list[tuple[str, MethodSpec, float | None]]:
     return [(f"{m.label}@lr{lr:g}", m, lr) for m in config.methods for lr in config.learning_rates]
 
 
+def train_config(config: RunConfig, label: str, method: MethodSpec, lr: float | None, data: str):
+    from forgetless.train import TrainConfig
+
+    implied = METHOD_POLICIES[method.method][1]
+    values = {"model": config.model, **config.train, "method": method.method, **implied, **method.train,
+              "data": data, "output_dir": str(Path(config.out_dir) / "train" / label)}
+    if lr is not None:
+        values["learning_rate"] = lr
+    return make(TrainConfig, values, f"train ({label})")
+
+
+def measure_stages(config: RunConfig, label: str, model: str, adapter: str | None) -> list[tuple[Any, Callable, str]]:
+    """(config, stage function, name) of each measurement of one model."""
+    from forgetless.evaluate import EvalConfig, run_eval
+    from forgetless.retention.stage import RetentionConfig, run_retention
+
+    out, common, stages = Path(config.out_dir), {"model": model, "adapter": adapter}, []
+    # A fully fine-tuned model needs its base named for drift; an adapter's base is the adapter disabled.
+    tuned_full = model != config.model
+    retention_common = {**common, "base_model": config.model if tuned_full else None}
+    if config.eval is not None:
+        cfg = make(EvalConfig, {**config.eval, **common, "output_dir": str(out / "eval" / label)}, "eval")
+        stages.append((cfg, run_eval, f"eval {label}"))
+    if config.retention is not None:
+        cfg = make(RetentionConfig, {**config.retention, **retention_common, "output_dir": str(out / "retention" / label)}, "retention")
+        stages.append((cfg, run_retention, f"retention {label}"))
+    return stages
+
+
+def check_settings(config: RunConfig) -> None:
+    """Build every stage's config before any work starts, so a typo fails in seconds, not hours."""
+    make(ScoreConfig, score_settings(config, config.data, "-"), "score")
+    for label, method, lr in train_runs(config):
+        method.mask_config(Path("-"), Path("-"))
+        train_config(config, label, method, lr, "-")
+    measure_stages(config, "base", config.model, None)
+
+
+def score_settings(config: RunConfig, data: str, out_dir: str) -> dict:
+    return {"model": config.model, "limit": config.limit, "max_length": config.max_length, **config.score, "data": data, "out_dir": out_dir}
+
+
 def run_experiment(config: RunConfig) -> Path:
     """Run every stage of the comparison; return the report directory."""
-    from forgetless.train import TrainConfig, run_train
+    from forgetless.train import run_train
 
+    check_settings(config)
     out = Path(config.out_dir)
     artifacts.write_json(out / "run_config.json", dataclasses.asdict(config))
-    score_settings = {"model": config.model, "limit": config.limit, "max_length": config.max_length, **config.score}
-    scores = {}
+    scores: dict[str, Path] = {}
     train_dirs: dict[str, Path] = {}
     for label, method, lr in train_runs(config):
         data = method.data or config.data
         if data not in scores:
             where = out / "scores" / ("target" if data == config.data else Path(data).stem)
-            scores[data] = run_score(make(ScoreConfig, {**score_settings, "data": data, "out_dir": str(where)}, "score"))
-        mask_cfg = method.mask_config(scores[data], out / "masks" / f"{Path(scores[data]).name}-{method.label}")
-        masks = run_mask(mask_cfg)
-        implied = METHOD_POLICIES[method.method][1]
-        values = {"model": config.model, **config.train, "method": method.method, **implied, **method.train,
-                  "data": str(masks / MASKED_FILE), "output_dir": str(out / "train" / label)}
-        if lr is not None:
-            values["learning_rate"] = lr
-        train_cfg = make(TrainConfig, values, f"train ({label})")
-        settings = {**dataclasses.asdict(train_cfg), **({"probe": config.probe} if config.probe else {})}
-        train_dirs[label] = run_once(Path(train_cfg.output_dir), settings,
-                                     lambda c=train_cfg: run_train(c, callbacks=probe_callbacks(config, c, out)), f"train {label}")
-    evals = evaluate_all(config, out, train_dirs)
+            scores[data] = run_score(make(ScoreConfig, score_settings(config, data, str(where)), "score"))
+        masks = run_mask(method.mask_config(scores[data], out / "masks" / f"{scores[data].name}-{method.label}"))
+        cfg = train_config(config, label, method, lr, str(masks / MASKED_FILE))
+        settings = {**dataclasses.asdict(cfg), **({"probe": config.probe} if config.probe else {})}
+        train_dirs[label] = run_once(Path(cfg.output_dir), settings,
+                                     lambda c=cfg: run_train(c, callbacks=probe_callbacks(config, c, out)), f"train {label}")
+    evals = evaluate_all(config, train_dirs)
     report_dir = report(config, out, evals, train_dirs)
     if config.probe or len(config.learning_rates) > 1:
         frontier(config, out, train_dirs, report_dir)
     return report_dir
 
 
-def evaluate_all(config: RunConfig, out: Path, train_dirs: dict[str, Path]) -> dict[str, list[Path]]:
+def evaluate_all(config: RunConfig, train_dirs: dict[str, Path]) -> dict[str, list[Path]]:
     """Generative evaluation and retention measures of the base and every tuned model."""
-    from forgetless.evaluate import EvalConfig, run_eval
-    from forgetless.retention.stage import RetentionConfig, run_retention
-
     models = {"base": (config.model, None), **{label: tuned_model(config.model, d) for label, d in train_dirs.items()}}
-    results: dict[str, list[Path]] = {label: [] for label in models}
+    results: dict[str, list[Path]] = {}
     for label, (model, adapter) in models.items():
-        common = {"model": model, "adapter": adapter}
-        if config.eval is not None:
-            cfg = make(EvalConfig, {**config.eval, **common, "output_dir": str(out / "eval" / label)}, "eval")
-            results[label].append(run_once(Path(cfg.output_dir), dataclasses.asdict(cfg), lambda c=cfg: run_eval(c), f"eval {label}"))
-        if config.retention is not None:
-            cfg = make(RetentionConfig, {**config.retention, **common, "output_dir": str(out / "retention" / label)}, "retention")
-            results[label].append(run_once(Path(cfg.output_dir), dataclasses.asdict(cfg), lambda c=cfg: run_retention(c), f"retention {label}"))
+        results[label] = [
+            run_once(Path(cfg.output_dir), dataclasses.asdict(cfg), lambda c=cfg, f=fn: f(c), what)
+            for cfg, fn, what in measure_stages(config, label, model, adapter)
+        ]
     return results
 
 
@@ -194,7 +226,48 @@ def report(config: RunConfig, out: Path, evals: dict[str, list[Path]], train_dir
 
     runs = tuple(f"{label}={d}" for label, dirs in evals.items() for d in dirs)
     trains = tuple(f"{label}={d}" for label, d in train_dirs.items())
-    return run_report(ReportConfig(runs=runs, train_dirs=trains, output_dir=str(out / "report"), base="base", target=config.target))
+    tasks = report_tasks(config)
+    report_dir = run_report(ReportConfig(runs=runs, train_dirs=trains, output_dir=str(out / "report"), base="base",
+                                         target=config.target, tasks=tasks))
+    if config.retention is not None:
+        add_retention_section(report_dir, out / "retention", list(train_dirs), config.target)
+    return report_dir
+
+
+def report_tasks(config: RunConfig) -> tuple[str, ...]:
+    """The report's columns: each task once, by its primary metric (olmo-eval's for multiple choice)."""
+    from forgetless.retention.olmo_tasks import primary_metric
+
+    tasks: list[str] = []
+    for cfg, _, _ in measure_stages(config, "base", config.model, None):
+        if hasattr(cfg, "tasks"):
+            tasks += [t for t in cfg.tasks]
+        else:
+            tasks += [t if primary_metric(t) == "acc" else f"{t}:{primary_metric(t)}" for t in cfg.mc_tasks]
+            tasks += [f"drift:{src}" for src in cfg.drift_sources]
+            if cfg.heldout_source:
+                tasks += [f"heldout:{cfg.heldout_source}:{kind}" for kind in ("kept", "masked")]
+    return tuple(sorted(tasks, key=lambda t: t != config.target))
+
+
+def add_retention_section(report_dir: Path, retention_dir: Path, labels: list[str], target: str) -> None:
+    """Append the retention table (paired against the base) to report.md, with its plot and JSON."""
+    from forgetless.retention.report import markdown_table, plot_drift_vs_gain, summarize_run
+
+    summaries = {label: summarize_run(retention_dir / "base", retention_dir / label, target_task=target) for label in labels}
+    artifacts.write_json(report_dir / "retention.json", summaries)
+    plot_drift_vs_gain(summaries, report_dir / "drift_vs_gain.png")
+    section = (
+        "\n## Retention, paired against the base model\n\n"
+        "BWT here averages only accuracy tasks where the base is above chance; MC retention is the share of the base's "
+        "above-chance multiple-choice skill left (1 = nothing lost); drift is the mean per-token KL between base and tuned "
+        "next-token distributions on non-target prompts and the base's own answers (both directions: KL(base‖tuned) also "
+        "charges sharpening toward what the base already believed); target gain is the drop in held-out NLL on tokens of "
+        "the kind STM keeps (base ppl ≤ τ) and of the kind it masks. Brackets: 95% intervals.\n\n"
+        + markdown_table(summaries)
+    )
+    markdown = (report_dir / "report.md").read_text(encoding="utf-8")
+    artifacts.write_text(report_dir / "report.md", markdown + section)
 
 
 def probe_callbacks(config: RunConfig, train_cfg, out: Path) -> list:

@@ -13,7 +13,8 @@ from dataclasses import dataclass
 
 import torch
 
-END_OF_TURN = ("<|im_end|>", "<|eot_id|>", "<end_of_turn>", "<|endoftext|>", "<|end|>")
+from forgetless.generation import left_pad, stop_token_ids
+
 
 
 @dataclass(frozen=True)
@@ -23,29 +24,6 @@ class Sampled:
     text: str
     finished: bool
     new_tokens: int
-
-
-def stop_token_ids(tokenizer) -> list[int]:
-    """eos plus the end-of-turn markers this vocabulary has."""
-    ids = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
-    vocab = tokenizer.get_vocab()
-    ids.update(vocab[t] for t in END_OF_TURN if t in vocab)
-    return sorted(ids)
-
-
-def left_pad(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(input_ids, attention_mask)``, both ``(B, T_max)``, padded on the left.
-
-    >>> left_pad([[5, 6], [7]], 0)[0].tolist()
-    [[5, 6], [0, 7]]
-    """
-    width = max(len(s) for s in sequences)
-    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(sequences), width), dtype=torch.long)
-    for row, seq in enumerate(sequences):
-        ids[row, width - len(seq):] = torch.tensor(seq, dtype=torch.long)
-        mask[row, width - len(seq):] = 1
-    return ids, mask
 
 
 def cut_at_stop(new_ids: list[int], stops: set[int]) -> tuple[list[int], bool]:

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import hashlib
 import json
 import logging
 import os
@@ -26,9 +25,11 @@ from pathlib import Path
 import torch
 
 from . import __version__
-from .collate import MaskedBatchCollator, read_table, table_counts
+from .collate import MaskedBatchCollator, TableError, read_table, table_counts
 from .diagnostics import adapter_updates, full_updates
-from .loss import MaskedLossMixin
+from .artifacts import write_json
+from .loss import MaskedLossMixin, NonFiniteLossError
+from .modeling import file_sha256
 
 logger = logging.getLogger(__name__)
 
@@ -104,6 +105,14 @@ def _trainer_class():
     return MaskedLossTrainer
 
 
+def _logged_step(line: str) -> float:
+    """Step of a loss.jsonl line; infinity for a line cut short by a kill (so it is dropped on resume)."""
+    try:
+        return json.loads(line)["step"]
+    except (json.JSONDecodeError, KeyError, TypeError):
+        return float("inf")
+
+
 def _loss_log_callback(path: Path, trainer_ref: dict):
     from transformers import TrainerCallback
 
@@ -119,8 +128,10 @@ def _loss_log_callback(path: Path, trainer_ref: dict):
                 return
             self.trimmed = True
             lines = path.read_text().splitlines() if path.exists() else []
-            kept = [ln for ln in lines if json.loads(ln)["step"] <= state.global_step]
-            path.write_text("".join(ln + "\n" for ln in kept))
+            kept = [ln for ln in lines if _logged_step(ln) <= state.global_step]  # a cut last line goes too
+            tmp = path.with_name(f".{path.name}.tmp")
+            tmp.write_text("".join(ln + "\n" for ln in kept))
+            os.replace(tmp, path)
 
         def on_log(self, args, state, control, logs=None, **kwargs):
             if not logs or "loss" not in logs:
@@ -142,13 +153,6 @@ def _loss_log_callback(path: Path, trainer_ref: dict):
     return LossLog()
 
 
-def write_json(path: Path, obj) -> None:
-    """Write JSON to a temp name, then rename: a crash never leaves a half-written file."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2, default=str) + "\n")
-    os.replace(tmp, path)
-
-
 def save_atomic(save, target: Path) -> None:
     """``save(tmp_dir)`` then rename to ``target`` (replacing an old one)."""
     tmp = target.with_name(f".{target.name}.tmp")
@@ -156,14 +160,6 @@ def save_atomic(save, target: Path) -> None:
     save(tmp)
     shutil.rmtree(target, ignore_errors=True)
     os.replace(tmp, target)
-
-
-def file_fingerprint(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 22):
-            h.update(block)
-    return h.hexdigest()[:16]
 
 
 def resolve_device(device: str) -> str:
@@ -207,10 +203,19 @@ def training_arguments(config: TrainConfig, out: Path, device: str, dtype: torch
 
 
 def last_checkpoint(out: Path) -> str | None:
-    from transformers.trainer_utils import get_last_checkpoint
-
+    """The newest *complete* checkpoint: the Trainer writes ``trainer_state.json`` last and not atomically, so a
+    kill while saving leaves a newer folder without a readable one (which the Trainer's own pick would take)."""
     folder = out / "checkpoints"
-    return get_last_checkpoint(str(folder)) if folder.is_dir() else None
+    found = []
+    for d in folder.glob("checkpoint-*") if folder.is_dir() else []:
+        try:
+            step = int(d.name.split("-", 1)[1])
+            json.loads((d / "trainer_state.json").read_text())
+        except (ValueError, OSError):
+            logger.warning("ignoring incomplete checkpoint %s (interrupted while saving)", d)
+            continue
+        found.append((step, str(d)))
+    return max(found)[1] if found else None
 
 
 def weight_diagnostics(config: TrainConfig, model, base_state) -> dict:
@@ -241,7 +246,7 @@ def manifest(config: TrainConfig, tokenizer) -> dict:
         "stage": "train", "forgetless": __version__, "model": config.model, "revision": config.revision,
         "model_fingerprint": model_fingerprint(config.model, config.revision),
         "template_hash": template_hash(tokenizer), "data": str(Path(config.data).resolve()),
-        "data_fingerprint": file_fingerprint(config.data),
+        "data_fingerprint": file_sha256(Path(config.data))[:16],
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
                      "peft": peft.__version__, "trl": trl.__version__},
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -275,6 +280,12 @@ def run_train(config: TrainConfig, callbacks: list | None = None) -> Path:
     rows = read_table(config.data)
     counts = table_counts(rows)
     logger.info("training table: %s", counts)
+    if counts["trained_tokens"] == 0:
+        raise TableError(f"{config.data}: all {counts['response_tokens']} response tokens of its "
+                         f"{counts['examples']} examples are masked: nothing to train on")
+    if counts["examples_without_trained_tokens"]:
+        logger.warning("%s: %d of %d examples have every response token masked (they add no loss)",
+                       config.data, counts["examples_without_trained_tokens"], counts["examples"])
     model, tokenizer = load_model_and_tokenizer(config.model, config.revision, config.dtype, device)
     model.config.use_cache = False
     # Full fine-tuning keeps W0 for the diagnostics and, for the KL method, a frozen reference model.
@@ -297,7 +308,12 @@ def run_train(config: TrainConfig, callbacks: list | None = None) -> Path:
     if reference is not None:
         reference.to(trainer.args.device)
     start = time.time()
-    result = trainer.train(resume_from_checkpoint=resume_from)
+    try:
+        result = trainer.train(resume_from_checkpoint=resume_from)
+    except NonFiniteLossError as e:
+        kept = last_checkpoint(out)
+        raise NonFiniteLossError(f"{e}; last good checkpoint: {kept or 'none (save_steps=0)'}"
+                                 f"{' (resume=true continues from it)' if kept else ''}") from None
     wall = time.time() - start
     if not trainer.is_world_process_zero():
         return out  # one process writes the outputs

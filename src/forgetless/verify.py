@@ -14,16 +14,16 @@ sandbox). Tests inject a fake verifier; anything callable as ``verify(example, a
 from __future__ import annotations
 
 import logging
-import re
 from dataclasses import dataclass
 from typing import Callable
 
 from forgetless.data import Example
+from forgetless.tasks.math import last_boxed
+from forgetless.tasks.mbpp import build_program, extract_code
 
 logger = logging.getLogger(__name__)
 
 TASKS = ("auto", "mbpp", "gsm8k", "math", "none")
-FENCE = re.compile(r"```[ \t]*(?:python|py|Python)?[ \t]*\r?\n(.*?)(?:```|\Z)", re.DOTALL)
 
 CheckOne = Callable[[Example, str], bool]
 CheckMany = Callable[[list[Example], list[str]], list[bool]]
@@ -57,24 +57,12 @@ def as_verifier(check: Verifier | CheckOne, name: str = "custom") -> Verifier:
 
 # --- MBPP -----------------------------------------------------------------------------------
 
-def extract_code(answer: str) -> str:
-    """The first non-empty fenced block (an unclosed one counts: generation may stop mid-block), else the text.
-
-    >>> extract_code("Here:\\n```python\\nx = 1\\n```\\nDone")
-    'x = 1\\n'
-    """
-    blocks = [b for b in FENCE.findall(answer) if b.strip()]
-    return blocks[0] if blocks else answer
-
-
 def mbpp_program(example: Example, answer: str) -> str:
     """The program the sandbox runs: imports, the answer's code, the task's asserts."""
     meta = example.meta
     if not meta.get("test_list"):
         raise ValueError(f"example {example.id} has no 'test_list': cannot verify it as MBPP")
-    imports = "\n".join(line for line in meta.get("test_imports") or [] if line.strip())
-    tests = "\n".join(meta["test_list"])
-    return f"{imports}\n{extract_code(answer)}\n\n{tests}\n"
+    return build_program(extract_code(answer), meta)
 
 
 def mbpp_verifier(timeout_s: float = 10.0, workers: int | None = None) -> Verifier:
@@ -90,23 +78,6 @@ def mbpp_verifier(timeout_s: float = 10.0, workers: int | None = None) -> Verifi
 
 
 # --- GSM8K / MATH ---------------------------------------------------------------------------
-
-def last_boxed(text: str) -> str | None:
-    """Content of the last ``\\boxed{...}`` (braces balanced), or None.
-
-    >>> last_boxed(r"so \\boxed{\\frac{1}{2}}.")
-    '\\\\frac{1}{2}'
-    """
-    start = text.rfind("\\boxed{")
-    if start < 0:
-        return None
-    i, depth = start + len("\\boxed{"), 1
-    for j in range(i, len(text)):
-        depth += {"{": 1, "}": -1}.get(text[j], 0)
-        if depth == 0:
-            return text[i:j]
-    return None
-
 
 def gsm8k_gold(example: Example) -> str:
     reference = example.meta.get("answer") or example.response

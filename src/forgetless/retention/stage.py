@@ -73,9 +73,9 @@ def load_models(config: RetentionConfig):
     base_id = model_fingerprint(config.model, config.revision)
     base = None
     if config.adapter:
-        from peft import PeftModel
+        from ..modeling import load_adapter
 
-        model = PeftModel.from_pretrained(model, config.adapter).eval()
+        model = load_adapter(model, config.adapter, config.model)
     elif config.base_model:
         base = load_model(config.base_model, None, config.dtype, config.device)
         base_id = model_fingerprint(config.base_model)

@@ -1,0 +1,57 @@
+"""`forgetless run` end to end on a tiny saved model: every stage, the report, and resume."""
+
+import json
+
+import pytest
+
+from conftest import build_model, build_tokenizer
+from forgetless.cli import main
+
+
+@pytest.fixture
+def tiny_run_config(tmp_path):
+    tok = build_tokenizer("chatml")
+    build_model(len(tok), max_position_embeddings=2048).save_pretrained(tmp_path / "model")
+    tok.save_pretrained(tmp_path / "model")
+    config = tmp_path / "run.yaml"
+    config.write_text(f"""
+out_dir: {tmp_path / 'out'}
+model: {tmp_path / 'model'}
+data: mbpp-train
+limit: 4
+max_length: 1024
+methods:
+  - {{method: sft}}
+  - {{method: auto-tau, fraction: 0.3}}
+train: {{max_steps: 1, batch_size: 2, device: cpu}}
+eval: {{tasks: [gsm8k], limit: 2, max_new_tokens: 4, device: cpu, cache: false}}
+retention: {{mc_tasks: [arc_easy], mc_limit: 3, drift_sources: [gsm8k], drift_limit: 2, max_new_tokens: 4,
+             heldout_limit: 2, device: cpu, cache_dir: {tmp_path / 'cache'}}}
+target: gsm8k
+""")
+    return config, tmp_path / "out"
+
+
+def test_run_writes_report_and_resumes(tiny_run_config, capsys, caplog):
+    config, out = tiny_run_config
+    assert main(["run", str(config)]) == 0
+    report = (out / "report" / "report.md").read_text()
+    for label in ("base", "sft", "auto-tau-q0.3"):
+        assert label in report
+    assert "Retention, paired against the base model" in report
+    assert (out / "report" / "drift_vs_gain.png").stat().st_size > 1000
+    data = json.loads((out / "report" / "report.json").read_text())
+    assert data  # the table as JSON
+    masks = json.loads((out / "masks" / "target-auto-tau-q0.3" / "mask_stats.json").read_text())
+    assert masks["policy"] == "auto-tau" and 0.2 < masks["masked_fraction"] <= 0.3
+    adapter_mtime = (out / "train" / "auto-tau-q0.3" / "adapter" / "adapter_model.safetensors").stat().st_mtime_ns
+    caplog.set_level("INFO")
+    assert main(["run", str(config)]) == 0  # everything done already: nothing retrained
+    assert (out / "train" / "auto-tau-q0.3" / "adapter" / "adapter_model.safetensors").stat().st_mtime_ns == adapter_mtime
+    assert "train auto-tau-q0.3: done already" in caplog.text
+
+
+def test_run_config_errors_name_the_section(tiny_run_config, capsys):
+    config, _ = tiny_run_config
+    assert main(["run", str(config), "train.learnig_rate=1"]) == 2
+    assert "did you mean 'learning_rate'" in capsys.readouterr().err
