@@ -160,3 +160,11 @@ def test_eval_and_report_through_the_cli(tmp_path, monkeypatch, capsys):
     printed = capsys.readouterr().out
     assert "| tuned | 0.750 [" in printed and "+200.0%" in printed  # TI = (0.75 - 0.25) / 0.25
     assert (tmp_path / "rep" / "bwt_vs_ti.png").is_file()
+
+
+def test_ti_of_a_lower_is_better_target_counts_a_drop_as_gain():
+    from forgetless.report import forgetting_metrics
+
+    m = forgetting_metrics({"nll": 0.2, "acc": 0.5}, {"nll": 0.05, "acc": 0.4}, "nll", frozenset({"nll"}))
+    assert m["TI"] == pytest.approx(0.75) and m["TI_abs"] == pytest.approx(0.15)
+    assert m["BWT"] == pytest.approx(-0.2)

@@ -76,6 +76,9 @@ def forgetting_metrics(base: dict[str, float], tuned: dict[str, float], target: 
     if target in base and target in tuned:
         ti_abs = tuned[target] - base[target]
         ti = relative_change(tuned[target], base[target])
+        if target in lower_is_better:  # e.g. held-out NLL: a drop is the improvement
+            ti_abs, ti = -ti_abs, None if ti is None else -ti
+            notes.append(f"TI on {target}: lower is better, so TI = (base - tuned) / base")
         if ti is None:
             notes.append(f"TI undefined: base score on {target} is 0")
     else:
