@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from forgetless.artifacts import write_text
 from forgetless.intervals import paired_difference
 
 logger = logging.getLogger(__name__)
@@ -325,9 +326,7 @@ def run_report(cfg: ReportConfig) -> Path:
     markdown = render_markdown(report)
     for name, text in (("report.md", markdown), ("report.json", json.dumps(report, indent=2, default=str) + "\n"),
                        ("config.json", json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")):
-        tmp = out / f".tmp-{name}"
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, out / name)
+        write_text(out / name, text)
     plot_report(report, out)
     return out
 

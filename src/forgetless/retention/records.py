@@ -15,10 +15,10 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from pathlib import Path
 from typing import Any
 
+from forgetless.artifacts import write_text
 from .stats import mean_interval, wilson_interval
 
 
@@ -40,21 +40,15 @@ def make_record(task: str, metric: str, item_scores: list[float], *, higher_is_b
             "higher_is_better": higher_is_better, "chance": chance, "settings": settings or {}}
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-
-
 def write_task(out_dir: str | Path, record: dict[str, Any], items: list[dict[str, Any]]) -> Path:
     """Write ``<task>.items.jsonl`` then ``<task>.json`` (the record last: it marks completion)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     stem = task_filename(record["task"])
-    _atomic_write(out_dir / f"{stem}.items.jsonl",
+    write_text(out_dir / f"{stem}.items.jsonl",
                   "".join(json.dumps(it, ensure_ascii=False) + "\n" for it in items))
     path = out_dir / f"{stem}.json"
-    _atomic_write(path, json.dumps(record, indent=2, ensure_ascii=False) + "\n")
+    write_text(path, json.dumps(record, indent=2, ensure_ascii=False) + "\n")
     return path
 
 
