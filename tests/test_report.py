@@ -168,3 +168,14 @@ def test_ti_of_a_lower_is_better_target_counts_a_drop_as_gain():
     m = forgetting_metrics({"nll": 0.2, "acc": 0.5}, {"nll": 0.05, "acc": 0.4}, "nll", frozenset({"nll"}))
     assert m["TI"] == pytest.approx(0.75) and m["TI_abs"] == pytest.approx(0.15)
     assert m["BWT"] == pytest.approx(-0.2)
+
+
+def test_bwt_averages_only_the_tasks_shown(tmp_path):
+    # a sub-record (top-1 agreement of a drift task) is in scores.json but not a column: it must not enter BWT
+    base = _fake_run(tmp_path / "b", {"mbpp": 0.4, "arc_easy": 0.5, "sciq": 0.8, "drift:gsm8k:top1_agreement": 1.0})
+    tuned = _fake_run(tmp_path / "t", {"mbpp": 0.5, "arc_easy": 0.45, "sciq": 0.8, "drift:gsm8k:top1_agreement": 0.5})
+    cfg = ReportConfig(runs=(f"base={base}", f"tuned={tuned}"), output_dir=str(tmp_path / "rep"),
+                       tasks=("mbpp", "arc_easy", "sciq"))
+    metrics = json.loads((run_report(cfg) / "report.json").read_text())["rows"][1]["metrics"]
+    assert metrics["bwt_tasks"] == ["arc_easy", "sciq"]
+    assert metrics["BWT"] == pytest.approx((-0.1 + 0.0) / 2)  # not (-0.1 + 0 - 0.5) / 3

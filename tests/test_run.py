@@ -42,6 +42,11 @@ def test_run_writes_report_and_resumes(tiny_run_config, capsys, caplog):
     assert (out / "report" / "drift_vs_gain.png").stat().st_size > 1000
     data = json.loads((out / "report" / "report.json").read_text())
     assert data  # the table as JSON
+    for plot in ("training_loss.png", "delta_w.png", "token_ppl_distribution.png"):
+        assert (out / "report" / plot).stat().st_size > 1000
+    page = (out / "report" / "report.html").read_text()
+    assert "Retention, paired against the base model" in page and page.count("data:image/png;base64,") >= 5
+    assert '<s class="tok masked"' in page  # the token view shows the auto-tau mask, not sft's empty one
     masks = json.loads((out / "masks" / "target-auto-tau-q0.3" / "mask_stats.json").read_text())
     assert masks["policy"] == "auto-tau" and 0.2 < masks["masked_fraction"] <= 0.3
     adapter_mtime = (out / "train" / "auto-tau-q0.3" / "adapter" / "adapter_model.safetensors").stat().st_mtime_ns

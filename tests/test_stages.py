@@ -178,3 +178,17 @@ def test_kill_9_during_scoring_then_rerun(model_dir, tmp_path):
     a, b = (flat_nll(pq.read_table(d / "scores.parquet")) for d in (out, reference))
     assert np.allclose(a, b, equal_nan=True, atol=1e-5)
     assert not list(out.glob(".*.tmp"))
+
+
+def test_atomic_writes_get_the_mode_open_would_give(tmp_path):
+    import os
+
+    from forgetless.artifacts import write_text
+
+    old = os.umask(0o022)
+    try:
+        write_text(tmp_path / "report.md", "x")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "report.md").stat().st_mode & 0o777 == 0o644  # not mkstemp's 0600
+    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]

@@ -23,12 +23,19 @@ MANIFEST = "manifest.json"
 _VERSIONED = ("forgetless", "torch", "transformers", "tokenizers", "peft", "trl", "datasets", "accelerate")
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def _atomic(path: Path, write) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
     try:
         write(tmp)
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the file the mode open() would have
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

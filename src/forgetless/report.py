@@ -6,8 +6,9 @@ differences. A relative change against a base score of 0 is undefined: it is rep
 with the reason, and BWT averages only the tasks where it is defined (listed). Tasks whose
 metric is lower-is-better (drift measures) are shown but left out of TI/BWT.
 
-Writes ``report.md``, ``report.json``, ``bwt_vs_ti.png`` and, when runs carry both,
-``masked_fraction_vs_tau.png``.
+Writes ``report.md``, ``report.json``, ``bwt_vs_ti.png``, ``report.html`` (tables, plots and
+a token view) and, when the inputs carry them, ``masked_fraction_vs_tau.png``,
+``training_loss.png``, ``delta_w.png`` and ``token_ppl_distribution.png``.
 """
 
 from __future__ import annotations
@@ -15,13 +16,14 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from forgetless.artifacts import write_text
 from forgetless.intervals import paired_difference
+from forgetless.report_html import PPL_DARKEST, read_token_examples, write_html
+from forgetless.report_plots import plot_delta_w, plot_loss_curves, plot_ppl_distribution, save_figure
 
 logger = logging.getLogger(__name__)
 
@@ -42,10 +44,17 @@ class ReportConfig:
     base: str | None = field(default=None, metadata={"help": "label of the base run (default: 'base' if present, else the first)"})
     target: str = field(default="mbpp", metadata={"help": "the fine-tuning target task; every other task is non-target"})
     train_dirs: tuple[str, ...] = field(default=(), metadata={"help": "label=train_dir entries with train_summary/diagnostics json"})
-    tasks: tuple[str, ...] = field(default=(), metadata={"help": "tasks to show, in order (default: all found)"})
+    tasks: tuple[str, ...] = field(default=(), metadata={"help": "tasks to show, in order; BWT averages these (default: all found)"})
+    scores: tuple[str, ...] = field(default=(), metadata={"help": "label=scores.parquet entries (e.g. ground truth, self-output) "
+                                                                  "for the per-token ppl distribution plot"})
+    token_view: str | None = field(default=None, metadata={"help": "a mask stage's data.parquet (or a scores.parquet): "
+                                                                   "its first examples shown token by token in report.html"})
+    token_view_examples: int = field(default=3, metadata={"help": "examples in the token view"})
+    tokenizer: str | None = field(default=None, metadata={"help": "model whose tokenizer decodes the token view "
+                                                                  "(default: the model in the scores' manifest)"})
 
     def __post_init__(self):
-        for name in ("runs", "train_dirs", "tasks"):
+        for name in ("runs", "train_dirs", "tasks", "scores"):
             value = getattr(self, name)
             if isinstance(value, (str, list)):
                 object.__setattr__(self, name, tuple([value] if isinstance(value, str) else value))
@@ -209,7 +218,8 @@ def build_report(cfg: ReportConfig) -> dict[str, Any]:
     train = dict(parse_labelled(t) for t in cfg.train_dirs)
     tasks = list(cfg.tasks) or sorted({t for s in scores.values() for t in s}, key=lambda t: (t != cfg.target, t))
     lower = frozenset(t for s in scores.values() for t, r in s.items() if r.get("higher_is_better") is False)
-    base_scores = {t: r["score"] for t, r in scores[base_label].items() if r.get("score") is not None}
+    # TI/BWT use only the tasks shown, so sub-records (e.g. a drift task's top-1 agreement) do not enter BWT.
+    base_scores = {t: r["score"] for t, r in scores[base_label].items() if r.get("score") is not None and t in tasks}
     rows = []
     for label, paths in groups.items():
         run_scores = {t: r["score"] for t, r in scores[label].items() if r.get("score") is not None}
@@ -293,7 +303,7 @@ def plot_report(report: dict[str, Any], out: Path) -> list[Path]:
     ax.set_ylabel(f"{ky} (non-target)")
     ax.set_title("Backward transfer vs target improvement")
     fig.tight_layout()
-    written.append(_save(fig, out / "bwt_vs_ti.png"))
+    written.append(save_figure(fig, out / "bwt_vs_ti.png"))
     plt.close(fig)
     pts = sorted((r["extras"]["tau"], r["extras"]["masked_fraction"], r["label"]) for r in report["rows"]
                  if r["extras"]["tau"] is not None and r["extras"]["masked_fraction"] is not None)
@@ -306,16 +316,9 @@ def plot_report(report: dict[str, Any], out: Path) -> list[Path]:
         ax.set_xlabel("τ (perplexity threshold)")
         ax.set_ylabel("masked fraction of response tokens")
         fig.tight_layout()
-        written.append(_save(fig, out / "masked_fraction_vs_tau.png"))
+        written.append(save_figure(fig, out / "masked_fraction_vs_tau.png"))
         plt.close(fig)
     return written
-
-
-def _save(fig, path: Path) -> Path:
-    tmp = path.with_name(".tmp-" + path.name)
-    fig.savefig(tmp, dpi=120, format="png")
-    os.replace(tmp, path)
-    return path
 
 
 def run_report(cfg: ReportConfig) -> Path:
@@ -328,7 +331,47 @@ def run_report(cfg: ReportConfig) -> Path:
                        ("config.json", json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")):
         write_text(out / name, text)
     plot_report(report, out)
+    plot_training(cfg, report, out)
+    write_report_html(cfg)
     return out
+
+
+def plot_training(cfg: ReportConfig, report: dict[str, Any], out: Path) -> None:
+    """Loss curves and ‖ΔW‖ of the train runs, and the ppl distribution of each scored data set."""
+    train = dict(parse_labelled(t) for t in cfg.train_dirs)
+    plot_loss_curves(train, out / "training_loss.png")
+    plot_delta_w({r["label"]: r["extras"]["delta_w_norm"] for r in report["rows"] if not r["is_base"]}, out / "delta_w.png")
+    taus = [r["extras"]["tau"] for r in report["rows"] if r["extras"]["tau"] is not None]
+    plot_ppl_distribution(dict(parse_labelled(s) for s in cfg.scores), out / "token_ppl_distribution.png", taus)
+
+
+def _manifest_model(data_file: Path) -> str | None:
+    """The model named in the manifest of a score stage (or of the score stage a mask stage read)."""
+    manifest = data_file.parent / "manifest.json"
+    if not manifest.is_file():
+        return None
+    config = json.loads(manifest.read_text()).get("config", {})
+    if "model" in config:
+        return config["model"]
+    return _manifest_model(Path(config["scores"]) / "scores.parquet") if config.get("scores") else None
+
+
+def write_report_html(cfg: ReportConfig) -> Path:
+    """report.html from everything now in the report directory, plus the token view of ``cfg.token_view``."""
+    examples, caption = None, ""
+    if cfg.token_view:
+        data_file = Path(cfg.token_view)
+        model = cfg.tokenizer or _manifest_model(data_file)
+        if model is None:
+            raise ValueError(f"token_view: no tokenizer given and none named in {data_file.parent / 'manifest.json'}")
+        from forgetless.modeling import load_tokenizer
+
+        tokenizer = load_tokenizer(model)
+        examples = read_token_examples(data_file, tokenizer.decode, cfg.token_view_examples)
+        caption = (f"Responses from {data_file}, tokens shaded by their perplexity under the base model "
+                   f"(white: ppl 1, darkest: ppl ≥ {PPL_DARKEST:g}); struck-through tokens are masked out of the loss. "
+                   "Hover a token for its ppl.")
+    return write_html(cfg.output_dir, examples, caption)
 
 
 def print_report(out: Path) -> None:

@@ -185,21 +185,23 @@ def run_experiment(config: RunConfig) -> Path:
     artifacts.write_json(out / "run_config.json", dataclasses.asdict(config))
     scores: dict[str, Path] = {}
     train_dirs: dict[str, Path] = {}
+    mask_dirs: dict[str, Path] = {}
     for label, method, lr in train_runs(config):
         data = method.data or config.data
         if data not in scores:
             where = out / "scores" / ("target" if data == config.data else Path(data).stem)
             scores[data] = run_score(make(ScoreConfig, score_settings(config, data, str(where)), "score"))
         masks = run_mask(method.mask_config(scores[data], out / "masks" / f"{scores[data].name}-{method.label}"))
+        mask_dirs.setdefault(method.method, masks)
         cfg = train_config(config, label, method, lr, str(masks / MASKED_FILE))
         settings = {**dataclasses.asdict(cfg), **({"probe": config.probe} if config.probe else {})}
         train_dirs[label] = run_once(Path(cfg.output_dir), settings,
                                      lambda c=cfg: run_train(c, callbacks=probe_callbacks(config, c, out)), f"train {label}")
     evals = evaluate_all(config, train_dirs)
-    report_dir = report(config, out, evals, train_dirs)
-    if config.probe or len(config.learning_rates) > 1:
-        frontier(config, out, train_dirs, report_dir)
-    return report_dir
+    # The token view shows what STM drops; without an STM method, the first method's mask.
+    view = mask_dirs.get("stm") or mask_dirs.get("auto-tau") or next(iter(mask_dirs.values()))
+    ppl_sources = {("ground truth" if data == config.data else Path(data).stem): d / "scores.parquet" for data, d in scores.items()}
+    return report(config, out, evals, train_dirs, ppl_sources, view / MASKED_FILE)
 
 
 def evaluate_all(config: RunConfig, train_dirs: dict[str, Path]) -> dict[str, list[Path]]:
@@ -221,16 +223,22 @@ def tuned_model(base: str, train_dir: Path) -> tuple[str, str | None]:
     return str(train_dir / "model"), None
 
 
-def report(config: RunConfig, out: Path, evals: dict[str, list[Path]], train_dirs: dict[str, Path]) -> Path:
-    from forgetless.report import ReportConfig, run_report
+def report(config: RunConfig, out: Path, evals: dict[str, list[Path]], train_dirs: dict[str, Path],
+           ppl_sources: dict[str, Path], token_view: Path) -> Path:
+    """report.md/json and plots, the retention section, the frontier (for a grid), then report.html of it all."""
+    from forgetless.report import ReportConfig, run_report, write_report_html
 
-    runs = tuple(f"{label}={d}" for label, dirs in evals.items() for d in dirs)
-    trains = tuple(f"{label}={d}" for label, d in train_dirs.items())
-    tasks = report_tasks(config)
-    report_dir = run_report(ReportConfig(runs=runs, train_dirs=trains, output_dir=str(out / "report"), base="base",
-                                         target=config.target, tasks=tasks))
+    cfg = ReportConfig(runs=tuple(f"{label}={d}" for label, dirs in evals.items() for d in dirs),
+                       train_dirs=tuple(f"{label}={d}" for label, d in train_dirs.items()),
+                       output_dir=str(out / "report"), base="base", target=config.target, tasks=report_tasks(config),
+                       scores=tuple(f"{label}={f}" for label, f in ppl_sources.items()),
+                       token_view=str(token_view), tokenizer=config.model)
+    report_dir = run_report(cfg)
     if config.retention is not None:
         add_retention_section(report_dir, out / "retention", list(train_dirs), config.target)
+    if config.probe or len(config.learning_rates) > 1:
+        frontier(config, out, train_dirs, report_dir)
+    write_report_html(cfg)
     return report_dir
 
 

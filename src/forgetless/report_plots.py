@@ -1,0 +1,127 @@
+"""The report's training plots: loss curves, weight-update size, and per-token perplexity distributions.
+
+Each function reads plain files a stage wrote (``loss.jsonl`` and ``diagnostics.json`` of a train
+run, ``scores.parquet`` of a score run) and writes one PNG atomically; it returns None, writing
+nothing, when there is nothing to draw.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+
+import numpy as np
+
+PPL_AXIS_MAX = 1e4
+
+
+def read_loss_curve(train_dir: str | Path) -> tuple[list[int], list[float]]:
+    """(steps, per-token training NLL) from a train run's ``loss.jsonl``; empty when it has none."""
+    path = Path(train_dir) / "loss.jsonl"
+    steps, nll = [], []
+    if not path.is_file():
+        return steps, nll
+    for line in path.read_text(encoding="utf-8").splitlines():
+        if not line.strip():
+            continue
+        record = json.loads(line)
+        value = record.get("nll_per_token", record.get("loss"))
+        if "step" in record and value is not None:
+            steps.append(int(record["step"]))
+            nll.append(float(value))
+    return steps, nll
+
+
+def response_ppl(scores_file: str | Path) -> np.ndarray:
+    """Per-token perplexity exp(nll) of every scored response token in a ``scores.parquet`` (NaN rows dropped)."""
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(scores_file, columns=["nll", "response_mask"])
+    values = []
+    for nll, mask in zip(table.column("nll").to_pylist(), table.column("response_mask").to_pylist()):
+        values += [v for v, m in zip(nll, mask) if m and v is not None and not math.isnan(v)]
+    return np.exp(np.asarray(values, dtype=np.float64))
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def save_figure(fig, path: Path) -> Path:
+    tmp = path.with_name(".tmp-" + path.name)
+    fig.savefig(tmp, dpi=120, format="png")
+    os.replace(tmp, path)
+    return path
+
+
+def plot_loss_curves(train_dirs: dict[str, str | Path], path: Path) -> Path | None:
+    """Per-token training NLL against step, one line per run (the loss each method optimises)."""
+    curves = {label: read_loss_curve(d) for label, d in train_dirs.items()}
+    curves = {label: c for label, c in curves.items() if c[0]}
+    if not curves:
+        return None
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for label, (steps, nll) in curves.items():
+        ax.plot(steps, nll, marker="." if len(steps) < 40 else None, label=label)
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("training NLL per trained token")
+    ax.set_title("Training loss (over the tokens each method trains on)")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    save_figure(fig, path)
+    plt.close(fig)
+    return path
+
+
+def plot_delta_w(norms: dict[str, float | None], path: Path) -> Path | None:
+    """‖ΔW‖ (Frobenius norm of the whole weight update) per run, as bars."""
+    norms = {label: v for label, v in norms.items() if v is not None}
+    if not norms:
+        return None
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(max(4.0, 0.7 * len(norms) + 2), 4))
+    ax.bar(range(len(norms)), list(norms.values()), color="#4c72b0")
+    ax.set_xticks(range(len(norms)), list(norms), rotation=30, ha="right", fontsize=8)
+    ax.set_ylabel("‖ΔW‖ (Frobenius, all adapted modules)")
+    ax.set_title("Size of the weight update per method")
+    fig.tight_layout()
+    save_figure(fig, path)
+    plt.close(fig)
+    return path
+
+
+def plot_ppl_distribution(scores_files: dict[str, str | Path], path: Path, taus: list[float] = ()) -> Path | None:
+    """Histogram of per-token perplexity (log axis) of each data set's responses under the base model."""
+    ppl = {label: response_ppl(f) for label, f in scores_files.items()}
+    ppl = {label: v for label, v in ppl.items() if v.size}
+    if not ppl:
+        return None
+    plt = _pyplot()
+    top = min(PPL_AXIS_MAX, max(float(v.max()) for v in ppl.values()))
+    bins = np.logspace(0, math.log10(max(top, 10.0)) + 0.05, 40)
+    ppl = {label: np.minimum(v, bins[-1] * 0.999) for label, v in ppl.items()}  # the last bin holds everything above
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for label, values in ppl.items():
+        weights = np.full(values.size, 1.0 / values.size)
+        ax.hist(values, bins=bins, weights=weights, histtype="step", lw=1.5,
+                label=f"{label} (n={values.size}, median {np.median(values):.2f})")
+    for tau in sorted(set(t for t in taus if math.isfinite(t))):
+        ax.axvline(tau, color="grey", ls="--", lw=0.8)
+        ax.annotate(f"τ={tau:g}", (tau, ax.get_ylim()[1] * 0.9), fontsize=7, xytext=(3, 0), textcoords="offset points")
+    ax.set_xscale("log")
+    ax.set_xlabel(f"per-token perplexity under the base model (last bin: ≥ {bins[-1]:.3g})")
+    ax.set_ylabel("share of response tokens")
+    ax.set_title("Response-token perplexity by data source")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    save_figure(fig, path)
+    plt.close(fig)
+    return path
