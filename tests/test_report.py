@@ -79,7 +79,7 @@ def test_report_files_and_table(tmp_path):
     assert rows["stm-2.5"]["metrics"]["TI"] == pytest.approx(0.25)
     assert rows["stm-2.5"]["metrics"]["BWT"] == pytest.approx((0.0 - 0.1) / 2)
     assert rows["gt"]["metrics"]["BWT"] == pytest.approx((-0.5 + 0.0) / 2)
-    assert rows["stm-2.5"]["extras"] == {"masked_fraction": 0.31, "tau": 2.5, "delta_w_norm": 1.25}
+    assert rows["stm-2.5"]["extras"] == {"masked_fraction": 0.31, "tau": 2.5, "delta_w_norm": 1.25, "train_time_s": None}
     assert rows["stm-2.5"]["paired"]["mbpp"]["mean"] == pytest.approx(0.2) and rows["stm-2.5"]["paired"]["mbpp"]["n"] == 5
     markdown = (out / "report.md").read_text()
     assert "| stm-2.5 | 0.500 [" in markdown and "+25.0%" in markdown and "n=10" in markdown
@@ -126,11 +126,14 @@ def test_repeated_label_merges_eval_and_retention_dirs(tmp_path):
     stm = report["rows"][1]
     assert report["tasks"] == ["mbpp", "piqa_mc"] and len(report["rows"]) == 2
     assert stm["metrics"]["TI"] == pytest.approx(0.5) and stm["metrics"]["BWT"] == pytest.approx(-0.1)
-    assert stm["extras"] == {"masked_fraction": 0.3, "tau": 2.5, "delta_w_norm": 0.75}
+    assert stm["extras"] == {"masked_fraction": 0.3, "tau": 2.5, "delta_w_norm": 0.75, "train_time_s": None}
 
 
 def test_load_extras_missing_is_none(tmp_path):
-    assert load_extras(tmp_path, None) == {"masked_fraction": None, "tau": None, "delta_w_norm": None}
+    assert load_extras(tmp_path, None) == {"masked_fraction": None, "tau": None, "delta_w_norm": None, "train_time_s": None}
+    (tmp_path / "train_summary.json").write_text('{"wall_time_s": 106.1, "table": {"masked_fraction": 0.3}}')
+    assert load_extras(tmp_path)["train_time_s"] == 106.1
+    assert load_extras(None, tmp_path)["train_time_s"] is None  # an eval dir's timing is not training time
 
 
 def test_report_config_validation():

@@ -155,9 +155,17 @@ def _mask_dir(train_dir: Path) -> Path | None:
     return Path(data).parent if isinstance(data, str) else None
 
 
+def _train_time(train_dir: str | Path) -> float | None:
+    """Wall seconds of a forgetless train run (only its own summary: eval dirs time other work)."""
+    f = Path(train_dir) / "train_summary.json"
+    return json.loads(f.read_text()).get("wall_time_s") if f.is_file() else None
+
+
 def load_extras(*dirs: str | Path | None) -> dict[str, float | None]:
-    """masked_fraction, tau, delta_w_norm from the first train_summary/diagnostics/mask json that has them."""
+    """masked_fraction, tau, delta_w_norm from the first train_summary/diagnostics/mask json that has them,
+    and train_time_s from the first dir (the train run's)."""
     extras: dict[str, float | None] = {k: None for k in EXTRA_KEYS}
+    extras["train_time_s"] = _train_time(dirs[0]) if dirs and dirs[0] is not None else None
     search = []
     for d in dirs:
         if d is not None:
@@ -249,7 +257,7 @@ def _public(record: dict | None) -> dict | None:
 def render_markdown(report: dict[str, Any]) -> str:
     tasks = report["tasks"]
     head = ["run", *[f"{t}{' (target)' if t == report['target'] else ''}" for t in tasks],
-            "TI", "TI abs", "BWT", "BWT abs", "masked frac", "τ", "‖ΔW‖"]
+            "TI", "TI abs", "BWT", "BWT abs", "masked frac", "τ", "‖ΔW‖", "train time"]
     lines = [f"# Forgetting report (target: {report['target']}, base: {report['base']})", "",
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     notes = []
@@ -259,7 +267,8 @@ def render_markdown(report: dict[str, Any]) -> str:
         cells = [row["label"], *[_cell(row["tasks"].get(t)) for t in tasks],
                  _fmt(m.get("TI"), percent=True) if m else "—", _fmt(m.get("TI_abs")) if m else "—",
                  _fmt(m.get("BWT"), percent=True) if m else "—", _fmt(m.get("BWT_abs")) if m else "—",
-                 _fmt(ex["masked_fraction"]), _fmt(ex["tau"], 2), _fmt(ex["delta_w_norm"], 4)]
+                 _fmt(ex["masked_fraction"]), _fmt(ex["tau"], 2), _fmt(ex["delta_w_norm"], 4),
+                 "n/a" if ex.get("train_time_s") is None else f"{ex['train_time_s']:.0f} s"]
         lines.append("| " + " | ".join(cells) + " |")
         notes += [f"{row['label']}: {n}" for n in m.get("notes", [])]
     paired = [r for r in report["rows"] if r.get("paired")]
