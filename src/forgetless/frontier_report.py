@@ -256,12 +256,9 @@ def plot_frontier(data: dict, path: Path) -> Path:
     ax.set_ylabel(f"retention ({ret})")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    tmp = path.with_name(f".tmp-{path.name}")
-    fig.savefig(tmp, format="png", dpi=120)
-    plt.close(fig)
-    tmp.replace(path)
-    return path
+    from forgetless.report_plots import save_figure
+
+    return save_figure(fig, path)
 
 
 def write_frontier(report_dir: str | Path, data: dict) -> Path:

@@ -311,9 +311,7 @@ def plot_report(report: dict[str, Any], out: Path) -> list[Path]:
     ax.set_xlabel(f"{kx} (target: {report['target']})")
     ax.set_ylabel(f"{ky} (non-target)")
     ax.set_title("Backward transfer vs target improvement")
-    fig.tight_layout()
     written.append(save_figure(fig, out / "bwt_vs_ti.png"))
-    plt.close(fig)
     pts = sorted((r["extras"]["tau"], r["extras"]["masked_fraction"], r["label"]) for r in report["rows"]
                  if r["extras"]["tau"] is not None and r["extras"]["masked_fraction"] is not None)
     if pts:
@@ -324,9 +322,7 @@ def plot_report(report: dict[str, Any], out: Path) -> list[Path]:
         ax.set_xscale("log")
         ax.set_xlabel("τ (perplexity threshold)")
         ax.set_ylabel("masked fraction of response tokens")
-        fig.tight_layout()
         written.append(save_figure(fig, out / "masked_fraction_vs_tau.png"))
-        plt.close(fig)
     return written
 
 

@@ -55,9 +55,12 @@ def _pyplot():
 
 
 def save_figure(fig, path: Path) -> Path:
+    """Lay out, write atomically and close ``fig``."""
+    fig.tight_layout()
     tmp = path.with_name(".tmp-" + path.name)
     fig.savefig(tmp, dpi=120, format="png")
     os.replace(tmp, path)
+    _pyplot().close(fig)
     return path
 
 
@@ -75,10 +78,7 @@ def plot_loss_curves(train_dirs: dict[str, str | Path], path: Path) -> Path | No
     ax.set_ylabel("training NLL per trained token")
     ax.set_title("Training loss (over the tokens each method trains on)")
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    save_figure(fig, path)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def plot_delta_w(norms: dict[str, float | None], path: Path) -> Path | None:
@@ -92,10 +92,7 @@ def plot_delta_w(norms: dict[str, float | None], path: Path) -> Path | None:
     ax.set_xticks(range(len(norms)), list(norms), rotation=30, ha="right", fontsize=8)
     ax.set_ylabel("‖ΔW‖ (Frobenius, all adapted modules)")
     ax.set_title("Size of the weight update per method")
-    fig.tight_layout()
-    save_figure(fig, path)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def plot_ppl_distribution(scores_files: dict[str, str | Path], path: Path, taus: list[float] = ()) -> Path | None:
@@ -121,7 +118,4 @@ def plot_ppl_distribution(scores_files: dict[str, str | Path], path: Path, taus:
     ax.set_ylabel("share of response tokens")
     ax.set_title("Response-token perplexity by data source")
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    save_figure(fig, path)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)

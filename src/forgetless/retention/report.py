@@ -151,11 +151,7 @@ def plot_drift_vs_gain(summaries: dict[str, dict], path: str | Path, gain: str =
     ax.set_xlabel("target gain (" + ("accuracy" if gain == "accuracy_gain" else "−Δ held-out NLL, kept kind") + ")")
     ax.set_ylabel("drift: mean KL(base‖tuned), non-target")
     ax.grid(alpha=0.3)
-    fig.tight_layout()
-    path = Path(path)
-    tmp = path.with_name(f".tmp-{path.name}")
-    fig.savefig(tmp, format=path.suffix.lstrip(".") or "png", dpi=120)
-    plt.close(fig)
-    tmp.replace(path)
-    return path
+    from forgetless.report_plots import save_figure
+
+    return save_figure(fig, Path(path))
 
