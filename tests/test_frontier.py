@@ -122,11 +122,28 @@ def test_probe_resume_skips_done_steps(setup, tmp_path):
 def test_guard_stops_training(setup, tmp_path):
     calls = []
     cb = ProbeCallback(tmp_path / "probes.jsonl", _probe_recorder(calls), every=1,
-                       guard_metric="retention", guard_min=0.75)
+                       guard_metric="retention", guard_min=0.75, guard_restore=False)
     d = run_train(config(setup, "probe-guard", max_steps=8), callbacks=[cb])
     # retention = 1 - 0.1 * step falls below 0.75 at step 3
     assert cb.stopped_at == 3
     assert json.loads((d / "train_summary.json").read_text())["global_steps"] == 3
+
+
+def test_guard_puts_back_the_last_passing_weights(setup, tmp_path):
+    from safetensors.torch import load_file
+
+    seen = {}
+
+    def probe(model, step):
+        seen[step] = {n.replace(".default", ""): p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+        return {"retention": 1.0 - 0.1 * step}
+
+    cb = ProbeCallback(tmp_path / "probes.jsonl", probe, every=1, guard_metric="retention", guard_min=0.75)
+    d = run_train(config(setup, "probe-guard-restore", max_steps=8), callbacks=[cb])
+    assert (cb.stopped_at, cb.restored_to) == (3, 2)  # 0.7 < 0.75 at step 3; step 2 (0.8) was the last within
+    saved = load_file(d / "adapter" / "adapter_model.safetensors")
+    assert saved and all(torch.equal(w, seen[2][n]) for n, w in saved.items())
+    assert not all(torch.equal(w, seen[3][n]) for n, w in saved.items())  # the step-3 weights were not kept
 
 
 def test_probe_keeps_adapter_state(setup):

@@ -49,6 +49,9 @@ class ProbeConfig:
     tau: float = field(default=2.5, metadata={"help": "perplexity threshold splitting held-out tokens into kept/masked kinds"})
     guard_metric: str | None = field(default=None, metadata={"help": "measure watched by the guard (e.g. mc_retention, top1_agreement); none: no guard"})
     guard_min: float | None = field(default=None, metadata={"help": "stop training when guard_metric falls below this"})
+    guard_restore: bool = field(default=True, metadata={"help": "on a stop, put back the weights of the last probe that passed, "
+                                                                "so the saved model is within the limit (keeps a CPU copy of "
+                                                                "the trainable weights: small for LoRA, the whole model for full)"})
 
     def __post_init__(self):
         if self.every < 1 or self.mc_limit < 1 or self.drift_limit < 1 or self.heldout_limit < 1:
@@ -98,11 +101,15 @@ class ProbeCallback(TrainerCallback):
     """Evaluate ``probe(model, step) -> {measure: float}`` along training (see the module docstring)."""
 
     def __init__(self, path: str | Path, probe: Callable[[torch.nn.Module, int], dict], every: int,
-                 guard_metric: str | None = None, guard_min: float | None = None, at_start: bool = True):
+                 guard_metric: str | None = None, guard_min: float | None = None, at_start: bool = True,
+                 guard_restore: bool = True):
         self.path, self.probe, self.every = Path(path), probe, every
         self.guard_metric, self.guard_min, self.at_start = guard_metric, guard_min, at_start
+        self.guard_restore = guard_restore
         self.done = {row["step"] for row in read_probes(self.path)}
         self.stopped_at: int | None = None
+        self.restored_to: int | None = None  # the step whose weights the guard put back
+        self._passed: tuple[int, dict[str, torch.Tensor]] | None = None  # last passing step, its trainable weights
 
     def evaluate(self, model, step: int) -> dict | None:
         if step in self.done:
@@ -118,24 +125,40 @@ class ProbeCallback(TrainerCallback):
         self.done.add(step)
         return row
 
-    def _guard(self, row: dict | None, state, control) -> None:
+    def _guard(self, row: dict | None, model, state, control) -> None:
         if row is None or self.guard_metric is None:
             return
         value = row["measures"].get(self.guard_metric)
-        if value is not None and not math.isnan(value) and value < self.guard_min:
-            logger.warning("forgetting guard: %s = %.4f < %.4f at step %d; stopping", self.guard_metric,
-                           value, self.guard_min, state.global_step)
-            self.stopped_at = state.global_step
-            control.should_training_stop = True
+        if value is None or math.isnan(value) or value >= self.guard_min:
+            if self.guard_restore:
+                self._passed = (row["step"], {n: p.detach().to("cpu", copy=True)
+                                              for n, p in model.named_parameters() if p.requires_grad})
+            return
+        logger.warning("forgetting guard: %s = %.4f < %.4f at step %d; stopping", self.guard_metric,
+                       value, self.guard_min, state.global_step)
+        self.stopped_at = state.global_step
+        control.should_training_stop = True
+        if not self.guard_restore:
+            return
+        if self._passed is None:
+            logger.warning("forgetting guard: no probe passed in this process; keeping the step-%d weights", state.global_step)
+            return
+        step, weights = self._passed
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if name in weights:
+                    p.copy_(weights[name])
+        self.restored_to = step
+        logger.warning("forgetting guard: weights of step %d (the last probe within the limit) put back", step)
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         if self.at_start and state.global_step == 0 and model is not None:
-            self.evaluate(model, 0)
+            self._guard(self.evaluate(model, 0), model, state, control)
 
     def on_step_end(self, args, state, control, model=None, **kwargs):
         step = state.global_step
         if model is not None and (step % self.every == 0 or step == state.max_steps):
-            self._guard(self.evaluate(model, step), state, control)
+            self._guard(self.evaluate(model, step), model, state, control)
         return control
 
 

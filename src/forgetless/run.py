@@ -294,7 +294,8 @@ def probe_callbacks(config: RunConfig, train_cfg, out: Path) -> list:
         shutil.rmtree(train_dir / "probes", ignore_errors=True)
     probe = retention_probe(cfg, load_tokenizer(config.model), train_dir / "probes", out / "probe_cache",
                             model_fingerprint(config.model))
-    return [ProbeCallback(train_dir / PROBES_FILE, probe, cfg.every, cfg.guard_metric, cfg.guard_min)]
+    return [ProbeCallback(train_dir / PROBES_FILE, probe, cfg.every, cfg.guard_metric, cfg.guard_min,
+                          guard_restore=cfg.guard_restore)]
 
 
 def frontier(config: RunConfig, out: Path, train_dirs: dict[str, Path], report_dir: Path) -> Path | None:
