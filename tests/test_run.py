@@ -54,6 +54,9 @@ def test_run_writes_report_and_resumes(tiny_run_config, capsys, caplog):
     assert main(["run", str(config)]) == 0  # everything done already: nothing retrained
     assert (out / "train" / "auto-tau-q0.3" / "adapter" / "adapter_model.safetensors").stat().st_mtime_ns == adapter_mtime
     assert "train auto-tau-q0.3: done already" in caplog.text
+    # stages whose settings hold tuples (task lists) resume too: their stamps read back as lists
+    assert "retention auto-tau-q0.3: done already" in caplog.text and "eval base: done already" in caplog.text
+    assert "re-running" not in caplog.text
 
 
 def test_run_config_errors_name_the_section(tiny_run_config, capsys):

@@ -107,8 +107,14 @@ def is_fresh(out_dir: Path, key: dict[str, Any], *required: str) -> bool:
     return True
 
 
+def as_json(data: Any) -> Any:
+    """``data`` as it reads back from JSON (tuples become lists, paths strings), to compare with a stored copy."""
+    return json.loads(json.dumps(data, default=_jsonable))
+
+
 def stale_fields(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
-    """Names of the key fields that differ between two manifests' keys."""
+    """Names of the fields that differ between a stored key (read from JSON) and a new one."""
+    new = as_json(new)
     return sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
 
 

@@ -104,8 +104,14 @@ class RunConfig:
 
 
 def stage_done(out: Path, settings: dict) -> bool:
+    """True when ``out`` holds a finished stage made with ``settings`` (compared as JSON: tuples read back as lists)."""
     stamp = out / STAMP
-    return stamp.is_file() and artifacts.read_json(stamp) == settings
+    if not stamp.is_file():
+        return False
+    changed = artifacts.stale_fields(artifacts.read_json(stamp), settings)
+    if changed:
+        logger.info("%s: re-running, %s changed", out, ", ".join(changed))
+    return not changed
 
 
 def run_once(out: Path, settings: dict, fn: Callable[[], Any], what: str) -> Path:
