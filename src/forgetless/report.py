@@ -326,8 +326,8 @@ def plot_report(report: dict[str, Any], out: Path) -> list[Path]:
     return written
 
 
-def run_report(cfg: ReportConfig) -> Path:
-    """Write report.md, report.json and plots into cfg.output_dir; return the dir."""
+def run_report(cfg: ReportConfig, html: bool = True) -> Path:
+    """Write report.md, report.json, plots and (unless ``html`` is False) report.html into cfg.output_dir."""
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     report = build_report(cfg)
@@ -337,7 +337,8 @@ def run_report(cfg: ReportConfig) -> Path:
         write_text(out / name, text)
     plot_report(report, out)
     plot_training(cfg, report, out)
-    write_report_html(cfg)
+    if html:
+        write_report_html(cfg)
     return out
 
 

@@ -239,7 +239,7 @@ def report(config: RunConfig, out: Path, evals: dict[str, list[Path]], train_dir
                        output_dir=str(out / "report"), base="base", target=config.target, tasks=report_tasks(config),
                        scores=tuple(f"{label}={f}" for label, f in ppl_sources.items()),
                        token_view=str(token_view), tokenizer=config.model)
-    report_dir = run_report(cfg)
+    report_dir = run_report(cfg, html=False)  # report.html comes last, with every section added below
     if config.retention is not None:
         add_retention_section(report_dir, out / "retention", list(train_dirs), config.target)
     if config.probe or len(config.learning_rates) > 1:
