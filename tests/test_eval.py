@@ -8,7 +8,7 @@ import json
 import pytest
 
 from forgetless.evaluate import EvalConfig, evaluate_model, evaluate_tasks, run_eval
-from forgetless.generation import DecodingSettings, _cut_at_stop, generate, left_pad, stop_token_ids
+from forgetless.generation import DecodingSettings, cut_at_stop, generate, left_pad, stop_token_ids
 from forgetless.intervals import paired_difference, wilson_interval
 from forgetless.tasks.custom import task_from_definition
 from forgetless.tasks.gsm8k import load_gsm8k
@@ -21,8 +21,8 @@ def test_left_pad_and_stop_cut():
     ids, mask = left_pad([[5, 6, 7], [8]], pad_id=0)
     assert ids.tolist() == [[5, 6, 7], [0, 0, 8]]
     assert mask.tolist() == [[1, 1, 1], [0, 0, 1]]
-    assert _cut_at_stop([4, 9, 2, 9], {9}, 0) == [4]
-    assert _cut_at_stop([4, 2], {9}, 0) == [4, 2]
+    assert cut_at_stop([4, 9, 2, 9], {9}) == ([4], True)
+    assert cut_at_stop([4, 2], {9}) == ([4, 2], False)
 
 
 def test_stop_tokens_include_end_of_turn(tokenizer):

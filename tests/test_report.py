@@ -83,8 +83,33 @@ def test_report_files_and_table(tmp_path):
     assert rows["stm-2.5"]["paired"]["mbpp"]["mean"] == pytest.approx(0.2) and rows["stm-2.5"]["paired"]["mbpp"]["n"] == 5
     markdown = (out / "report.md").read_text()
     assert "| stm-2.5 | 0.500 [" in markdown and "+25.0%" in markdown and "n=10" in markdown
-    for png in ("bwt_vs_ti.png", "masked_fraction_vs_tau.png"):
-        assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (out / "bwt_vs_ti.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not (out / "masked_fraction_vs_tau.png").exists()  # no scored data to draw the τ curve from
+
+
+def test_masked_fraction_curve_from_the_scored_data(tmp_path, monkeypatch):
+    import math
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from forgetless import report_plots
+
+    # Response-token ppl 1.5, 2, 3, 12 (position 0 and prompt tokens are not scored).
+    nll = [math.nan, math.nan, math.log(1.5), math.log(2.0), math.log(3.0), math.log(12.0)]
+    pq.write_table(pa.table({"nll": [nll], "response_mask": [[0, 0, 1, 1, 1, 1]]}), tmp_path / "scores.parquet")
+    drawn = {}
+    monkeypatch.setattr(report_plots, "save_figure", lambda fig, path: drawn.update(fig=fig) or path)
+    report_plots.plot_masked_fraction(tmp_path / "scores.parquet", {"stm": (2.5, 0.5), "random": (2.5, 0.5), "sft": (None, 0.0)},
+                                      tmp_path / "m.png")
+    ax = drawn["fig"].axes[0]
+    taus, fractions = ax.lines[0].get_data()
+    at = lambda t: fractions[abs(taus - t).argmin()]  # noqa: E731
+    # ppl > τ: above 1.4 all 4 tokens; above 2.5 two of 4 (3 and 12); above 13 none.
+    assert at(1.4) == 1.0 and abs(at(2.5) - 0.5) < 1e-9 and at(13.0) == 0.0
+    # STM and its same-count random mask share one point and one label; sft has no τ and no point.
+    labels = [t.get_text() for t in ax.texts]
+    assert labels == ["stm, random\n(τ=2.5, 50.0%)"]
 
 
 def test_report_with_undefined_ti_still_plots(tmp_path):
@@ -94,7 +119,7 @@ def test_report_with_undefined_ti_still_plots(tmp_path):
     report = json.loads((out / "report.json").read_text())
     assert report["rows"][1]["metrics"]["TI"] is None and report["rows"][1]["metrics"]["BWT"] is None
     assert "TI undefined" in (out / "report.md").read_text()
-    assert (out / "bwt_vs_ti.png").is_file() and not (out / "masked_fraction_vs_tau.png").exists()
+    assert (out / "bwt_vs_ti.png").is_file()
 
 
 def test_report_reads_per_task_json_without_scores_json(tmp_path):
@@ -182,3 +207,13 @@ def test_bwt_averages_only_the_tasks_shown(tmp_path):
     metrics = json.loads((run_report(cfg) / "report.json").read_text())["rows"][1]["metrics"]
     assert metrics["bwt_tasks"] == ["arc_easy", "sciq"]
     assert metrics["BWT"] == pytest.approx((-0.1 + 0.0) / 2)  # not (-0.1 + 0 - 0.5) / 3
+
+
+def test_bwt_leaves_out_behaviour_details():
+    # Working kept drops from 1.0 to 0.1 (-90%); format compliance rises 0.4 -> 0.8 (+100%) because
+    # the model answers with a bare "#### 12": a detail, shown, but not averaged into BWT.
+    base = {"gen:mbpp": 0.2, "gen:gsm8k": 1.0, "gen:gsm8k:format": 0.4, "arc_easy": 0.5}
+    tuned = {"gen:mbpp": 0.3, "gen:gsm8k": 0.1, "gen:gsm8k:format": 0.8, "arc_easy": 0.45}
+    m = forgetting_metrics(base, tuned, "gen:mbpp")
+    assert m["bwt_tasks"] == ["gen:gsm8k", "arc_easy"]
+    assert m["BWT"] == pytest.approx((-0.9 - 0.1) / 2) and m["TI"] == pytest.approx(0.5)

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from forgetless.retention import drift as drift_mod
+from forgetless.retention import answers as answers_mod
 from forgetless.retention.basecache import weights_digest
 from forgetless.retention.drift import coarse_kl, evaluate_drift, exact_kl, item_drift
 from forgetless.retention.heldout import evaluate_heldout, split_by_kind
@@ -67,11 +67,11 @@ def test_drift_zero_for_identical_model_positive_after_change_and_cached(tokeniz
     same = evaluate_drift(tuned, tokenizer, base, **kw)
     assert same["drift:gsm8k"]["score"] == 0.0 and same["drift:gsm8k:kl_tuned_base"]["score"] == 0.0
     assert same["drift:gsm8k:top1_agreement"]["score"] == 1.0
-    assert len(list(tmp_path.glob("drift-*.pt"))) == 1
+    assert len(list(tmp_path.glob("drift-*.pt"))) == 1 and len(list(tmp_path.glob("answers-*.pt"))) == 1
 
     _perturb(tuned)
     # Cache hit: the base answers are not generated again (generation would raise here).
-    monkeypatch.setattr(drift_mod, "greedy_answers", lambda *a, **k: (_ for _ in ()).throw(AssertionError("regenerated")))
+    monkeypatch.setattr(answers_mod, "greedy", lambda *a, **k: (_ for _ in ()).throw(AssertionError("regenerated")))
     moved = evaluate_drift(tuned, tokenizer, base, out_dir=tmp_path / "out", **kw)
     assert moved["drift:gsm8k"]["score"] > 0 and moved["drift:gsm8k:kl_tuned_base"]["score"] > 0
     assert moved["drift:gsm8k"]["settings"]["base"] == same["drift:gsm8k"]["settings"]["base"]

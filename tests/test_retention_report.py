@@ -39,7 +39,7 @@ def test_bwt_counts_only_tasks_above_chance(tmp_path):
     assert s["drift"]["kl_base_tuned"]["score"] == pytest.approx(0.3)
     assert s["drift"]["kl_base_tuned"]["sources"] == ["drift:gsm8k", "drift:math-test"]
     table = markdown_table({"ground truth": s})
-    assert "| ground truth | -0.200 [" in table
+    assert "| ground truth | — | — | -0.200 [" in table  # no target or behaviour records: their columns are empty
     plot_drift_vs_gain({"ground truth": s}, tmp_path / "p.png")  # no gain column: empty plot, no error
     assert (tmp_path / "p.png").stat().st_size > 0
 
@@ -72,3 +72,38 @@ def test_run_retention_end_to_end_on_tiny_models(tokenizer, tmp_path):
         RetentionConfig(mc_tasks=("nope",))
     with pytest.raises(ValueError):
         RetentionConfig(tau=0.5)
+
+
+def _gen(out, task, metric, scores, higher=True, binary=False, settings=None):
+    rec = make_record(task, metric, scores, higher_is_better=higher, binary=binary, settings=settings)
+    write_task(out, rec, [{"id": str(i), "score": s} for i, s in enumerate(scores)])
+
+
+def test_behaviour_columns_target_gain_sign_and_between_methods(tmp_path):
+    from forgetless.retention.behaviour_report import behaviour_markdown
+
+    base, sft, stm = tmp_path / "base", tmp_path / "sft", tmp_path / "stm"
+    _gen(base, "gen:gsm8k", "working_kept", [1.0] * 10)
+    _gen(sft, "gen:gsm8k", "working_kept", [0.0] * 8 + [1.0] * 2)
+    _gen(stm, "gen:gsm8k", "working_kept", [1.0] * 9 + [0.5])
+    _gen(base, "gen:gsm8k:skips_working", "skips_working", [0.0] * 10, higher=False, binary=True)
+    _gen(sft, "gen:gsm8k:skips_working", "skips_working", [1.0] * 8 + [0.0] * 2, higher=False, binary=True)
+    _gen(stm, "gen:gsm8k:skips_working", "skips_working", [0.0] * 10, higher=False, binary=True)
+    for d, v in ((base, 0.2), (sft, 0.3), (stm, 0.5)):
+        _gen(d, "gen:mbpp-validation", "asserts", [v] * 10)
+    # A lower-is-better target (held-out NLL): a drop of 0.13 is a gain of +0.13, not -0.13.
+    for d, v in ((base, 1.0), (sft, 0.87), (stm, 0.87)):
+        _gen(d, "heldout:mbpp-validation:kept", "nll", [v] * 10, higher=False,
+             settings={"kind": "kept", "change": v - 1.0, "change_ci95": [v - 1.0] * 2, "base_score": 1.0})
+    s_nll = summarize_run(base, stm, target_task="heldout:mbpp-validation:kept")
+    assert s_nll["target"]["gain_target"]["score"] == pytest.approx(0.13)
+    summaries = {name: summarize_run(base, d, target_task="gen:mbpp-validation") for name, d in (("sft", sft), ("stm", stm))}
+    assert summaries["stm"]["target"]["gain_target"]["score"] == pytest.approx(0.3)
+    assert summaries["sft"]["working_kept"]["score"] == pytest.approx(0.2)
+    assert summaries["stm"]["working_kept"]["score"] == pytest.approx(0.95)
+    assert summaries["sft"]["behaviour"]["gen:gsm8k:skips_working"]["score"] == pytest.approx(0.8)
+    text = behaviour_markdown(summaries, {"sft": sft, "stm": stm})
+    # sft skips the working on 8 prompts where stm does not, never the reverse: p = 2 / 2^8.
+    assert "| sft vs stm | -0.75 [" in text and "| 8 / 0 | 0.00781 |" in text
+    table = markdown_table(summaries)
+    assert "| stm | +0.300 [" in table and "favours STM" in table

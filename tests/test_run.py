@@ -26,7 +26,7 @@ methods:
 train: {{max_steps: 1, batch_size: 2, device: cpu}}
 eval: {{tasks: [gsm8k], limit: 2, max_new_tokens: 4, device: cpu, cache: false}}
 retention: {{mc_tasks: [arc_easy], mc_limit: 3, drift_sources: [gsm8k], drift_limit: 2, max_new_tokens: 4,
-             heldout_limit: 2, device: cpu, cache_dir: {tmp_path / 'cache'}}}
+             behaviour_limit: 2, heldout_limit: 2, device: cpu, cache_dir: {tmp_path / 'cache'}}}
 target: gsm8k
 """)
     return config, tmp_path / "out"
@@ -39,6 +39,11 @@ def test_run_writes_report_and_resumes(tiny_run_config, capsys, caplog):
     for label in ("base", "sft", "auto-tau-q0.3"):
         assert label in report
     assert "Retention, paired against the base model" in report
+    # Behaviour columns in the main table, its own section with the methods compared pairwise.
+    assert "gen:gsm8k (" not in report and "| run | gsm8k (target) | arc_easy | drift:gsm8k | gen:gsm8k | gen:gsm8k:skips_working" in report
+    assert "## Behaviour: what each model writes" in report and "| sft vs auto-tau-q0.3 |" in report
+    assert "### mbpp-validation" in report and "asserts passed" in report
+    assert (out / "report" / "masked_fraction_vs_tau.png").stat().st_size > 1000
     assert (out / "report" / "drift_vs_gain.png").stat().st_size > 1000
     data = json.loads((out / "report" / "report.json").read_text())
     assert data  # the table as JSON

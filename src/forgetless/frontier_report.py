@@ -23,7 +23,12 @@ logger = logging.getLogger(__name__)
 
 NAN = float("nan")
 # (measure, higher is better) shown per point
-MEASURES = (("mc_retention", True), ("top1_agreement", True), ("kl_base_tuned", False), ("kl_tuned_base", False))
+MEASURES = (("mc_retention", True), ("working_kept", True), ("top1_agreement", True), ("kl_base_tuned", False),
+            ("kl_tuned_base", False))
+GAIN_LEANS = {"gain_target": "paired change of the target task's graded success: favours no method",
+              "gain_all": "held-out NLL decrease on all gold tokens: favours ground truth by construction",
+              "gain_kept": "held-out NLL decrease on the kept kind: favours STM by construction",
+              "gain_masked": "held-out NLL decrease on the masked kind: favours ground truth by construction"}
 
 
 def _cell(d: dict | None) -> tuple[float, list[float] | None]:
@@ -39,12 +44,12 @@ def _entropy_change(run_dir: Path) -> float:
     return sum(vals) / len(vals) if vals else NAN
 
 
-def final_point(base_dir: Path, run_dir: Path, gain: str, train_dir: Path | None) -> dict:
+def final_point(base_dir: Path, run_dir: Path, gain: str, train_dir: Path | None, target: str | None = None) -> dict:
     """One learning-rate point from a finished model's retention records."""
-    s = summarize_run(base_dir, run_dir)
+    s = summarize_run(base_dir, run_dir, target_task=target)
     point = {"gain": _cell(s["target"].get(gain))[0], "gain_ci95": _cell(s["target"].get(gain))[1]}
     for name, _ in MEASURES:
-        point[name], point[f"{name}_ci95"] = _cell(s["mc_retention"] if name == "mc_retention" else s["drift"].get(name))
+        point[name], point[f"{name}_ci95"] = _cell(s[name] if name in ("mc_retention", "working_kept") else s["drift"].get(name))
     for kind in ("gain_kept", "gain_masked", "gain_all"):
         point[kind] = _cell(s["target"].get(kind))[0]
     point["entropy_change"] = _entropy_change(run_dir)
@@ -81,6 +86,7 @@ def paired_sentences(dirs: dict[str, Path], pairs: list[tuple[str, str]]) -> lis
         measures += [(t, t.endswith("top1_agreement")) for t in shared if t.startswith("drift:")
                      and (t.count(":") == 1 or t.endswith((":top1_agreement", ":kl_tuned_base")))]
         measures += [(t, False) for t in shared if t.startswith("heldout:")]
+        measures += [(t, not t.endswith((":skips_working", ":surprise"))) for t in shared if t.startswith("gen:")]
         for task, higher in measures:
             r = paired_bootstrap(item_scores(dirs[a], task), item_scores(dirs[b], task))
             name = f"{task}:kl_base_tuned" if task.startswith("drift:") and task.count(":") == 1 else task
@@ -109,13 +115,13 @@ def base_point() -> dict:
     """The base itself: no gain, nothing lost, no drift (exact, so a zero-width interval)."""
     point = {"gain": 0.0, "gain_ci95": [0.0, 0.0], "label": "base"}
     for name, _ in MEASURES:
-        v = 1.0 if name in ("mc_retention", "top1_agreement") else 0.0
+        v = 1.0 if name in ("mc_retention", "working_kept", "top1_agreement") else 0.0
         point[name], point[f"{name}_ci95"] = v, [v, v]
     return point
 
 
 def build_frontier(grid: list[dict], base_dir: Path, gain: str = "gain_all", retention: str = "mc_retention",
-                   n_gains: int = 3) -> dict:
+                   n_gains: int = 3, target: str | None = None) -> dict:
     """``grid``: [{"label", "method", "lr", "retention_dir", "train_dir"}] -> the frontier's data."""
     curves: dict[str, list[dict]] = {}
     probes: dict[str, list[dict]] = {}
@@ -124,7 +130,7 @@ def build_frontier(grid: list[dict], base_dir: Path, gain: str = "gain_all", ret
     for g in grid:
         pts = curves.setdefault(g["method"], [base_point()])
         if g.get("retention_dir") and Path(g["retention_dir"]).is_dir():
-            p = {"label": g["label"], "lr": g["lr"], **final_point(base_dir, Path(g["retention_dir"]), gain, g.get("train_dir"))}
+            p = {"label": g["label"], "lr": g["lr"], **final_point(base_dir, Path(g["retention_dir"]), gain, g.get("train_dir"), target)}
             labels[(g["method"], len(pts))] = g["label"]
             pts.append(p)
             dirs[g["label"]] = Path(g["retention_dir"])
@@ -183,15 +189,17 @@ def mechanism_sentences(data: dict) -> list[str]:
 def render_markdown(data: dict) -> str:
     gain, ret = data["gain"], data["retention"]
     lines = ["# Learning–forgetting frontier", "",
-             f"Target gain: `{gain}` (held-out NLL decrease, higher = learned more). Retention: `{ret}` "
-             "(1 = the base's above-chance MC skill intact). Intervals are 95%.", "",
+             f"Target gain: `{gain}` ({GAIN_LEANS.get(gain, gain)}; higher = learned more). Retention: `{ret}` "
+             "(1 = nothing lost: the base's above-chance MC skill, or the base's working on non-target prompts). "
+             "Intervals are 95%.", "",
              "## Points (one per method × learning rate; the base is gain 0)", "",
-             "| run | lr | gain | gain kept | gain masked | MC retention | top-1 agree | KL(base‖tuned) | KL(tuned‖base) "
-             "| Δ entropy | ‖ΔW‖_F |", "|" + "---|" * 11]
+             "| run | lr | gain | gain kept (favours STM) | gain masked (favours GT) | MC retention | working kept "
+             "| top-1 agree | KL(base‖tuned) | KL(tuned‖base) | Δ entropy | ‖ΔW‖_F |", "|" + "---|" * 12]
     for method, pts in data["curves"].items():
         for p in pts[1:]:
             lines.append(f"| {p['label']} | {p.get('lr') or '—'} | {_fmt(p['gain'], p.get('gain_ci95'))} | {_fmt(p.get('gain_kept'))} "
                          f"| {_fmt(p.get('gain_masked'))} | {_fmt(p['mc_retention'], p.get('mc_retention_ci95'))} "
+                         f"| {_fmt(p['working_kept'], p.get('working_kept_ci95'))} "
                          f"| {_fmt(p['top1_agreement'], p.get('top1_agreement_ci95'))} "
                          f"| {_fmt(p['kl_base_tuned'], p.get('kl_base_tuned_ci95'))} | {_fmt(p['kl_tuned_base'])} "
                          f"| {_fmt(p.get('entropy_change'))} | {_fmt(p.get('dw_frobenius'), d=2)} |")
@@ -252,7 +260,7 @@ def plot_frontier(data: dict, path: Path) -> Path:
             if label.split("@")[0] == method and probe:
                 ax.plot([0.0] + [p["gain"] for p in probe], [1.0 if ret in ("mc_retention", "top1_agreement") else 0.0]
                         + [p[ret] for p in probe], ":", color=color, alpha=0.5, lw=1)
-    ax.set_xlabel(f"target gain ({data['gain']}, −Δ held-out NLL)")
+    ax.set_xlabel(f"target gain ({data['gain']}: {GAIN_LEANS.get(data['gain'], '')})".replace(": )", ")"), fontsize=8)
     ax.set_ylabel(f"retention ({ret})")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)

@@ -74,39 +74,57 @@ def _generation_config(tokenizer, settings: DecodingSettings):
                             top_p=settings.top_p, top_k=0, eos_token_id=stops, pad_token_id=pad)
 
 
-def _cut_at_stop(new_ids: list[int], stops: set[int], pad_id: int | None) -> list[int]:
-    for i, token in enumerate(new_ids):
-        if token in stops:
-            return new_ids[:i]
-    return new_ids
-
-
 @torch.no_grad()
-def generate(model, tokenizer, prompts: list[list[dict[str, str]]], settings: DecodingSettings = DecodingSettings(),
-             batch_size: int = 8, show_progress: bool = True, description: str = "generating") -> list[str]:
-    """One completion per prompt (a list of chat messages), in input order. The bar counts items (items/s)."""
+def decode_ids(model, tokenizer, prompts: list[list[int]], settings: DecodingSettings = DecodingSettings(),
+               batch_size: int = 8, show_progress: bool = True, description: str = "generating") -> list[tuple[list[int], int | None]]:
+    """The one decode loop: for each prompt (token ids), ``(new token ids, stop id)`` in input order.
+
+    New ids are cut before the first stop token (eos or an end-of-turn marker); ``stop id`` is
+    that token, or None when the answer was cut at ``max_new_tokens``. Prompts are sorted longest
+    first so a batch holds similar lengths, and left-padded so new tokens start in one column.
+    """
     if not prompts:
         return []
-    encoded = [encode_prompt(tokenizer, messages) for messages in prompts]
-    order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i]))
+    order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
     config = _generation_config(tokenizer, settings)
     stops = set(stop_token_ids(tokenizer))
     device = next(model.parameters()).device
-    outputs: list[str | None] = [None] * len(prompts)
+    results: list = [None] * len(prompts)
     if not settings.greedy:
         torch.manual_seed(settings.seed)
     start = time.monotonic()
     batches = [order[b:b + batch_size] for b in range(0, len(order), batch_size)]
     bar = progress(batches, description, len(prompts), count=len) if show_progress else batches
     for rows in bar:
-        ids, mask = left_pad([encoded[i] for i in rows], config.pad_token_id)
+        ids, mask = left_pad([prompts[i] for i in rows], config.pad_token_id)
         out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), generation_config=config)
         for row, i in enumerate(rows):
-            new = _cut_at_stop(out[row, ids.shape[1]:].tolist(), stops, config.pad_token_id)
-            outputs[i] = tokenizer.decode(new, skip_special_tokens=True)
+            new = out[row, ids.shape[1]:].tolist()
+            kept, finished = cut_at_stop(new, stops)
+            results[i] = (kept, new[len(kept)] if finished else None)
     elapsed = time.monotonic() - start
     logger.info("%s: %d items in %.1f s (%.2f items/s)", description, len(prompts), elapsed, len(prompts) / max(elapsed, 1e-9))
-    return [o if o is not None else "" for o in outputs]
+    return results
+
+
+def cut_at_stop(new_ids: list[int], stops: set[int]) -> tuple[list[int], bool]:
+    """Tokens before the first stop token, and whether one was found.
+
+    >>> cut_at_stop([4, 5, 2, 9], {2})
+    ([4, 5], True)
+    """
+    for i, token in enumerate(new_ids):
+        if token in stops:
+            return new_ids[:i], True
+    return new_ids, False
+
+
+def generate(model, tokenizer, prompts: list[list[dict[str, str]]], settings: DecodingSettings = DecodingSettings(),
+             batch_size: int = 8, show_progress: bool = True, description: str = "generating") -> list[str]:
+    """One completion per prompt (a list of chat messages), in input order. The bar counts items (items/s)."""
+    encoded = [encode_prompt(tokenizer, messages) for messages in prompts]
+    decoded = decode_ids(model, tokenizer, encoded, settings, batch_size, show_progress, description)
+    return [tokenizer.decode(new, skip_special_tokens=True) for new, _ in decoded]
 
 
 def vllm_available() -> bool:

@@ -22,8 +22,9 @@ from typing import Any
 
 from forgetless.artifacts import write_text
 from forgetless.intervals import paired_difference
+from forgetless.retention.behaviour_report import lean
 from forgetless.report_html import PPL_DARKEST, read_token_examples, write_html
-from forgetless.report_plots import plot_delta_w, plot_loss_curves, plot_ppl_distribution, save_figure
+from forgetless.report_plots import plot_delta_w, plot_loss_curves, plot_masked_fraction, plot_ppl_distribution, save_figure
 
 logger = logging.getLogger(__name__)
 
@@ -80,7 +81,12 @@ def relative_change(tuned: float, base: float) -> float | None:
 
 def forgetting_metrics(base: dict[str, float], tuned: dict[str, float], target: str,
                        lower_is_better: frozenset[str] = frozenset()) -> dict[str, Any]:
-    """TI and BWT (relative and absolute) of ``tuned`` against ``base`` (task -> score)."""
+    """TI and BWT (relative and absolute) of ``tuned`` against ``base`` (task -> score).
+
+    BWT averages the non-target tasks' primary measures: lower-is-better tasks and the
+    sub-measures of a behaviour set (``gen:<source>:<metric>``, e.g. format compliance, which
+    rises when a model answers with a bare "#### 12") are shown but not averaged.
+    """
     notes = []
     ti = ti_abs = None
     if target in base and target in tuned:
@@ -93,7 +99,7 @@ def forgetting_metrics(base: dict[str, float], tuned: dict[str, float], target: 
             notes.append(f"TI undefined: base score on {target} is 0")
     else:
         notes.append(f"TI undefined: target task {target} missing from base or tuned results")
-    others = [t for t in base if t in tuned and t != target and t not in lower_is_better]
+    others = [t for t in base if t in tuned and t != target and t not in lower_is_better and not is_sub_measure(t)]
     rel = {t: relative_change(tuned[t], base[t]) for t in others}
     defined = [t for t in others if rel[t] is not None]
     undefined = [t for t in others if rel[t] is None]
@@ -103,6 +109,11 @@ def forgetting_metrics(base: dict[str, float], tuned: dict[str, float], target: 
     bwt_abs = sum(tuned[t] - base[t] for t in others) / len(others) if others else None
     return {"TI": ti, "TI_abs": ti_abs, "BWT": bwt, "BWT_abs": bwt_abs, "bwt_tasks": defined,
             "bwt_undefined": undefined, "relative": rel, "notes": notes}
+
+
+def is_sub_measure(task: str) -> bool:
+    """``gen:<source>:<metric>``: a detail of a behaviour set whose primary record is ``gen:<source>``."""
+    return task.startswith("gen:") and task.count(":") >= 2
 
 
 # --- loading --------------------------------------------------------------------------------
@@ -286,6 +297,10 @@ def render_markdown(report: dict[str, Any]) -> str:
               "(the model writes the letter, the paper's way); log-likelihood multiple-choice tasks are named as such."]
     if report["lower_is_better"]:
         lines.append(f"Lower-is-better tasks, shown but not in TI/BWT: {', '.join(report['lower_is_better'])}.")
+    subs = [t for t in tasks if is_sub_measure(t) and t not in report["lower_is_better"]]
+    if subs:
+        lines.append(f"Details of a behaviour set, shown but not in BWT: {', '.join(subs)}.")
+    lines += ["", "Which way each measure leans:"] + [f"- {t}: {lean(t)}" for t in tasks]
     lines += [f"- {n}" for n in notes]
     return "\n".join(lines) + "\n"
 
@@ -312,17 +327,6 @@ def plot_report(report: dict[str, Any], out: Path) -> list[Path]:
     ax.set_ylabel(f"{ky} (non-target)")
     ax.set_title("Backward transfer vs target improvement")
     written.append(save_figure(fig, out / "bwt_vs_ti.png"))
-    pts = sorted((r["extras"]["tau"], r["extras"]["masked_fraction"], r["label"]) for r in report["rows"]
-                 if r["extras"]["tau"] is not None and r["extras"]["masked_fraction"] is not None)
-    if pts:
-        fig, ax = plt.subplots(figsize=(5, 4))
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o")
-        for tau, frac, label in pts:
-            ax.annotate(label, (tau, frac), textcoords="offset points", xytext=(4, 4), fontsize=8)
-        ax.set_xscale("log")
-        ax.set_xlabel("τ (perplexity threshold)")
-        ax.set_ylabel("masked fraction of response tokens")
-        written.append(save_figure(fig, out / "masked_fraction_vs_tau.png"))
     return written
 
 
@@ -349,6 +353,9 @@ def plot_training(cfg: ReportConfig, report: dict[str, Any], out: Path) -> None:
     plot_delta_w({r["label"]: r["extras"]["delta_w_norm"] for r in report["rows"] if not r["is_base"]}, out / "delta_w.png")
     taus = [r["extras"]["tau"] for r in report["rows"] if r["extras"]["tau"] is not None]
     plot_ppl_distribution(dict(parse_labelled(s) for s in cfg.scores), out / "token_ppl_distribution.png", taus)
+    if cfg.scores:  # the first scored data set is the training data the masks were drawn from
+        points = {r["label"]: (r["extras"]["tau"], r["extras"]["masked_fraction"]) for r in report["rows"] if not r["is_base"]}
+        plot_masked_fraction(parse_labelled(cfg.scores[0])[1], points, out / "masked_fraction_vs_tau.png")
 
 
 def _manifest_model(data_file: Path) -> str | None:

@@ -119,3 +119,38 @@ def plot_ppl_distribution(scores_files: dict[str, str | Path], path: Path, taus:
     ax.set_title("Response-token perplexity by data source")
     ax.legend(fontsize=7)
     return save_figure(fig, path)
+
+
+def plot_masked_fraction(scores_file: str | Path, points: dict[str, tuple[float, float]], path: Path) -> Path | None:
+    """The threshold policy's masked fraction at every τ (from the scored training data), with
+    the score stage's τ sweep marked and each method's operating point (τ, masked fraction) on it.
+
+    Methods at the same point (STM and its same-count random mask) share one label.
+    """
+    ppl = response_ppl(scores_file)
+    if not ppl.size:
+        return None
+    plt = _pyplot()
+    taus = np.logspace(0, math.log10(max(PPL_AXIS_MAX, 10.0)), 200)
+    sorted_ppl = np.sort(ppl)
+    above = 1.0 - np.searchsorted(sorted_ppl, taus, side="right") / sorted_ppl.size  # share with ppl > τ
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot(taus, above, color="C0", lw=1.5, label=f"threshold policy (n={ppl.size} response tokens)")
+    stats_file = Path(scores_file).parent / "stats.json"
+    if stats_file.is_file():
+        sweep = json.loads(stats_file.read_text()).get("fraction_above", {})
+        ax.plot([float(t) for t in sweep], list(sweep.values()), "o", color="C0", ms=4, label="score stage's τ sweep")
+    grouped: dict[tuple[float, float], list[str]] = {}
+    for label, (tau, frac) in points.items():
+        if tau is not None and frac is not None and math.isfinite(tau):
+            grouped.setdefault((round(tau, 6), round(frac, 4)), []).append(label)
+    for k, ((tau, frac), labels) in enumerate(sorted(grouped.items())):
+        ax.plot([tau], [frac], "s", color=f"C{k + 1}", ms=7)
+        ax.annotate(", ".join(labels) + f"\n(τ={tau:g}, {100 * frac:.1f}%)", (tau, frac), textcoords="offset points",
+                    xytext=(8, 6 + 14 * (k % 3)), fontsize=7, color=f"C{k + 1}")
+    ax.set_xscale("log")
+    ax.set_xlabel("τ (perplexity threshold)")
+    ax.set_ylabel("masked fraction of response tokens")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    return save_figure(fig, path)

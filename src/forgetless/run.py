@@ -250,6 +250,7 @@ def report(config: RunConfig, out: Path, evals: dict[str, list[Path]], train_dir
 
 def report_tasks(config: RunConfig) -> tuple[str, ...]:
     """The report's columns: each task once, by its primary metric (olmo-eval's for multiple choice)."""
+    from forgetless.retention.behaviour import profile_for
     from forgetless.retention.olmo_tasks import primary_metric
 
     tasks: list[str] = []
@@ -259,6 +260,10 @@ def report_tasks(config: RunConfig) -> tuple[str, ...]:
         else:
             tasks += [t if primary_metric(t) == "acc" else f"{t}:{primary_metric(t)}" for t in cfg.mc_tasks]
             tasks += [f"drift:{src}" for src in cfg.drift_sources]
+            for src in cfg.behaviour_sources:
+                graded = profile_for(src).graded
+                tasks += [f"gen:{src}"] + [f"gen:{src}:{m}" for m in (("defines",) if graded else ("skips_working", "format", "surprise"))
+                                           if m != "format" or profile_for(src).format]
             if cfg.heldout_source:
                 tasks += [f"heldout:{cfg.heldout_source}:{kind}" for kind in ("kept", "masked")]
     return tuple(sorted(tasks, key=lambda t: t != config.target))
@@ -266,6 +271,7 @@ def report_tasks(config: RunConfig) -> tuple[str, ...]:
 
 def add_retention_section(report_dir: Path, retention_dir: Path, labels: list[str], target: str) -> None:
     """Append the retention table (paired against the base) to report.md, with its plot and JSON."""
+    from forgetless.retention.behaviour_report import behaviour_markdown
     from forgetless.retention.report import markdown_table, plot_drift_vs_gain, summarize_run
 
     summaries = {label: summarize_run(retention_dir / "base", retention_dir / label, target_task=target) for label in labels}
@@ -279,6 +285,7 @@ def add_retention_section(report_dir: Path, retention_dir: Path, labels: list[st
         "charges sharpening toward what the base already believed); target gain is the drop in held-out NLL on tokens of "
         "the kind STM keeps (base ppl ≤ τ) and of the kind it masks. Brackets: 95% intervals.\n\n"
         + markdown_table(summaries)
+        + behaviour_markdown(summaries, {label: retention_dir / label for label in labels})
     )
     markdown = (report_dir / "report.md").read_text(encoding="utf-8")
     artifacts.write_text(report_dir / "report.md", markdown + section)
@@ -315,6 +322,6 @@ def frontier(config: RunConfig, out: Path, train_dirs: dict[str, Path], report_d
     grid = [{"label": label, "method": m.label, "lr": lr or config.train.get("learning_rate"),
              "retention_dir": out / "retention" / label, "train_dir": train_dirs[label]}
             for label, m, lr in train_runs(config)]
-    path = write_frontier(report_dir, build_frontier(grid, base, **config.frontier))
+    path = write_frontier(report_dir, build_frontier(grid, base, **config.frontier, target=config.target))
     logger.info("frontier -> %s", path)
     return path

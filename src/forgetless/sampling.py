@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from forgetless.generation import left_pad, stop_token_ids
+from forgetless.generation import cut_at_stop, left_pad, stop_token_ids
 
 
 
@@ -24,18 +24,6 @@ class Sampled:
     text: str
     finished: bool
     new_tokens: int
-
-
-def cut_at_stop(new_ids: list[int], stops: set[int]) -> tuple[list[int], bool]:
-    """Tokens before the first stop token, and whether one was found.
-
-    >>> cut_at_stop([4, 5, 2, 9], {2})
-    ([4, 5], True)
-    """
-    for i, token in enumerate(new_ids):
-        if token in stops:
-            return new_ids[:i], True
-    return new_ids, False
 
 
 @torch.no_grad()

@@ -1,6 +1,7 @@
 """Drift from the base model on non-target inputs: how far the next-token distributions moved.
 
-For each non-target prompt the base model's greedy answer is generated once (cached). On the
+For each non-target prompt the base model's greedy answer is generated once (cached, and
+shared with the behaviour measure: :mod:`.answers`). On the
 sequence ``prompt + base answer`` every position ``i`` (predicting token ``i+1``) gives a base
 distribution ``p`` and a tuned distribution ``q``; per position we measure
 
@@ -27,7 +28,8 @@ import math
 import torch
 
 from ..logits import chunk_rows, head_logits, split_causal_lm
-from .basecache import base_fingerprint, base_view, cache_path, ids_hash, load_cached, save_cached
+from .answers import base_answers, prompt_set, with_stop
+from .basecache import base_view, cache_path, load_cached, save_cached
 
 logger = logging.getLogger(__name__)
 _TINY = 1e-30
@@ -123,75 +125,31 @@ def item_drift(base: dict[str, torch.Tensor], tuned: dict[str, torch.Tensor], n_
     }
 
 
-@torch.no_grad()
-def greedy_answers(model, tokenizer, prompts: list[list[int]], max_new_tokens: int, batch_size: int = 8) -> list[list[int]]:
-    """Greedy continuations of each prompt, cut after the first EOS (kept: it is a real token)."""
-    device = next(model.parameters()).device
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    eos = tokenizer.eos_token_id
-    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))  # similar lengths: less padding
-    answers: list = [None] * len(prompts)
-    for s in range(0, len(order), batch_size):
-        batch = order[s : s + batch_size]
-        width = max(len(prompts[i]) for i in batch)
-        ids = torch.full((len(batch), width), pad, dtype=torch.long)
-        attn = torch.zeros_like(ids)
-        for b, i in enumerate(batch):  # left padding, as generation needs
-            ids[b, width - len(prompts[i]):] = torch.tensor(prompts[i])
-            attn[b, width - len(prompts[i]):] = 1
-        out = model.generate(input_ids=ids.to(device), attention_mask=attn.to(device), do_sample=False,
-                             max_new_tokens=max_new_tokens, eos_token_id=eos, pad_token_id=pad,
-                             temperature=None, top_p=None, top_k=None)
-        for b, i in enumerate(batch):
-            new = out[b, width:].tolist()
-            answers[i] = new[: new.index(eos) + 1] if eos in new else new
-    return answers
-
-
 def nontarget_prompts(source: str, limit: int | None) -> tuple[list[str], list[list[dict]]]:
-    """(ids, prompt messages) of ``source``: chat data via ``load_examples``; raw ARC-style
-    records (``question`` + ``choices{text,label}``, no conversation) get a lettered prompt."""
-    from ..data import load_examples, load_records
-
-    records, _ = load_records(source)
-    first = records[0] if records else {}
-    if "question" in first and isinstance(first.get("choices"), dict) and "conversations" not in first:
-        records = records[:limit] if limit is not None else records
-        messages = []
-        for r in records:
-            options = "\n".join(f"{label}. {text}" for label, text in zip(r["choices"]["label"], r["choices"]["text"]))
-            messages.append([{"role": "user", "content": f"Question: {r['question']}\n{options}\n"
-                              "Answer with the letter of the correct choice, then explain."}])
-        return [str(r.get("id", i)) for i, r in enumerate(records)], messages
-    examples = load_examples(source, limit)
-    return [str(ex.id) for ex in examples], [ex.prompt_messages for ex in examples]
+    """(ids, prompt messages) of ``source`` (see :func:`.answers.prompt_set`)."""
+    ids, messages, _ = prompt_set(source, limit)
+    return ids, messages
 
 
 def base_reference(model, tokenizer, base_model, source: str, limit: int | None, cache_dir,
                    max_new_tokens: int = 128, top_k: int = 128, base_id: str | None = None) -> dict:
-    """Prompts, base answers and base statistics for ``source``, from the cache when present."""
-    from ..templates import encode_prompt
-
-    ids, messages = nontarget_prompts(source, limit)
-    prompts = [encode_prompt(tokenizer, m) for m in messages]
-    key = {"kind": "drift", "base": base_fingerprint(model, base_model, base_id), "prompts": ids_hash(prompts),
-           "max_new_tokens": max_new_tokens, "top_k": top_k}
-    path = cache_path(cache_dir, "drift", key)
-    cached = load_cached(path, key) if cache_dir is not None else None
+    """Prompts, base answers (shared with the behaviour measure) and base statistics, cached."""
+    answers = base_answers(model, tokenizer, base_model, source, limit, cache_dir, max_new_tokens, base_id)
+    key = {**answers["key"], "kind": "drift", "top_k": top_k}
+    path = cache_path(cache_dir, "drift", key) if cache_dir is not None else None
+    cached = load_cached(path, key) if path is not None else None
     if cached is not None:
-        logger.info("drift %s: base answers and statistics from cache %s", source, path)
+        logger.info("drift %s: base statistics from cache %s", source, path)
         return cached
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    seqs = [p + with_stop(a, s) for p, a, s in zip(answers["prompts"], answers["answers"], answers["stops"])]
     was_training = model.training
     model.eval()
     with base_view(model, base_model) as base:
-        logger.info("drift %s: generating base answers for %d prompts (once; cached)", source, len(prompts))
-        answers = greedy_answers(base, tokenizer, prompts, max_new_tokens)
-        seqs = [p + a for p, a in zip(prompts, answers)]
         stats = sequence_stats(base, seqs, pad, top_k)
     model.train(was_training)
-    payload = {"ids": ids, "seqs": seqs, "n_prompt": [len(p) for p in prompts], "stats": stats}
-    if cache_dir is not None:
+    payload = {"ids": answers["ids"], "seqs": seqs, "n_prompt": [len(p) for p in answers["prompts"]], "stats": stats}
+    if path is not None:
         save_cached(path, key, payload)
     return {**payload, "key": key}
 

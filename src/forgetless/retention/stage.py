@@ -1,7 +1,9 @@
 """The retention stage: ``run_retention(config) -> output dir`` (wired to ``forgetless eval``).
 
 Loads the tuned model (a model, or a base plus a PEFT adapter), evaluates the MC tasks, the
-drift from the base on non-target prompts, and the held-out target NLL by kind, and writes one
+drift from the base on non-target prompts, behaviour on prompt sets (greedy answers against the
+base's: working kept, format, accuracy, surprise; graded success on a target set with tests),
+and the held-out target NLL by kind, and writes one
 record per measure (:mod:`.records`) plus ``config.json`` and ``manifest.json`` (last: it marks
 the stage complete). Evaluating the base itself (no adapter, no base_model) gives drift 0 and
 the base rows of the report.
@@ -24,6 +26,9 @@ logger = logging.getLogger(__name__)
 # long, so they cost most of the time.
 DEFAULT_MC = ("arc_easy", "arc_challenge", "piqa", "sciq", "hellaswag")
 DEFAULT_DRIFT = ("gsm8k", "math-test", "arc_challenge-test")
+# GSM8K asks for working then "#### <n>": where a model tuned on short code answers stops
+# reasoning. MBPP validation: the target, graded by its tests.
+DEFAULT_BEHAVIOUR = ("gsm8k", "mbpp-validation")
 
 
 @dataclass(frozen=True)
@@ -39,7 +44,9 @@ class RetentionConfig:
     mc_limit: int | None = field(default=150, metadata={"help": "first N items of each MC task (none: all)"})
     drift_sources: tuple[str, ...] = field(default=DEFAULT_DRIFT, metadata={"help": "non-target prompt sets for drift"})
     drift_limit: int | None = field(default=20, metadata={"help": "prompts per drift source"})
-    max_new_tokens: int = field(default=128, metadata={"help": "length of the base model's greedy answers"})
+    behaviour_sources: tuple[str, ...] = field(default=DEFAULT_BEHAVIOUR, metadata={"help": "prompt sets answered greedily by base and tuned model: working kept, format, accuracy, surprise; a set with tests (mbpp-*) is graded by them"})
+    behaviour_limit: int | None = field(default=40, metadata={"help": "prompts per behaviour source"})
+    max_new_tokens: int = field(default=192, metadata={"help": "length limit of every greedy answer (base and tuned; drift and behaviour)"})
     top_k: int = field(default=128, metadata={"help": "base tokens kept per position for KL (the rest lumped)"})
     heldout_source: str | None = field(default="mbpp-validation", metadata={"help": "held-out target set (none: skip)"})
     heldout_limit: int | None = field(default=None, metadata={"help": "first N held-out examples"})
@@ -53,7 +60,7 @@ class RetentionConfig:
         unknown = [t for t in self.mc_tasks if t not in VARIANTS]
         if unknown:
             raise ValueError(f"unknown MC tasks {unknown}; known: {', '.join(VARIANTS)}")
-        for name in ("mc_limit", "drift_limit", "heldout_limit"):
+        for name in ("mc_limit", "drift_limit", "heldout_limit", "behaviour_limit"):
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ValueError(f"{name} must be >= 1 or none, got {value}")
@@ -91,6 +98,7 @@ def load_models(config: RetentionConfig):
 def run_retention(config: RetentionConfig) -> Path:
     """Evaluate every retention measure of ``config``; returns the output directory."""
     from ..modeling import cache_dir as forgetless_cache
+    from .behaviour import evaluate_behaviour
     from .drift import evaluate_drift
     from .heldout import evaluate_heldout
     from .mc import evaluate_mc
@@ -106,6 +114,9 @@ def run_retention(config: RetentionConfig) -> Path:
     for source in config.drift_sources:
         tasks += list(evaluate_drift(model, tokenizer, base, source, config.drift_limit, cache, out,
                                      config.max_new_tokens, config.top_k, base_id))
+    for source in config.behaviour_sources:
+        tasks += list(evaluate_behaviour(model, tokenizer, base, source, config.behaviour_limit, cache, out,
+                                         config.max_new_tokens, base_id, is_base=base is model))
     if config.heldout_source:
         tasks += list(evaluate_heldout(model, tokenizer, base, config.heldout_source, config.heldout_limit,
                                        cache, out, config.tau, base_id=base_id))

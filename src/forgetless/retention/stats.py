@@ -61,3 +61,19 @@ def average_of_differences(diffs: Sequence[tuple[float, float, float, int]]) -> 
     mean = sum(d[0] for d in diffs) / t
     se = math.sqrt(sum(((d[2] - d[1]) / (2 * Z95)) ** 2 for d in diffs)) / t
     return (mean, mean - Z95 * se, mean + Z95 * se)
+
+
+def mcnemar_exact(b: int, c: int) -> float:
+    """Two-sided exact McNemar p-value from the discordant counts ``b`` and ``c``.
+
+    Under "no difference" each of the ``n = b + c`` discordant items goes either way with
+    probability 1/2: ``p = min(1, 2·P(Binomial(n, 1/2) <= min(b, c)))``; 1 when n == 0.
+
+    >>> round(mcnemar_exact(8, 0), 4), round(mcnemar_exact(9, 0), 4), mcnemar_exact(0, 0)
+    (0.0078, 0.0039, 1.0)
+    """
+    n = b + c
+    if n == 0:
+        return 1.0
+    tail = sum(math.comb(n, i) for i in range(min(b, c) + 1)) / 2 ** n
+    return min(1.0, 2 * tail)

@@ -1,0 +1,203 @@
+"""What the tuned model *does* on a prompt set, greedy, paired item by item against the base.
+
+Measures that score fixed text (multiple-choice log-likelihood, teacher-forced KL) miss the
+forgetting that matters most after fine-tuning on short answers: the model stops doing what a
+prompt asks (GSM8K: "think step by step, then #### <number>") and answers with a bare
+"#### 12". Here the base and the tuned model each answer every prompt greedily (the base's
+answers are cached and shared with the drift measure), and per item we record:
+
+* ``working_chars``: characters before the final-answer marker (GSM8K ``####``; the whole
+  answer where a source has no marker). ``working_kept = min(tuned, base) / base`` on items
+  where the base wrote at least ``MIN_WORKING`` characters of working: the share of the base's
+  working that survives (1 = all of it, by definition for the base itself);
+* ``skips_working``: the tuned answer has under ``MIN_WORKING`` characters of working;
+* ``format``: the answer has the format the prompt demands (GSM8K: ``#### <number>``; ARC: it
+  opens with a choice letter), where a source demands one;
+* ``accuracy``: the task's own answer check (GSM8K number, MATH via math-verify, ARC letter);
+* ``surprise``: mean per-token NLL of the tuned model's answer (its stop token included) under
+  the *base*. A changed opening counts in full here, where the teacher-forced drift averages it
+  with hundreds of unchanged positions of the base's own answer. It leans toward methods that
+  sharpen the base's own choices (STM trains only tokens the base already finds likely);
+* on a target set with tests (``mbpp-*``): ``asserts`` (the share of the item's asserts that
+  pass, each run on its own in the sandbox), ``defines`` (the code runs and defines the
+  requested function) and ``pass@1``. These favour no training recipe by construction: no
+  recipe trains on the tests.
+
+Records are named ``gen:<source>`` (the primary: ``working_kept``, or ``asserts`` on a target
+set) and ``gen:<source>:<metric>``.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import re
+import statistics
+from dataclasses import dataclass
+from typing import Callable
+
+from .answers import base_answers, greedy, with_stop
+
+logger = logging.getLogger(__name__)
+
+MIN_WORKING = 40  # characters: less than a sentence of working counts as skipping it
+_GSM8K_FORMAT = re.compile(r"####\s*\$?\s*-?\d")
+_ARC_OPENING = re.compile(r"^\W*(?:the\s+answer\s+is\s*:?\s*)?\(?([A-E])\b", re.IGNORECASE)
+
+
+@dataclass(frozen=True)
+class Profile:
+    """How to read one source's answers."""
+
+    marker: str | None = None  # regex: the working is the text before its first match
+    format: Callable[[str], bool] | None = None
+    correct: Callable[[str, dict], float] | None = None
+    chance: float | None = None
+    graded: bool = False  # answers are code graded by the source's tests (MBPP)
+
+
+def _gsm8k_correct(text: str, record: dict) -> float:
+    from ..tasks.gsm8k import extract_answer, gold_answer, numbers_equal
+
+    return numbers_equal(extract_answer(text), gold_answer(record["answer"]))
+
+
+def _math_correct(text: str, record: dict) -> float:
+    from ..tasks.math import answers_equivalent, extract_answer, last_boxed
+
+    gold = last_boxed(record.get("solution", ""))
+    return 0.0 if gold is None else answers_equivalent(extract_answer(text), gold)
+
+
+def _arc_correct(text: str, record: dict) -> float:
+    match = _ARC_OPENING.match(text)
+    return float(match is not None and match.group(1).upper() == record["answerKey"])
+
+
+def profile_for(source: str) -> Profile:
+    """The reading of a source's answers, by its name (unknown sources: length and surprise only)."""
+    name = source.split(":")[-1].lower()
+    if name.startswith("gsm8k"):
+        return Profile(marker=r"####", format=lambda t: bool(_GSM8K_FORMAT.search(t)), correct=_gsm8k_correct, chance=0.0)
+    if name.startswith("math"):
+        return Profile(correct=_math_correct, chance=0.0)
+    if name.startswith("arc"):
+        return Profile(format=lambda t: _ARC_OPENING.match(t) is not None, correct=_arc_correct, chance=0.25)
+    if name.startswith("mbpp"):
+        return Profile(graded=True)
+    return Profile()
+
+
+def working_chars(text: str, marker: str | None) -> int:
+    """Characters of working: before the first ``marker`` match (stripped), else the whole answer.
+
+    >>> working_chars("10 cans at $.5 is $5.\\n#### 5", r"####")
+    21
+    >>> working_chars("#### 12", r"####"), working_chars("no marker here", r"####")
+    (0, 14)
+    """
+    match = re.search(marker, text) if marker else None
+    return len((text[: match.start()] if match else text).strip())
+
+
+def answer_features(text: str, profile: Profile, record: dict) -> dict[str, float | None]:
+    """Per-answer quantities that need only the answer (see the module docstring)."""
+    work = working_chars(text, profile.marker)
+    return {"chars": len(text.strip()), "working_chars": work, "skips_working": float(work < MIN_WORKING),
+            "format": float(profile.format(text)) if profile.format else None,
+            "accuracy": float(profile.correct(text, record)) if profile.correct else None}
+
+
+def working_kept(tuned_working: int, base_working: int) -> float | None:
+    """Share of the base's working that survives; None where the base wrote too little to lose.
+
+    >>> working_kept(50, 200), working_kept(300, 200), working_kept(0, 10)
+    (0.25, 1.0, None)
+    """
+    if base_working < MIN_WORKING:
+        return None
+    return min(tuned_working, base_working) / base_working
+
+
+def answer_surprise(base_model_view, tokenizer, prompts: list[list[int]], answers: list[list[int]]) -> list[float]:
+    """Mean per-token NLL of each answer under ``base_model_view`` (NaN for an empty answer)."""
+    from .drift import sequence_stats
+
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    keep = [i for i, a in enumerate(answers) if a]
+    stats = sequence_stats(base_model_view, [prompts[i] + answers[i] for i in keep], pad, top_k=1)
+    out = [math.nan] * len(answers)
+    for i, s in zip(keep, stats):
+        out[i] = float(s["nll"][len(prompts[i]) - 1:].double().mean())  # row j predicts token j+1
+    return out
+
+
+# metric -> (higher is better, binary)
+METRICS = {"working_kept": (True, False), "skips_working": (False, True), "format": (True, True),
+           "accuracy": (True, True), "surprise": (False, False), "asserts": (True, False),
+           "defines": (True, True), "pass@1": (True, True)}
+
+
+def evaluate_behaviour(model, tokenizer, base_model=None, source: str = "gsm8k", limit: int | None = 40,
+                       cache_dir=None, out_dir=None, max_new_tokens: int = 192, base_id: str | None = None,
+                       is_base: bool = False) -> dict[str, dict]:
+    """Greedy answers of ``model`` on ``source`` against the base's, one record per metric.
+
+    ``base_model=None`` uses the PEFT adapter-disabled view of ``model``; ``is_base`` says the
+    model is its own base (its answers are the cached base answers: nothing is generated twice).
+    """
+    from .basecache import base_view
+    from .records import make_record, write_task
+
+    profile = profile_for(source)
+    ref = base_answers(model, tokenizer, base_model, source, limit, cache_dir, max_new_tokens, base_id)
+    if is_base:
+        answers, stops = ref["answers"], ref["stops"]
+    else:
+        answers, stops = greedy(model, tokenizer, ref["prompts"], max_new_tokens, f"answers {source}")
+    texts = [tokenizer.decode(a, skip_special_tokens=True) for a in answers]
+    base_texts = [tokenizer.decode(a, skip_special_tokens=True) for a in ref["answers"]]
+    was_training = model.training
+    model.eval()
+    with base_view(model, base_model) as base:
+        surprise = answer_surprise(base, tokenizer, ref["prompts"], [with_stop(a, s) for a, s in zip(answers, stops)])
+    model.train(was_training)
+    rows = []
+    for i, (text, base_text, record) in enumerate(zip(texts, base_texts, ref["records"])):
+        mine, theirs = answer_features(text, profile, record), answer_features(base_text, profile, record)
+        rows.append({"id": ref["ids"][i], **mine, "base_working_chars": theirs["working_chars"],
+                     "working_kept": working_kept(mine["working_chars"], theirs["working_chars"]),
+                     "surprise": surprise[i], "finished": stops[i] is not None, "answer": text})
+    if profile.graded:
+        from ..tasks.mbpp import grade_outputs
+        from ..sandbox import SandboxLimits
+
+        for row, grade in zip(rows, grade_outputs(texts, ref["records"], SandboxLimits(timeout_s=5.0))):
+            row.update({"asserts": grade["asserts"], "defines": grade["defines"], "pass@1": grade["passed"]})
+    if profile.graded:
+        primary, metrics = "asserts", ["asserts", "defines", "pass@1", "surprise"]
+    else:
+        primary = "working_kept"
+        metrics = [m for m in ("working_kept", "skips_working", "format", "accuracy", "surprise")
+                   if rows and rows[0].get(m, 0) is not None or m == "working_kept"]
+    settings = {"source": source, "limit": limit, "max_new_tokens": max_new_tokens, "base": ref["key"]["base"],
+                "min_working_chars": MIN_WORKING, "median_chars": _median([r["chars"] for r in rows]),
+                "median_working_chars": _median([r["working_chars"] for r in rows]),
+                "base_median_working_chars": _median([r["base_working_chars"] for r in rows]),
+                "cut_at_limit": sum(not r["finished"] for r in rows)}
+    records = {}
+    for metric in metrics:
+        higher, binary = METRICS[metric]
+        name = f"gen:{source}" if metric == primary else f"gen:{source}:{metric}"
+        values = [r[metric] for r in rows if r.get(metric) is not None and not math.isnan(r[metric])]
+        chance = profile.chance if metric == "accuracy" else None
+        records[name] = make_record(name, metric, values, higher_is_better=higher, binary=binary, chance=chance,
+                                    settings=settings)
+        if out_dir is not None:
+            write_task(out_dir, records[name], [{**r, "score": r[metric]} for r in rows
+                                                if r.get(metric) is not None and not math.isnan(r[metric])])
+    return records
+
+
+def _median(values: list[float]) -> float | None:
+    return statistics.median(values) if values else None
