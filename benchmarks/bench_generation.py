@@ -14,9 +14,9 @@ import time
 
 import torch
 
-from forgetless.generation import DecodingSettings, generate
-from forgetless.modeling import load_model_and_tokenizer
-from forgetless.tasks import get_task
+from forgetless.lm.decode import DecodingSettings, generate
+from forgetless.lm.modeling import load_model_and_tokenizer
+from forgetless.eval.tasks import get_task
 
 
 def main() -> None:

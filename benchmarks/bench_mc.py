@@ -13,7 +13,7 @@ import time
 
 import torch
 
-from forgetless.modeling import load_model_and_tokenizer
+from forgetless.lm.modeling import load_model_and_tokenizer
 from forgetless.retention.mc import pack_item, score_item_naive, score_items
 from forgetless.retention.olmo_tasks import load_mc_items
 

@@ -22,9 +22,9 @@ import torch
 
 
 def setup(n_examples: int):
-    from forgetless.data import load_examples
-    from forgetless.modeling import load_model_and_tokenizer
-    from forgetless.templates import encode_conversation
+    from forgetless.lm.data import load_examples
+    from forgetless.lm.modeling import load_model_and_tokenizer
+    from forgetless.lm.templates import encode_conversation
 
     model, tok = load_model_and_tokenizer("embedded", device="cpu")
     encoded = [encode_conversation(tok, ex.messages, 1024) for ex in load_examples("mbpp-train", limit=n_examples)]
@@ -32,14 +32,14 @@ def setup(n_examples: int):
 
 
 def run_forgetless(model, tok, encoded, batch_tokens):
-    from forgetless.scoring import score_encoded
+    from forgetless.score.stage import score_encoded
 
     return score_encoded(model, encoded, tok.pad_token_id, batch_tokens)
 
 
 @torch.no_grad()
 def run_plain(model, tok, encoded, batch_tokens):
-    from forgetless.scoring import length_buckets, pad_batch
+    from forgetless.score.stage import length_buckets, pad_batch
 
     for batch in length_buckets([len(e) for e in encoded], batch_tokens):
         ids, attention, _ = pad_batch([encoded[i] for i in batch], tok.pad_token_id)

@@ -18,9 +18,9 @@ import time
 
 import torch
 
-from forgetless.modeling import load_model_and_tokenizer
-from forgetless.scoring import score_encoded
-from forgetless.templates import Encoded
+from forgetless.lm.modeling import load_model_and_tokenizer
+from forgetless.score.stage import score_encoded
+from forgetless.lm.templates import Encoded
 
 
 def synthetic(n: int, length: int, vocab: int, seed: int = 0) -> list[Encoded]:
@@ -38,7 +38,7 @@ def timed(model, tok, encoded, batch_tokens) -> float:
 
 def timed_train_step(model, tok, encoded) -> float:
     """Seconds of one forward + backward of the masked loss over ``encoded`` as one batch."""
-    from forgetless.logits import token_nll
+    from forgetless.core.logits import token_nll
 
     ids = torch.tensor([e.input_ids for e in encoded])  # (B, T), equal lengths
     keep = torch.tensor([e.response_mask for e in encoded], dtype=torch.bool)

@@ -46,9 +46,9 @@ def saved_bytes(step, params: set[int]) -> tuple[float, int]:
 
 
 def build_batch(tokenizer, batch: int, length: int, model):
-    from forgetless.collate import MaskedBatchCollator, build_sft_table
-    from forgetless.data import load_examples
-    from forgetless.logits import token_nll
+    from forgetless.train.collate import MaskedBatchCollator, build_sft_table
+    from forgetless.lm.data import load_examples
+    from forgetless.core.logits import token_nll
 
     rows = build_sft_table(load_examples("mbpp-train", limit=batch), tokenizer, max_length=length)
     sft = MaskedBatchCollator(tokenizer.pad_token_id)(rows)
@@ -77,8 +77,8 @@ def main() -> None:
     from peft import LoraConfig, get_peft_model
     from transformers import Trainer, TrainingArguments
 
-    from forgetless.modeling import load_model_and_tokenizer
-    from forgetless.train import _trainer_class
+    from forgetless.lm.modeling import load_model_and_tokenizer
+    from forgetless.train.stage import _trainer_class
 
     model, tokenizer = load_model_and_tokenizer("embedded", dtype="auto", device=args.device)
     sft, stm = build_batch(tokenizer, args.batch, args.length, model)

@@ -22,12 +22,12 @@ from pathlib import Path
 
 import torch
 
-from forgetless.logits import token_nll
-from forgetless.modeling import load_model_and_tokenizer, model_fingerprint
+from forgetless.core.logits import token_nll
+from forgetless.lm.modeling import load_model_and_tokenizer, model_fingerprint
 from forgetless.retention.drift import evaluate_drift
 from forgetless.retention.heldout import evaluate_heldout, response_nll
 from forgetless.retention.mc import evaluate_mc
-from forgetless.templates import encode_conversation
+from forgetless.lm.templates import encode_conversation
 
 logger = logging.getLogger("probe")
 
@@ -112,7 +112,7 @@ def main() -> None:
     args.cache = args.out / "cache"
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     from peft import LoraConfig, get_peft_model
-    from forgetless.data import load_examples
+    from forgetless.lm.data import load_examples
 
     model, tokenizer = load_model_and_tokenizer("embedded", device="cpu")
     base_id = model_fingerprint("embedded")
@@ -150,7 +150,7 @@ def main() -> None:
 def write_probe_report(out: Path) -> None:
     """table.md (summary + per-task detail) and drift_vs_gain.png from the finished runs."""
     from forgetless.retention.records import list_tasks, read_task
-    from forgetless.retention.report import markdown_table, plot_drift_vs_gain, summarize_run
+    from forgetless.report.retention import markdown_table, plot_drift_vs_gain, summarize_run
 
     names = {"gt": "ground truth", "stm2.5": "STM tau=2.5", "stm20": "STM tau@20% masked", "random": "random mask"}
     runs = {names[d.name]: d for d in sorted(out.iterdir()) if d.name in names and (d / "done").exists()}

@@ -3,7 +3,7 @@
     PYTHONPATH=src python benchmarks/run_methods.py --examples 4 --steps 2 --out /tmp/forgetless-methods
 
 The mask tables are built here with simple stand-ins for the masking stage (base NLL from
-``forgetless.logits.token_nll``; tau = 2.5): ``stm`` drops tokens with ppl > tau, ``random-mask`` drops the same
+``forgetless.core.logits.token_nll``; tau = 2.5): ``stm`` drops tokens with ppl > tau, ``random-mask`` drops the same
 number of response tokens at random, ``inverse-mask`` keeps only the tokens STM drops, ``soft`` weights each
 token by ``min(1, tau / ppl)``; ``kl`` trains the SFT table with ``kl_coef`` 0.1.
 """
@@ -20,7 +20,7 @@ import torch
 
 
 def mask_tables(rows: list[dict], model, tau: float, seed: int) -> dict[str, list[dict]]:
-    from forgetless.logits import token_nll
+    from forgetless.core.logits import token_nll
 
     tables = {"sft": rows, "stm": [], "random-mask": [], "inverse-mask": [], "soft": []}
     rng = random.Random(seed)
@@ -53,10 +53,10 @@ def main() -> None:
     parser.add_argument("--methods", default="sft,stm,random-mask,inverse-mask,soft,kl")
     args = parser.parse_args()
 
-    from forgetless.collate import build_sft_table, write_table
-    from forgetless.data import load_examples
-    from forgetless.modeling import load_model_and_tokenizer
-    from forgetless.train import TrainConfig, run_train
+    from forgetless.train.collate import build_sft_table, write_table
+    from forgetless.lm.data import load_examples
+    from forgetless.lm.modeling import load_model_and_tokenizer
+    from forgetless.train.stage import TrainConfig, run_train
 
     out = Path(args.out)
     model, tokenizer = load_model_and_tokenizer("embedded", device="cpu")

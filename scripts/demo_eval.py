@@ -19,11 +19,11 @@ from pathlib import Path
 
 import torch
 
-from forgetless.data import load_examples
-from forgetless.evaluate import EvalConfig, print_eval_summary, run_eval
-from forgetless.modeling import load_model_and_tokenizer
-from forgetless.report import ReportConfig, print_report, run_report
-from forgetless.templates import encode_conversation
+from forgetless.lm.data import load_examples
+from forgetless.eval.stage import EvalConfig, print_eval_summary, run_eval
+from forgetless.lm.modeling import load_model_and_tokenizer
+from forgetless.report.stage import ReportConfig, print_report, run_report
+from forgetless.lm.templates import encode_conversation
 
 
 def quick_adapter(out: Path, examples: int, steps: int, lr: float) -> Path:

@@ -90,6 +90,6 @@ def tiny_model(tokenizer):
 @pytest.fixture(scope="session")
 def embedded():
     """The real embedded SmolLM2-135M-Instruct (converted and cached on first use)."""
-    from forgetless.modeling import load_model_and_tokenizer
+    from forgetless.lm.modeling import load_model_and_tokenizer
 
     return load_model_and_tokenizer("embedded", device="cpu")

@@ -11,8 +11,8 @@ import pytest
 
 from conftest import build_model, build_tokenizer
 from forgetless.cli import main
-from forgetless.collate import build_sft_table, write_table
-from forgetless.data import load_examples
+from forgetless.train.collate import build_sft_table, write_table
+from forgetless.lm.data import load_examples
 
 
 @pytest.fixture(scope="module")

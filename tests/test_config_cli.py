@@ -7,8 +7,8 @@ import pytest
 
 from forgetless.cli import main
 from forgetless.config import ConfigError, load_config
-from forgetless.mask_stage import MaskConfig
-from forgetless.scoring import ScoreConfig
+from forgetless.mask.stage import MaskConfig
+from forgetless.score.stage import ScoreConfig
 
 
 @dataclass(frozen=True)

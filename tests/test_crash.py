@@ -16,10 +16,10 @@ import pytest
 import torch
 
 from conftest import build_model, build_tokenizer
-from forgetless.collate import build_sft_table, write_table
-from forgetless.data import load_examples
-from forgetless.loss import NonFiniteLossError
-from forgetless.train import TrainConfig, last_checkpoint, run_train
+from forgetless.train.collate import build_sft_table, write_table
+from forgetless.lm.data import load_examples
+from forgetless.train.loss import NonFiniteLossError
+from forgetless.train.stage import TrainConfig, last_checkpoint, run_train
 
 SRC = str(Path(__file__).resolve().parents[1] / "src")
 
@@ -54,7 +54,7 @@ def losses(out: Path) -> list[tuple[int, float]]:
 
 
 def test_non_finite_loss_stops_at_its_step_and_keeps_last_good_checkpoint(world, monkeypatch):
-    import forgetless.loss as loss_module
+    import forgetless.train.loss as loss_module
 
     real, calls = loss_module.compute_masked_loss, []
 
@@ -125,7 +125,7 @@ def test_kill_9_during_training_then_resume_equals_uninterrupted(world):
 
 
 def test_kill_9_during_evaluation_then_rerun_keeps_finished_tasks(world, tmp_path):
-    from forgetless.evaluate import EvalConfig, run_eval
+    from forgetless.eval.stage import EvalConfig, run_eval
 
     tasks = []
     for name, n in (("first", 3), ("second", 30)):

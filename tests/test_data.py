@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from forgetless.data import DataError, bundled_names, fingerprint_examples, load_examples
+from forgetless.lm.data import DataError, bundled_names, fingerprint_examples, load_examples
 
 
 def write(tmp_path, *records, name="d.jsonl"):

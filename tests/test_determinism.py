@@ -9,14 +9,14 @@ import pyarrow.parquet as pq
 import pytest
 
 from conftest import build_model, build_tokenizer
-from forgetless.collate import build_sft_table, write_table
-from forgetless.data import load_examples
-from forgetless.evaluate import EvalConfig, evaluate_tasks
-from forgetless.mask_stage import MaskConfig, run_mask
-from forgetless.modeling import model_fingerprint
-from forgetless.scoring import ScoreConfig, run_score
-from forgetless.tasks.custom import task_from_definition
-from forgetless.train import TrainConfig, run_train
+from forgetless.train.collate import build_sft_table, write_table
+from forgetless.lm.data import load_examples
+from forgetless.eval.stage import EvalConfig, evaluate_tasks
+from forgetless.mask.stage import MaskConfig, run_mask
+from forgetless.lm.modeling import model_fingerprint
+from forgetless.score.stage import ScoreConfig, run_score
+from forgetless.eval.tasks.custom import task_from_definition
+from forgetless.train.stage import TrainConfig, run_train
 
 
 @pytest.fixture
@@ -53,7 +53,7 @@ def test_same_seed_same_masks(world):
 
 
 def test_same_seed_same_data_order_and_loss_curve(world, monkeypatch):
-    import forgetless.loss as loss_module
+    import forgetless.train.loss as loss_module
 
     tok = build_tokenizer("chatml")
     write_table(build_sft_table(load_examples(str(world / "data.jsonl")), tok), world / "sft.parquet")

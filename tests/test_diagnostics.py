@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from forgetless.diagnostics import (adapter_updates, effective_rank, full_updates, lora_delta,
+from forgetless.core.diagnostics import (adapter_updates, effective_rank, full_updates, lora_delta,
                                     lowrank_singular_values, update_stats)
 
 

@@ -3,9 +3,9 @@
 import pytest
 import torch
 
-from forgetless.data import load_examples
-from forgetless.logits import token_nll
-from forgetless.templates import encode_conversation, encode_prompt
+from forgetless.lm.data import load_examples
+from forgetless.core.logits import token_nll
+from forgetless.lm.templates import encode_conversation, encode_prompt
 
 pytestmark = pytest.mark.slow
 

@@ -7,11 +7,11 @@ import json
 
 import pytest
 
-from forgetless.evaluate import EvalConfig, evaluate_model, evaluate_tasks, run_eval
-from forgetless.generation import DecodingSettings, cut_at_stop, generate, left_pad, stop_token_ids
-from forgetless.intervals import paired_difference, wilson_interval
-from forgetless.tasks.custom import task_from_definition
-from forgetless.tasks.gsm8k import load_gsm8k
+from forgetless.eval.stage import EvalConfig, evaluate_model, evaluate_tasks, run_eval
+from forgetless.lm.decode import DecodingSettings, cut_at_stop, generate, left_pad, stop_token_ids
+from forgetless.core.intervals import paired_difference, wilson_interval
+from forgetless.eval.tasks.custom import task_from_definition
+from forgetless.eval.tasks.gsm8k import load_gsm8k
 
 TASK_KEYS = {"task", "metric", "score", "n", "ci95", "higher_is_better", "chance", "settings"}
 ITEM_KEYS = {"id", "score", "prompt", "output", "extracted", "gold"}
@@ -175,7 +175,7 @@ def test_short_real_run_of_the_embedded_model(tmp_path, embedded):
 
 def test_configs_load_from_cli_style_overrides(tmp_path):
     from forgetless.config import load_config
-    from forgetless.report import ReportConfig
+    from forgetless.report.stage import ReportConfig
 
     cfg = load_config(EvalConfig, None, ["tasks=[gsm8k, math]", "limit=3", "seed=null", f"output_dir={tmp_path}"])
     assert cfg.tasks == ("gsm8k", "math") and cfg.limit == 3 and cfg.seed is None

@@ -8,10 +8,10 @@ import random
 import pytest
 import torch
 
-from forgetless.frontier import (common_gains, interpolate_at_gain, matched_gain_table, paired_bootstrap,
+from forgetless.core.frontier import (common_gains, interpolate_at_gain, matched_gain_table, paired_bootstrap,
                                  resolved, verdict)
-from forgetless.probe import ProbeCallback, read_probes
-from forgetless.train import run_train
+from forgetless.train.probe import ProbeCallback, read_probes
+from forgetless.train.stage import run_train
 from test_train import Crash, config, setup  # noqa: F401  (setup is a fixture)
 
 
@@ -151,7 +151,7 @@ def test_probe_keeps_adapter_state(setup):
     from peft import LoraConfig, get_peft_model
 
     from conftest import build_model, build_tokenizer
-    from forgetless.probe import preserved_state
+    from forgetless.train.probe import preserved_state
 
     tok = build_tokenizer("chatml")
     model = get_peft_model(build_model(len(tok)), LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
@@ -190,7 +190,7 @@ def _records(d, acc_items, kl_items, nll_items, base_nll):
 
 
 def test_build_frontier_on_hand_made_records(tmp_path):
-    from forgetless.frontier_report import build_frontier, write_frontier
+    from forgetless.report.frontier import build_frontier, write_frontier
 
     n = 100
     base_acc = [1.0] * 60 + [0.0] * 40

@@ -9,11 +9,11 @@ import math
 import numpy as np
 import pytest
 
-import forgetless.generate as gen
-from forgetless.data import Example, load_examples
-from forgetless.mechanism import compare_sets, format_table, ppl_summary
-from forgetless.sampling import cut_at_stop, left_pad
-from forgetless.verify import Verifier, extract_code, gsm8k_gold, last_boxed, math_gold, math_match, mbpp_verifier
+import forgetless.generate.stage as gen
+from forgetless.lm.data import Example, load_examples
+from forgetless.generate.mechanism import compare_sets, format_table, ppl_summary
+from forgetless.lm.sampling import cut_at_stop, left_pad
+from forgetless.generate.verify import Verifier, extract_code, gsm8k_gold, last_boxed, math_gold, math_match, mbpp_verifier
 
 
 def test_left_pad_and_cut_at_stop():

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from conftest import build_model, build_tokenizer
-from forgetless.logits import rows_nll, token_nll
-from forgetless.templates import encode_conversation
+from forgetless.core.logits import rows_nll, token_nll
+from forgetless.lm.templates import encode_conversation
 
 MESSAGES = [
     {"role": "user", "content": "Write a python function to add two numbers."},

@@ -7,10 +7,10 @@ import math
 import pytest
 import torch
 
-from forgetless.collate import MaskedBatchCollator, build_sft_table
-from forgetless.data import Example
-from forgetless.logits import token_nll
-from forgetless.loss import compute_masked_loss, masked_loss, rows_kl, trained_rows
+from forgetless.train.collate import MaskedBatchCollator, build_sft_table
+from forgetless.lm.data import Example
+from forgetless.core.logits import token_nll
+from forgetless.train.loss import compute_masked_loss, masked_loss, rows_kl, trained_rows
 
 
 def conversations(n):

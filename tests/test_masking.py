@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from forgetless.masking import (
+from forgetless.core.masking import (
     fraction_count, random_mask, stm_labels, tau_for_fraction, weights_for_policy,
 )
 

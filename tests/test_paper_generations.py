@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from forgetless.data import DataError, load_examples, read_jsonl
-from forgetless.paper_generations import generation_files, load_paper_generations
+from forgetless.lm.data import DataError, load_examples, read_jsonl
+from forgetless.generate.paper import generation_files, load_paper_generations
 
 
 def _fallbacks(examples):

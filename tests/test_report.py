@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from forgetless.report import ReportConfig, forgetting_metrics, load_extras, relative_change, run_report
-from forgetless.intervals import bootstrap_interval, score_interval, wilson_interval
+from forgetless.report.stage import ReportConfig, forgetting_metrics, load_extras, relative_change, run_report
+from forgetless.core.intervals import bootstrap_interval, score_interval, wilson_interval
 
 
 def test_relative_change():
@@ -93,7 +93,7 @@ def test_masked_fraction_curve_from_the_scored_data(tmp_path, monkeypatch):
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from forgetless import report_plots
+    from forgetless.report import plots as report_plots
 
     # Response-token ppl 1.5, 2, 3, 12 (position 0 and prompt tokens are not scored).
     nll = [math.nan, math.nan, math.log(1.5), math.log(2.0), math.log(3.0), math.log(12.0)]
@@ -171,9 +171,9 @@ def test_report_config_validation():
 def test_eval_and_report_through_the_cli(tmp_path, monkeypatch, capsys):
     """How the lead wires the stages: COMMANDS['eval'|'report'] = (config, run_<stage>, printer)."""
     from forgetless import cli
-    from forgetless.evaluate import EvalConfig, print_eval_summary, run_eval
-    from forgetless.report import ReportConfig, print_report
-    from forgetless.tasks.gsm8k import load_gsm8k
+    from forgetless.eval.stage import EvalConfig, print_eval_summary, run_eval
+    from forgetless.report.stage import ReportConfig, print_report
+    from forgetless.eval.tasks.gsm8k import load_gsm8k
 
     monkeypatch.setitem(cli.COMMANDS, "eval", (EvalConfig, run_eval, print_eval_summary))
     monkeypatch.setitem(cli.COMMANDS, "report", (ReportConfig, run_report, print_report))
@@ -191,7 +191,7 @@ def test_eval_and_report_through_the_cli(tmp_path, monkeypatch, capsys):
 
 
 def test_ti_of_a_lower_is_better_target_counts_a_drop_as_gain():
-    from forgetless.report import forgetting_metrics
+    from forgetless.report.stage import forgetting_metrics
 
     m = forgetting_metrics({"nll": 0.2, "acc": 0.5}, {"nll": 0.05, "acc": 0.4}, "nll", frozenset({"nll"}))
     assert m["TI"] == pytest.approx(0.75) and m["TI_abs"] == pytest.approx(0.15)

@@ -10,8 +10,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from forgetless.report_html import TokenRow, example_tokens, read_token_examples, shade, token_view, write_html
-from forgetless.report_plots import plot_loss_curves, plot_ppl_distribution, read_loss_curve, response_ppl
+from forgetless.report.html import TokenRow, example_tokens, read_token_examples, shade, token_view, write_html
+from forgetless.report.plots import plot_loss_curves, plot_ppl_distribution, read_loss_curve, response_ppl
 
 NAN = float("nan")
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from forgetless.retention.records import make_record, write_task
-from forgetless.retention.report import markdown_table, plot_drift_vs_gain, summarize_run
+from forgetless.report.retention import markdown_table, plot_drift_vs_gain, summarize_run
 
 
 def _mc(out, task, scores, chance):
@@ -80,7 +80,7 @@ def _gen(out, task, metric, scores, higher=True, binary=False, settings=None):
 
 
 def test_behaviour_columns_target_gain_sign_and_between_methods(tmp_path):
-    from forgetless.retention.behaviour_report import behaviour_markdown
+    from forgetless.report.behaviour import behaviour_markdown
 
     base, sft, stm = tmp_path / "base", tmp_path / "sft", tmp_path / "stm"
     _gen(base, "gen:gsm8k", "working_kept", [1.0] * 10)

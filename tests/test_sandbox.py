@@ -14,7 +14,7 @@ import uuid
 
 import pytest
 
-from forgetless.sandbox import SANDBOX_PREFIX, SandboxLimits, namespace_prefix, run_program, run_programs
+from forgetless.eval.sandbox import SANDBOX_PREFIX, SandboxLimits, namespace_prefix, run_program, run_programs
 
 LIMITS = SandboxLimits(timeout_s=2.0, memory_mb=512, output_bytes=1 << 16)
 GOOD = "def add(a, b):\n    return a + b\nassert add(1, 2) == 3\n"

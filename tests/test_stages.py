@@ -8,8 +8,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from conftest import build_model, build_tokenizer
-from forgetless.mask_stage import MaskConfig, run_mask
-from forgetless.scoring import ScoreConfig, length_buckets, run_score
+from forgetless.mask.stage import MaskConfig, run_mask
+from forgetless.score.stage import ScoreConfig, length_buckets, run_score
 
 
 @pytest.fixture
@@ -130,7 +130,7 @@ def test_mask_stage_needs_finished_scores(tmp_path):
 
 
 def test_crash_mid_scoring_resumes_and_equals_uninterrupted(model_dir, data_file, tmp_path, monkeypatch):
-    import forgetless.scoring as scoring
+    import forgetless.score.stage as scoring
 
     full = pq.read_table(score(model_dir, data_file, tmp_path / "full", part_size=2) / "scores.parquet")
     real, calls = scoring.score_encoded, []
@@ -183,7 +183,7 @@ def test_kill_9_during_scoring_then_rerun(model_dir, tmp_path):
 def test_atomic_writes_get_the_mode_open_would_give(tmp_path):
     import os
 
-    from forgetless.artifacts import write_text
+    from forgetless.lm.artifacts import write_text
 
     old = os.umask(0o022)
     try:

@@ -7,15 +7,15 @@ import sqlite3
 
 import pytest
 
-from forgetless.tasks import Item, get_task, select_items
-from forgetless.tasks.arc import extract_letter, load_arc
-from forgetless.tasks.custom import load_task_file, score_metric
-from forgetless.tasks.gsm8k import extract_answer as gsm8k_extract
-from forgetless.tasks.gsm8k import gold_answer, load_gsm8k, numbers_equal
-from forgetless.tasks.math import answers_equivalent, last_boxed, load_math
-from forgetless.tasks.math import extract_answer as math_extract
-from forgetless.tasks.mbpp import extract_code, load_mbpp
-from forgetless.tasks.sql import execution_match, extract_sql, sql_task
+from forgetless.eval.tasks import Item, get_task, select_items
+from forgetless.eval.tasks.arc import extract_letter, load_arc
+from forgetless.eval.tasks.custom import load_task_file, score_metric
+from forgetless.eval.tasks.gsm8k import extract_answer as gsm8k_extract
+from forgetless.eval.tasks.gsm8k import gold_answer, load_gsm8k, numbers_equal
+from forgetless.eval.tasks.math import answers_equivalent, last_boxed, load_math
+from forgetless.eval.tasks.math import extract_answer as math_extract
+from forgetless.eval.tasks.mbpp import extract_code, load_mbpp
+from forgetless.eval.tasks.sql import execution_match, extract_sql, sql_task
 
 
 # --- MBPP -----------------------------------------------------------------------------------
@@ -220,7 +220,7 @@ def test_select_items_first_or_seeded():
 def test_definition_hash_changes_with_definition(tmp_path):
     (tmp_path / "d.jsonl").write_text('{"q": "1+1", "a": "2"}\n')
     base = {"name": "t", "data": str(tmp_path / "d.jsonl"), "prompt": "{q}", "gold": "a", "metric": "numeric"}
-    from forgetless.tasks.custom import task_from_definition
+    from forgetless.eval.tasks.custom import task_from_definition
 
     h1 = task_from_definition(base).definition_hash()
     assert h1 == task_from_definition(dict(base)).definition_hash()

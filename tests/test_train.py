@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from conftest import build_model, build_tokenizer
-from forgetless.collate import (MaskedBatchCollator, TableError, build_sft_table, check_row, read_table,
+from forgetless.train.collate import (MaskedBatchCollator, TableError, build_sft_table, check_row, read_table,
                                 table_counts, write_table)
-from forgetless.train import TrainConfig, run_train
+from forgetless.train.stage import TrainConfig, run_train
 from test_loss import conversations
 
 
@@ -157,7 +157,7 @@ def test_short_real_run_on_embedded_mbpp(tmp_path, embedded):
     """A few LoRA steps on 4 bundled MBPP examples: the adapter loads back and changes the outputs."""
     from peft import PeftModel
 
-    from forgetless.data import load_examples
+    from forgetless.lm.data import load_examples
 
     model, tok = embedded
     # The 4 shortest of the first 8 (158-208 tokens): the prompts alone run to 245 tokens, so no cut.

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from conftest import build_model
-from forgetless.collate import MaskedBatchCollator, build_sft_table
-from forgetless.loss import MaskedLossMixin, compute_masked_loss
+from forgetless.train.collate import MaskedBatchCollator, build_sft_table
+from forgetless.train.loss import MaskedLossMixin, compute_masked_loss
 from test_loss import conversations
 
 

@@ -15,15 +15,15 @@ from pathlib import Path
 from typing import Callable
 
 from forgetless.config import ConfigError, field_help, load_config
-from forgetless.evaluate import EvalConfig, print_eval_summary, run_eval
-from forgetless.generate import GenerateConfig, print_generate_summary, run_generate
-from forgetless.mask_stage import MaskConfig, run_mask
-from forgetless.report import ReportConfig, print_report, run_report
+from forgetless.eval.stage import EvalConfig, print_eval_summary, run_eval
+from forgetless.generate.stage import GenerateConfig, print_generate_summary, run_generate
+from forgetless.mask.stage import MaskConfig, run_mask
+from forgetless.report.stage import ReportConfig, print_report, run_report
 from forgetless.retention.stage import RetentionConfig, run_retention
 from forgetless.run import RunConfig, run_experiment
-from forgetless.scoring import ScoreConfig, run_score
-from forgetless.summary import print_mask_summary, print_score_summary
-from forgetless.train import TrainConfig, run_train
+from forgetless.score.stage import ScoreConfig, run_score
+from forgetless.lm.summary import print_mask_summary, print_score_summary
+from forgetless.train.stage import TrainConfig, run_train
 
 # name -> (config class, stage function, printer of the stage's results)
 COMMANDS: dict[str, tuple[type, Callable, Callable]] = {

@@ -19,11 +19,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from forgetless import artifacts
+from forgetless.lm import artifacts
 from forgetless.config import ConfigError, build
-from forgetless.mask_stage import MASKED_FILE, MaskConfig, run_mask
-from forgetless.modeling import EMBEDDED
-from forgetless.scoring import ScoreConfig, run_score
+from forgetless.mask.stage import MASKED_FILE, MaskConfig, run_mask
+from forgetless.lm.modeling import EMBEDDED
+from forgetless.score.stage import ScoreConfig, run_score
 
 logger = logging.getLogger(__name__)
 
@@ -141,7 +141,7 @@ def train_runs(config: RunConfig) -> list[tuple[str, MethodSpec, float | None]]:
 
 
 def train_config(config: RunConfig, label: str, method: MethodSpec, lr: float | None, data: str):
-    from forgetless.train import TrainConfig
+    from forgetless.train.stage import TrainConfig
 
     implied = METHOD_POLICIES[method.method][1]
     values = {"model": config.model, **config.train, "method": method.method, **implied, **method.train,
@@ -153,7 +153,7 @@ def train_config(config: RunConfig, label: str, method: MethodSpec, lr: float | 
 
 def measure_stages(config: RunConfig, label: str, model: str, adapter: str | None) -> list[tuple[Any, Callable, str]]:
     """(config, stage function, name) of each measurement of one model."""
-    from forgetless.evaluate import EvalConfig, run_eval
+    from forgetless.eval.stage import EvalConfig, run_eval
     from forgetless.retention.stage import RetentionConfig, run_retention
 
     out, common, stages = Path(config.out_dir), {"model": model, "adapter": adapter}, []
@@ -184,7 +184,7 @@ def score_settings(config: RunConfig, data: str, out_dir: str) -> dict:
 
 def run_experiment(config: RunConfig) -> Path:
     """Run every stage of the comparison; return the report directory."""
-    from forgetless.train import run_train
+    from forgetless.train.stage import run_train
 
     check_settings(config)
     out = Path(config.out_dir)
@@ -232,7 +232,7 @@ def tuned_model(base: str, train_dir: Path) -> tuple[str, str | None]:
 def report(config: RunConfig, out: Path, evals: dict[str, list[Path]], train_dirs: dict[str, Path],
            ppl_sources: dict[str, Path], token_view: Path) -> Path:
     """report.md/json and plots, the retention section, the frontier (for a grid), then report.html of it all."""
-    from forgetless.report import ReportConfig, run_report, write_report_html
+    from forgetless.report.stage import ReportConfig, run_report, write_report_html
 
     cfg = ReportConfig(runs=tuple(f"{label}={d}" for label, dirs in evals.items() for d in dirs),
                        train_dirs=tuple(f"{label}={d}" for label, d in train_dirs.items()),
@@ -271,8 +271,8 @@ def report_tasks(config: RunConfig) -> tuple[str, ...]:
 
 def add_retention_section(report_dir: Path, retention_dir: Path, labels: list[str], target: str) -> None:
     """Append the retention table (paired against the base) to report.md, with its plot and JSON."""
-    from forgetless.retention.behaviour_report import behaviour_markdown
-    from forgetless.retention.report import markdown_table, plot_drift_vs_gain, summarize_run
+    from forgetless.report.behaviour import behaviour_markdown
+    from forgetless.report.retention import markdown_table, plot_drift_vs_gain, summarize_run
 
     summaries = {label: summarize_run(retention_dir / "base", retention_dir / label, target_task=target) for label in labels}
     artifacts.write_json(report_dir / "retention.json", summaries)
@@ -297,8 +297,8 @@ def probe_callbacks(config: RunConfig, train_cfg, out: Path) -> list:
         return []
     import shutil
 
-    from forgetless.modeling import load_tokenizer, model_fingerprint
-    from forgetless.probe import PROBES_FILE, ProbeCallback, ProbeConfig, retention_probe
+    from forgetless.lm.modeling import load_tokenizer, model_fingerprint
+    from forgetless.train.probe import PROBES_FILE, ProbeCallback, ProbeConfig, retention_probe
 
     cfg = make(ProbeConfig, config.probe, "probe")
     train_dir = Path(train_cfg.output_dir)
@@ -313,7 +313,7 @@ def probe_callbacks(config: RunConfig, train_cfg, out: Path) -> list:
 
 def frontier(config: RunConfig, out: Path, train_dirs: dict[str, Path], report_dir: Path) -> Path | None:
     """``report/frontier.{md,json,png}`` from the retention records and probes of the grid."""
-    from forgetless.frontier_report import build_frontier, write_frontier
+    from forgetless.report.frontier import build_frontier, write_frontier
 
     base = out / "retention" / "base"
     if config.retention is None or not base.is_dir():

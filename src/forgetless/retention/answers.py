@@ -2,14 +2,14 @@
 
 Drift (teacher-forced, on the base's own answers) and behaviour (what the tuned model writes)
 read the same prompts and the same cached base answers, decoded by the one decode loop
-(:func:`forgetless.generation.decode_ids`: greedy, stops at eos and at the end-of-turn token).
+(:func:`forgetless.lm.decode.decode_ids`: greedy, stops at eos and at the end-of-turn token).
 """
 
 from __future__ import annotations
 
 import logging
 
-from .basecache import base_fingerprint, base_view, cache_path, ids_hash, load_cached, save_cached
+from forgetless.retention.basecache import base_fingerprint, base_view, cache_path, ids_hash, load_cached, save_cached
 
 logger = logging.getLogger(__name__)
 
@@ -20,7 +20,7 @@ def prompt_set(source: str, limit: int | None) -> tuple[list[str], list[list[dic
     Chat data (``messages``/``conversations``/``prompt``) gives its own prompt; raw ARC-style
     records (``question`` + ``choices{text,label}``) get a lettered prompt.
     """
-    from ..data import load_examples, load_records
+    from forgetless.lm.data import load_examples, load_records
 
     records, _ = load_records(source)
     first = records[0] if records else {}
@@ -39,7 +39,7 @@ def prompt_set(source: str, limit: int | None) -> tuple[list[str], list[list[dic
 def greedy(model, tokenizer, prompts: list[list[int]], max_new_tokens: int, description: str,
            batch_size: int = 16) -> tuple[list[list[int]], list[int | None]]:
     """(answer ids, stop id or None) per prompt, greedy, in eval mode (the mode is restored)."""
-    from ..generation import DecodingSettings, decode_ids
+    from forgetless.lm.decode import DecodingSettings, decode_ids
 
     was_training = model.training
     model.eval()
@@ -56,8 +56,8 @@ def base_answers(model, tokenizer, base_model, source: str, limit: int | None, c
     Returns ``ids``, ``prompts`` (token ids), ``answers`` (ids, stop token excluded), ``stops``
     (the stop id, or None when cut at the limit), ``records`` and the cache ``key``.
     """
-    from ..generation import stop_token_ids
-    from ..templates import encode_prompt
+    from forgetless.lm.decode import stop_token_ids
+    from forgetless.lm.templates import encode_prompt
 
     ids, messages, records = prompt_set(source, limit)
     prompts = [encode_prompt(tokenizer, m) for m in messages]

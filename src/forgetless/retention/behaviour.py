@@ -36,7 +36,9 @@ import statistics
 from dataclasses import dataclass
 from typing import Callable
 
-from .answers import base_answers, greedy, with_stop
+import torch
+
+from forgetless.retention.answers import base_answers, greedy, with_stop
 
 logger = logging.getLogger(__name__)
 
@@ -57,13 +59,13 @@ class Profile:
 
 
 def _gsm8k_correct(text: str, record: dict) -> float:
-    from ..tasks.gsm8k import extract_answer, gold_answer, numbers_equal
+    from forgetless.eval.tasks.gsm8k import extract_answer, gold_answer, numbers_equal
 
     return numbers_equal(extract_answer(text), gold_answer(record["answer"]))
 
 
 def _math_correct(text: str, record: dict) -> float:
-    from ..tasks.math import answers_equivalent, extract_answer, last_boxed
+    from forgetless.eval.tasks.math import answers_equivalent, extract_answer, last_boxed
 
     gold = last_boxed(record.get("solution", ""))
     return 0.0 if gold is None else answers_equivalent(extract_answer(text), gold)
@@ -119,16 +121,29 @@ def working_kept(tuned_working: int, base_working: int) -> float | None:
     return min(tuned_working, base_working) / base_working
 
 
-def answer_surprise(base_model_view, tokenizer, prompts: list[list[int]], answers: list[list[int]]) -> list[float]:
-    """Mean per-token NLL of each answer under ``base_model_view`` (NaN for an empty answer)."""
-    from .drift import sequence_stats
+@torch.no_grad()
+def answer_surprise(base_model_view, tokenizer, prompts: list[list[int]], answers: list[list[int]],
+                    batch_size: int = 8) -> list[float]:
+    """Mean per-token NLL of each answer under ``base_model_view`` (NaN for an empty answer).
+
+    The LM head runs only on the answer rows (:func:`forgetless.core.logits.token_nll`).
+    """
+    from forgetless.core.logits import token_nll
+    from forgetless.lm.decode import right_pad
 
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    keep = [i for i, a in enumerate(answers) if a]
-    stats = sequence_stats(base_model_view, [prompts[i] + answers[i] for i in keep], pad, top_k=1)
+    device = next(base_model_view.parameters()).device
     out = [math.nan] * len(answers)
-    for i, s in zip(keep, stats):
-        out[i] = float(s["nll"][len(prompts[i]) - 1:].double().mean())  # row j predicts token j+1
+    keep = sorted((i for i, a in enumerate(answers) if a), key=lambda i: -len(prompts[i]) - len(answers[i]))
+    for s in range(0, len(keep), batch_size):
+        rows = keep[s : s + batch_size]
+        ids, attn = right_pad([prompts[i] + answers[i] for i in rows], pad)
+        scored = torch.zeros_like(ids)
+        for r, i in enumerate(rows):
+            scored[r, len(prompts[i]) : len(prompts[i]) + len(answers[i])] = 1
+        nll = token_nll(base_model_view, ids.to(device), attn.to(device), scored.to(device)).cpu()
+        for r, i in enumerate(rows):
+            out[i] = float(nll[r][scored[r].bool()].double().mean())
     return out
 
 
@@ -146,8 +161,8 @@ def evaluate_behaviour(model, tokenizer, base_model=None, source: str = "gsm8k",
     ``base_model=None`` uses the PEFT adapter-disabled view of ``model``; ``is_base`` says the
     model is its own base (its answers are the cached base answers: nothing is generated twice).
     """
-    from .basecache import base_view
-    from .records import make_record, write_task
+    from forgetless.retention.basecache import base_view
+    from forgetless.retention.records import make_record, write_task
 
     profile = profile_for(source)
     ref = base_answers(model, tokenizer, base_model, source, limit, cache_dir, max_new_tokens, base_id)
@@ -169,8 +184,8 @@ def evaluate_behaviour(model, tokenizer, base_model=None, source: str = "gsm8k",
                      "working_kept": working_kept(mine["working_chars"], theirs["working_chars"]),
                      "surprise": surprise[i], "finished": stops[i] is not None, "answer": text})
     if profile.graded:
-        from ..tasks.mbpp import grade_outputs
-        from ..sandbox import SandboxLimits
+        from forgetless.eval.tasks.mbpp import grade_outputs
+        from forgetless.eval.sandbox import SandboxLimits
 
         for row, grade in zip(rows, grade_outputs(texts, ref["records"], SandboxLimits(timeout_s=5.0))):
             row.update({"asserts": grade["asserts"], "defines": grade["defines"], "pass@1": grade["passed"]})

@@ -27,9 +27,9 @@ import math
 
 import torch
 
-from ..logits import chunk_rows, head_logits, split_causal_lm
-from .answers import base_answers, prompt_set, with_stop
-from .basecache import base_view, cache_path, load_cached, save_cached
+from forgetless.core.logits import chunk_rows, head_logits, split_causal_lm
+from forgetless.retention.answers import base_answers, prompt_set, with_stop
+from forgetless.retention.basecache import base_view, cache_path, load_cached, save_cached
 
 logger = logging.getLogger(__name__)
 _TINY = 1e-30
@@ -173,8 +173,8 @@ def evaluate_drift(model, tokenizer, base_model=None, source: str = "gsm8k", lim
     ``drift:<source>:<metric>`` for the others; entropy change and the prompt/answer split of
     KL are in the main record's ``settings["details"]``.
     """
-    from .records import make_record, write_task
-    from .stats import mean_interval
+    from forgetless.retention.records import make_record, write_task
+    from forgetless.retention.stats import mean_interval
 
     ref = base_reference(model, tokenizer, base_model, source, limit, cache_dir, max_new_tokens, top_k, base_id)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id

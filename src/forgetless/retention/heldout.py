@@ -20,8 +20,8 @@ import math
 
 import torch
 
-from ..logits import token_nll
-from .basecache import base_fingerprint, base_view, cache_path, ids_hash, load_cached, save_cached
+from forgetless.core.logits import token_nll
+from forgetless.retention.basecache import base_fingerprint, base_view, cache_path, ids_hash, load_cached, save_cached
 
 logger = logging.getLogger(__name__)
 
@@ -71,10 +71,10 @@ def evaluate_heldout(model, tokenizer, base_model=None, source: str = "mbpp-vali
     ``settings`` holds the base value, the paired change (tuned − base) with its interval,
     and the fraction of tokens of the masked kind.
     """
-    from ..data import load_examples
-    from ..templates import encode_conversation
-    from .records import make_record, write_task
-    from .stats import mean_interval
+    from forgetless.lm.data import load_examples
+    from forgetless.lm.templates import encode_conversation
+    from forgetless.retention.records import make_record, write_task
+    from forgetless.retention.stats import mean_interval
 
     examples = load_examples(source, limit)
     encoded = [encode_conversation(tokenizer, ex.messages, max_length) for ex in examples]

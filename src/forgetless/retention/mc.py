@@ -27,8 +27,8 @@ from dataclasses import dataclass
 
 import torch
 
-from ..logits import rows_nll, split_causal_lm, token_nll
-from .olmo_tasks import MCItem
+from forgetless.core.logits import rows_nll, split_causal_lm, token_nll
+from forgetless.retention.olmo_tasks import MCItem
 
 logger = logging.getLogger(__name__)
 
@@ -215,8 +215,8 @@ def evaluate_mc(model, tokenizer, task: str, limit: int | None = 150, out_dir=No
     """
     from rich.progress import Progress
 
-    from .olmo_tasks import VARIANTS, chance_accuracy, load_mc_items
-    from .records import make_record, write_task
+    from forgetless.retention.olmo_tasks import VARIANTS, chance_accuracy, load_mc_items
+    from forgetless.retention.records import make_record, write_task
 
     items = load_mc_items(task, limit)
     was_training = model.training

@@ -18,8 +18,8 @@ import math
 from pathlib import Path
 from typing import Any
 
-from forgetless.artifacts import write_text
-from .stats import mean_interval, wilson_interval
+from forgetless.lm.artifacts import write_text
+from forgetless.retention.stats import mean_interval, wilson_interval
 
 
 def task_filename(task: str) -> str:

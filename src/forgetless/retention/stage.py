@@ -55,7 +55,7 @@ class RetentionConfig:
     batch_tokens: int = field(default=2048, metadata={"help": "tokens per MC forward batch"})
 
     def __post_init__(self):
-        from .olmo_tasks import VARIANTS
+        from forgetless.retention.olmo_tasks import VARIANTS
 
         unknown = [t for t in self.mc_tasks if t not in VARIANTS]
         if unknown:
@@ -74,13 +74,13 @@ class RetentionConfig:
 
 def load_models(config: RetentionConfig):
     """(tuned model, tokenizer, separate base model or None, base id for cache keys)."""
-    from ..modeling import load_model, load_model_and_tokenizer, model_fingerprint
+    from forgetless.lm.modeling import load_model, load_model_and_tokenizer, model_fingerprint
 
     model, tokenizer = load_model_and_tokenizer(config.model, config.revision, config.dtype, config.device)
     base_id = model_fingerprint(config.model, config.revision)
     base = None
     if config.adapter:
-        from ..modeling import load_adapter
+        from forgetless.lm.modeling import load_adapter
 
         model = load_adapter(model, config.adapter, config.model)
     elif config.base_model:
@@ -97,11 +97,11 @@ def load_models(config: RetentionConfig):
 
 def run_retention(config: RetentionConfig) -> Path:
     """Evaluate every retention measure of ``config``; returns the output directory."""
-    from ..modeling import cache_dir as forgetless_cache
-    from .behaviour import evaluate_behaviour
-    from .drift import evaluate_drift
-    from .heldout import evaluate_heldout
-    from .mc import evaluate_mc
+    from forgetless.lm.modeling import cache_dir as forgetless_cache
+    from forgetless.retention.behaviour import evaluate_behaviour
+    from forgetless.retention.drift import evaluate_drift
+    from forgetless.retention.heldout import evaluate_heldout
+    from forgetless.retention.mc import evaluate_mc
 
     out = Path(config.output_dir)
     out.mkdir(parents=True, exist_ok=True)

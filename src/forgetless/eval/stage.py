@@ -1,0 +1,357 @@
+"""The ``eval`` stage: generate answers for each task's items, extract, score, write results.
+
+Writes, inside ``output_dir``: ``<task>.json`` (score record), ``<task>.items.jsonl`` (one record
+per item), ``scores.json`` (task -> score record), ``config.json`` and ``manifest.json``.
+
+Three ways in:
+
+* :func:`run_eval` (``forgetless eval``): load ``model`` (+ PEFT ``adapter``) and evaluate;
+* ``predictions=file.jsonl`` (lines ``{"task", "id", "output"}``): score another engine's outputs
+  without loading a model;
+* :func:`evaluate_model`: an in-memory model and tokenizer (e.g. a probe during training).
+
+Results of a model without adapter are cached under ``$FORGETLESS_CACHE/eval``, keyed by the
+model fingerprint, task definition hash, decoding settings and the exact item subset, so a sweep
+of fine-tuned models evaluates the base once.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+from forgetless.lm.artifacts import write_json, write_manifest, write_text
+from forgetless.lm.decode import DecodingSettings, generate
+from forgetless.core.intervals import score_interval
+from forgetless.eval.sandbox import SandboxLimits
+from forgetless.eval.tasks import Item, Task, get_task, items_fingerprint, select_items
+
+logger = logging.getLogger(__name__)
+
+GenerateFn = Callable[[list[list[dict[str, str]]], DecodingSettings], list[str]]
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    output_dir: str = field(default="runs/eval", metadata={"help": "directory for results (created)"})
+    model: str = field(default="embedded", metadata={"help": "'embedded', a local model dir (base or merged) or a hub name"})
+    adapter: str | None = field(default=None, metadata={"help": "PEFT adapter dir to load on top of model"})
+    revision: str | None = field(default=None, metadata={"help": "hub revision of model"})
+    tasks: tuple[str, ...] = field(default=("mbpp", "gsm8k", "math", "arc_challenge"),
+                                   metadata={"help": "built-in task names or .yaml/.json task definition files"})
+    limit: int | None = field(default=None, metadata={"help": "evaluate at most this many items per task"})
+    seed: int | None = field(default=0, metadata={"help": "seed of the random subset when limit is set (None: first items)"})
+    batch_size: int = field(default=8, metadata={"help": "prompts per generation batch"})
+    max_new_tokens: int | None = field(default=None, metadata={"help": "override every task's own max new tokens"})
+    greedy: bool = field(default=True, metadata={"help": "greedy decoding (deterministic); false samples"})
+    temperature: float = field(default=1.0, metadata={"help": "sampling temperature (greedy=false only)"})
+    top_p: float = field(default=1.0, metadata={"help": "nucleus sampling mass (greedy=false only)"})
+    predictions: str | None = field(default=None, metadata={"help": "JSONL of {task, id, output}: score these, load no model"})
+    cache: bool = field(default=True, metadata={"help": "reuse/store results of models without adapter"})
+    cache_dir: str | None = field(default=None, metadata={"help": "result cache (default $FORGETLESS_CACHE/eval)"})
+    backend: str = field(default="hf", metadata={"help": "hf | vllm | auto (vllm when installed and CUDA present)"})
+    device: str | None = field(default=None, metadata={"help": "cuda/cpu (default: cuda when available)"})
+    dtype: str = field(default="auto", metadata={"help": "auto | float32 | bfloat16 | float16"})
+    sandbox_timeout_s: float = field(default=10.0, metadata={"help": "wall-time limit per MBPP program"})
+    sandbox_memory_mb: int = field(default=1024, metadata={"help": "address-space limit per MBPP program"})
+    progress: bool = field(default=True, metadata={"help": "show progress bars"})
+
+    def __post_init__(self):
+        if isinstance(self.tasks, str) or isinstance(self.tasks, list):
+            object.__setattr__(self, "tasks", tuple([self.tasks] if isinstance(self.tasks, str) else self.tasks))
+        if not self.tasks:
+            raise ValueError("tasks: name at least one task")
+        if self.limit is not None and self.limit < 1:
+            raise ValueError("limit must be >= 1 (or None for all items)")
+        if self.batch_size < 1:
+            raise ValueError("batch_size must be >= 1")
+        if self.backend not in ("hf", "vllm", "auto"):
+            raise ValueError("backend: hf, vllm or auto")
+        if self.predictions is not None and not Path(self.predictions).is_file():
+            raise ValueError(f"predictions file {self.predictions} does not exist")
+        DecodingSettings(max_new_tokens=self.max_new_tokens or 1, greedy=self.greedy, temperature=self.temperature, top_p=self.top_p)
+
+
+def resolve_task(spec: str | Task, cfg: EvalConfig) -> Task:
+    if isinstance(spec, Task):
+        return spec
+    if spec == "mbpp":
+        from forgetless.eval.tasks.mbpp import mbpp_task
+
+        return mbpp_task(SandboxLimits(timeout_s=cfg.sandbox_timeout_s, memory_mb=cfg.sandbox_memory_mb))
+    return get_task(spec)
+
+
+def decoding_for(task: Task, cfg: EvalConfig) -> DecodingSettings:
+    return DecodingSettings(max_new_tokens=cfg.max_new_tokens or task.max_new_tokens, greedy=cfg.greedy,
+                            temperature=cfg.temperature, top_p=cfg.top_p, seed=cfg.seed or 0)
+
+
+def score_task(task: Task, items: list[Item], outputs: list[str], settings: dict[str, Any]) -> tuple[dict, list[dict]]:
+    """The task's score record and per-item records from the model's outputs."""
+    scored = task.evaluate(outputs, items)
+    records = []
+    for item, output, s in zip(items, outputs, scored):
+        record = {"id": item.id, "score": s.score, "prompt": item.messages, "output": output,
+                  "extracted": s.extracted, "gold": item.gold}
+        if s.detail is not None:
+            record["detail"] = s.detail
+        records.append(record)
+    scores = [s.score for s in scored]
+    lo, hi = score_interval(scores) if scores else (None, None)
+    summary = {"task": task.name, "metric": task.metric, "score": sum(scores) / len(scores) if scores else None,
+               "n": len(scores), "ci95": [lo, hi], "higher_is_better": task.higher_is_better,
+               "chance": task.chance, "settings": settings}
+    return summary, records
+
+
+def write_task_results(out: Path, summary: dict, records: list[dict]) -> None:
+    name = summary["task"]
+    write_text(out / f"{name}.items.jsonl", "".join(json.dumps(r, ensure_ascii=False, default=str) + "\n" for r in records))
+    write_json(out / f"{name}.json", summary)
+
+
+def read_predictions(path: str) -> dict[tuple[str | None, str], str]:
+    """(task or None, id) -> output, from lines {"task"?, "id", "output"}."""
+    preds = {}
+    try:
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not UTF-8 (byte {e.start})") from None
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            r = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}:{n}: malformed JSON ({e.msg})") from None
+        if not isinstance(r, dict) or "id" not in r or "output" not in r:
+            raise ValueError(f"{path}:{n}: a prediction needs 'id' and 'output'")
+        preds[(r.get("task"), str(r["id"]))] = r["output"]
+    return preds
+
+
+def _cache_parts(fingerprint: str, task: Task, items: list[Item], decoding: DecodingSettings) -> dict:
+    return {"model": fingerprint, "task": task.name, "task_definition": task.definition_hash(),
+            "items": items_fingerprint(items), "decoding": dataclasses.asdict(decoding)}
+
+
+def _cache_key(fingerprint: str, task: Task, items: list[Item], decoding: DecodingSettings) -> str:
+    key = json.dumps([fingerprint, task.definition_hash(), items_fingerprint(items), dataclasses.asdict(decoding)])
+    return hashlib.sha256(key.encode()).hexdigest()[:24]
+
+
+def _why_cache_missed(cache_root: Path, parts: dict) -> str | None:
+    """Which key parts differ from the nearest cached entry of the same task (None: no entry of it)."""
+    best = None
+    for key_file in cache_root.glob("*/key.json") if cache_root.is_dir() else []:
+        try:
+            old = json.loads(key_file.read_text())
+        except (OSError, json.JSONDecodeError):
+            continue
+        if old.get("task") != parts["task"]:
+            continue
+        changed = sorted(k for k in parts if old.get(k) != parts[k])
+        if best is None or len(changed) < len(best):
+            best = changed
+    names = {"model": "model files (weights, config, tokenizer or chat template)", "items": "items (task data or subset)",
+             "decoding": "decoding settings", "task_definition": "task definition"}
+    return ", ".join(names.get(k, k) for k in best) if best else None
+
+
+def _resume_key(settings: dict, cfg: EvalConfig) -> str:
+    """What a finished ``<task>.json`` in the output dir must have been made from to be kept on a re-run."""
+    from forgetless.lm.modeling import model_fingerprint
+
+    extra = [[model_fingerprint(cfg.model, cfg.revision), model_fingerprint(cfg.adapter)] if cfg.adapter else None,
+             _file_hash(cfg.predictions) if cfg.predictions else None]
+    return hashlib.sha256(json.dumps([settings, extra], sort_keys=True, default=str).encode()).hexdigest()[:24]
+
+
+def _file_hash(path: str) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
+
+
+def _finished(out: Path | None, name: str, resume_key: str | None) -> dict | None:
+    """The score record of ``name`` already in ``out`` from identical settings (a re-run after a crash)."""
+    if out is None or resume_key is None or not (out / f"{name}.items.jsonl").is_file():
+        return None
+    try:
+        summary = json.loads((out / f"{name}.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    return summary if summary.get("settings", {}).get("resume_key") == resume_key else None
+
+
+def evaluate_tasks(tasks: Sequence[str | Task], cfg: EvalConfig, generate_fn: GenerateFn | None,
+                   out: Path | None = None, fingerprint: str | None = None,
+                   predictions: dict | None = None, resume: bool = False) -> dict[str, dict]:
+    """Evaluate each task; write its files into ``out`` when given. Returns task -> score record.
+
+    ``resume``: keep a task whose results ``out`` already holds from the same settings (after a crash
+    mid-evaluation only the unfinished tasks run again)."""
+    results = {}
+    cache_root = Path(cfg.cache_dir) if cfg.cache_dir else _default_cache()
+    for spec in tasks:
+        task = resolve_task(spec, cfg)
+        items = select_items(task.load(), cfg.limit, cfg.seed)
+        decoding = decoding_for(task, cfg)
+        settings = {"model": cfg.model, "adapter": cfg.adapter, "fingerprint": fingerprint,
+                    "decoding": dataclasses.asdict(decoding), "limit": cfg.limit, "seed": cfg.seed,
+                    "items_fingerprint": items_fingerprint(items), "task_hash": task.definition_hash(),
+                    "backend": cfg.backend, "source": "generated"}
+        resume_key = _resume_key(settings, cfg) if resume else None
+        done = _finished(out, task.name, resume_key)
+        if done is not None:
+            logger.info("%s: already evaluated in %s (same settings); kept", task.name, out)
+            results[task.name] = done
+            continue
+        settings["resume_key"] = resume_key
+        key = _cache_key(fingerprint, task, items, decoding) if fingerprint and cfg.cache and predictions is None else None
+        cached = cache_root / key if key else None
+        if cached is not None and not (cached / f"{task.name}.json").is_file():
+            why = _why_cache_missed(cache_root, _cache_parts(fingerprint, task, items, decoding))
+            if why:
+                logger.info("%s: cached base results not used: %s changed", task.name, why)
+        if cached is not None and (cached / f"{task.name}.json").is_file() and out is not None:
+            logger.info("%s: reusing cached results %s", task.name, cached)
+            shutil.copyfile(cached / f"{task.name}.items.jsonl", out / f"{task.name}.items.jsonl")
+            summary = json.loads((cached / f"{task.name}.json").read_text())
+            summary["settings"].update(source="cache", cache_key=key, resume_key=resume_key)
+            write_json(out / f"{task.name}.json", summary)
+            results[task.name] = summary
+            continue
+        if predictions is not None:
+            found = [(it, predictions.get((task.name, it.id), predictions.get((None, it.id)))) for it in items]
+            items = [it for it, o in found if o is not None]
+            outputs = [o for _, o in found if o is not None]
+            if not items:
+                raise ValueError(f"{task.name}: the predictions file has no output for any of its items")
+            settings.update(source="predictions", predictions=cfg.predictions, items_fingerprint=items_fingerprint(items))
+        else:
+            start = time.monotonic()
+            outputs = generate_fn([it.messages for it in items], decoding)
+            settings["generation_s"] = round(time.monotonic() - start, 2)
+        summary, records = score_task(task, items, outputs, settings)
+        logger.info("%s: %s = %.4f (n=%d, 95%% CI %.3f-%.3f)", task.name, task.metric, summary["score"], summary["n"], *summary["ci95"])
+        results[task.name] = summary
+        if out is not None:
+            write_task_results(out, summary, records)
+            if cached is not None:
+                _store_cache(cached, out, task.name, _cache_parts(fingerprint, task, items, decoding))
+    return results
+
+
+def _default_cache() -> Path:
+    from forgetless.lm.modeling import cache_dir
+
+    return cache_dir() / "eval"
+
+
+def _store_cache(cached: Path, out: Path, name: str, parts: dict) -> None:
+    cached.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=cached.parent, prefix=".tmp-"))
+    for suffix in (".items.jsonl", ".json"):
+        shutil.copyfile(out / f"{name}{suffix}", tmp / f"{name}{suffix}")
+    (tmp / "key.json").write_text(json.dumps(parts, default=str))  # lets a later miss say what changed
+    try:
+        os.replace(tmp, cached)
+    except OSError:  # another run stored it first
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def hf_generate_fn(model, tokenizer, cfg: EvalConfig) -> GenerateFn:
+    return lambda prompts, decoding: generate(model, tokenizer, prompts, decoding, cfg.batch_size, cfg.progress)
+
+
+def evaluate_model(model, tokenizer, cfg: EvalConfig, output_dir: str | Path | None = None,
+                   tasks: Sequence[str | Task] | None = None) -> dict[str, dict]:
+    """Evaluate an in-memory model on ``tasks`` (default cfg.tasks; names or Task objects).
+    No caching: in-memory weights have no fingerprint."""
+    out = None
+    if output_dir is not None:
+        out = Path(output_dir)
+        out.mkdir(parents=True, exist_ok=True)
+    was_training = model.training
+    model.eval()
+    try:
+        return evaluate_tasks(tasks or cfg.tasks, cfg, hf_generate_fn(model, tokenizer, cfg), out)
+    finally:
+        model.train(was_training)
+
+
+def load_for_eval(cfg: EvalConfig):
+    """(model, tokenizer) of cfg.model, with cfg.adapter applied when given."""
+    from forgetless.lm.modeling import load_model_and_tokenizer
+
+    model, tokenizer = load_model_and_tokenizer(cfg.model, cfg.revision, cfg.dtype, cfg.device)
+    if cfg.adapter:
+        from forgetless.lm.modeling import load_adapter
+
+        model = load_adapter(model, cfg.adapter, cfg.model)
+    return model, tokenizer
+
+
+def _pick_generate_fn(cfg: EvalConfig) -> GenerateFn:
+    from forgetless.lm.decode import vllm_available
+
+    if cfg.backend == "vllm" or (cfg.backend == "auto" and vllm_available()):
+        from forgetless.lm.decode import vllm_generate_fn
+        from forgetless.lm.modeling import resolve_model_path
+
+        return vllm_generate_fn(resolve_model_path(cfg.model), cfg.adapter, cfg.revision)
+    model, tokenizer = load_for_eval(cfg)
+    return hf_generate_fn(model, tokenizer, cfg)
+
+
+def run_eval(cfg: EvalConfig) -> Path:
+    """Evaluate cfg.model (+ adapter) or cfg.predictions on cfg.tasks; returns the output dir."""
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(out / "config.json", dataclasses.asdict(cfg))
+    started = time.time()
+    if cfg.predictions is not None:
+        results = evaluate_tasks(cfg.tasks, cfg, None, out, predictions=read_predictions(cfg.predictions), resume=True)
+        fingerprint = None
+    else:
+        from forgetless.lm.modeling import model_fingerprint
+
+        fingerprint = model_fingerprint(cfg.model, cfg.revision) if not cfg.adapter else None
+        generate_fn = _LazyGenerate(cfg)
+        results = evaluate_tasks(cfg.tasks, cfg, generate_fn, out, fingerprint=fingerprint, resume=True)
+    write_json(out / "scores.json", results)
+    key = {"stage": "eval", "model": cfg.model, "revision": cfg.revision, "adapter": cfg.adapter, "fingerprint": fingerprint,
+           "tasks": {t: r["settings"].get("task_hash") for t, r in results.items()}, "predictions": cfg.predictions}
+    logger.info("eval finished in %.1f s: %s", time.time() - started, out)
+    write_manifest(out, key, cfg)
+    return out
+
+
+def print_eval_summary(out: Path) -> None:
+    """One line per task: score, 95% interval, items."""
+    scores = json.loads((Path(out) / "scores.json").read_text())
+    for name, r in scores.items():
+        lo, hi = r["ci95"]
+        print(f"{name:>16}  {r['metric']:<18} {r['score']:.3f}  [{lo:.3f}, {hi:.3f}]  n={r['n']}")
+    print(f"results in {out}")
+
+
+class _LazyGenerate:
+    """Loads the model on the first call, so a run served entirely from the cache loads none."""
+
+    def __init__(self, cfg: EvalConfig):
+        self.cfg, self.fn = cfg, None
+
+    def __call__(self, prompts, decoding):
+        if self.fn is None:
+            self.fn = _pick_generate_fn(self.cfg)
+        return self.fn(prompts, decoding)

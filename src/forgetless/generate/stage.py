@@ -1,0 +1,382 @@
+"""Stage: build Self-Output or Rephrase training data from a ground-truth training set.
+
+``run_generate(config)`` writes into ``out_dir``:
+
+* ``samples.jsonl``: one line per prompt as soon as its batch is done (every sampled answer,
+  whether it passed the task's verifier, its per-token NLL under the base model). A re-run with
+  the same settings skips the prompts already there, so an interrupted run continues;
+* ``data.jsonl``: the training set, ``messages`` format (what ``score`` and ``train`` read),
+  one record per prompt with ``id``, the original record's fields and ``provenance``
+  (source, sample_index, verified, base_ppl, fallback);
+* ``generation_stats.json`` (prompts, samples, verified counts, fallbacks, speed),
+  ``mechanism_stats.json`` (ppl of ground truth vs generated answers, see
+  :mod:`forgetless.generate.mechanism`) and ``manifest.json``.
+
+Methods: ``self_output`` samples ``samples`` answers per prompt from the base model, keeps those
+the verifier accepts and picks one by ``choose``; ``rephrase`` asks the base model to rewrite
+the reference answer (``rephrase_template``) and verifies the rewrite the same way; where no
+answer passes, both fall back to the ground truth and count it. ``paper_self_output`` /
+``paper_rephrase`` take the authors' Llama-3-8B generations instead of sampling.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from forgetless.lm import artifacts
+from forgetless.lm.data import Example, fingerprint_examples, load_examples
+from forgetless.generate.mechanism import compare_sets, format_table
+from forgetless.lm.modeling import EMBEDDED, load_model_and_tokenizer, load_tokenizer, model_fingerprint
+from forgetless.generate.paper import CHOICES, choose_answer, load_paper_generations
+from forgetless.lm.progress import progress
+from forgetless.lm.sampling import sample_batch
+from forgetless.score.stage import score_encoded
+from forgetless.core.tokenstats import scored_response_nll
+from forgetless.lm.templates import encode_conversation, encode_prompt, template_hash
+from forgetless.generate.verify import TASKS, Verifier, make_verifier
+
+logger = logging.getLogger(__name__)
+
+METHODS = ("self_output", "rephrase", "paper_self_output", "paper_rephrase")
+DATA_FILE, SAMPLES_FILE, SAMPLES_KEY = "data.jsonl", "samples.jsonl", "samples_key.json"
+# A record's own prompt/response fields would contradict its new messages: left out of data.jsonl.
+_REPLACED_FIELDS = ("prompt", "response", "completion")
+DEFAULT_REPHRASE_TEMPLATE = (
+    "Below is a task and a reference answer. Rewrite the reference answer in your own words. "
+    "Keep everything that makes it correct and the format the task asks for (for code: the same "
+    "function names and signatures, in one ```python block). Reply with the rewritten answer only.\n\n"
+    "### Task\n{instruction}\n\n### Reference answer\n{reference}"
+)
+
+
+@dataclass(frozen=True)
+class GenerateConfig:
+    """Settings of the generation stage."""
+
+    method: str = field(default="self_output", metadata={"help": f"one of {', '.join(METHODS)}"})
+    model: str = field(default=EMBEDDED, metadata={"help": "base model: 'embedded', a local directory or a hub name"})
+    revision: str | None = field(default=None, metadata={"help": "hub revision (commit, tag or branch)"})
+    data: str = field(default="mbpp-train", metadata={"help": "ground-truth training set (paper_* methods: mbpp-train or mbpp-validation)"})
+    limit: int | None = field(default=None, metadata={"help": "use only the first N prompts"})
+    task: str = field(default="auto", metadata={"help": f"verifier: {', '.join(TASKS)} (auto: from the data set)"})
+    samples: int = field(default=4, metadata={"help": "answers sampled per prompt (k)"})
+    temperature: float = field(default=0.7, metadata={"help": "sampling temperature (paper: 0.7)"})
+    top_p: float = field(default=1.0, metadata={"help": "nucleus sampling mass"})
+    max_new_tokens: int = field(default=512, metadata={"help": "tokens per sampled answer; longer ones are cut (and usually fail)"})
+    choose: str = field(default="lowest-ppl", metadata={"help": f"which correct answer to keep: {', '.join(CHOICES)}"})
+    rephrase_template: str = field(default=DEFAULT_REPHRASE_TEMPLATE, metadata={"help": "rephrase prompt; {instruction} and {reference} are filled in"})
+    batch_size: int = field(default=4, metadata={"help": "prompts per generation batch (each gives 'samples' sequences)"})
+    seed: int = field(default=0, metadata={"help": "seed of sampling (per batch) and of choose=random"})
+    sandbox_timeout_s: float = field(default=10.0, metadata={"help": "seconds per MBPP test run"})
+    max_length: int = field(default=2048, metadata={"help": "tokens per example when scoring answers"})
+    batch_tokens: int = field(default=8192, metadata={"help": "padded tokens per scoring batch"})
+    compare: tuple[str, ...] = field(default=(), metadata={"help": "other generate output dirs whose answers join the ppl comparison"})
+    dtype: str = field(default="auto", metadata={"help": "auto (bf16 on CUDA, else fp32), float32, bfloat16, float16"})
+    device: str | None = field(default=None, metadata={"help": "cuda or cpu (default: cuda when available)"})
+    out_dir: str = field(default="runs/default/generate", metadata={"help": "output directory"})
+
+    def __post_init__(self):
+        if self.method not in METHODS:
+            raise ValueError(f"method must be one of {', '.join(METHODS)}, got {self.method!r}")
+        if self.task not in TASKS:
+            raise ValueError(f"task must be one of {', '.join(TASKS)}, got {self.task!r}")
+        if self.choose not in CHOICES:
+            raise ValueError(f"choose must be one of {', '.join(CHOICES)}, got {self.choose!r}")
+        if self.samples < 1 or self.batch_size < 1 or self.max_new_tokens < 1:
+            raise ValueError("samples, batch_size and max_new_tokens must be positive")
+        if self.temperature <= 0 or not 0 < self.top_p <= 1:
+            raise ValueError(f"sampling needs temperature > 0 and 0 < top_p <= 1, got {self.temperature}, {self.top_p}")
+        if self.limit is not None and self.limit < 1:
+            raise ValueError(f"limit must be positive, got {self.limit}")
+        if self.method == "rephrase" and "{reference}" not in self.rephrase_template:
+            raise ValueError("rephrase_template must contain {reference} (and usually {instruction})")
+        if self.method.startswith("paper_") and self.data not in ("mbpp-train", "mbpp-validation"):
+            raise ValueError(f"the paper's generations cover mbpp-train and mbpp-validation, not {self.data!r}")
+
+
+def generation_prompt(config: GenerateConfig, example: Example) -> list[dict[str, str]]:
+    """What the base model is asked: the example's own prompt (self_output) or the rephrase request."""
+    if config.method != "rephrase":
+        return example.prompt_messages
+    instruction = next(m["content"] for m in reversed(example.prompt_messages) if m["role"] == "user")
+    text = config.rephrase_template.replace("{instruction}", instruction).replace("{reference}", example.response)
+    return [{"role": "user", "content": text}]
+
+
+def batch_seed(seed: int, batch_index: int) -> int:
+    """Seed of one batch: depends only on the config seed and the batch's position, so a resumed run samples the same."""
+    return seed * 1_000_003 + batch_index
+
+
+def read_done(path: Path) -> dict[str, dict]:
+    """Per-prompt records already in ``samples.jsonl``.
+
+    A torn line (a crash mid-write) is dropped and the file rewritten without it, so that
+    appending cannot glue the next record onto it.
+    """
+    done: dict[str, dict] = {}
+    if not path.is_file():
+        return done
+    text = path.read_text(encoding="utf-8")
+    good = []
+    for line_no, line in enumerate(text.splitlines(), start=1):
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            logger.warning("%s:%d: dropping an incomplete line (interrupted write)", path, line_no)
+            continue
+        done[record["id"]] = record
+        good.append(line)
+    if len(good) != len(text.splitlines()) or (text and not text.endswith("\n")):
+        artifacts.write_text(path, "".join(line + "\n" for line in good))
+    return done
+
+
+def response_nlls(model, tokenizer, prompts: list[list[dict]], answers: list[str], config: GenerateConfig) -> list[np.ndarray]:
+    """Response-token NLLs of each answer after its prompt, under ``model`` (as training would encode it)."""
+    encoded = [encode_conversation(tokenizer, [*p, {"role": "assistant", "content": a}], config.max_length)
+               for p, a in zip(prompts, answers)]
+    nlls = score_encoded(model, encoded, tokenizer.pad_token_id, config.batch_tokens)
+    return [scored_response_nll(n, np.asarray(e.response_mask, dtype=bool)) for n, e in zip(nlls, encoded)]
+
+
+def process_batch(model, tokenizer, examples: list[Example], config: GenerateConfig, verifier: Verifier) -> list[dict]:
+    """Sample, verify and score one batch; one record per example."""
+    prompt_ids = [encode_prompt(tokenizer, generation_prompt(config, ex)) for ex in examples]
+    sampled = sample_batch(model, tokenizer, prompt_ids, config.samples, config.temperature, config.top_p, config.max_new_tokens)
+    pairs = [(i, s) for i, row in enumerate(sampled) for s, one in enumerate(row) if one.text.strip()]
+    # The ground truth goes through the same verifier: its pass rate checks the verifier.
+    checks = verifier.many([examples[i] for i, _ in pairs] + examples, [sampled[i][s].text for i, s in pairs] + [ex.response for ex in examples])
+    nlls = response_nlls(model, tokenizer, [examples[i].prompt_messages for i, _ in pairs], [sampled[i][s].text for i, s in pairs], config)
+    found = {pair: (ok, nll) for pair, ok, nll in zip(pairs, checks, nlls)}
+    records = []
+    for i, ex in enumerate(examples):
+        rows = []
+        for s, one in enumerate(sampled[i]):
+            ok, nll = found.get((i, s), (False, None))
+            rows.append({"index": s, "text": one.text, "finished": one.finished, "new_tokens": one.new_tokens, "verified": ok,
+                         "mean_nll": None if nll is None or not len(nll) else float(nll.mean()),
+                         "token_nll": None if nll is None else [round(float(x), 4) for x in nll]})
+        records.append({"id": ex.id, "ground_truth_verified": checks[len(pairs) + i], "samples": rows})
+    return records
+
+
+def generate_samples(model, tokenizer, examples: list[Example], config: GenerateConfig, verifier: Verifier, out: Path) -> dict[str, dict]:
+    """Run every batch not yet in ``samples.jsonl``, appending its records as it finishes."""
+    path = out / SAMPLES_FILE
+    done = read_done(path)
+    batches = [list(range(b, min(b + config.batch_size, len(examples)))) for b in range(0, len(examples), config.batch_size)]
+    todo = [(b, rows) for b, rows in enumerate(batches) if any(examples[i].id not in done for i in rows)]
+    if done:
+        logger.info("resuming: %d of %d prompts already sampled", sum(ex.id in done for ex in examples), len(examples))
+    out.mkdir(parents=True, exist_ok=True)
+    with open(path, "a", encoding="utf-8") as f:
+        for b, rows in progress(todo, f"generating ({config.method})", total_items=sum(len(r) for _, r in todo), count=lambda t: len(t[1])):
+            torch.manual_seed(batch_seed(config.seed, b))
+            tic = time.monotonic()
+            records = process_batch(model, tokenizer, [examples[i] for i in rows], config, verifier)
+            for record in records:
+                if record["id"] not in done:  # a partly written batch is re-sampled identically; keep the first copy
+                    f.write(json.dumps(record, ensure_ascii=False) + "\n")
+                    done[record["id"]] = record
+            f.flush()
+            rows_done = [s for r in records for s in r["samples"]]
+            logger.info("batch %d/%d: %d of %d samples verified, %d new tokens in %.0f s", b + 1, len(batches),
+                        sum(s["verified"] is True for s in rows_done), len(rows_done),
+                        sum(s["new_tokens"] for s in rows_done), time.monotonic() - tic)
+    return done
+
+
+def select_answer(record: dict, choose: str, seed: int) -> dict | None:
+    """The kept sample of one prompt: among the verified ones (all non-empty ones when nothing is checked), by ``choose``."""
+    rows = [r for r in record["samples"] if r["mean_nll"] is not None]
+    candidates = [r for r in rows if r["verified"] is True] or [r for r in rows if r["verified"] is None]
+    if not candidates:
+        return None
+    ranked = [{"ppl": math.exp(r["mean_nll"])} for r in candidates]
+    return candidates[choose_answer(ranked, choose, random.Random(f"{seed}:{record['id']}"))]
+
+
+def assemble(examples: list[Example], done: dict[str, dict], config: GenerateConfig) -> list[Example]:
+    """The training set: each prompt with its chosen sample, or the ground truth where none passed."""
+    out = []
+    for ex in examples:
+        record = done[ex.id]
+        pick = select_answer(record, config.choose, config.seed)
+        n_ok = sum(r["verified"] is True for r in record["samples"])
+        if pick is None:
+            answer = ex.response
+            provenance = {"source": "ground_truth", "sample_index": None, "verified": record["ground_truth_verified"], "fallback": True}
+        else:
+            answer = pick["text"]
+            provenance = {"source": config.method, "sample_index": pick["index"], "verified": pick["verified"], "fallback": False}
+        provenance.update(samples=len(record["samples"]), verified_samples=n_ok)
+        out.append(Example(ex.id, [*ex.prompt_messages, {"role": "assistant", "content": answer}], {**ex.meta, "provenance": provenance}))
+    return out
+
+
+def generation_statistics(examples: list[Example], done: dict[str, dict], final: list[Example], seconds: float) -> dict:
+    records = [done[ex.id] for ex in examples]
+    samples = [s for r in records for s in r["samples"]]
+    fallbacks = sum(ex.meta["provenance"]["fallback"] for ex in final)
+    new_tokens = sum(s["new_tokens"] for s in samples)
+    return {
+        "prompts": len(records),
+        "samples": len(samples),
+        "empty_samples": sum(s["mean_nll"] is None for s in samples),
+        "unfinished_samples": sum(not s["finished"] for s in samples),
+        "verified_samples": sum(s["verified"] is True for s in samples),
+        "prompts_with_verified_sample": sum(any(s["verified"] is True for s in r["samples"]) for r in records),
+        "fallbacks": fallbacks,
+        "fallback_rate": fallbacks / max(len(records), 1),
+        "ground_truth_verified": sum(r["ground_truth_verified"] is True for r in records),
+        "new_tokens": new_tokens,
+        "seconds_this_run": round(seconds, 1),
+    }
+
+
+def paper_statistics(final: list[Example]) -> dict:
+    prov = [ex.meta["provenance"] for ex in final]
+    fallbacks = sum(p["fallback"] for p in prov)
+    return {
+        "prompts": len(prov),
+        "accepted_answers": sum(p["accepted"] for p in prov),
+        "rejected_answers": sum(p["rejected"] for p in prov),
+        "prompts_with_verified_sample": len(prov) - fallbacks,
+        "fallbacks": fallbacks,
+        "fallback_rate": fallbacks / max(len(prov), 1),
+    }
+
+
+def load_compared(path: str) -> tuple[str, dict[str, Example]]:
+    """(name, examples by id) of another generate output (its directory or its data.jsonl)."""
+    p = Path(path)
+    name = p.name
+    if p.is_dir():
+        manifest = p / artifacts.MANIFEST
+        name = artifacts.read_json(manifest)["config"]["method"] if manifest.is_file() else p.name
+        p = p / DATA_FILE
+    return name, {ex.id: ex for ex in load_examples(str(p))}
+
+
+def mechanism(model, tokenizer, examples: list[Example], final: list[Example], done: dict[str, dict], config: GenerateConfig) -> tuple[dict, dict[str, np.ndarray]]:
+    """Ground truth vs this run's answers (and any ``compare`` sets) under the base model; also each final answer's NLLs."""
+    def score(exs: list[Example]) -> dict[str, np.ndarray]:
+        return dict(zip([e.id for e in exs], response_nlls(model, tokenizer, [e.prompt_messages for e in exs], [e.response for e in exs], config)))
+
+    gt = score(examples)
+    final_nll = {}
+    to_score = []
+    for ex in final:
+        prov = ex.meta["provenance"]
+        if prov["fallback"]:
+            final_nll[ex.id] = gt[ex.id]
+        elif ex.id in done:  # scored when sampled
+            final_nll[ex.id] = np.asarray(done[ex.id]["samples"][prov["sample_index"]]["token_nll"])
+        else:
+            to_score.append(ex)
+    final_nll.update(score(to_score))
+    sets = {"ground_truth": gt, config.method: final_nll}
+    generated = {config.method: {ex.id for ex in final if not ex.meta["provenance"]["fallback"]}}
+    ids = set(gt)
+    compared_samples: dict[str, list[np.ndarray]] = {}
+    for path in config.compare:
+        name, others = load_compared(path)
+        shared = [others[i] for i in sorted(ids & set(others))]
+        if not shared:
+            logger.warning("%s shares no prompt with this run; left out of the comparison", path)
+            continue
+        name = name if name not in sets else f"{name}:{path}"
+        sets[name] = score(shared)
+        generated[name] = {e.id for e in shared if not e.meta.get("provenance", {}).get("fallback", False)}
+        # Their every-sample NLLs too (same base model assumed, as for the whole comparison).
+        other_done = read_done(Path(path) / SAMPLES_FILE) if Path(path).is_dir() else {}
+        if other_done:
+            compared_samples[f"{name} (every sample)"] = every_sample_nll(other_done, [e.id for e in shared])
+    samples = {"ground_truth": [gt[ex.id] for ex in examples]}
+    if done:
+        samples[f"{config.method} (every sample)"] = every_sample_nll(done, [ex.id for ex in examples])
+    samples.update(compared_samples)
+    return compare_sets(sets, generated, samples if len(samples) > 1 else None), final_nll
+
+
+def every_sample_nll(done: dict[str, dict], ids: list[str]) -> list[np.ndarray]:
+    """Response-token NLLs of every non-empty sample of the prompts ``ids``."""
+    return [np.asarray(s["token_nll"]) for i in ids if i in done for s in done[i]["samples"] if s["token_nll"]]
+
+
+def write_data(path: Path, final: list[Example], final_nll: dict[str, np.ndarray]) -> None:
+    """data.jsonl (atomically), with each answer's perplexity under the base model in its provenance."""
+    lines = []
+    for ex in final:
+        nll = final_nll.get(ex.id)
+        ok = nll is not None and len(nll) > 0
+        provenance = {**ex.meta["provenance"], "base_mean_nll": float(np.mean(nll)) if ok else None,
+                      "base_ppl": float(np.exp(np.mean(nll))) if ok else None}
+        meta = {k: v for k, v in ex.meta.items() if k not in ("id", "provenance", *_REPLACED_FIELDS)}
+        lines.append(json.dumps({"id": ex.id, "messages": ex.messages, **meta, "provenance": provenance}, ensure_ascii=False))
+    artifacts.write_text(path, "\n".join(lines) + "\n")
+
+
+def run_generate(config: GenerateConfig) -> Path:
+    """Build ``config.method`` training data from ``config.data``; return the output directory."""
+    out = Path(config.out_dir)
+    examples = load_examples(config.data, config.limit)
+    sampling = {k: getattr(config, k) for k in ("method", "task", "samples", "temperature", "top_p", "max_new_tokens",
+                                                 "rephrase_template", "batch_size", "seed", "max_length", "dtype")}
+    sampling.update(model=model_fingerprint(config.model, config.revision), template=template_hash(load_tokenizer(config.model, config.revision)))
+    key = {"stage": "generate", "format": 1, **sampling, "data": fingerprint_examples(examples), "choose": config.choose,
+           "compare": [fingerprint_examples(load_compared(p)[1].values()) for p in config.compare]}
+    if artifacts.is_fresh(out, key, DATA_FILE):
+        logger.info("reusing generated data in %s (inputs unchanged)", out)
+        return out
+    model, tokenizer = load_model_and_tokenizer(config.model, config.revision, config.dtype, config.device)
+    start = time.monotonic()
+    done: dict[str, dict] = {}
+    if config.method.startswith("paper_"):
+        split = config.data.removeprefix("mbpp-")
+        final = load_paper_generations(config.method.removeprefix("paper_"), split, config.choose, config.seed)[: len(examples)]
+        stats = paper_statistics(final)
+    else:
+        check_samples_key(out, sampling)
+        verifier = make_verifier(config.task, config.data, examples[0], config.sandbox_timeout_s)
+        done = generate_samples(model, tokenizer, examples, config, verifier, out)
+        final = assemble(examples, done, config)
+        stats = generation_statistics(examples, done, final, time.monotonic() - start)
+    mech, final_nll = mechanism(model, tokenizer, examples, final, done, config)
+    logger.info("generation: %s", json.dumps(stats))
+    logger.info("base-model perplexity of the answers:\n%s", format_table(mech))
+    write_data(out / DATA_FILE, final, final_nll)
+    artifacts.write_json(out / "generation_stats.json", stats)
+    artifacts.write_json(out / "mechanism_stats.json", mech)
+    artifacts.write_manifest(out, key, config)
+    return out
+
+
+def check_samples_key(out: Path, sampling: dict) -> None:
+    """Refuse to append to samples made with other settings (they would mix); record the settings otherwise."""
+    path = out / SAMPLES_KEY
+    if path.is_file() and (out / SAMPLES_FILE).is_file():
+        changed = artifacts.stale_fields(artifacts.read_json(path), sampling)
+        if changed:
+            raise ValueError(f"{out / SAMPLES_FILE} was sampled with other settings ({', '.join(changed)} changed): "
+                             "use another out_dir or delete it to start over")
+        return
+    artifacts.write_json(path, sampling)
+
+
+def print_generate_summary(out: Path) -> None:
+    """Print the verification counts and the perplexity table of a generate output."""
+    stats = artifacts.read_json(Path(out) / "generation_stats.json")
+    print(f"generated data: {Path(out) / DATA_FILE}")
+    print("  " + ", ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}" for k, v in stats.items()))
+    print(format_table(artifacts.read_json(Path(out) / "mechanism_stats.json")))

@@ -1,0 +1,179 @@
+"""Batched generation from chat prompts with a Hugging Face causal LM.
+
+Prompts are rendered with the chat template (``add_generation_prompt=True``), sorted by length
+so a batch holds prompts of similar length (less padding), left-padded (new tokens line up at
+the right edge), and decoded greedily by default. Generation stops at the end of the turn: the
+tokenizer's eos and, when the vocabulary has them, ``<|im_end|>``/``<|eot_id|>``/``<end_of_turn>``.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+
+import torch
+
+from forgetless.lm.progress import progress
+from forgetless.lm.templates import encode_prompt
+
+logger = logging.getLogger(__name__)
+
+END_OF_TURN = ("<|im_end|>", "<|eot_id|>", "<end_of_turn>", "<|endoftext|>", "<|end|>")
+
+
+@dataclass(frozen=True)
+class DecodingSettings:
+    """How to decode; part of the cache key of results."""
+
+    max_new_tokens: int = 256
+    greedy: bool = True
+    temperature: float = 1.0
+    top_p: float = 1.0
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.max_new_tokens < 1:
+            raise ValueError("max_new_tokens must be >= 1")
+        if not self.greedy and (self.temperature <= 0 or not 0 < self.top_p <= 1):
+            raise ValueError("sampling needs temperature > 0 and 0 < top_p <= 1")
+
+
+def stop_token_ids(tokenizer) -> list[int]:
+    """eos plus the end-of-turn markers this vocabulary has."""
+    ids = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
+    vocab = tokenizer.get_vocab()
+    ids.update(vocab[t] for t in END_OF_TURN if t in vocab)
+    return sorted(ids)
+
+
+def left_pad(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(input_ids, attention_mask), both (B, T_max), padded on the left.
+
+    >>> left_pad([[5, 6], [7]], 0)[0].tolist()
+    [[5, 6], [0, 7]]
+    """
+    width = max(len(s) for s in sequences)
+    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for row, seq in enumerate(sequences):
+        if seq:
+            ids[row, width - len(seq):] = torch.tensor(seq, dtype=torch.long)
+            mask[row, width - len(seq):] = 1
+    return ids, mask
+
+
+def right_pad(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(input_ids, attention_mask), both (B, T_max), padded on the right (for teacher-forced scoring).
+
+    >>> right_pad([[5, 6], [7]], 0)[0].tolist()
+    [[5, 6], [7, 0]]
+    """
+    width = max(len(s) for s in sequences)
+    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for row, seq in enumerate(sequences):
+        ids[row, : len(seq)] = torch.tensor(seq, dtype=torch.long)
+        mask[row, : len(seq)] = 1
+    return ids, mask
+
+
+def _generation_config(tokenizer, settings: DecodingSettings):
+    from transformers import GenerationConfig
+
+    stops = stop_token_ids(tokenizer)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stops[0]
+    if settings.greedy:
+        return GenerationConfig(max_new_tokens=settings.max_new_tokens, do_sample=False, eos_token_id=stops, pad_token_id=pad)
+    return GenerationConfig(max_new_tokens=settings.max_new_tokens, do_sample=True, temperature=settings.temperature,
+                            top_p=settings.top_p, top_k=0, eos_token_id=stops, pad_token_id=pad)
+
+
+@torch.no_grad()
+def decode_ids(model, tokenizer, prompts: list[list[int]], settings: DecodingSettings = DecodingSettings(),
+               batch_size: int = 8, show_progress: bool = True, description: str = "generating") -> list[tuple[list[int], int | None]]:
+    """The one decode loop: for each prompt (token ids), ``(new token ids, stop id)`` in input order.
+
+    New ids are cut before the first stop token (eos or an end-of-turn marker); ``stop id`` is
+    that token, or None when the answer was cut at ``max_new_tokens``. Prompts are sorted longest
+    first so a batch holds similar lengths, and left-padded so new tokens start in one column.
+    """
+    if not prompts:
+        return []
+    order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
+    config = _generation_config(tokenizer, settings)
+    stops = set(stop_token_ids(tokenizer))
+    device = next(model.parameters()).device
+    results: list = [None] * len(prompts)
+    if not settings.greedy:
+        torch.manual_seed(settings.seed)
+    start = time.monotonic()
+    batches = [order[b:b + batch_size] for b in range(0, len(order), batch_size)]
+    bar = progress(batches, description, len(prompts), count=len) if show_progress else batches
+    for rows in bar:
+        ids, mask = left_pad([prompts[i] for i in rows], config.pad_token_id)
+        out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), generation_config=config)
+        for row, i in enumerate(rows):
+            new = out[row, ids.shape[1]:].tolist()
+            kept, finished = cut_at_stop(new, stops)
+            results[i] = (kept, new[len(kept)] if finished else None)
+    elapsed = time.monotonic() - start
+    logger.info("%s: %d items in %.1f s (%.2f items/s)", description, len(prompts), elapsed, len(prompts) / max(elapsed, 1e-9))
+    return results
+
+
+def cut_at_stop(new_ids: list[int], stops: set[int]) -> tuple[list[int], bool]:
+    """Tokens before the first stop token, and whether one was found.
+
+    >>> cut_at_stop([4, 5, 2, 9], {2})
+    ([4, 5], True)
+    """
+    for i, token in enumerate(new_ids):
+        if token in stops:
+            return new_ids[:i], True
+    return new_ids, False
+
+
+def generate(model, tokenizer, prompts: list[list[dict[str, str]]], settings: DecodingSettings = DecodingSettings(),
+             batch_size: int = 8, show_progress: bool = True, description: str = "generating") -> list[str]:
+    """One completion per prompt (a list of chat messages), in input order. The bar counts items (items/s)."""
+    encoded = [encode_prompt(tokenizer, messages) for messages in prompts]
+    decoded = decode_ids(model, tokenizer, encoded, settings, batch_size, show_progress, description)
+    return [tokenizer.decode(new, skip_special_tokens=True) for new, _ in decoded]
+
+
+def vllm_available() -> bool:
+    """vLLM is installed and a CUDA device exists."""
+    import importlib.util
+
+    return importlib.util.find_spec("vllm") is not None and torch.cuda.is_available()
+
+
+def vllm_generate_fn(model_path: str, adapter: str | None = None, revision: str | None = None):
+    """A generate function backed by vLLM (base model + optional LoRA adapter). Untested here:
+    vLLM is not installed on the CPU machines this was written on."""
+    from transformers import AutoTokenizer
+    from vllm import LLM, SamplingParams
+    from vllm.lora.request import LoRARequest
+
+    tokenizer = AutoTokenizer.from_pretrained(adapter or model_path)
+    lora_args = {}
+    if adapter:
+        import json
+        from pathlib import Path
+
+        rank = json.loads((Path(adapter) / "adapter_config.json").read_text()).get("r", 16)
+        lora_args = {"enable_lora": True, "max_lora_rank": max(16, 1 << (int(rank) - 1).bit_length())}
+    llm = LLM(model=model_path, revision=revision, seed=0, **lora_args)
+    lora = LoRARequest("adapter", 1, adapter) if adapter else None
+    stops = stop_token_ids(tokenizer)
+
+    def generate_vllm(prompts: list[list[dict[str, str]]], settings: DecodingSettings) -> list[str]:
+        texts = [tokenizer.apply_chat_template(m, tokenize=False, add_generation_prompt=True) for m in prompts]
+        params = SamplingParams(max_tokens=settings.max_new_tokens, stop_token_ids=stops, seed=settings.seed,
+                                temperature=0.0 if settings.greedy else settings.temperature,
+                                top_p=1.0 if settings.greedy else settings.top_p)
+        results = llm.generate(texts, params, lora_request=lora)
+        return [r.outputs[0].text for r in results]
+
+    return generate_vllm

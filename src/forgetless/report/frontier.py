@@ -1,0 +1,282 @@
+"""``<out>/report/frontier.{md,json,png}``: retention against target gain, one curve per method.
+
+Points of a method's curve: the base (gain 0, nothing lost), one point per learning rate
+(the final model's retention records, from ``summarize_run``) and, when training ran with
+probes, one point per probe step. The table gives each method's retention at matched target
+gains (interpolated along its learning-rate curve, never extrapolated) and the learning rate
+that reaches it; the paired sentences compare methods item by item on the same items.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from pathlib import Path
+
+from forgetless.core.frontier import common_gains, matched_gain_table, paired_bootstrap, resolved, verdict
+from forgetless.train.probe import PROBES_FILE, read_probes
+from forgetless.retention.records import list_tasks, read_task
+from forgetless.report.retention import accuracy_tasks, summarize_run
+
+logger = logging.getLogger(__name__)
+
+NAN = float("nan")
+# (measure, higher is better) shown per point
+MEASURES = (("mc_retention", True), ("working_kept", True), ("top1_agreement", True), ("kl_base_tuned", False),
+            ("kl_tuned_base", False))
+GAIN_LEANS = {"gain_target": "paired change of the target task's graded success: favours no method",
+              "gain_all": "held-out NLL decrease on all gold tokens: favours ground truth by construction",
+              "gain_kept": "held-out NLL decrease on the kept kind: favours STM by construction",
+              "gain_masked": "held-out NLL decrease on the masked kind: favours ground truth by construction"}
+
+
+def _cell(d: dict | None) -> tuple[float, list[float] | None]:
+    if not d:
+        return NAN, None
+    return d["score"], d.get("ci95")
+
+
+def _entropy_change(run_dir: Path) -> float:
+    vals = [read_task(run_dir, t)[0]["settings"].get("details", {}).get("entropy_change", {}).get("score")
+            for t in list_tasks(run_dir) if t.startswith("drift:") and t.count(":") == 1]
+    vals = [v for v in vals if v is not None and not math.isnan(v)]
+    return sum(vals) / len(vals) if vals else NAN
+
+
+def final_point(base_dir: Path, run_dir: Path, gain: str, train_dir: Path | None, target: str | None = None) -> dict:
+    """One learning-rate point from a finished model's retention records."""
+    s = summarize_run(base_dir, run_dir, target_task=target)
+    point = {"gain": _cell(s["target"].get(gain))[0], "gain_ci95": _cell(s["target"].get(gain))[1]}
+    for name, _ in MEASURES:
+        point[name], point[f"{name}_ci95"] = _cell(s[name] if name in ("mc_retention", "working_kept") else s["drift"].get(name))
+    for kind in ("gain_kept", "gain_masked", "gain_all"):
+        point[kind] = _cell(s["target"].get(kind))[0]
+    point["entropy_change"] = _entropy_change(run_dir)
+    diag = train_dir / "diagnostics.json" if train_dir else None
+    point["dw_frobenius"] = json.loads(diag.read_text())["total_frobenius"] if diag and diag.is_file() else NAN
+    return point
+
+
+def probe_points(train_dir: Path, gain: str) -> list[dict]:
+    """Points along one run from its ``probes.jsonl`` (step 0 left out: it is the base)."""
+    out = []
+    for row in read_probes(train_dir / PROBES_FILE):
+        m = row["measures"]
+        if row["step"] == 0 or gain not in m:
+            continue
+        point = {"step": row["step"], "gain": m[gain], "gain_ci95": m.get(f"{gain}_ci95")}
+        for name, _ in MEASURES:
+            point[name], point[f"{name}_ci95"] = m.get(name, NAN), m.get(f"{name}_ci95")
+        point["dw_frobenius"] = m.get("dw_frobenius") or NAN
+        out.append(point)
+    return out
+
+
+def item_scores(run_dir: Path, task: str) -> dict[str, float]:
+    return {k: v["score"] for k, v in read_task(run_dir, task)[1].items() if not math.isnan(v["score"])}
+
+
+def paired_sentences(dirs: dict[str, Path], pairs: list[tuple[str, str]]) -> list[dict]:
+    """Paired bootstrap of a − b on every shared MC accuracy, drift and held-out item measure."""
+    out = []
+    for a, b in pairs:
+        shared = sorted(set(list_tasks(dirs[a])) & set(list_tasks(dirs[b])))
+        measures = [(t, True) for t in accuracy_tasks(shared)]
+        measures += [(t, t.endswith("top1_agreement")) for t in shared if t.startswith("drift:")
+                     and (t.count(":") == 1 or t.endswith((":top1_agreement", ":kl_tuned_base")))]
+        measures += [(t, False) for t in shared if t.startswith("heldout:")]
+        measures += [(t, not t.endswith((":skips_working", ":surprise"))) for t in shared if t.startswith("gen:")]
+        for task, higher in measures:
+            r = paired_bootstrap(item_scores(dirs[a], task), item_scores(dirs[b], task))
+            name = f"{task}:kl_base_tuned" if task.startswith("drift:") and task.count(":") == 1 else task
+            out.append({"a": a, "b": b, "measure": name, **r, "sentence": verdict(a, b, name, r, higher)})
+    return out
+
+
+def _nearest_pairs(curves: dict[str, list[dict]], labels: dict[tuple[str, int], str]) -> list[tuple[str, str]]:
+    """For each method against the first: the two lr points of closest target gain."""
+    methods = list(curves)
+    pairs = []
+    for other in methods[1:]:
+        best = None
+        for i, p in enumerate(curves[methods[0]]):
+            for j, q in enumerate(curves[other]):
+                if (methods[0], i) in labels and (other, j) in labels:
+                    d = abs(p["gain"] - q["gain"])
+                    if best is None or d < best[0]:
+                        best = (d, labels[(other, j)], labels[(methods[0], i)])
+        if best:
+            pairs.append((best[1], best[2]))
+    return pairs
+
+
+def base_point() -> dict:
+    """The base itself: no gain, nothing lost, no drift (exact, so a zero-width interval)."""
+    point = {"gain": 0.0, "gain_ci95": [0.0, 0.0], "label": "base"}
+    for name, _ in MEASURES:
+        v = 1.0 if name in ("mc_retention", "working_kept", "top1_agreement") else 0.0
+        point[name], point[f"{name}_ci95"] = v, [v, v]
+    return point
+
+
+def build_frontier(grid: list[dict], base_dir: Path, gain: str = "gain_all", retention: str = "mc_retention",
+                   n_gains: int = 3, target: str | None = None) -> dict:
+    """``grid``: [{"label", "method", "lr", "retention_dir", "train_dir"}] -> the frontier's data."""
+    curves: dict[str, list[dict]] = {}
+    probes: dict[str, list[dict]] = {}
+    labels: dict[tuple[str, int], str] = {}
+    dirs = {"base": base_dir}
+    for g in grid:
+        pts = curves.setdefault(g["method"], [base_point()])
+        if g.get("retention_dir") and Path(g["retention_dir"]).is_dir():
+            p = {"label": g["label"], "lr": g["lr"], **final_point(base_dir, Path(g["retention_dir"]), gain, g.get("train_dir"), target)}
+            labels[(g["method"], len(pts))] = g["label"]
+            pts.append(p)
+            dirs[g["label"]] = Path(g["retention_dir"])
+        if g.get("train_dir"):
+            probes[g["label"]] = probe_points(Path(g["train_dir"]), gain)
+    for m in curves:
+        curves[m] = [p for p in curves[m] if not math.isnan(p["gain"])]
+    ret_curves = {m: [{"gain": p["gain"], "retention": p[retention], "ci95": p.get(f"{retention}_ci95"), "lr": p.get("lr")}
+                      for p in pts if not math.isnan(p[retention])] for m, pts in curves.items()}
+    gains = [x for x in common_gains({m: c for m, c in ret_curves.items() if len(c) > 1}, n_gains) if x > 0]
+    table = matched_gain_table(ret_curves, gains)
+    same_lr = sorted({(g["label"], h["label"]) for g in grid for h in grid if g["lr"] == h["lr"]
+                      and g["method"] != h["method"] and g["method"] == grid[0]["method"]
+                      and g["label"] in dirs and h["label"] in dirs}, key=lambda x: x[::-1])
+    pairs = [(b, a) for a, b in same_lr] + _nearest_pairs(curves, labels)
+    return {"gain": gain, "retention": retention, "curves": curves, "probes": probes, "gains": gains,
+            "matched": {m: {str(k): v for k, v in row.items()} for m, row in table.items()},
+            "paired": paired_sentences(dirs, list(dict.fromkeys(pairs)))}
+
+
+def _fmt(x, ci=None, d: int = 3) -> str:
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return "—"
+    if ci and None not in ci and not any(math.isnan(c) for c in ci):
+        return f"{x:+.{d}f} [{ci[0]:+.{d}f}, {ci[1]:+.{d}f}]"
+    return f"{x:+.{d}f}"
+
+
+def matched_sentences(data: dict) -> list[str]:
+    """At each matched gain: the method of highest retention, and whether the intervals separate it."""
+    out = []
+    for g in data["gains"]:
+        cells = {m: row.get(str(g)) for m, row in data["matched"].items() if row.get(str(g))}
+        if len(cells) < 2:
+            continue
+        best = max(cells, key=lambda m: cells[m]["retention"])
+        rest = [m for m in cells if m != best]
+        lo = (cells[best]["ci95"] or [None])[0]
+        apart = lo is not None and all(cells[m]["ci95"] and cells[m]["ci95"][1] < lo for m in rest)
+        out.append(f"At target gain {g:.3f}, {best} keeps the most ({cells[best]['retention']:.3f} vs "
+                   + ", ".join(f"{m} {cells[m]['retention']:.3f}" for m in rest) + "); "
+                   + ("its interval is clear of the others'." if apart else
+                      "the intervals overlap, so this does not rank the methods."))
+    return out
+
+
+def mechanism_sentences(data: dict) -> list[str]:
+    by_lr: dict[float, list[str]] = {}
+    for method, pts in data["curves"].items():
+        for p in pts:
+            if p.get("lr") and not math.isnan(p.get("dw_frobenius", NAN)):
+                by_lr.setdefault(p["lr"], []).append(f"{method} {p['dw_frobenius']:.3f} (gain {p['gain']:+.3f})")
+    return [f"lr {lr:g}: " + "; ".join(v) for lr, v in sorted(by_lr.items())] or ["no weight diagnostics found."]
+
+
+def render_markdown(data: dict) -> str:
+    gain, ret = data["gain"], data["retention"]
+    lines = ["# Learning–forgetting frontier", "",
+             f"Target gain: `{gain}` ({GAIN_LEANS.get(gain, gain)}; higher = learned more). Retention: `{ret}` "
+             "(1 = nothing lost: the base's above-chance MC skill, or the base's working on non-target prompts). "
+             "Intervals are 95%.", "",
+             "## Points (one per method × learning rate; the base is gain 0)", "",
+             "| run | lr | gain | gain kept (favours STM) | gain masked (favours GT) | MC retention | working kept "
+             "| top-1 agree | KL(base‖tuned) | KL(tuned‖base) | Δ entropy | ‖ΔW‖_F |", "|" + "---|" * 12]
+    for method, pts in data["curves"].items():
+        for p in pts[1:]:
+            lines.append(f"| {p['label']} | {p.get('lr') or '—'} | {_fmt(p['gain'], p.get('gain_ci95'))} | {_fmt(p.get('gain_kept'))} "
+                         f"| {_fmt(p.get('gain_masked'))} | {_fmt(p['mc_retention'], p.get('mc_retention_ci95'))} "
+                         f"| {_fmt(p['working_kept'], p.get('working_kept_ci95'))} "
+                         f"| {_fmt(p['top1_agreement'], p.get('top1_agreement_ci95'))} "
+                         f"| {_fmt(p['kl_base_tuned'], p.get('kl_base_tuned_ci95'))} | {_fmt(p['kl_tuned_base'])} "
+                         f"| {_fmt(p.get('entropy_change'))} | {_fmt(p.get('dw_frobenius'), d=2)} |")
+    lines += ["", f"## {ret} at matched target gain (interpolated along each method's curve; — : not reached)", ""]
+    if not data["gains"]:
+        lines.append("The methods' curves share no range of target gain above 0: no matched comparison is possible.")
+    else:
+        lines += ["| method | " + " | ".join(f"gain {g:.3f}" for g in data["gains"]) + " |",
+                  "|---|" + "---|" * len(data["gains"])]
+        for method, row in data["matched"].items():
+            cells = []
+            for g in data["gains"]:
+                c = row.get(str(g))
+                cells.append("—" if c is None else f"{_fmt(c['retention'], c['ci95'])}" +
+                             (f" @ lr {c['lr']:.2g}" if c.get("lr") else ""))
+            lines.append(f"| {method} | " + " | ".join(cells) + " |")
+        lines += ["", "Interpolated intervals are approximate (the neighbouring points' bounds); where two "
+                  "methods' intervals overlap at a matched gain, this table does not rank them.", ""]
+        lines += [f"- {s}" for s in matched_sentences(data)]
+    lines += ["", "## Mechanism: ‖ΔW‖_F of the adapter at each learning rate", ""]
+    lines += [f"- {s}" for s in mechanism_sentences(data)]
+    if any(data["probes"].values()):
+        lines += ["", "## Probe points along each run", "", "| run | step | gain | MC retention | top-1 agree | KL(base‖tuned) | ‖ΔW‖_F |",
+                  "|" + "---|" * 7]
+        for label, pts in data["probes"].items():
+            for p in pts:
+                lines.append(f"| {label} | {p['step']} | {_fmt(p['gain'])} | {_fmt(p['mc_retention'])} | "
+                             f"{_fmt(p['top1_agreement'])} | {_fmt(p['kl_base_tuned'])} | {_fmt(p['dw_frobenius'], d=2)} |")
+    lines += ["", "## Paired differences (same items, paired bootstrap 95%)", ""]
+    resolved_n = sum(1 for r in data["paired"] if resolved(r))
+    lines.append(f"{resolved_n} of {len(data['paired'])} paired differences are resolved by the item count "
+                 "(interval excludes 0); every other difference below is inside its interval and ranks nothing.")
+    lines += [""] + [f"- {r['sentence']}" for r in data["paired"]]
+    return "\n".join(lines) + "\n"
+
+
+def plot_frontier(data: dict, path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ret = data["retention"]
+    fig, ax = plt.subplots(figsize=(6, 4.2))
+    for k, (method, pts) in enumerate(data["curves"].items()):
+        pts = sorted((p for p in pts if not math.isnan(p[ret])), key=lambda p: p["gain"])
+        color = f"C{k}"
+        xs, ys = [p["gain"] for p in pts], [p[ret] for p in pts]
+        lo = [p[ret] - (p.get(f"{ret}_ci95") or [p[ret]] * 2)[0] for p in pts]
+        hi = [(p.get(f"{ret}_ci95") or [p[ret]] * 2)[1] - p[ret] for p in pts]
+        xlo = [p["gain"] - (p.get("gain_ci95") or [p["gain"]] * 2)[0] for p in pts]
+        xhi = [(p.get("gain_ci95") or [p["gain"]] * 2)[1] - p["gain"] for p in pts]
+        ax.errorbar(xs, ys, xerr=[xlo, xhi], yerr=[lo, hi], fmt="-o", capsize=3, color=color, label=method)
+        for p in pts:
+            if p.get("lr"):
+                ax.annotate(f"{p['lr']:g}", (p["gain"], p[ret]), textcoords="offset points", xytext=(4, 4), fontsize=7)
+        for label, probe in data["probes"].items():
+            if label.split("@")[0] == method and probe:
+                ax.plot([0.0] + [p["gain"] for p in probe], [1.0 if ret in ("mc_retention", "top1_agreement") else 0.0]
+                        + [p[ret] for p in probe], ":", color=color, alpha=0.5, lw=1)
+    ax.set_xlabel(f"target gain ({data['gain']}: {GAIN_LEANS.get(data['gain'], '')})".replace(": )", ")"), fontsize=8)
+    ax.set_ylabel(f"retention ({ret})")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    from forgetless.report.plots import save_figure
+
+    return save_figure(fig, path)
+
+
+def write_frontier(report_dir: str | Path, data: dict) -> Path:
+    """frontier.json, frontier.md and frontier.png in ``report_dir`` (each written then renamed)."""
+    out = Path(report_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    for name, text in (("frontier.json", json.dumps(data, indent=2, default=str) + "\n"),
+                       ("frontier.md", render_markdown(data))):
+        tmp = out / f".tmp-{name}"
+        tmp.write_text(text, encoding="utf-8")
+        tmp.replace(out / name)
+    plot_frontier(data, out / "frontier.png")
+    return out / "frontier.md"

@@ -1,0 +1,190 @@
+"""Retention columns of the report: BWT, MC retention, drift and target gain, with 95% intervals.
+
+Given the base run's records and each method's records (directories written by
+:func:`.stage.run_retention` or the ``evaluate_*`` functions):
+
+* **BWT** (accuracy): mean over the accuracy tasks *where the base is above chance* (the lower
+  end of its 95% interval is above chance; above 0 when no chance is given) of the paired
+  per-item change ``tuned - base``. Tasks at the floor are listed but left out: nothing there
+  can be seen to drop. MC tasks use olmo-eval's primary metric (acc or acc_norm).
+* **MC retention**: ``1 + BWT_mc / mean(base - chance)`` over the above-chance MC tasks, i.e. the
+  share of the base's above-chance skill that is left (1 = nothing lost); its interval is
+  BWT's interval mapped the same way (the base margin taken as fixed).
+* **Drift**: mean over the non-target sources of KL(base‖tuned), plus KL(tuned‖base) and top-1
+  agreement; intervals from the per-source intervals (sources independent).
+* **Target gain**: minus the change of held-out NLL on the kept kind (and the masked kind
+  beside it), and any target accuracy task named by the caller.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+from forgetless.retention.olmo_tasks import VARIANTS, primary_metric
+from forgetless.retention.records import list_tasks, read_task
+from forgetless.retention.stats import average_of_differences, paired_difference
+
+_ACCURACY_METRICS = ("acc", "acc_norm", "acc_per_token", "accuracy", "pass@1", "exact_match")
+
+
+def accuracy_tasks(tasks: list[str]) -> list[str]:
+    """One record per accuracy task: MC tasks by their primary metric, others as named."""
+    out = []
+    for task in tasks:
+        if task.startswith(("drift:", "heldout:", "gen:")):
+            continue
+        head, _, metric = task.partition(":")
+        if head in VARIANTS:
+            want = primary_metric(head)
+            if (metric or "acc") == want:
+                out.append(task)
+        elif not metric:
+            out.append(task)
+    return out
+
+
+def above_chance(record: dict) -> bool:
+    return record["ci95"][0] > (record.get("chance") or 0.0)
+
+
+def _combine(values: list[tuple[float, float, float]]) -> tuple[float, float, float]:
+    return average_of_differences([(m, lo, hi, 1) for m, lo, hi in values])
+
+
+def summarize_run(base_dir: str | Path, run_dir: str | Path, target_task: str | None = None) -> dict:
+    """The report's retention columns for one method against the base."""
+    base_tasks, run_tasks = set(list_tasks(base_dir)), set(list_tasks(run_dir))
+    rows, bwt_diffs, mc_diffs, margins = {}, [], [], []
+    for task in accuracy_tasks(sorted(base_tasks & run_tasks)):
+        if task == target_task:
+            continue
+        base_rec, base_items = read_task(base_dir, task)
+        run_rec, run_items = read_task(run_dir, task)
+        if base_rec["metric"] not in _ACCURACY_METRICS or not base_rec["higher_is_better"]:
+            continue
+        diff = paired_difference({k: v["score"] for k, v in run_items.items()},
+                                 {k: v["score"] for k, v in base_items.items()})
+        counted = above_chance(base_rec)
+        rows[task] = {"base": base_rec["score"], "tuned": run_rec["score"], "change": diff[0],
+                      "change_ci95": [diff[1], diff[2]], "n": diff[3], "above_chance": counted,
+                      "chance": base_rec.get("chance")}
+        if counted:
+            bwt_diffs.append(diff)
+            if task.split(":")[0] in VARIANTS:
+                mc_diffs.append(diff)
+                margins.append(base_rec["score"] - (base_rec.get("chance") or 0.0))
+    summary = {"tasks": rows, "bwt": _triple(average_of_differences(bwt_diffs)), "bwt_tasks": len(bwt_diffs)}
+    mc_bwt = average_of_differences(mc_diffs)
+    margin = sum(margins) / len(margins) if margins else math.nan
+    summary["mc_retention"] = _triple(tuple(1 + v / margin for v in mc_bwt)) if margins else _triple((math.nan,) * 3)
+    summary["drift"] = {}
+    for metric in ("", ":kl_tuned_base", ":top1_agreement", ":answer_nll_change"):
+        found = [read_task(run_dir, t)[0] for t in sorted(run_tasks)
+                 if t.startswith("drift:") and (t.count(":") == 1 if not metric else t.endswith(metric))]
+        name = metric.lstrip(":") or "kl_base_tuned"
+        summary["drift"][name] = _triple(_combine([(r["score"], *r["ci95"]) for r in found]))
+        summary["drift"][name]["sources"] = [r["task"] for r in found]
+    summary["target"] = _target_columns(run_dir, run_tasks, base_dir, target_task)
+    summary["behaviour"] = _behaviour_columns(base_dir, run_dir, sorted(base_tasks & run_tasks))
+    kept = [c for t, c in summary["behaviour"].items() if c["metric"] == "working_kept" and t != target_task]
+    summary["working_kept"] = _triple(_combine([(c["tuned"], *c["tuned_ci95"]) for c in kept])) if kept \
+        else _triple((math.nan,) * 3)
+    return summary
+
+
+def _behaviour_columns(base_dir, run_dir, tasks: list[str]) -> dict:
+    """Every ``gen:`` record: base and tuned score, and the paired change tuned − base."""
+    out = {}
+    for task in tasks:
+        if not task.startswith("gen:"):
+            continue
+        base_rec, base_items = read_task(base_dir, task)
+        run_rec, run_items = read_task(run_dir, task)
+        m, lo, hi, n = paired_difference({k: v["score"] for k, v in run_items.items()},
+                                         {k: v["score"] for k, v in base_items.items()})
+        out[task] = {"metric": run_rec["metric"], "higher_is_better": run_rec["higher_is_better"],
+                     "base": base_rec["score"], "tuned": run_rec["score"], "tuned_ci95": run_rec["ci95"],
+                     "score": m, "ci95": [lo, hi], "n": n, "chance": run_rec.get("chance"),
+                     "base_above_floor": above_chance(base_rec) if run_rec["metric"] == "accuracy" else None}
+    return out
+
+
+def _target_columns(run_dir, run_tasks, base_dir, target_task) -> dict:
+    out = {}
+    for task in sorted(run_tasks):
+        if task.startswith("heldout:"):
+            rec = read_task(run_dir, task)[0]
+            s = rec["settings"]
+            # Gain is a *decrease* of NLL: report -change so that higher is better.
+            out[f"gain_{s['kind']}"] = {"score": -s["change"], "ci95": [-s["change_ci95"][1], -s["change_ci95"][0]],
+                                        "nll": rec["score"], "base_nll": s["base_score"]}
+    if target_task and target_task in run_tasks and target_task in set(list_tasks(base_dir)):
+        (base_rec, base_items), run_items = read_task(base_dir, target_task), read_task(run_dir, target_task)[1]
+        m, lo, hi, n = paired_difference({k: v["score"] for k, v in run_items.items()},
+                                         {k: v["score"] for k, v in base_items.items()})
+        if not base_rec.get("higher_is_better", True):  # e.g. held-out NLL: a drop is the gain
+            m, lo, hi = -m, -hi, -lo
+        out["gain_target"] = {"score": m, "ci95": [lo, hi], "n": n, "task": target_task}
+    return out
+
+
+def _triple(values) -> dict:
+    mean, lo, hi = values
+    return {"score": mean, "ci95": [lo, hi]}
+
+
+def _fmt(cell: dict, digits: int = 3) -> str:
+    if math.isnan(cell["score"]):
+        return "—"
+    return f"{cell['score']:+.{digits}f} [{cell['ci95'][0]:+.{digits}f}, {cell['ci95'][1]:+.{digits}f}]"
+
+
+def markdown_table(summaries: dict[str, dict]) -> str:
+    """One row per method: target gain, working kept, BWT, MC retention, drift, NLL gains by kind.
+
+    The held-out NLL kinds lean by construction (the kept kind toward STM, the masked kind toward
+    ground truth); the column names say so.
+    """
+    head = ("| method | target gain (paired) | working kept | BWT (acc, above-chance tasks) | MC retention "
+            "| KL(base‖tuned) | KL(tuned‖base) | top-1 agree | gain kept-kind NLL (favours STM) "
+            "| gain masked-kind NLL (favours ground truth) |")
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    missing = {"score": math.nan, "ci95": [math.nan, math.nan]}
+    for name, s in summaries.items():
+        t = s["target"]
+        lines.append("| " + " | ".join([
+            name, _fmt(t.get("gain_target", missing)), _fmt(s.get("working_kept", missing)), _fmt(s["bwt"]),
+            _fmt(s["mc_retention"]), _fmt(s["drift"]["kl_base_tuned"]), _fmt(s["drift"]["kl_tuned_base"]),
+            _fmt(s["drift"]["top1_agreement"]), _fmt(t.get("gain_kept", missing)), _fmt(t.get("gain_masked", missing))]) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plot_drift_vs_gain(summaries: dict[str, dict], path: str | Path, gain: str = "gain_kept") -> Path:
+    """Scatter of drift (mean KL(base‖tuned)) against target gain per method, with 95% bars.
+
+    The x axis is the gain on the report's target task when there is one (``gain_target``,
+    signed so that higher is better), else ``gain`` of the held-out NLL kinds.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5.5, 4))
+    for name, s in summaries.items():
+        g = s["target"].get("gain_target") or s["target"].get(gain)
+        d = s["drift"]["kl_base_tuned"]
+        if g is None or math.isnan(d["score"]):
+            continue
+        ax.errorbar(g["score"], d["score"], xerr=[[g["score"] - g["ci95"][0]], [g["ci95"][1] - g["score"]]],
+                    yerr=[[d["score"] - d["ci95"][0]], [d["ci95"][1] - d["score"]]], fmt="o", capsize=3)
+        ax.annotate(name, (g["score"], d["score"]), textcoords="offset points", xytext=(5, 5))
+    target = next((s["target"]["gain_target"]["task"] for s in summaries.values() if "gain_target" in s["target"]), None)
+    ax.set_xlabel(f"target gain (paired change of {target})" if target else f"target gain ({gain}: −Δ held-out NLL)")
+    ax.set_ylabel("drift: mean KL(base‖tuned), non-target")
+    ax.grid(alpha=0.3)
+    from forgetless.report.plots import save_figure
+
+    return save_figure(fig, Path(path))
+

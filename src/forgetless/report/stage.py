@@ -1,0 +1,393 @@
+"""The ``report`` stage: the paper's Table 1 from several eval runs, plus plots.
+
+TI (target improvement) = (tuned - base) / base on the target task; BWT (backward transfer) =
+mean over non-target tasks of (tuned - base) / base. Both are also given as absolute
+differences. A relative change against a base score of 0 is undefined: it is reported as null
+with the reason, and BWT averages only the tasks where it is defined (listed). Tasks whose
+metric is lower-is-better (drift measures) are shown but left out of TI/BWT.
+
+Writes ``report.md``, ``report.json``, ``bwt_vs_ti.png``, ``report.html`` (tables, plots and
+a token view) and, when the inputs carry them, ``masked_fraction_vs_tau.png``,
+``training_loss.png``, ``delta_w.png`` and ``token_ppl_distribution.png``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from forgetless.lm.artifacts import write_text
+from forgetless.core.intervals import paired_difference
+from forgetless.report.behaviour import lean
+from forgetless.report.html import PPL_DARKEST, read_token_examples, write_html
+from forgetless.report.plots import plot_delta_w, plot_loss_curves, plot_masked_fraction, plot_ppl_distribution, save_figure
+
+logger = logging.getLogger(__name__)
+
+EXTRA_KEYS = {
+    "masked_fraction": ("masked_fraction", "mask_fraction", "masked_frac"),
+    "tau": ("ppl_threshold", "tau"),
+    "delta_w_norm": ("total_frobenius", "delta_w_norm", "dw_norm", "weight_delta_norm", "update_norm"),
+}
+# train_summary.json: table.masked_fraction; diagnostics.json: total_frobenius (forgetless train).
+EXTRA_FILES = ("train_summary.json", "diagnostics.json", "mask_stats.json", "summary.json")
+
+
+@dataclass(frozen=True)
+class ReportConfig:
+    runs: tuple[str, ...] = field(default=(), metadata={"help": "label=eval_dir entries; the base run among them; "
+                                                                "a repeated label merges its dirs' tasks (eval + retention)"})
+    output_dir: str = field(default="runs/report", metadata={"help": "directory for report.md/json and plots"})
+    base: str | None = field(default=None, metadata={"help": "label of the base run (default: 'base' if present, else the first)"})
+    target: str = field(default="mbpp", metadata={"help": "the fine-tuning target task; every other task is non-target"})
+    train_dirs: tuple[str, ...] = field(default=(), metadata={"help": "label=train_dir entries with train_summary/diagnostics json"})
+    tasks: tuple[str, ...] = field(default=(), metadata={"help": "tasks to show, in order; BWT averages these (default: all found)"})
+    scores: tuple[str, ...] = field(default=(), metadata={"help": "label=scores.parquet entries (e.g. ground truth, self-output) "
+                                                                  "for the per-token ppl distribution plot"})
+    token_view: str | None = field(default=None, metadata={"help": "a mask stage's data.parquet (or a scores.parquet): "
+                                                                   "its first examples shown token by token in report.html"})
+    token_view_examples: int = field(default=3, metadata={"help": "examples in the token view"})
+    tokenizer: str | None = field(default=None, metadata={"help": "model whose tokenizer decodes the token view "
+                                                                  "(default: the model in the scores' manifest)"})
+
+    def __post_init__(self):
+        for name in ("runs", "train_dirs", "tasks", "scores"):
+            value = getattr(self, name)
+            if isinstance(value, (str, list)):
+                object.__setattr__(self, name, tuple([value] if isinstance(value, str) else value))
+        if len(self.runs) < 1:
+            raise ValueError("runs: give at least the base run as label=eval_dir")
+        labels = [parse_labelled(r)[0] for r in self.runs]
+        if self.base is not None and self.base not in labels:
+            raise ValueError(f"base {self.base!r} is not one of the run labels {labels}")
+
+
+def parse_labelled(entry: str) -> tuple[str, str]:
+    """'label=path' -> (label, path); a bare path is labelled with its directory name."""
+    label, sep, path = entry.partition("=")
+    return (label, path) if sep else (Path(entry).name, entry)
+
+
+# --- pure arithmetic ------------------------------------------------------------------------
+
+def relative_change(tuned: float, base: float) -> float | None:
+    """(tuned - base) / base; None when base == 0 (undefined, never a division by zero)."""
+    return None if base == 0 else (tuned - base) / base
+
+
+def forgetting_metrics(base: dict[str, float], tuned: dict[str, float], target: str,
+                       lower_is_better: frozenset[str] = frozenset()) -> dict[str, Any]:
+    """TI and BWT (relative and absolute) of ``tuned`` against ``base`` (task -> score).
+
+    BWT averages the non-target tasks' primary measures: lower-is-better tasks and the
+    sub-measures of a behaviour set (``gen:<source>:<metric>``, e.g. format compliance, which
+    rises when a model answers with a bare "#### 12") are shown but not averaged.
+    """
+    notes = []
+    ti = ti_abs = None
+    if target in base and target in tuned:
+        ti_abs = tuned[target] - base[target]
+        ti = relative_change(tuned[target], base[target])
+        if target in lower_is_better:  # e.g. held-out NLL: a drop is the improvement
+            ti_abs, ti = -ti_abs, None if ti is None else -ti
+            notes.append(f"TI on {target}: lower is better, so TI = (base - tuned) / base")
+        if ti is None:
+            notes.append(f"TI undefined: base score on {target} is 0")
+    else:
+        notes.append(f"TI undefined: target task {target} missing from base or tuned results")
+    others = [t for t in base if t in tuned and t != target and t not in lower_is_better and not is_sub_measure(t)]
+    rel = {t: relative_change(tuned[t], base[t]) for t in others}
+    defined = [t for t in others if rel[t] is not None]
+    undefined = [t for t in others if rel[t] is None]
+    if undefined:
+        notes.append(f"BWT averages {len(defined)} of {len(others)} non-target tasks: base score 0 on {', '.join(undefined)}")
+    bwt = sum(rel[t] for t in defined) / len(defined) if defined else None
+    bwt_abs = sum(tuned[t] - base[t] for t in others) / len(others) if others else None
+    return {"TI": ti, "TI_abs": ti_abs, "BWT": bwt, "BWT_abs": bwt_abs, "bwt_tasks": defined,
+            "bwt_undefined": undefined, "relative": rel, "notes": notes}
+
+
+def is_sub_measure(task: str) -> bool:
+    """``gen:<source>:<metric>``: a detail of a behaviour set whose primary record is ``gen:<source>``."""
+    return task.startswith("gen:") and task.count(":") >= 2
+
+
+# --- loading --------------------------------------------------------------------------------
+
+def load_scores(path: str | Path) -> dict[str, dict]:
+    """task -> score record from an eval dir (scores.json or per-task <task>.json; also <path>/eval)."""
+    path = Path(path)
+    for directory in (path, path / "eval"):
+        if (directory / "scores.json").is_file():
+            return json.loads((directory / "scores.json").read_text())
+        found = {}
+        for f in sorted(directory.glob("*.json")) if directory.is_dir() else []:
+            try:
+                record = json.loads(f.read_text())
+            except json.JSONDecodeError:
+                continue
+            if isinstance(record, dict) and {"task", "score", "n"} <= set(record):
+                found[record["task"]] = record
+        if found:
+            return found
+    raise FileNotFoundError(f"{path}: no scores.json or <task>.json results")
+
+
+def load_item_scores(path: str | Path, task: str) -> dict[str, float] | None:
+    for directory in (Path(path), Path(path) / "eval"):
+        f = directory / f"{task}.items.jsonl"
+        if f.is_file():
+            return {r["id"]: float(r["score"]) for r in map(json.loads, f.read_text().splitlines()) if r.get("score") is not None}
+    return None
+
+
+def _find_key(data: Any, aliases: tuple[str, ...]) -> Any:
+    if isinstance(data, dict):
+        for key in aliases:
+            if key in data and isinstance(data[key], (int, float)):
+                return data[key]
+        for value in data.values():
+            found = _find_key(value, aliases)
+            if found is not None:
+                return found
+    return None
+
+
+def _mask_dir(train_dir: Path) -> Path | None:
+    """The mask stage's directory a forgetless train run read its data from (its manifest holds tau)."""
+    config = train_dir / "config.json"
+    if not config.is_file():
+        return None
+    data = json.loads(config.read_text()).get("data")
+    return Path(data).parent if isinstance(data, str) else None
+
+
+def _train_time(train_dir: str | Path) -> float | None:
+    """Wall seconds of a forgetless train run (only its own summary: eval dirs time other work)."""
+    f = Path(train_dir) / "train_summary.json"
+    return json.loads(f.read_text()).get("wall_time_s") if f.is_file() else None
+
+
+def load_extras(*dirs: str | Path | None) -> dict[str, float | None]:
+    """masked_fraction, tau, delta_w_norm from the first train_summary/diagnostics/mask json that has them,
+    and train_time_s from the first dir (the train run's)."""
+    extras: dict[str, float | None] = {k: None for k in EXTRA_KEYS}
+    extras["train_time_s"] = _train_time(dirs[0]) if dirs and dirs[0] is not None else None
+    search = []
+    for d in dirs:
+        if d is not None:
+            search.append(Path(d))
+            mask_dir = _mask_dir(Path(d))
+            if mask_dir is not None:
+                search.append(mask_dir)
+    for d in search:
+        for name in (*EXTRA_FILES, "manifest.json"):
+            f = d / name
+            if not f.is_file():
+                continue
+            try:
+                data = json.loads(f.read_text())
+            except json.JSONDecodeError:
+                continue
+            for key, aliases in EXTRA_KEYS.items():
+                if extras[key] is None and (name != "manifest.json" or key == "tau"):
+                    extras[key] = _find_key(data, aliases)
+    return extras
+
+
+def merge_scores(label: str, paths: list[str]) -> dict[str, dict]:
+    """task -> record over all of a label's dirs; a task found twice keeps the first (with a warning)."""
+    merged: dict[str, dict] = {}
+    for path in paths:
+        for task, record in load_scores(path).items():
+            if task in merged:
+                logger.warning("report: %s has task %s in more than one dir; keeping the first", label, task)
+                continue
+            merged[task] = {**record, "_dir": path}
+    return merged
+
+
+# --- the report -----------------------------------------------------------------------------
+
+def _fmt(x: float | None, digits: int = 3, percent: bool = False) -> str:
+    if x is None:
+        return "n/a"
+    return f"{100 * x:+.1f}%" if percent else f"{x:.{digits}f}"
+
+
+def _cell(record: dict | None) -> str:
+    if record is None or record.get("score") is None:
+        return "—"
+    lo, hi = record.get("ci95") or (None, None)
+    interval = f" [{lo:.2f}, {hi:.2f}]" if lo is not None and hi is not None else ""
+    return f"{record['score']:.3f}{interval} n={record['n']}"
+
+
+def build_report(cfg: ReportConfig) -> dict[str, Any]:
+    groups: dict[str, list[str]] = {}
+    for label, path in map(parse_labelled, cfg.runs):
+        groups.setdefault(label, []).append(path)
+    labels = list(groups)
+    base_label = cfg.base or ("base" if "base" in labels else labels[0])
+    scores = {label: merge_scores(label, paths) for label, paths in groups.items()}
+    train = dict(parse_labelled(t) for t in cfg.train_dirs)
+    tasks = list(cfg.tasks) or sorted({t for s in scores.values() for t in s}, key=lambda t: (t != cfg.target, t))
+    lower = frozenset(t for s in scores.values() for t, r in s.items() if r.get("higher_is_better") is False)
+    # TI/BWT use only the tasks shown, so sub-records (e.g. a drift task's top-1 agreement) do not enter BWT.
+    base_scores = {t: r["score"] for t, r in scores[base_label].items() if r.get("score") is not None and t in tasks}
+    rows = []
+    for label, paths in groups.items():
+        run_scores = {t: r["score"] for t, r in scores[label].items() if r.get("score") is not None}
+        row = {"label": label, "paths": paths, "is_base": label == base_label,
+               "tasks": {t: _public(scores[label].get(t)) for t in tasks},
+               "extras": load_extras(train.get(label), *paths, *(Path(p).parent for p in paths))}
+        if label != base_label:
+            row["metrics"] = forgetting_metrics(base_scores, run_scores, cfg.target, lower)
+            row["paired"] = {}
+            for t in tasks:
+                if t in scores[base_label] and t in scores[label]:
+                    b = load_item_scores(scores[base_label][t]["_dir"], t)
+                    u = load_item_scores(scores[label][t]["_dir"], t)
+                    if b and u:
+                        row["paired"][t] = paired_difference(b, u)
+        rows.append(row)
+    return {"base": base_label, "target": cfg.target, "tasks": tasks, "lower_is_better": sorted(lower), "rows": rows,
+            "definitions": {"TI": "(tuned - base) / base on the target task", "BWT": "mean over non-target tasks of (tuned - base) / base",
+                            "TI_abs/BWT_abs": "the same as absolute differences", "ci95": "Wilson (accuracy) or bootstrap 95% interval",
+                            "paired": "mean per-item difference tuned - base on shared item ids, paired bootstrap 95% interval"}}
+
+
+def _public(record: dict | None) -> dict | None:
+    return None if record is None else {k: v for k, v in record.items() if k != "_dir"}
+
+
+def render_markdown(report: dict[str, Any]) -> str:
+    tasks = report["tasks"]
+    head = ["run", *[f"{t}{' (target)' if t == report['target'] else ''}" for t in tasks],
+            "TI", "TI abs", "BWT", "BWT abs", "masked frac", "τ", "‖ΔW‖", "train time"]
+    lines = [f"# Forgetting report (target: {report['target']}, base: {report['base']})", "",
+             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    notes = []
+    for row in report["rows"]:
+        m = row.get("metrics", {})
+        ex = row["extras"]
+        cells = [row["label"], *[_cell(row["tasks"].get(t)) for t in tasks],
+                 _fmt(m.get("TI"), percent=True) if m else "—", _fmt(m.get("TI_abs")) if m else "—",
+                 _fmt(m.get("BWT"), percent=True) if m else "—", _fmt(m.get("BWT_abs")) if m else "—",
+                 _fmt(ex["masked_fraction"]), _fmt(ex["tau"], 2), _fmt(ex["delta_w_norm"], 4),
+                 "n/a" if ex.get("train_time_s") is None else f"{ex['train_time_s']:.0f} s"]
+        lines.append("| " + " | ".join(cells) + " |")
+        notes += [f"{row['label']}: {n}" for n in m.get("notes", [])]
+    paired = [r for r in report["rows"] if r.get("paired")]
+    if paired:
+        lines += ["", "Change vs base on the same items (mean difference, paired bootstrap 95% interval):", "",
+                  "| run | " + " | ".join(tasks) + " |", "|" + "---|" * (len(tasks) + 1)]
+        for row in paired:
+            cells = []
+            for t in tasks:
+                d = row["paired"].get(t)
+                cells.append(f"{d['mean']:+.3f} [{d['ci95'][0]:+.2f}, {d['ci95'][1]:+.2f}] n={d['n']}" if d and d["n"] else "—")
+            lines.append(f"| {row['label']} | " + " | ".join(cells) + " |")
+    lines += ["", "Cells: score [95% interval] n=items. TI = (tuned − base)/base on the target; BWT = mean over "
+              "non-target tasks of (tuned − base)/base; 'abs' = absolute differences. ARC-Challenge here is generative "
+              "(the model writes the letter, the paper's way); log-likelihood multiple-choice tasks are named as such."]
+    if report["lower_is_better"]:
+        lines.append(f"Lower-is-better tasks, shown but not in TI/BWT: {', '.join(report['lower_is_better'])}.")
+    subs = [t for t in tasks if is_sub_measure(t) and t not in report["lower_is_better"]]
+    if subs:
+        lines.append(f"Details of a behaviour set, shown but not in BWT: {', '.join(subs)}.")
+    lines += ["", "Which way each measure leans:"] + [f"- {t}: {lean(t)}" for t in tasks]
+    lines += [f"- {n}" for n in notes]
+    return "\n".join(lines) + "\n"
+
+
+def plot_report(report: dict[str, Any], out: Path) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    written = []
+    tuned = [r for r in report["rows"] if "metrics" in r]
+    use_rel = all(r["metrics"]["TI"] is not None and r["metrics"]["BWT"] is not None for r in tuned)
+    kx, ky = ("TI", "BWT") if use_rel else ("TI_abs", "BWT_abs")
+    points = [(r["label"], r["metrics"][kx], r["metrics"][ky]) for r in tuned
+              if r["metrics"][kx] is not None and r["metrics"][ky] is not None]
+    fig, ax = plt.subplots(figsize=(5, 4))
+    for label, x, y in points:
+        ax.scatter(x, y)
+        ax.annotate(label, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
+    ax.axhline(0, color="grey", lw=0.5)
+    ax.axvline(0, color="grey", lw=0.5)
+    ax.set_xlabel(f"{kx} (target: {report['target']})")
+    ax.set_ylabel(f"{ky} (non-target)")
+    ax.set_title("Backward transfer vs target improvement")
+    written.append(save_figure(fig, out / "bwt_vs_ti.png"))
+    return written
+
+
+def run_report(cfg: ReportConfig, html: bool = True) -> Path:
+    """Write report.md, report.json, plots and (unless ``html`` is False) report.html into cfg.output_dir."""
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    report = build_report(cfg)
+    markdown = render_markdown(report)
+    for name, text in (("report.md", markdown), ("report.json", json.dumps(report, indent=2, default=str) + "\n"),
+                       ("config.json", json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")):
+        write_text(out / name, text)
+    plot_report(report, out)
+    plot_training(cfg, report, out)
+    if html:
+        write_report_html(cfg)
+    return out
+
+
+def plot_training(cfg: ReportConfig, report: dict[str, Any], out: Path) -> None:
+    """Loss curves and ‖ΔW‖ of the train runs, and the ppl distribution of each scored data set."""
+    train = dict(parse_labelled(t) for t in cfg.train_dirs)
+    plot_loss_curves(train, out / "training_loss.png")
+    plot_delta_w({r["label"]: r["extras"]["delta_w_norm"] for r in report["rows"] if not r["is_base"]}, out / "delta_w.png")
+    taus = [r["extras"]["tau"] for r in report["rows"] if r["extras"]["tau"] is not None]
+    plot_ppl_distribution(dict(parse_labelled(s) for s in cfg.scores), out / "token_ppl_distribution.png", taus)
+    if cfg.scores:  # the first scored data set is the training data the masks were drawn from
+        points = {r["label"]: (r["extras"]["tau"], r["extras"]["masked_fraction"]) for r in report["rows"] if not r["is_base"]}
+        plot_masked_fraction(parse_labelled(cfg.scores[0])[1], points, out / "masked_fraction_vs_tau.png")
+
+
+def _manifest_model(data_file: Path) -> str | None:
+    """The model named in the manifest of a score stage (or of the score stage a mask stage read)."""
+    manifest = data_file.parent / "manifest.json"
+    if not manifest.is_file():
+        return None
+    config = json.loads(manifest.read_text()).get("config", {})
+    if "model" in config:
+        return config["model"]
+    return _manifest_model(Path(config["scores"]) / "scores.parquet") if config.get("scores") else None
+
+
+def write_report_html(cfg: ReportConfig) -> Path:
+    """report.html from everything now in the report directory, plus the token view of ``cfg.token_view``."""
+    examples, caption = None, ""
+    if cfg.token_view:
+        data_file = Path(cfg.token_view)
+        model = cfg.tokenizer or _manifest_model(data_file)
+        if model is None:
+            raise ValueError(f"token_view: no tokenizer given and none named in {data_file.parent / 'manifest.json'}")
+        from forgetless.lm.modeling import load_tokenizer
+
+        tokenizer = load_tokenizer(model)
+        examples = read_token_examples(data_file, tokenizer.decode, cfg.token_view_examples)
+        caption = (f"Responses from {data_file}, tokens shaded by their perplexity under the base model "
+                   f"(white: ppl 1, darkest: ppl ≥ {PPL_DARKEST:g}); struck-through tokens are masked out of the loss. "
+                   "Hover a token for its ppl.")
+    return write_html(cfg.output_dir, examples, caption)
+
+
+def print_report(out: Path) -> None:
+    """Print the Markdown table (the CLI's printer for this stage)."""
+    print((Path(out) / "report.md").read_text(encoding="utf-8"))
+    print(f"report and plots in {out}")

@@ -1,0 +1,130 @@
+"""Training tables (one row per example, masks already applied) and the collator that pads them.
+
+A training table has the columns ``id`` (str), ``input_ids`` (list<int>), ``response_mask`` (list<int>, 1 =
+response token), ``labels`` (list<int>: the token id where it is trained, -100 elsewhere), ``loss_weight``
+(list<float>: 0.0 where not trained, in (0, 1] where trained) and optionally ``nll`` (list<float>, NaN where
+unscored). The masking stage writes it as Parquet; :func:`build_sft_table` builds one straight from conversations
+(every response token trained) so plain SFT needs no scoring.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+from typing import Iterable
+
+import torch
+
+from forgetless.lm.templates import encode_conversation
+
+IGNORE = -100
+COLUMNS = ("id", "input_ids", "response_mask", "labels", "loss_weight")
+
+
+class TableError(ValueError):
+    """A training table is malformed; the message names the row."""
+
+
+def build_sft_table(examples: Iterable, tokenizer, max_length: int | None = None) -> list[dict]:
+    """Rows of a training table that train every response token (weight 1.0); ``nll`` is all NaN."""
+    rows = []
+    for ex in examples:
+        enc = encode_conversation(tokenizer, ex.messages, max_length)
+        labels = [t if m else IGNORE for t, m in zip(enc.input_ids, enc.response_mask)]
+        labels[0] = IGNORE  # position 0 has no context: never trained (see forgetless.core.logits)
+        rows.append({
+            "id": str(ex.id), "input_ids": list(enc.input_ids), "response_mask": list(enc.response_mask),
+            "labels": labels, "loss_weight": [0.0 if y == IGNORE else 1.0 for y in labels],
+            "nll": [math.nan] * len(enc.input_ids),
+        })
+    return rows
+
+
+def check_row(row: dict, index: int) -> None:
+    """Raise :class:`TableError` unless the row's lists line up and labels agree with input_ids/weights."""
+    missing = [c for c in COLUMNS if c not in row]
+    if missing:
+        raise TableError(f"row {index} ({row.get('id')}): missing columns {missing}")
+    n = len(row["input_ids"])
+    if any(len(row[c]) != n for c in COLUMNS[2:]):
+        raise TableError(f"row {index} ({row['id']}): input_ids, response_mask, labels, loss_weight differ in length")
+    for i, (tok, y, w) in enumerate(zip(row["input_ids"], row["labels"], row["loss_weight"])):
+        if y != IGNORE and (y != tok or not 0.0 < w <= 1.0):
+            raise TableError(f"row {index} ({row['id']}), token {i}: a trained label must equal input_ids and "
+                             f"have loss_weight in (0, 1]; got label {y}, token {tok}, weight {w}")
+        if y == IGNORE and w != 0.0:
+            raise TableError(f"row {index} ({row['id']}), token {i}: loss_weight {w} on an untrained token")
+
+
+def write_table(rows: list[dict], path: str | Path) -> Path:
+    """Write rows as Parquet (to a temp name, then renamed)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    pq.write_table(pa.Table.from_pylist(rows), tmp)
+    os.replace(tmp, path)
+    return path
+
+
+def read_table(path: str | Path) -> list[dict]:
+    """Rows of a training table, checked with :func:`check_row`."""
+    import pyarrow.parquet as pq
+
+    rows = pq.read_table(path).to_pylist()
+    if not rows:
+        raise TableError(f"{path}: the training table is empty")
+    for i, row in enumerate(rows):
+        check_row(row, i)
+    return rows
+
+
+def table_counts(rows: list[dict]) -> dict:
+    """Trained-token counts of a table: response tokens, trained tokens, masked fraction, empty examples."""
+    response = sum(sum(r["response_mask"]) for r in rows)
+    trained = sum(sum(1 for y in r["labels"][1:] if y != IGNORE) for r in rows)
+    weight = sum(sum(r["loss_weight"][1:]) for r in rows)
+    return {
+        "examples": len(rows), "response_tokens": response, "trained_tokens": trained,
+        "trained_weight": weight, "masked_fraction": (1 - trained / response) if response else 0.0,
+        "examples_without_trained_tokens": sum(1 for r in rows if all(y == IGNORE for y in r["labels"][1:])),
+    }
+
+
+class MaskedBatchCollator:
+    """Right-pads ``input_ids`` (pad id), ``attention_mask`` (0), ``labels`` (-100) and ``loss_weight`` (0.0).
+
+    Works in any HF Trainer / TRL SFTTrainer; examples without ``loss_weight`` get 1.0 where labelled. Other
+    columns are dropped.
+    """
+
+    def __init__(self, pad_token_id: int, pad_to_multiple_of: int | None = None):
+        self.pad_token_id, self.pad_to_multiple_of = pad_token_id, pad_to_multiple_of
+
+    def __call__(self, examples: list[dict]) -> dict[str, torch.Tensor]:
+        length = max(len(e["input_ids"]) for e in examples)
+        if self.pad_to_multiple_of:
+            length = -(-length // self.pad_to_multiple_of) * self.pad_to_multiple_of
+        batch = {
+            "input_ids": torch.full((len(examples), length), self.pad_token_id, dtype=torch.long),
+            "attention_mask": torch.zeros((len(examples), length), dtype=torch.long),
+            "labels": torch.full((len(examples), length), IGNORE, dtype=torch.long),
+            "loss_weight": torch.zeros((len(examples), length), dtype=torch.float32),
+        }
+        for b, e in enumerate(examples):
+            n = len(e["input_ids"])
+            labels = torch.as_tensor(list(e.get("labels", e["input_ids"])), dtype=torch.long)
+            batch["input_ids"][b, :n] = torch.as_tensor(list(e["input_ids"]), dtype=torch.long)
+            batch["attention_mask"][b, :n] = 1
+            batch["labels"][b, :n] = labels
+            if e.get("loss_weight") is not None:
+                batch["loss_weight"][b, :n] = torch.as_tensor(list(e["loss_weight"]), dtype=torch.float32)
+            else:
+                batch["loss_weight"][b, :n] = (labels != IGNORE).float()
+        # Position 0 is never predicted; clearing it keeps the Trainer's token count equal to ours for any model.
+        batch["labels"][:, 0] = IGNORE
+        batch["loss_weight"][:, 0] = 0.0
+        return batch
