@@ -6,7 +6,8 @@ import json
 
 import pytest
 
-from forgetless.report.stage import ReportConfig, forgetting_metrics, load_extras, relative_change, run_report
+from forgetless.report.sections import train_extras
+from forgetless.report.stage import ReportConfig, forgetting_metrics, relative_change, run_report
 from forgetless.core.intervals import bootstrap_interval, score_interval, wilson_interval
 
 
@@ -49,7 +50,21 @@ def test_intervals_hand_computed():
     assert lo == pytest.approx(0.5) and hi == pytest.approx(0.5)
 
 
-def _fake_run(path, scores: dict[str, float], n: int = 10, items: dict[str, list[float]] | None = None, extras=None):
+def _fake_train(root, name, masked_fraction, tau, delta_w=None):
+    """A train run dir as `forgetless train` leaves it, trained on a mask stage whose manifest holds τ."""
+    train, masks = root / "train" / name, root / "masks" / name
+    train.mkdir(parents=True)
+    masks.mkdir(parents=True)
+    (train / "config.json").write_text(json.dumps({"data": str(masks / "data.parquet")}))
+    (train / "train_summary.json").write_text(json.dumps({"table": {"masked_fraction": masked_fraction}}))
+    if delta_w is not None:
+        (train / "diagnostics.json").write_text(json.dumps({"total_frobenius": delta_w}))
+    (masks / "manifest.json").write_text(json.dumps({"key": {}, "config": {"tau": 99.0}, "tau": tau,
+                                                     "masked_fraction": masked_fraction}))
+    return train
+
+
+def _fake_run(path, scores: dict[str, float], n: int = 10, items: dict[str, list[float]] | None = None):
     path.mkdir(parents=True)
     records = {}
     for task, score in scores.items():
@@ -59,8 +74,6 @@ def _fake_run(path, scores: dict[str, float], n: int = 10, items: dict[str, list
             (path / f"{task}.items.jsonl").write_text("".join(json.dumps({"id": f"{task}-{i}", "score": s}) + "\n"
                                                               for i, s in enumerate(items[task])))
     (path / "scores.json").write_text(json.dumps(records))
-    if extras:
-        (path.parent / "train_summary.json").write_text(json.dumps(extras))
     return path
 
 
@@ -68,10 +81,10 @@ def test_report_files_and_table(tmp_path):
     base = _fake_run(tmp_path / "base" / "eval", {"mbpp": 0.4, "gsm8k": 0.5, "hellaswag_mc": 0.3},
                      items={"mbpp": [1, 1, 0, 0, 0]})
     stm = _fake_run(tmp_path / "stm" / "eval", {"mbpp": 0.5, "gsm8k": 0.5, "hellaswag_mc": 0.27},
-                    items={"mbpp": [1, 1, 1, 0, 0]}, extras={"config": {"ppl_threshold": 2.5}, "masked_fraction": 0.31, "delta_w_norm": 1.25})
-    gt = _fake_run(tmp_path / "gt" / "eval", {"mbpp": 0.6, "gsm8k": 0.25, "hellaswag_mc": 0.3},
-                   extras={"tau": 1000, "masked_fraction": 0.04})
-    cfg = ReportConfig(runs=(f"base={base}", f"stm-2.5={stm}", f"gt={gt}"), output_dir=str(tmp_path / "rep"))
+                    items={"mbpp": [1, 1, 1, 0, 0]})
+    gt = _fake_run(tmp_path / "gt" / "eval", {"mbpp": 0.6, "gsm8k": 0.25, "hellaswag_mc": 0.3})
+    trains = (f"stm-2.5={_fake_train(tmp_path, 'stm', 0.31, 2.5, 1.25)}", f"gt={_fake_train(tmp_path, 'gt', 0.0, None)}")
+    cfg = ReportConfig(runs=(f"base={base}", f"stm-2.5={stm}", f"gt={gt}"), train_dirs=trains, output_dir=str(tmp_path / "rep"))
     out = run_report(cfg)
     report = json.loads((out / "report.json").read_text())
     rows = {r["label"]: r for r in report["rows"]}
@@ -79,7 +92,9 @@ def test_report_files_and_table(tmp_path):
     assert rows["stm-2.5"]["metrics"]["TI"] == pytest.approx(0.25)
     assert rows["stm-2.5"]["metrics"]["BWT"] == pytest.approx((0.0 - 0.1) / 2)
     assert rows["gt"]["metrics"]["BWT"] == pytest.approx((-0.5 + 0.0) / 2)
+    # τ is the mask manifest's own field (not its config's 99.0); ground truth has none.
     assert rows["stm-2.5"]["extras"] == {"masked_fraction": 0.31, "tau": 2.5, "delta_w_norm": 1.25, "train_time_s": None}
+    assert rows["gt"]["extras"]["tau"] is None and rows["gt"]["extras"]["masked_fraction"] == 0.0
     assert rows["stm-2.5"]["paired"]["mbpp"]["mean"] == pytest.approx(0.2) and rows["stm-2.5"]["paired"]["mbpp"]["n"] == 5
     markdown = (out / "report.md").read_text()
     assert "| stm-2.5 | 0.500 [" in markdown and "+25.0%" in markdown and "n=10" in markdown
@@ -137,14 +152,7 @@ def test_repeated_label_merges_eval_and_retention_dirs(tmp_path):
     base_ret = _fake_run(tmp_path / "retention" / "base", {"piqa_mc": 0.6})
     tuned_eval = _fake_run(tmp_path / "eval" / "stm", {"mbpp": 0.3})
     tuned_ret = _fake_run(tmp_path / "retention" / "stm", {"piqa_mc": 0.54})
-    train = tmp_path / "train" / "stm"
-    masks = tmp_path / "masks" / "stm"
-    train.mkdir(parents=True)
-    masks.mkdir(parents=True)
-    (train / "config.json").write_text(json.dumps({"data": str(masks / "data.parquet")}))
-    (train / "train_summary.json").write_text(json.dumps({"table": {"masked_fraction": 0.3}}))
-    (train / "diagnostics.json").write_text(json.dumps({"total_frobenius": 0.75, "modules": {"q": {"frobenius": 0.1}}}))
-    (masks / "manifest.json").write_text(json.dumps({"key": {}, "config": {"policy": "threshold", "tau": 2.5}}))
+    train = _fake_train(tmp_path, "stm", 0.3, 2.5, 0.75)
     cfg = ReportConfig(runs=(f"base={base_eval}", f"base={base_ret}", f"stm={tuned_eval}", f"stm={tuned_ret}"),
                        train_dirs=(f"stm={train}",), output_dir=str(tmp_path / "rep"))
     report = json.loads((run_report(cfg) / "report.json").read_text())
@@ -154,11 +162,11 @@ def test_repeated_label_merges_eval_and_retention_dirs(tmp_path):
     assert stm["extras"] == {"masked_fraction": 0.3, "tau": 2.5, "delta_w_norm": 0.75, "train_time_s": None}
 
 
-def test_load_extras_missing_is_none(tmp_path):
-    assert load_extras(tmp_path, None) == {"masked_fraction": None, "tau": None, "delta_w_norm": None, "train_time_s": None}
+def test_train_extras_missing_is_none(tmp_path):
+    empty = {"masked_fraction": None, "tau": None, "delta_w_norm": None, "train_time_s": None}
+    assert train_extras(None) == empty and train_extras(tmp_path) == empty
     (tmp_path / "train_summary.json").write_text('{"wall_time_s": 106.1, "table": {"masked_fraction": 0.3}}')
-    assert load_extras(tmp_path)["train_time_s"] == 106.1
-    assert load_extras(None, tmp_path)["train_time_s"] is None  # an eval dir's timing is not training time
+    assert train_extras(tmp_path) == {**empty, "train_time_s": 106.1, "masked_fraction": 0.3}
 
 
 def test_report_config_validation():

@@ -68,3 +68,27 @@ def test_run_config_errors_name_the_section(tiny_run_config, capsys):
     config, _ = tiny_run_config
     assert main(["run", str(config), "train.learnig_rate=1"]) == 2
     assert "did you mean 'learning_rate'" in capsys.readouterr().err
+
+
+def test_report_of_a_run_dir_is_the_runs_report(tiny_run_config, tmp_path):
+    config, out = tiny_run_config
+    assert main(["run", str(config)]) == 0
+    # The mask stage records the τ it applied in its own manifest: the report reads it there.
+    manifest = json.loads((out / "masks" / "target-auto-tau-q0.3" / "manifest.json").read_text())
+    assert manifest["policy"] == "auto-tau" and manifest["tau"] > 1 and 0.2 < manifest["masked_fraction"] <= 0.3
+    assert main(["report", str(out), f"output_dir={tmp_path / 'again'}"]) == 0
+    for name in ("report.md", "retention.json"):
+        assert (tmp_path / "again" / name).read_text() == (out / "report" / name).read_text()
+    assert f"| {manifest['tau']:.2f} |" in (tmp_path / "again" / "report.md").read_text()
+
+
+def test_learning_rate_grid_writes_the_frontier_and_report_reproduces_it(tiny_run_config, tmp_path):
+    config, _ = tiny_run_config
+    out = tmp_path / "grid"
+    assert main(["run", str(config), f"out_dir={out}", "learning_rates=[0.001, 0.01]", "frontier.gain=gain_target",
+                 "frontier.retention=working_kept"]) == 0
+    frontier = (out / "report" / "frontier.md").read_text()
+    assert "sft@lr0.001" in frontier and "auto-tau-q0.3@lr0.01" in frontier and "`working_kept`" in frontier
+    assert main(["report", str(out), f"output_dir={tmp_path / 'again'}"]) == 0
+    assert (tmp_path / "again" / "frontier.md").read_text() == frontier
+    assert (tmp_path / "again" / "report.md").read_text() == (out / "report" / "report.md").read_text()

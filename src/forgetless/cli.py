@@ -78,6 +78,8 @@ def main(argv: list[str] | None = None) -> int:
     flags = [f"{k[4:]}={v}" for k, v in vars(args).items() if k.startswith("set_")]
     overrides = [o for o in args.overrides if "=" in o]
     paths = [o for o in args.overrides if "=" not in o] + ([args.config] if args.config else [])
+    if args.command == "report" and paths and Path(paths[0]).is_dir():  # forgetless report RUN_DIR
+        overrides.append(f"run_dir={paths.pop(0)}")
     try:
         if len(paths) > 1:
             raise ConfigError(f"one config file at most, got {paths}")

@@ -23,7 +23,7 @@ from forgetless.lm import artifacts
 from forgetless.config import ConfigError, build
 from forgetless.mask.stage import MASKED_FILE, MaskConfig, run_mask
 from forgetless.lm.modeling import EMBEDDED
-from forgetless.score.stage import ScoreConfig, run_score
+from forgetless.score.stage import SCORES_FILE, ScoreConfig, run_score
 
 logger = logging.getLogger(__name__)
 
@@ -184,42 +184,33 @@ def score_settings(config: RunConfig, data: str, out_dir: str) -> dict:
 
 def run_experiment(config: RunConfig) -> Path:
     """Run every stage of the comparison; return the report directory."""
+    from forgetless.report.stage import ReportConfig, run_report
     from forgetless.train.stage import run_train
 
     check_settings(config)
     out = Path(config.out_dir)
     artifacts.write_json(out / "run_config.json", dataclasses.asdict(config))
-    scores: dict[str, Path] = {}
-    train_dirs: dict[str, Path] = {}
-    mask_dirs: dict[str, Path] = {}
+    layout, scored = run_layout(config, out), set()
     for label, method, lr in train_runs(config):
         data = method.data or config.data
-        if data not in scores:
-            where = out / "scores" / ("target" if data == config.data else Path(data).stem)
-            scores[data] = run_score(make(ScoreConfig, score_settings(config, data, str(where)), "score"))
-        masks = run_mask(method.mask_config(scores[data], out / "masks" / f"{scores[data].name}-{method.label}"))
-        mask_dirs.setdefault(method.method, masks)
+        scores = layout["scores"][data]
+        if data not in scored:  # the score stage itself reuses an output made from the same inputs
+            run_score(make(ScoreConfig, score_settings(config, data, str(scores)), "score"))
+            scored.add(data)
+        masks = run_mask(method.mask_config(scores, layout["masks"][label]))
         cfg = train_config(config, label, method, lr, str(masks / MASKED_FILE))
         settings = {**dataclasses.asdict(cfg), **({"probe": config.probe} if config.probe else {})}
-        train_dirs[label] = run_once(Path(cfg.output_dir), settings,
-                                     lambda c=cfg: run_train(c, callbacks=probe_callbacks(config, c, out)), f"train {label}")
-    evals = evaluate_all(config, train_dirs)
-    # The token view shows what STM drops; without an STM method, the first method's mask.
-    view = mask_dirs.get("stm") or mask_dirs.get("auto-tau") or next(iter(mask_dirs.values()))
-    ppl_sources = {("ground truth" if data == config.data else Path(data).stem): d / "scores.parquet" for data, d in scores.items()}
-    return report(config, out, evals, train_dirs, ppl_sources, view / MASKED_FILE)
-
-
-def evaluate_all(config: RunConfig, train_dirs: dict[str, Path]) -> dict[str, list[Path]]:
-    """Generative evaluation and retention measures of the base and every tuned model."""
-    models = {"base": (config.model, None), **{label: tuned_model(config.model, d) for label, d in train_dirs.items()}}
-    results: dict[str, list[Path]] = {}
-    for label, (model, adapter) in models.items():
-        results[label] = [
+        run_once(Path(cfg.output_dir), settings, lambda c=cfg: run_train(c, callbacks=probe_callbacks(config, c, out)),
+                 f"train {label}")
+    for label, (model, adapter) in models_of(config, layout["train"]).items():
+        for cfg, fn, what in measure_stages(config, label, model, adapter):
             run_once(Path(cfg.output_dir), dataclasses.asdict(cfg), lambda c=cfg, f=fn: f(c), what)
-            for cfg, fn, what in measure_stages(config, label, model, adapter)
-        ]
-    return results
+    return run_report(ReportConfig(run_dir=str(out)))
+
+
+def models_of(config: RunConfig, train_dirs: dict[str, Path]) -> dict[str, tuple[str, str | None]]:
+    """label -> (model, adapter) of the base and every tuned model."""
+    return {"base": (config.model, None), **{label: tuned_model(config.model, d) for label, d in train_dirs.items()}}
 
 
 def tuned_model(base: str, train_dir: Path) -> tuple[str, str | None]:
@@ -229,23 +220,45 @@ def tuned_model(base: str, train_dir: Path) -> tuple[str, str | None]:
     return str(train_dir / "model"), None
 
 
-def report(config: RunConfig, out: Path, evals: dict[str, list[Path]], train_dirs: dict[str, Path],
-           ppl_sources: dict[str, Path], token_view: Path) -> Path:
-    """report.md/json and plots, the retention section, the frontier (for a grid), then report.html of it all."""
-    from forgetless.report.stage import ReportConfig, run_report, write_report_html
+def report_inputs(run_dir: str | Path, output_dir: str | None = None):
+    """(ReportConfig, frontier inputs or None) of a finished ``forgetless run`` directory: what
+    ``forgetless run`` and ``forgetless report RUN_DIR`` both report."""
+    from forgetless.report.stage import ReportConfig
 
-    cfg = ReportConfig(runs=tuple(f"{label}={d}" for label, dirs in evals.items() for d in dirs),
-                       train_dirs=tuple(f"{label}={d}" for label, d in train_dirs.items()),
-                       output_dir=str(out / "report"), base="base", target=config.target, tasks=report_tasks(config),
-                       scores=tuple(f"{label}={f}" for label, f in ppl_sources.items()),
-                       token_view=str(token_view), tokenizer=config.model)
-    report_dir = run_report(cfg, html=False)  # report.html comes last, with every section added below
-    if config.retention is not None:
-        add_retention_section(report_dir, out / "retention", list(train_dirs), config.target)
-    if config.probe or len(config.learning_rates) > 1:
-        frontier(config, out, train_dirs, report_dir)
-    write_report_html(cfg)
-    return report_dir
+    out = Path(run_dir)
+    if not (out / "run_config.json").is_file():
+        raise FileNotFoundError(f"{out} is not a `forgetless run` directory (no run_config.json)")
+    config = make(RunConfig, artifacts.read_json(out / "run_config.json"), "run_config.json")
+    layout = run_layout(config, out)
+    runs = [f"{label}={cfg.output_dir}" for label, (model, adapter) in models_of(config, layout["train"]).items()
+            for cfg, _, _ in measure_stages(config, label, model, adapter)]
+    cfg = ReportConfig(runs=tuple(runs), train_dirs=tuple(f"{label}={d}" for label, d in layout["train"].items()),
+                       output_dir=output_dir or str(out / "report"), base="base", target=config.target,
+                       tasks=report_tasks(config), tokenizer=config.model,
+                       scores=tuple(f"{label}={d / SCORES_FILE}" for label, d in layout["ppl_sources"].items()),
+                       token_view=str(layout["token_view"] / MASKED_FILE))
+    grid = None
+    if config.retention is not None and (config.probe or len(config.learning_rates) > 1):
+        grid = {"grid": [{"label": label, "method": m.label, "lr": lr or config.train.get("learning_rate"),
+                          "retention_dir": out / "retention" / label, "train_dir": layout["train"][label]}
+                         for label, m, lr in train_runs(config)],
+                "base_dir": out / "retention" / "base", **config.frontier}
+    return cfg, grid
+
+
+def run_layout(config: RunConfig, out: Path) -> dict:
+    """Where each stage of ``config`` writes under ``out`` (the one place the layout is decided)."""
+    scores, masks, train, first_mask = {}, {}, {}, {}
+    for label, method, lr in train_runs(config):
+        data = method.data or config.data
+        scores[data] = out / "scores" / ("target" if data == config.data else Path(data).stem)
+        masks[label] = out / "masks" / f"{scores[data].name}-{method.label}"
+        first_mask.setdefault(method.method, masks[label])
+        train[label] = out / "train" / label
+    # The token view shows what STM drops; without an STM method, the first method's mask.
+    view = first_mask.get("stm") or first_mask.get("auto-tau") or next(iter(first_mask.values()))
+    ppl_sources = {("ground truth" if data == config.data else Path(data).stem): d for data, d in scores.items()}
+    return {"scores": scores, "masks": masks, "train": train, "token_view": view, "ppl_sources": ppl_sources}
 
 
 def report_tasks(config: RunConfig) -> tuple[str, ...]:
@@ -269,28 +282,6 @@ def report_tasks(config: RunConfig) -> tuple[str, ...]:
     return tuple(sorted(tasks, key=lambda t: t != config.target))
 
 
-def add_retention_section(report_dir: Path, retention_dir: Path, labels: list[str], target: str) -> None:
-    """Append the retention table (paired against the base) to report.md, with its plot and JSON."""
-    from forgetless.report.behaviour import behaviour_markdown
-    from forgetless.report.retention import markdown_table, plot_drift_vs_gain, summarize_run
-
-    summaries = {label: summarize_run(retention_dir / "base", retention_dir / label, target_task=target) for label in labels}
-    artifacts.write_json(report_dir / "retention.json", summaries)
-    plot_drift_vs_gain(summaries, report_dir / "drift_vs_gain.png")
-    section = (
-        "\n## Retention, paired against the base model\n\n"
-        "BWT here averages only accuracy tasks where the base is above chance; MC retention is the share of the base's "
-        "above-chance multiple-choice skill left (1 = nothing lost); drift is the mean per-token KL between base and tuned "
-        "next-token distributions on non-target prompts and the base's own answers (both directions: KL(base‖tuned) also "
-        "charges sharpening toward what the base already believed); target gain is the drop in held-out NLL on tokens of "
-        "the kind STM keeps (base ppl ≤ τ) and of the kind it masks. Brackets: 95% intervals.\n\n"
-        + markdown_table(summaries)
-        + behaviour_markdown(summaries, {label: retention_dir / label for label in labels})
-    )
-    markdown = (report_dir / "report.md").read_text(encoding="utf-8")
-    artifacts.write_text(report_dir / "report.md", markdown + section)
-
-
 def probe_callbacks(config: RunConfig, train_cfg, out: Path) -> list:
     """The checkpoint probe of ``config.probe`` for one training run (none when it is null)."""
     if not config.probe:
@@ -309,19 +300,3 @@ def probe_callbacks(config: RunConfig, train_cfg, out: Path) -> list:
                             model_fingerprint(config.model))
     return [ProbeCallback(train_dir / PROBES_FILE, probe, cfg.every, cfg.guard_metric, cfg.guard_min,
                           guard_restore=cfg.guard_restore)]
-
-
-def frontier(config: RunConfig, out: Path, train_dirs: dict[str, Path], report_dir: Path) -> Path | None:
-    """``report/frontier.{md,json,png}`` from the retention records and probes of the grid."""
-    from forgetless.report.frontier import build_frontier, write_frontier
-
-    base = out / "retention" / "base"
-    if config.retention is None or not base.is_dir():
-        logger.warning("frontier: needs the retention stage (retention: null here); skipped")
-        return None
-    grid = [{"label": label, "method": m.label, "lr": lr or config.train.get("learning_rate"),
-             "retention_dir": out / "retention" / label, "train_dir": train_dirs[label]}
-            for label, m, lr in train_runs(config)]
-    path = write_frontier(report_dir, build_frontier(grid, base, **config.frontier, target=config.target))
-    logger.info("frontier -> %s", path)
-    return path

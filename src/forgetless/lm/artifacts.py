@@ -80,10 +80,11 @@ def versions() -> dict[str, str]:
     return found
 
 
-def write_manifest(out_dir: Path, key: dict[str, Any], config: Any) -> None:
-    """Write ``manifest.json`` (key, resolved config, versions) last, marking the stage complete."""
+def write_manifest(out_dir: Path, key: dict[str, Any], config: Any, **fields: Any) -> None:
+    """Write ``manifest.json`` (key, resolved config, versions, and the stage's own ``fields``)
+    last, marking the stage complete."""
     config_dict = dataclasses.asdict(config) if dataclasses.is_dataclass(config) else config
-    write_json(Path(out_dir) / MANIFEST, {"key": key, "config": config_dict, "versions": versions()})
+    write_json(Path(out_dir) / MANIFEST, {"key": key, "config": config_dict, **fields, "versions": versions()})
 
 
 def is_fresh(out_dir: Path, key: dict[str, Any], *required: str) -> bool:

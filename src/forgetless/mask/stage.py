@@ -116,7 +116,10 @@ def run_mask(config: MaskConfig) -> Path:
         logger.warning("%d examples have no trained token left; they contribute nothing to the loss", stats["examples_without_trained_tokens"])
     artifacts.write_parquet(out / MASKED_FILE, table)
     artifacts.write_json(out / "mask_stats.json", stats)
-    artifacts.write_manifest(out, key, config)
+    # The τ this mask stands for (threshold, auto-tau: the τ applied; random/inverse: the τ whose
+    # count they match; none for policies without one), read by the report.
+    tau = info.get("tau", info.get("matched_tau"))
+    artifacts.write_manifest(out, key, config, policy=config.policy, tau=tau, masked_fraction=stats["masked_fraction"])
     return out
 
 

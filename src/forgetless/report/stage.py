@@ -23,25 +23,19 @@ from typing import Any
 from forgetless.lm.artifacts import write_text
 from forgetless.core.intervals import paired_difference
 from forgetless.report.behaviour import lean
+from forgetless.report.sections import retention_section, train_extras
 from forgetless.report.html import PPL_DARKEST, read_token_examples, write_html
 from forgetless.report.plots import plot_delta_w, plot_loss_curves, plot_masked_fraction, plot_ppl_distribution, save_figure
 
 logger = logging.getLogger(__name__)
 
-EXTRA_KEYS = {
-    "masked_fraction": ("masked_fraction", "mask_fraction", "masked_frac"),
-    "tau": ("ppl_threshold", "tau"),
-    "delta_w_norm": ("total_frobenius", "delta_w_norm", "dw_norm", "weight_delta_norm", "update_norm"),
-}
-# train_summary.json: table.masked_fraction; diagnostics.json: total_frobenius (forgetless train).
-EXTRA_FILES = ("train_summary.json", "diagnostics.json", "mask_stats.json", "summary.json")
-
-
 @dataclass(frozen=True)
 class ReportConfig:
+    run_dir: str | None = field(default=None, metadata={"help": "a `forgetless run` output directory: its whole report, exactly as "
+                                                               "`forgetless run` writes it (the other fields are read from its run_config.json)"})
     runs: tuple[str, ...] = field(default=(), metadata={"help": "label=eval_dir entries; the base run among them; "
                                                                 "a repeated label merges its dirs' tasks (eval + retention)"})
-    output_dir: str = field(default="runs/report", metadata={"help": "directory for report.md/json and plots"})
+    output_dir: str | None = field(default=None, metadata={"help": "directory for report.md/json and plots (default: RUN_DIR/report, or runs/report)"})
     base: str | None = field(default=None, metadata={"help": "label of the base run (default: 'base' if present, else the first)"})
     target: str = field(default="mbpp", metadata={"help": "the fine-tuning target task; every other task is non-target"})
     train_dirs: tuple[str, ...] = field(default=(), metadata={"help": "label=train_dir entries with train_summary/diagnostics json"})
@@ -59,8 +53,10 @@ class ReportConfig:
             value = getattr(self, name)
             if isinstance(value, (str, list)):
                 object.__setattr__(self, name, tuple([value] if isinstance(value, str) else value))
-        if len(self.runs) < 1:
-            raise ValueError("runs: give at least the base run as label=eval_dir")
+        if self.run_dir is None and len(self.runs) < 1:
+            raise ValueError("runs: give at least the base run as label=eval_dir (or a run directory: forgetless report RUN_DIR)")
+        if self.output_dir is None:
+            object.__setattr__(self, "output_dir", str(Path(self.run_dir) / "report") if self.run_dir else "runs/report")
         labels = [parse_labelled(r)[0] for r in self.runs]
         if self.base is not None and self.base not in labels:
             raise ValueError(f"base {self.base!r} is not one of the run labels {labels}")
@@ -145,60 +141,6 @@ def load_item_scores(path: str | Path, task: str) -> dict[str, float] | None:
     return None
 
 
-def _find_key(data: Any, aliases: tuple[str, ...]) -> Any:
-    if isinstance(data, dict):
-        for key in aliases:
-            if key in data and isinstance(data[key], (int, float)):
-                return data[key]
-        for value in data.values():
-            found = _find_key(value, aliases)
-            if found is not None:
-                return found
-    return None
-
-
-def _mask_dir(train_dir: Path) -> Path | None:
-    """The mask stage's directory a forgetless train run read its data from (its manifest holds tau)."""
-    config = train_dir / "config.json"
-    if not config.is_file():
-        return None
-    data = json.loads(config.read_text()).get("data")
-    return Path(data).parent if isinstance(data, str) else None
-
-
-def _train_time(train_dir: str | Path) -> float | None:
-    """Wall seconds of a forgetless train run (only its own summary: eval dirs time other work)."""
-    f = Path(train_dir) / "train_summary.json"
-    return json.loads(f.read_text()).get("wall_time_s") if f.is_file() else None
-
-
-def load_extras(*dirs: str | Path | None) -> dict[str, float | None]:
-    """masked_fraction, tau, delta_w_norm from the first train_summary/diagnostics/mask json that has them,
-    and train_time_s from the first dir (the train run's)."""
-    extras: dict[str, float | None] = {k: None for k in EXTRA_KEYS}
-    extras["train_time_s"] = _train_time(dirs[0]) if dirs and dirs[0] is not None else None
-    search = []
-    for d in dirs:
-        if d is not None:
-            search.append(Path(d))
-            mask_dir = _mask_dir(Path(d))
-            if mask_dir is not None:
-                search.append(mask_dir)
-    for d in search:
-        for name in (*EXTRA_FILES, "manifest.json"):
-            f = d / name
-            if not f.is_file():
-                continue
-            try:
-                data = json.loads(f.read_text())
-            except json.JSONDecodeError:
-                continue
-            for key, aliases in EXTRA_KEYS.items():
-                if extras[key] is None and (name != "manifest.json" or key == "tau"):
-                    extras[key] = _find_key(data, aliases)
-    return extras
-
-
 def merge_scores(label: str, paths: list[str]) -> dict[str, dict]:
     """task -> record over all of a label's dirs; a task found twice keeps the first (with a warning)."""
     merged: dict[str, dict] = {}
@@ -244,7 +186,7 @@ def build_report(cfg: ReportConfig) -> dict[str, Any]:
         run_scores = {t: r["score"] for t, r in scores[label].items() if r.get("score") is not None}
         row = {"label": label, "paths": paths, "is_base": label == base_label,
                "tasks": {t: _public(scores[label].get(t)) for t in tasks},
-               "extras": load_extras(train.get(label), *paths, *(Path(p).parent for p in paths))}
+               "extras": train_extras(train.get(label))}
         if label != base_label:
             row["metrics"] = forgetting_metrics(base_scores, run_scores, cfg.target, lower)
             row["paired"] = {}
@@ -330,19 +272,32 @@ def plot_report(report: dict[str, Any], out: Path) -> list[Path]:
     return written
 
 
-def run_report(cfg: ReportConfig, html: bool = True) -> Path:
-    """Write report.md, report.json, plots and (unless ``html`` is False) report.html into cfg.output_dir."""
+def run_report(cfg: ReportConfig) -> Path:
+    """Write report.md (the table, then the retention and behaviour sections when the runs have
+    retention records, then the frontier of a learning-rate grid), report.json, the plots and
+    report.html into ``cfg.output_dir``. With ``run_dir`` the rest is read from that run."""
+    frontier_grid = None
+    if cfg.run_dir:
+        from forgetless.run import report_inputs
+
+        cfg, frontier_grid = report_inputs(cfg.run_dir, cfg.output_dir)
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     report = build_report(cfg)
-    markdown = render_markdown(report)
+    groups: dict[str, list[str]] = {}
+    for label, path in map(parse_labelled, cfg.runs):
+        groups.setdefault(label, []).append(path)
+    markdown = render_markdown(report) + retention_section(out, groups, report["base"], cfg.target)
+    if frontier_grid is not None:
+        from forgetless.report.frontier import build_frontier, write_frontier
+
+        write_frontier(out, build_frontier(**frontier_grid, target=cfg.target))
     for name, text in (("report.md", markdown), ("report.json", json.dumps(report, indent=2, default=str) + "\n"),
                        ("config.json", json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")):
         write_text(out / name, text)
     plot_report(report, out)
     plot_training(cfg, report, out)
-    if html:
-        write_report_html(cfg)
+    write_report_html(cfg)
     return out
 
 
