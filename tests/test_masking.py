@@ -122,3 +122,13 @@ def test_stm_labels_for_own_trainer():
     assert out.tolist() == [[-100, -100, 11, -100, 13, -100]]
     with pytest.raises(ValueError, match="NaN"):
         stm_labels(torch.tensor([[5, 6]]), torch.tensor([[math.nan, 0.1]]))
+
+
+def test_top_level_exports_for_own_training_loops():
+    import forgetless
+    from forgetless.core.masking import stm_labels
+    from forgetless.train.loss import MaskedLossMixin
+
+    assert forgetless.stm_labels is stm_labels and forgetless.MaskedLossMixin is MaskedLossMixin
+    with pytest.raises(AttributeError):
+        forgetless.not_a_name  # noqa: B018
