@@ -8,11 +8,12 @@ import math
 
 import numpy as np
 import pytest
+import torch
 
 import forgetless.generate.stage as gen
 from forgetless.lm.data import Example, load_examples
 from forgetless.generate.mechanism import compare_sets, format_table, ppl_summary
-from forgetless.lm.sampling import cut_at_stop, left_pad
+from forgetless.lm.decode import DecodingSettings, cut_at_stop, decode_ids, left_pad, sample_batch
 from forgetless.generate.verify import Verifier, extract_code, gsm8k_gold, last_boxed, math_gold, math_match, mbpp_verifier
 
 
@@ -22,6 +23,23 @@ def test_left_pad_and_cut_at_stop():
     assert mask.tolist() == [[1, 1, 1], [0, 0, 1]]
     assert cut_at_stop([3, 4, 9, 5, 9], {9}) == ([3, 4], True)
     assert cut_at_stop([3, 4], {9}) == ([3, 4], False)
+
+
+def test_sample_batch_keeps_prompt_order_and_the_decode_stop_rule(tokenizer, tiny_model):
+    """k samples per prompt, adjacent rows of one generate call, cut like decode_ids cuts."""
+    prompts = [tokenizer.encode("Write a python"), tokenizer.encode("def add(a, b):"), tokenizer.encode("hello")]
+    settings = DecodingSettings(8, greedy=False, temperature=0.7, top_p=0.9)
+    torch.manual_seed(3)
+    sampled = sample_batch(tiny_model, tokenizer, prompts, 2, settings)
+    assert [len(row) for row in sampled] == [2, 2, 2]
+    assert all(s.finished or s.new_tokens == 8 for row in sampled for s in row)
+    # With k = 1 and a single prompt, one sample is what decode_ids draws from the same seed.
+    torch.manual_seed(0)
+    (one,) = sample_batch(tiny_model, tokenizer, prompts[:1], 1, settings)[0]
+    (ids, stop), = decode_ids(tiny_model, tokenizer, prompts[:1], settings, show_progress=False)
+    assert one.text == tokenizer.decode(ids, skip_special_tokens=True) and one.finished == (stop is not None)
+    with pytest.raises(ValueError, match="greedy"):
+        sample_batch(tiny_model, tokenizer, prompts, 2, DecodingSettings(8))
 
 
 def _record(samples):
