@@ -18,7 +18,7 @@ from forgetless.retention.mc import (
 )
 from forgetless.retention.olmo_tasks import MC_TASKS, MCItem, chance_accuracy, items_from_requests, load_mc_items
 from forgetless.retention.records import read_task
-from forgetless.retention.stats import paired_difference, wilson_interval
+from forgetless.core.intervals import paired_difference, wilson_interval
 
 ITEMS = [
     MCItem("q1", ("Question: add two numbers\nAnswer:",) * 3, (" def add(a, b)", " print", " 0123"), 0),
@@ -81,8 +81,8 @@ def test_wilson_interval_by_hand():
     lo, hi = wilson_interval(75, 150)
     assert (lo, hi) == pytest.approx((0.5 - half, 0.5 + half))
     assert wilson_interval(0, 10)[0] == 0.0 and wilson_interval(0, 10)[1] > 0.2
-    mean, lo, hi, n = paired_difference({"a": 1.0, "b": 0.0, "c": 1.0}, {"a": 1.0, "b": 1.0, "d": 0.0})
-    assert (mean, n) == (-0.5, 2)
+    d = paired_difference({"a": 1.0, "b": 0.0, "c": 1.0}, {"a": 1.0, "b": 1.0, "d": 0.0})
+    assert (d["mean"], d["n"]) == (-0.5, 2)
 
 
 def _row(doc_id, idx, ctx, cont, label, native="n"):

@@ -174,7 +174,7 @@ def evaluate_drift(model, tokenizer, base_model=None, source: str = "gsm8k", lim
     KL are in the main record's ``settings["details"]``.
     """
     from forgetless.retention.records import make_record, write_task
-    from forgetless.retention.stats import mean_interval
+    from forgetless.core.intervals import mean_interval
 
     ref = base_reference(model, tokenizer, base_model, source, limit, cache_dir, max_new_tokens, top_k, base_id)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id

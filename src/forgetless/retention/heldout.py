@@ -9,7 +9,7 @@ by design. Here each held-out response token is classed by the *base* model's pe
 and the tuned model's mean NLL is reported on each kind separately, with the base's value and
 the paired change. Per item the value is the mean over its tokens of that kind (items without
 any are left out of that kind); a task's score is the mean over items with a normal 95%
-interval. The base NLL is cached (key: base fingerprint, token ids), so a tuned model costs
+interval, the paired change tuned − base has a paired bootstrap interval. The base NLL is cached (key: base fingerprint, token ids), so a tuned model costs
 one forward per item.
 """
 
@@ -74,7 +74,7 @@ def evaluate_heldout(model, tokenizer, base_model=None, source: str = "mbpp-vali
     from forgetless.lm.data import load_examples
     from forgetless.lm.templates import encode_conversation
     from forgetless.retention.records import make_record, write_task
-    from forgetless.retention.stats import mean_interval
+    from forgetless.core.intervals import mean_difference, mean_interval
 
     examples = load_examples(source, limit)
     encoded = [encode_conversation(tokenizer, ex.messages, max_length) for ex in examples]
@@ -98,10 +98,10 @@ def evaluate_heldout(model, tokenizer, base_model=None, source: str = "mbpp-vali
     for kind in ("kept", "masked", "all"):
         name = f"heldout:{source}:{kind}"
         have = [r for r in rows if r[f"n_{kind}"]]
-        change, lo, hi = mean_interval([r[f"{kind}_tuned"] - r[f"{kind}_base"] for r in have])
+        change = mean_difference([r[f"{kind}_tuned"] - r[f"{kind}_base"] for r in have])
         settings = {"source": source, "limit": limit, "tau": tau, "kind": kind, "base": key["base"],
                     "base_score": mean_interval([r[f"{kind}_base"] for r in have])[0],
-                    "change": change, "change_ci95": [lo, hi],
+                    "change": change["mean"] if have else math.nan, "change_ci95": change["ci95"] or [math.nan, math.nan],
                     "masked_fraction": sum(r["n_masked"] for r in rows) / max(n_tokens, 1),
                     "tokens": sum(r[f"n_{kind}"] for r in rows)}
         records[name] = make_record(name, "nll", [r[f"{kind}_tuned"] for r in have],
