@@ -14,7 +14,9 @@ import forgetless.generate.stage as gen
 from forgetless.lm.data import Example, load_examples
 from forgetless.generate.mechanism import compare_sets, format_table, ppl_summary
 from forgetless.lm.decode import DecodingSettings, cut_at_stop, decode_ids, left_pad, sample_batch
-from forgetless.generate.verify import Verifier, extract_code, gsm8k_gold, last_boxed, math_gold, math_match, mbpp_verifier
+from forgetless.eval.tasks import Item, get_task
+from forgetless.eval.tasks.math import last_boxed
+from forgetless.generate.verify import Verifier, extract_code, make_verifier, mbpp_verifier, reference_gold
 
 
 def test_left_pad_and_cut_at_stop():
@@ -162,11 +164,31 @@ def test_extract_code_and_math_golds():
     assert extract_code("def f(): pass") == "def f(): pass"
     assert last_boxed(r"so \boxed{\frac{1}{2}} and") == r"\frac{1}{2}"
     gsm = Example("g", [{"role": "user", "content": "q"}, {"role": "assistant", "content": "x\n#### 1,234"}])
-    assert gsm8k_gold(gsm) == "1234"
-    assert math_match(gsm8k_gold(gsm), "... so the answer is 1234.")
-    assert not math_match(gsm8k_gold(gsm), "the answer is 1233")
+    assert reference_gold("gsm8k", gsm) == 1234.0
+    verify = make_verifier("gsm8k", "gsm8k", gsm)
+    assert verify(gsm, "... so the answer is 1234.") and not verify(gsm, "the answer is 1233")
+    assert verify(gsm, "It costs $1,234.00.\n#### $1,234.00")
     mth = Example("m", [{"role": "user", "content": "q"}, {"role": "assistant", "content": r"thus $\boxed{\frac{1}{2}}$"}])
-    assert math_match(math_gold(mth), r"The answer is $\boxed{0.5}$")
+    assert reference_gold("math", mth) == r"\frac{1}{2}"
+    assert make_verifier("math", "math", mth)(mth, r"The answer is $\boxed{0.5}$")
+
+
+# (task, reference, answer, correct): the old verifier (math-verify on the whole answer) said the
+# opposite on each; evaluation reads the number after '####' (GSM8K) or the boxed answer (MATH).
+DISAGREED = [
+    ("gsm8k", "x\n#### 12", "#### 12 dollars, after 3 days", True),   # old: took the last number, 3
+    ("gsm8k", "x\n#### 18", "#### 18\nWe used 2 steps.", True),      # old: 2
+    ("gsm8k", "x\n#### 0.5", "#### 1/2", False),                      # numeric match: '1/2' reads as 1
+    ("math", r"so $\boxed{0.5}$", r"\frac12", True),                  # old: no math span, nothing parsed
+]
+
+
+@pytest.mark.parametrize("task, reference, answer, correct", DISAGREED)
+def test_verifier_agrees_with_evaluation(task, reference, answer, correct):
+    ex = Example("e", [{"role": "user", "content": "q"}, {"role": "assistant", "content": reference}])
+    item = Item("e", ex.prompt_messages, reference_gold(task, ex))
+    assert get_task(task).evaluate([answer], [item])[0].score == float(correct)
+    assert make_verifier(task, task, ex)(ex, answer) is correct
 
 
 def test_mbpp_verifier_runs_tests_in_sandbox():
