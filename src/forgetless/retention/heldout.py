@@ -21,6 +21,7 @@ import math
 import torch
 
 from forgetless.core.logits import token_nll
+from forgetless.core.masking import above_tau
 from forgetless.retention.basecache import base_fingerprint, base_view, cache_path, ids_hash, load_cached, save_cached
 
 logger = logging.getLogger(__name__)
@@ -28,7 +29,7 @@ logger = logging.getLogger(__name__)
 
 def split_by_kind(base_nll: torch.Tensor, tuned_nll: torch.Tensor, tau: float) -> dict[str, float]:
     """Means of one item's scored tokens ``(T,)`` by kind: ``{kind}_{base|tuned}`` and counts."""
-    kept = base_nll <= math.log(tau)
+    kept = ~above_tau(base_nll, tau)
     out: dict[str, float] = {}
     for kind, sel in (("kept", kept), ("masked", ~kept), ("all", torch.ones_like(kept))):
         n = int(sel.sum())
