@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
+from forgetless.lm.batching import left_pad, right_pad  # noqa: F401  (right_pad: also imported from here)
 from forgetless.lm.progress import progress
 from forgetless.lm.templates import encode_prompt
 
@@ -46,37 +47,6 @@ def stop_token_ids(tokenizer) -> list[int]:
     vocab = tokenizer.get_vocab()
     ids.update(vocab[t] for t in END_OF_TURN if t in vocab)
     return sorted(ids)
-
-
-def left_pad(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(input_ids, attention_mask), both (B, T_max), padded on the left.
-
-    >>> left_pad([[5, 6], [7]], 0)[0].tolist()
-    [[5, 6], [0, 7]]
-    """
-    width = max(len(s) for s in sequences)
-    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(sequences), width), dtype=torch.long)
-    for row, seq in enumerate(sequences):
-        if seq:
-            ids[row, width - len(seq):] = torch.tensor(seq, dtype=torch.long)
-            mask[row, width - len(seq):] = 1
-    return ids, mask
-
-
-def right_pad(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(input_ids, attention_mask), both (B, T_max), padded on the right (for teacher-forced scoring).
-
-    >>> right_pad([[5, 6], [7]], 0)[0].tolist()
-    [[5, 6], [7, 0]]
-    """
-    width = max(len(s) for s in sequences)
-    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(sequences), width), dtype=torch.long)
-    for row, seq in enumerate(sequences):
-        ids[row, : len(seq)] = torch.tensor(seq, dtype=torch.long)
-        mask[row, : len(seq)] = 1
-    return ids, mask
 
 
 def _generation_config(tokenizer, settings: DecodingSettings, num_return_sequences: int = 1):

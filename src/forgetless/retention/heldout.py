@@ -18,11 +18,12 @@ from __future__ import annotations
 import logging
 import math
 
+import numpy as np
 import torch
 
-from forgetless.core.logits import token_nll
 from forgetless.core.masking import above_tau
 from forgetless.retention.basecache import base_fingerprint, base_view, cache_path, ids_hash, load_cached, save_cached
+from forgetless.score.stage import score_encoded
 
 logger = logging.getLogger(__name__)
 
@@ -39,29 +40,10 @@ def split_by_kind(base_nll: torch.Tensor, tuned_nll: torch.Tensor, tau: float) -
     return out
 
 
-@torch.no_grad()
 def response_nll(model, encoded: list, pad_id: int, batch_tokens: int = 4096) -> list[torch.Tensor]:
-    """NLL of each sequence's response tokens (in order), batched by length."""
-    device = next(model.parameters()).device
-    order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i].input_ids))
-    out: list = [None] * len(encoded)
-    start = 0
-    while start < len(order):
-        width = len(encoded[order[start]].input_ids)
-        batch = order[start : start + max(1, batch_tokens // width)]
-        start += len(batch)
-        ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
-        attn, score = torch.zeros_like(ids), torch.zeros_like(ids)
-        for b, i in enumerate(batch):
-            enc = encoded[i]
-            ids[b, : len(enc)] = torch.tensor(enc.input_ids)
-            attn[b, : len(enc)] = 1
-            score[b, : len(enc)] = torch.tensor(enc.response_mask)
-        nll = token_nll(model, ids.to(device), attn.to(device), score.to(device)).cpu()
-        for b, i in enumerate(batch):
-            row = nll[b, : len(encoded[i])]
-            out[i] = row[~row.isnan()]
-    return out
+    """NLL of each sequence's scored response tokens, in order (the score stage's own scoring)."""
+    nlls = score_encoded(model, encoded, pad_id, batch_tokens, description="held-out NLL")
+    return [torch.from_numpy(n[~np.isnan(n)]) for n in nlls]
 
 
 def evaluate_heldout(model, tokenizer, base_model=None, source: str = "mbpp-validation", limit: int | None = None,
