@@ -8,7 +8,6 @@ import pytest
 import torch
 
 from forgetless.retention.mc import (
-    batches_by_tokens,
     choice_ids,
     choice_metrics,
     evaluate_mc,
@@ -17,6 +16,7 @@ from forgetless.retention.mc import (
     score_items,
 )
 from forgetless.retention.olmo_tasks import MC_TASKS, MCItem, chance_accuracy, items_from_requests, load_mc_items
+from forgetless.lm.batching import length_buckets
 from forgetless.retention.records import read_task
 from forgetless.core.intervals import paired_difference, wilson_interval
 
@@ -69,8 +69,9 @@ def test_length_normalisation_by_hand():
 
 
 def test_batches_by_tokens_sorted_and_within_budget():
-    batches = batches_by_tokens([5, 30, 10, 12, 29], batch_tokens=60)
+    batches = length_buckets([5, 30, 10, 12, 29], batch_tokens=60, max_batch=64)
     assert batches == [[1, 4], [3, 2, 0]]
+    assert length_buckets([1] * 5, batch_tokens=100, max_batch=2) == [[0, 1], [2, 3], [4]]
     assert sorted(i for b in batches for i in b) == list(range(5))
 
 

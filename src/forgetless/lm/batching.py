@@ -39,8 +39,9 @@ def right_pad(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, to
     return pad(sequences, pad_id, left=False)
 
 
-def length_buckets(lengths: list[int], batch_tokens: int) -> list[list[int]]:
-    """Group indices into batches of similar length with ``len(batch) * max_len <= batch_tokens``.
+def length_buckets(lengths: list[int], batch_tokens: int, max_batch: int | None = None) -> list[list[int]]:
+    """Group indices into batches of similar length with ``len(batch) * max_len <= batch_tokens``
+    (and at most ``max_batch`` each).
 
     Sorting by length (longest first, so an out-of-memory shows up on the first batch) keeps
     padding small. An example longer than ``batch_tokens`` gets a batch of its own.
@@ -51,7 +52,8 @@ def length_buckets(lengths: list[int], batch_tokens: int) -> list[list[int]]:
     order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
     batches: list[list[int]] = []
     for i in order:
-        if batches and (len(batches[-1]) + 1) * lengths[batches[-1][0]] <= batch_tokens:
+        last = batches[-1] if batches else None
+        if last and (max_batch is None or len(last) < max_batch) and (len(last) + 1) * lengths[last[0]] <= batch_tokens:
             batches[-1].append(i)
         else:
             batches.append([i])

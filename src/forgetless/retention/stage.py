@@ -12,14 +12,12 @@ the base rows of the report.
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
-import os
 import time
 from dataclasses import dataclass, field
-from importlib import metadata
 from pathlib import Path
 
+from forgetless.lm import artifacts
 from forgetless.retention.measures import MeasureSettings, measure_retention
 
 logger = logging.getLogger(__name__)
@@ -74,27 +72,12 @@ def run_retention(config: RetentionConfig) -> Path:
     out = Path(config.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     cache = Path(config.cache_dir) if config.cache_dir else forgetless_cache() / "retention"
-    _write_json(out / "config.json", dataclasses.asdict(config))
+    artifacts.write_json(out / "config.json", dataclasses.asdict(config))
     model, tokenizer, base, base_id = load_models(config)
     started = time.time()
     tasks = list(measure_retention(model, tokenizer, base, config, out, cache, base_id))
-    _write_json(out / "manifest.json", {
+    artifacts.write_json(out / "manifest.json", {
         "stage": "retention", "model": config.model, "adapter": config.adapter, "base": base_id,
-        "tasks": tasks, "seconds": round(time.time() - started, 1), "versions": _versions()})
+        "tasks": tasks, "seconds": round(time.time() - started, 1), "versions": artifacts.versions()})
     return out
 
-
-def _versions() -> dict[str, str]:
-    found = {}
-    for name in ("forgetless", "torch", "transformers", "peft"):
-        try:
-            found[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            pass
-    return found
-
-
-def _write_json(path: Path, data) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(data, indent=2, default=str) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
