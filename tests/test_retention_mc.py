@@ -68,7 +68,7 @@ def test_length_normalisation_by_hand():
     assert choice_metrics([-1.0, -1.0], [1, 1], [1, 1], gold=0)["acc"] == 1.0  # tie: lowest index
 
 
-def test_batches_by_tokens_sorted_and_within_budget():
+def test_length_buckets_sorted_within_budget_and_capped():
     batches = length_buckets([5, 30, 10, 12, 29], batch_tokens=60, max_batch=64)
     assert batches == [[1, 4], [3, 2, 0]]
     assert length_buckets([1] * 5, batch_tokens=100, max_batch=2) == [[0, 1], [2, 3], [4]]
