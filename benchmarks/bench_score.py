@@ -39,7 +39,8 @@ def run_forgetless(model, tok, encoded, batch_tokens):
 
 @torch.no_grad()
 def run_plain(model, tok, encoded, batch_tokens):
-    from forgetless.score.stage import length_buckets, pad_batch
+    from forgetless.lm.batching import length_buckets
+    from forgetless.score.stage import pad_batch
 
     for batch in length_buckets([len(e) for e in encoded], batch_tokens):
         ids, attention, _ = pad_batch([encoded[i] for i in batch], tok.pad_token_id)

@@ -9,7 +9,7 @@ import pytest
 
 from forgetless.retention.behaviour import (MIN_WORKING, answer_features, evaluate_behaviour, profile_for,
                                             working_chars, working_kept)
-from forgetless.retention.stats import mcnemar_exact
+from forgetless.core.intervals import mcnemar_exact
 from forgetless.eval.tasks.mbpp import grade_outputs, parse_grade, requested_function
 
 GSM8K_RECORD = {"answer": "He needs 10 cans because 80 / 8 = 10\n#### 5"}

@@ -139,7 +139,7 @@ def test_eval_config_validation():
 
 
 def test_paired_difference_hand_computed():
-    d = paired_difference({"a": 1.0, "b": 0.0, "c": 1.0}, {"a": 1.0, "b": 1.0, "c": 0.0, "z": 1.0})
+    d = paired_difference({"a": 1.0, "b": 1.0, "c": 0.0, "z": 1.0}, {"a": 1.0, "b": 0.0, "c": 1.0})
     assert d["n"] == 3 and d["mean"] == pytest.approx(0.0)
     assert d["ci95"][0] <= 0.0 <= d["ci95"][1]
 

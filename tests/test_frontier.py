@@ -8,8 +8,8 @@ import random
 import pytest
 import torch
 
-from forgetless.core.frontier import (common_gains, interpolate_at_gain, matched_gain_table, paired_bootstrap,
-                                 resolved, verdict)
+from forgetless.core.frontier import common_gains, interpolate_at_gain, matched_gain_table, resolved, verdict
+from forgetless.core.intervals import paired_difference
 from forgetless.train.probe import ProbeCallback, read_probes
 from forgetless.train.stage import run_train
 from test_train import Crash, config, setup  # noqa: F401  (setup is a fixture)
@@ -46,30 +46,30 @@ def test_matched_gain_table_interval_and_lr():
     assert common_gains({"a": [{"gain": 0.0}, {"gain": 0.1}], "b": [{"gain": 0.2}]}) == []
 
 
-def test_paired_bootstrap_identical_models_interval_around_zero():
+def test_paired_difference_identical_models_interval_around_zero():
     rng = random.Random(1)
     a = {str(i): float(rng.random() < 0.5) for i in range(150)}
-    r = paired_bootstrap(a, dict(a), n_boot=500, seed=0)
+    r = paired_difference(a, dict(a), n_boot=500, seed=0)
     assert r["n"] == 150 and r["mean"] == 0.0 and r["ci95"][0] <= 0.0 <= r["ci95"][1]
     assert resolved(r) is False
     assert "cannot tell" in verdict("stm", "sft", "ARC-Easy acc", r)
 
 
-def test_paired_bootstrap_finds_planted_difference_and_pairs_by_id():
+def test_paired_difference_finds_planted_difference_and_pairs_by_id():
     rng = random.Random(2)
     b = {str(i): float(rng.random() < 0.5) for i in range(200)}
     # a answers 30 of b's wrong items right and nothing else differs: +0.15 exactly
     wrong = [k for k, v in b.items() if v == 0.0][:30]
     a = {k: (1.0 if k in wrong else v) for k, v in b.items()}
     a["extra"] = 0.0  # ids only one model has are left out
-    r = paired_bootstrap(a, b, n_boot=1000, seed=0)
+    r = paired_difference(a, b, n_boot=1000, seed=0)
     assert r["n"] == 200 and r["mean"] == pytest.approx(0.15)
     assert 0.0 < r["ci95"][0] < 0.15 < r["ci95"][1]
     assert resolved(r) is True
     assert "stm is better" in verdict("stm", "sft", "acc", r)
     assert "sft is better" in verdict("stm", "sft", "KL", r, higher_is_better=False)
-    assert resolved(paired_bootstrap({"x": 1.0}, {"y": 1.0})) is None
-    few = paired_bootstrap({"0": 1.0, "1": 1.0}, {"0": 0.0, "1": 0.0})
+    assert resolved(paired_difference({"x": 1.0}, {"y": 1.0})) is None
+    few = paired_difference({"0": 1.0, "1": 1.0}, {"0": 0.0, "1": 0.0})
     assert resolved(few) is None and "too few to judge" in verdict("a", "b", "acc", few)
 
 

@@ -8,12 +8,15 @@ import math
 
 import numpy as np
 import pytest
+import torch
 
 import forgetless.generate.stage as gen
 from forgetless.lm.data import Example, load_examples
 from forgetless.generate.mechanism import compare_sets, format_table, ppl_summary
-from forgetless.lm.sampling import cut_at_stop, left_pad
-from forgetless.generate.verify import Verifier, extract_code, gsm8k_gold, last_boxed, math_gold, math_match, mbpp_verifier
+from forgetless.lm.decode import DecodingSettings, cut_at_stop, decode_ids, left_pad, sample_batch
+from forgetless.eval.tasks import Item, get_task
+from forgetless.eval.tasks.math import last_boxed
+from forgetless.generate.verify import Verifier, extract_code, make_verifier, mbpp_verifier, reference_gold
 
 
 def test_left_pad_and_cut_at_stop():
@@ -22,6 +25,23 @@ def test_left_pad_and_cut_at_stop():
     assert mask.tolist() == [[1, 1, 1], [0, 0, 1]]
     assert cut_at_stop([3, 4, 9, 5, 9], {9}) == ([3, 4], True)
     assert cut_at_stop([3, 4], {9}) == ([3, 4], False)
+
+
+def test_sample_batch_keeps_prompt_order_and_the_decode_stop_rule(tokenizer, tiny_model):
+    """k samples per prompt, adjacent rows of one generate call, cut like decode_ids cuts."""
+    prompts = [tokenizer.encode("Write a python"), tokenizer.encode("def add(a, b):"), tokenizer.encode("hello")]
+    settings = DecodingSettings(8, greedy=False, temperature=0.7, top_p=0.9)
+    torch.manual_seed(3)
+    sampled = sample_batch(tiny_model, tokenizer, prompts, 2, settings)
+    assert [len(row) for row in sampled] == [2, 2, 2]
+    assert all(s.finished or s.new_tokens == 8 for row in sampled for s in row)
+    # With k = 1 and a single prompt, one sample is what decode_ids draws from the same seed.
+    torch.manual_seed(0)
+    (one,) = sample_batch(tiny_model, tokenizer, prompts[:1], 1, settings)[0]
+    (ids, stop), = decode_ids(tiny_model, tokenizer, prompts[:1], settings, show_progress=False)
+    assert one.text == tokenizer.decode(ids, skip_special_tokens=True) and one.finished == (stop is not None)
+    with pytest.raises(ValueError, match="greedy"):
+        sample_batch(tiny_model, tokenizer, prompts, 2, DecodingSettings(8))
 
 
 def _record(samples):
@@ -144,11 +164,31 @@ def test_extract_code_and_math_golds():
     assert extract_code("def f(): pass") == "def f(): pass"
     assert last_boxed(r"so \boxed{\frac{1}{2}} and") == r"\frac{1}{2}"
     gsm = Example("g", [{"role": "user", "content": "q"}, {"role": "assistant", "content": "x\n#### 1,234"}])
-    assert gsm8k_gold(gsm) == "1234"
-    assert math_match(gsm8k_gold(gsm), "... so the answer is 1234.")
-    assert not math_match(gsm8k_gold(gsm), "the answer is 1233")
+    assert reference_gold("gsm8k", gsm) == 1234.0
+    verify = make_verifier("gsm8k", "gsm8k", gsm)
+    assert verify(gsm, "... so the answer is 1234.") and not verify(gsm, "the answer is 1233")
+    assert verify(gsm, "It costs $1,234.00.\n#### $1,234.00")
     mth = Example("m", [{"role": "user", "content": "q"}, {"role": "assistant", "content": r"thus $\boxed{\frac{1}{2}}$"}])
-    assert math_match(math_gold(mth), r"The answer is $\boxed{0.5}$")
+    assert reference_gold("math", mth) == r"\frac{1}{2}"
+    assert make_verifier("math", "math", mth)(mth, r"The answer is $\boxed{0.5}$")
+
+
+# (task, reference, answer, correct): the old verifier (math-verify on the whole answer) said the
+# opposite on each; evaluation reads the number after '####' (GSM8K) or the boxed answer (MATH).
+DISAGREED = [
+    ("gsm8k", "x\n#### 12", "#### 12 dollars, after 3 days", True),   # old: took the last number, 3
+    ("gsm8k", "x\n#### 18", "#### 18\nWe used 2 steps.", True),      # old: 2
+    ("gsm8k", "x\n#### 0.5", "#### 1/2", False),                      # numeric match: '1/2' reads as 1
+    ("math", r"so $\boxed{0.5}$", r"\frac12", True),                  # old: no math span, nothing parsed
+]
+
+
+@pytest.mark.parametrize("task, reference, answer, correct", DISAGREED)
+def test_verifier_agrees_with_evaluation(task, reference, answer, correct):
+    ex = Example("e", [{"role": "user", "content": "q"}, {"role": "assistant", "content": reference}])
+    item = Item("e", ex.prompt_messages, reference_gold(task, ex))
+    assert get_task(task).evaluate([answer], [item])[0].score == float(correct)
+    assert make_verifier(task, task, ex)(ex, answer) is correct
 
 
 def test_mbpp_verifier_runs_tests_in_sandbox():

@@ -7,8 +7,9 @@ import pytest
 import torch
 
 from forgetless.core.masking import (
-    fraction_count, random_mask, stm_labels, tau_for_fraction, weights_for_policy,
+    above_tau, fraction_count, random_mask, stm_labels, tau_for_fraction, weights_for_policy,
 )
+from forgetless.core.tokenstats import score_statistics
 
 # ppl of 10 response tokens, hand-picked: 1.1 1.2 1.5 2.0 2.4 | 2.6 3.0 5.0 20.0 1000.0
 PPL = np.array([1.1, 1.2, 1.5, 2.0, 2.4, 2.6, 3.0, 5.0, 20.0, 1000.0])
@@ -25,6 +26,24 @@ def test_threshold_masks_ppl_above_tau():
     # ppl 2.6, 3.0, 5.0, 20, 1000 sit at shuffled positions of ranks 5..9
     assert masked(w) == {i for i, r in enumerate(SHUFFLE) if r >= 5}
     assert info["tau"] == 2.5
+
+
+def test_above_tau_is_one_predicate_for_floats_arrays_and_tensors():
+    # ppl 2.5 is not above 2.5 (strict); NaN is never above; inf masks nothing.
+    values = [math.log(2.0), math.log(2.5), math.log(3.0), math.nan]
+    assert above_tau(np.array(values), 2.5).tolist() == [False, False, True, False]
+    assert above_tau(torch.tensor(values, dtype=torch.float64), 2.5).tolist() == [False, False, True, False]
+    assert above_tau(math.log(3.0), 2.5) is True and not above_tau(math.log(1e6), math.inf)
+
+
+def test_score_statistics_per_example_fraction_at_a_given_tau():
+    # Example A: ppl 1.1, 3.0 (one above 2.5, none above 5); example B: ppl 6.0 (above both).
+    nlls = [np.log([1.0, 1.1, 3.0]), np.log([1.0, 6.0])]  # position 0 is never scored
+    masks = [np.array([True, True, True]), np.array([True, True])]
+    at_paper = score_statistics(nlls, masks)["per_example_fraction_above_2.5"]
+    assert at_paper == pytest.approx({"mean": 0.75, "min": 0.5, "max": 1.0})
+    at_five = score_statistics(nlls, masks, example_tau=5.0)["per_example_fraction_above_5"]
+    assert at_five == pytest.approx({"mean": 0.5, "min": 0.0, "max": 1.0})
 
 
 def test_threshold_is_strict_and_inf_masks_nothing():

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 
 from forgetless.report.sections import train_extras
 from forgetless.report.stage import ReportConfig, forgetting_metrics, relative_change, run_report
-from forgetless.core.intervals import bootstrap_interval, score_interval, wilson_interval
+from forgetless.core.intervals import (average_of_differences, bootstrap_interval, mean_difference, mean_interval,
+                                       paired_difference, score_interval, wilson_interval)
 
 
 def test_relative_change():
@@ -44,10 +46,28 @@ def test_zero_base_is_undefined_not_infinite():
 def test_intervals_hand_computed():
     lo, hi = wilson_interval(5, 10)
     assert (round(lo, 4), round(hi, 4)) == (0.2366, 0.7634)
-    assert wilson_interval(0, 4)[0] == 0.0 and wilson_interval(0, 0) == (0.0, 1.0)
+    assert wilson_interval(0, 4)[0] == 0.0 and all(math.isnan(x) for x in wilson_interval(0, 0))
     assert score_interval([1.0, 0.0, 1.0, 1.0]) == wilson_interval(3, 4)
     lo, hi = bootstrap_interval([0.5, 0.5, 0.5])
     assert lo == pytest.approx(0.5) and hi == pytest.approx(0.5)
+
+
+def test_paired_difference_mean_interval_and_average_by_hand():
+    z = 1.959963984540054
+    # One order everywhere: first − second, over the ids both have.
+    d = paired_difference({"x": 1.0, "y": 1.0}, {"x": 0.0, "y": 1.0, "z": 0.0})
+    assert d["n"] == 2 and d["mean"] == 0.5
+    # Resamples of the differences (1, 0) have means 0, 1/2, 1 with chances 1/4, 1/2, 1/4: the
+    # 2.5% and 97.5% points of 2000 of them are 0 and 1.
+    assert d["ci95"] == [0.0, 1.0]
+    assert mean_difference([0.25] * 5)["ci95"] == pytest.approx([0.25, 0.25])
+    assert paired_difference({"x": 1.0}, {"y": 1.0}) == {"n": 0, "mean": None, "ci95": None}
+    # Normal interval of 1, 2, 3: sd 1, half-width z / sqrt(3).
+    assert mean_interval([1.0, 2.0, 3.0]) == pytest.approx((2.0, 2.0 - z / math.sqrt(3), 2.0 + z / math.sqrt(3)))
+    # Standard errors read back from the intervals (0.03, 0.04): se of the average sqrt(.03² + .04²) / 2 = 0.025.
+    mean, lo, hi = average_of_differences([(0.1, 0.1 - z * 0.03, 0.1 + z * 0.03), (-0.2, -0.2 - z * 0.04, -0.2 + z * 0.04),
+                                           (math.nan, math.nan, math.nan)])
+    assert (mean, lo, hi) == pytest.approx((-0.05, -0.05 - z * 0.025, -0.05 + z * 0.025))
 
 
 def _fake_train(root, name, masked_fraction, tau, delta_w=None):

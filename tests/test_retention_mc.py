@@ -8,7 +8,6 @@ import pytest
 import torch
 
 from forgetless.retention.mc import (
-    batches_by_tokens,
     choice_ids,
     choice_metrics,
     evaluate_mc,
@@ -17,8 +16,9 @@ from forgetless.retention.mc import (
     score_items,
 )
 from forgetless.retention.olmo_tasks import MC_TASKS, MCItem, chance_accuracy, items_from_requests, load_mc_items
+from forgetless.lm.batching import length_buckets
 from forgetless.retention.records import read_task
-from forgetless.retention.stats import paired_difference, wilson_interval
+from forgetless.core.intervals import paired_difference, wilson_interval
 
 ITEMS = [
     MCItem("q1", ("Question: add two numbers\nAnswer:",) * 3, (" def add(a, b)", " print", " 0123"), 0),
@@ -68,9 +68,10 @@ def test_length_normalisation_by_hand():
     assert choice_metrics([-1.0, -1.0], [1, 1], [1, 1], gold=0)["acc"] == 1.0  # tie: lowest index
 
 
-def test_batches_by_tokens_sorted_and_within_budget():
-    batches = batches_by_tokens([5, 30, 10, 12, 29], batch_tokens=60)
+def test_length_buckets_sorted_within_budget_and_capped():
+    batches = length_buckets([5, 30, 10, 12, 29], batch_tokens=60, max_batch=64)
     assert batches == [[1, 4], [3, 2, 0]]
+    assert length_buckets([1] * 5, batch_tokens=100, max_batch=2) == [[0, 1], [2, 3], [4]]
     assert sorted(i for b in batches for i in b) == list(range(5))
 
 
@@ -81,8 +82,8 @@ def test_wilson_interval_by_hand():
     lo, hi = wilson_interval(75, 150)
     assert (lo, hi) == pytest.approx((0.5 - half, 0.5 + half))
     assert wilson_interval(0, 10)[0] == 0.0 and wilson_interval(0, 10)[1] > 0.2
-    mean, lo, hi, n = paired_difference({"a": 1.0, "b": 0.0, "c": 1.0}, {"a": 1.0, "b": 1.0, "d": 0.0})
-    assert (mean, n) == (-0.5, 2)
+    d = paired_difference({"a": 1.0, "b": 0.0, "c": 1.0}, {"a": 1.0, "b": 1.0, "d": 0.0})
+    assert (d["mean"], d["n"]) == (-0.5, 2)
 
 
 def _row(doc_id, idx, ctx, cont, label, native="n"):

@@ -6,8 +6,9 @@ curve of retention against target gain; the curve is interpolated linearly at th
 for, and never extrapolated — a method whose curve does not reach a gain has no value there.
 
 Every model is scored on the same items, so differences between two models are paired:
-:func:`paired_bootstrap` resamples items (ids in both), and :func:`verdict` says in a plain
-sentence whether the item count resolves the difference (its 95% interval excludes 0).
+:func:`forgetless.core.intervals.paired_difference` resamples items (ids in both), and
+:func:`verdict` says in a plain sentence whether the item count resolves the difference (its
+95% interval excludes 0).
 
 >>> interpolate_at_gain([(0.0, 1.0), (1.0, 0.8)], 0.5)
 0.9
@@ -19,8 +20,6 @@ from __future__ import annotations
 
 import math
 from typing import Any, Sequence
-
-from forgetless.core.intervals import paired_difference
 
 
 def interpolate_at_gain(points: Sequence[tuple[float, float]], gain: float) -> float | None:
@@ -91,14 +90,6 @@ def common_gains(curves: dict[str, list[dict]], n: int = 3) -> list[float]:
     return [lo + (hi - lo) * k / (n - 1) for k in range(n)]
 
 
-def paired_bootstrap(a: dict[str, float], b: dict[str, float], n_boot: int = 2000, seed: int = 0) -> dict:
-    """Mean of ``a[id] - b[id]`` over the ids both have, with a paired bootstrap 95% interval.
-
-    Returns ``{"n", "mean", "ci95"}`` (mean and ci95 None when no id is shared).
-    """
-    return paired_difference(b, a, n_boot, seed)
-
-
 # Below this many paired items a percentile bootstrap interval is not trustworthy (with 2 items
 # it is the range of 2 numbers), so no difference is called resolved.
 MIN_ITEMS = 10
@@ -113,7 +104,7 @@ def resolved(result: dict) -> bool | None:
 
 
 def verdict(a: str, b: str, measure: str, result: dict, higher_is_better: bool = True, digits: int = 3) -> str:
-    """A plain sentence on the paired difference ``a - b`` in ``measure`` (from :func:`paired_bootstrap`)."""
+    """A plain sentence on the paired difference ``a - b`` in ``measure`` (from :func:`forgetless.core.intervals.paired_difference`)."""
     ok = resolved(result)
     if not result.get("n") or result.get("ci95") is None:
         return f"{measure}: {a} and {b} share no items; no comparison."

@@ -38,14 +38,18 @@ def chunk_rows(vocab_size: int) -> int:
     return max(1, _CHUNK_BYTES // (4 * vocab_size))
 
 
+def target_nll(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """``-log softmax(logits)[target]`` per row: ``(N, V), (N,) -> (N,)``."""
+    return torch.logsumexp(logits, dim=-1) - logits.gather(1, targets[:, None]).squeeze(1)
+
+
 def rows_nll(head, hidden: torch.Tensor, targets: torch.Tensor, softcap: float | None = None) -> torch.Tensor:
     """``-log p(target)`` for each hidden row: ``(N, H), (N,) -> (N,)`` fp32, chunked over N."""
     out = []
     step = chunk_rows(head.weight.shape[0])
     for s in range(0, hidden.shape[0], step):
         logits = head_logits(head, hidden[s : s + step], softcap)  # (n, V)
-        target_logit = logits.gather(1, targets[s : s + step, None]).squeeze(1)
-        out.append(torch.logsumexp(logits, dim=-1) - target_logit)
+        out.append(target_nll(logits, targets[s : s + step]))
     return torch.cat(out) if out else hidden.new_zeros(0, dtype=torch.float32)
 
 

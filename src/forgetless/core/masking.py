@@ -3,7 +3,7 @@
 Every policy works on the NLLs of *scored response tokens only* (prompt tokens are never
 trained on, whatever the policy) and returns a weight per token: 0 = masked (dropped from the
 loss), 1 = trained, values in between for soft policies. ppl > tau is the same as
-nll > log(tau); all thresholds are compared in NLL space.
+nll > log(tau); all thresholds are compared in NLL space, by the one predicate :func:`above_tau`.
 
 Policies (``weights_for_policy``):
 
@@ -30,6 +30,7 @@ HARD_POLICIES = ("none", "threshold", "fraction", "auto-tau", "random", "inverse
 SOFT_POLICIES = ("inverse-ppl",)
 POLICIES = HARD_POLICIES + SOFT_POLICIES
 IGNORE_INDEX = -100
+PAPER_TAU = 2.5  # the paper's STM threshold (perplexity units)
 
 
 def check_tau(tau: float) -> None:
@@ -49,10 +50,22 @@ def check_finite(nll: np.ndarray) -> None:
         raise ValueError(f"{bad} response tokens have a NaN score; re-score the data (is the model producing NaN?)")
 
 
+def above_tau(nll, tau: float):
+    """The one "masked at τ" test: True where a token's perplexity exceeds ``tau``, i.e. ``nll > log(tau)``.
+
+    ``nll`` is a float, a numpy array or a torch tensor (the result has its kind); NaN is never
+    above. τ = inf masks nothing.
+
+    >>> above_tau(np.array([0.0, math.log(2.5), 1.0]), 2.5).tolist()
+    [False, False, True]
+    """
+    return nll > math.log(tau)
+
+
 def threshold_mask(nll: np.ndarray, tau: float) -> np.ndarray:
     """True where ppl > tau."""
     check_tau(tau)
-    return nll > math.log(tau)
+    return above_tau(nll, tau)
 
 
 def top_k_mask(score: np.ndarray, k: int, highest: bool = True) -> np.ndarray:
@@ -100,7 +113,7 @@ def weights_for_policy(
     nll: np.ndarray,
     policy: str,
     *,
-    tau: float = 2.5,
+    tau: float = PAPER_TAU,
     fraction: float | None = None,
     sizes: list[int] | None = None,
     seed: int = 0,
@@ -150,7 +163,7 @@ def _need(fraction: float | None, policy: str) -> float:
     return fraction
 
 
-def stm_labels(labels: torch.Tensor, nll: torch.Tensor, tau: float = 2.5) -> torch.Tensor:
+def stm_labels(labels: torch.Tensor, nll: torch.Tensor, tau: float = PAPER_TAU) -> torch.Tensor:
     """STM for your own trainer: set ``labels`` to -100 where the base model's ppl > tau.
 
     ``labels`` is ``(B, T)`` with -100 at non-trained positions; ``nll`` is ``(B, T)``, aligned
@@ -161,4 +174,4 @@ def stm_labels(labels: torch.Tensor, nll: torch.Tensor, tau: float = 2.5) -> tor
     trained = labels != IGNORE_INDEX
     if torch.isnan(nll[trained]).any():
         raise ValueError("a trained token has a NaN score: is `nll` aligned with `labels`?")
-    return labels.masked_fill(trained & (nll > math.log(tau)), IGNORE_INDEX)
+    return labels.masked_fill(trained & above_tau(nll, tau), IGNORE_INDEX)

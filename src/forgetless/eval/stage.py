@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from forgetless.lm.artifacts import write_json, write_manifest, write_text
+from forgetless.lm.data import iter_jsonl
 from forgetless.lm.decode import DecodingSettings, generate
 from forgetless.core.intervals import score_interval
 from forgetless.eval.sandbox import SandboxLimits
@@ -123,18 +124,8 @@ def write_task_results(out: Path, summary: dict, records: list[dict]) -> None:
 def read_predictions(path: str) -> dict[tuple[str | None, str], str]:
     """(task or None, id) -> output, from lines {"task"?, "id", "output"}."""
     preds = {}
-    try:
-        lines = Path(path).read_text(encoding="utf-8").splitlines()
-    except UnicodeDecodeError as e:
-        raise ValueError(f"{path}: not UTF-8 (byte {e.start})") from None
-    for n, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            r = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}:{n}: malformed JSON ({e.msg})") from None
-        if not isinstance(r, dict) or "id" not in r or "output" not in r:
+    for n, r in iter_jsonl(path):
+        if "id" not in r or "output" not in r:
             raise ValueError(f"{path}:{n}: a prediction needs 'id' and 'output'")
         preds[(r.get("task"), str(r["id"]))] = r["output"]
     return preds

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from forgetless.core.masking import above_tau
 from forgetless.core.tokenstats import TAU_SWEEP
 
 EXAMPLE_PPL_LINE = 2.0  # "Self-Output rarely above 2": the share of examples over this ppl
@@ -38,7 +39,7 @@ def ppl_summary(per_example_nll: list[np.ndarray], taus=TAU_SWEEP) -> dict:
         "median_example_ppl": float(np.median(example_ppl)),
         "max_example_ppl": float(example_ppl.max()),
         f"fraction_examples_ppl_above_{EXAMPLE_PPL_LINE:g}": float(np.mean(example_ppl > EXAMPLE_PPL_LINE)),
-        "fraction_tokens_above": {str(t): float(np.mean(flat > np.log(t))) for t in taus},
+        "fraction_tokens_above": {str(t): float(np.mean(above_tau(flat, t))) for t in taus},
     }
 
 

@@ -37,8 +37,8 @@ from forgetless.lm.data import Example, fingerprint_examples, load_examples
 from forgetless.generate.mechanism import compare_sets, format_table
 from forgetless.lm.modeling import EMBEDDED, load_model_and_tokenizer, load_tokenizer, model_fingerprint
 from forgetless.generate.paper import CHOICES, choose_answer, load_paper_generations
+from forgetless.lm.decode import DecodingSettings, sample_batch
 from forgetless.lm.progress import progress
-from forgetless.lm.sampling import sample_batch
 from forgetless.score.stage import score_encoded
 from forgetless.core.tokenstats import scored_response_nll
 from forgetless.lm.templates import encode_conversation, encode_prompt, template_hash
@@ -152,7 +152,8 @@ def response_nlls(model, tokenizer, prompts: list[list[dict]], answers: list[str
 def process_batch(model, tokenizer, examples: list[Example], config: GenerateConfig, verifier: Verifier) -> list[dict]:
     """Sample, verify and score one batch; one record per example."""
     prompt_ids = [encode_prompt(tokenizer, generation_prompt(config, ex)) for ex in examples]
-    sampled = sample_batch(model, tokenizer, prompt_ids, config.samples, config.temperature, config.top_p, config.max_new_tokens)
+    settings = DecodingSettings(config.max_new_tokens, greedy=False, temperature=config.temperature, top_p=config.top_p)
+    sampled = sample_batch(model, tokenizer, prompt_ids, config.samples, settings)
     pairs = [(i, s) for i, row in enumerate(sampled) for s, one in enumerate(row) if one.text.strip()]
     # The ground truth goes through the same verifier: its pass rate checks the verifier.
     checks = verifier.many([examples[i] for i, _ in pairs] + examples, [sampled[i][s].text for i, s in pairs] + [ex.response for ex in examples])

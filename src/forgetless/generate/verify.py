@@ -6,8 +6,11 @@ sandbox). Tests inject a fake verifier; anything callable as ``verify(example, a
 
 * ``mbpp``: the first fenced code block of the answer (else the whole answer), the task's
   ``test_imports`` and ``test_list`` asserts, run in :mod:`forgetless.eval.sandbox`.
-* ``gsm8k``: math-verify match of the answer against the number after ``####`` in the reference.
-* ``math``: math-verify match against the last ``\\boxed{}`` of the reference solution.
+* ``gsm8k``, ``math``: the evaluation task's own answer extraction and comparison
+  (:mod:`forgetless.eval.tasks.gsm8k`, :mod:`forgetless.eval.tasks.math`), so an answer is
+  verified exactly when evaluating it would score it correct. The gold is what the task's
+  extraction finds in the reference (``answer`` / ``solution`` field, else the response):
+  GSM8K's number after ``####``, MATH's last ``\\boxed{}``.
 * ``none``: nothing is checked (every answer counts as unverified, ``None``).
 """
 
@@ -15,11 +18,13 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Callable
+from typing import Any, Callable
 
-from forgetless.lm.data import Example
-from forgetless.eval.tasks.math import last_boxed
+from forgetless.eval.tasks import Item, get_task
+from forgetless.eval.tasks import gsm8k as gsm8k_eval
+from forgetless.eval.tasks import math as math_eval
 from forgetless.eval.tasks.mbpp import build_program, extract_code
+from forgetless.lm.data import Example
 
 logger = logging.getLogger(__name__)
 
@@ -77,32 +82,32 @@ def mbpp_verifier(timeout_s: float = 10.0, workers: int | None = None) -> Verifi
     return Verifier("mbpp", lambda e, a: many([e], [a])[0], many)
 
 
-# --- GSM8K / MATH ---------------------------------------------------------------------------
+# --- GSM8K / MATH: the evaluation task decides -------------------------------------------------
 
-def gsm8k_gold(example: Example) -> str:
-    reference = example.meta.get("answer") or example.response
-    return reference.split("####")[-1].strip().replace(",", "")
-
-
-def math_gold(example: Example) -> str:
-    reference = example.meta.get("solution") or example.response
-    boxed = last_boxed(reference)
-    return f"${boxed}$" if boxed is not None else reference
+# Where each task's reference answer is, and how the task reads an answer out of a text.
+_REFERENCE: dict[str, tuple[str, Callable[[str], Any]]] = {
+    "gsm8k": ("answer", gsm8k_eval.extract_answer),
+    "math": ("solution", math_eval.extract_answer),
+}
 
 
-def math_match(gold_text: str, answer: str) -> bool:
-    from math_verify import parse, verify
-
-    gold = parse(gold_text if "$" in gold_text or "\\" in gold_text else f"${gold_text}$")
-    return bool(gold) and bool(verify(gold, parse(answer)))
-
-
-def gsm8k_verifier() -> Verifier:
-    return Verifier("gsm8k", lambda e, a: math_match(gsm8k_gold(e), a))
+def reference_gold(task: str, example: Example) -> Any:
+    """The gold answer of a training example, read by the task's own extraction (None: none found)."""
+    field, extract = _REFERENCE[task]
+    return extract(example.meta.get(field) or example.response)
 
 
-def math_verifier() -> Verifier:
-    return Verifier("math", lambda e, a: math_match(math_gold(e), a))
+def task_verifier(task: str) -> Verifier:
+    """True when evaluation's ``task`` scores ``answer`` correct against the example's gold."""
+    scorer = get_task(task)
+
+    def one(example: Example, answer: str) -> bool:
+        gold = reference_gold(task, example)
+        if gold is None:
+            return False
+        return scorer.evaluate([answer], [Item(example.id, example.prompt_messages, gold)])[0].score == 1.0
+
+    return Verifier(task, one)
 
 
 # --- choosing -------------------------------------------------------------------------------
@@ -132,8 +137,6 @@ def make_verifier(task: str, data: str, example: Example, timeout_s: float = 10.
         logger.info("verifying answers as task %r", task)
     if task == "mbpp":
         return mbpp_verifier(timeout_s)
-    if task == "gsm8k":
-        return gsm8k_verifier()
-    if task == "math":
-        return math_verifier()
+    if task in _REFERENCE:
+        return task_verifier(task)
     return Verifier("none", None)

@@ -19,7 +19,7 @@ import json
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator
 
 ROLE_ALIASES = {
     "system": "system",
@@ -61,11 +61,11 @@ def bundled_names() -> list[str]:
     return sorted(p.name.removesuffix(".jsonl.gz") for p in bundled_dir().glob("*.jsonl.gz"))
 
 
-def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
-    """Read a (gzipped) JSON Lines file; a bad line raises DataError naming file and line."""
+def iter_jsonl(path: str | Path) -> Iterator[tuple[int, dict[str, Any]]]:
+    """(line number, record) of each non-blank line of a (gzipped) JSON Lines file; a bad line
+    raises DataError naming file and line."""
     path = Path(path)
     opener = gzip.open if path.suffix == ".gz" else open
-    records = []
     try:
         with opener(path, "rt", encoding="utf-8") as f:
             for line_no, line in enumerate(f, start=1):
@@ -77,10 +77,14 @@ def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
                     raise DataError(f"{path}:{line_no}: malformed JSON ({e.msg})") from None
                 if not isinstance(record, dict):
                     raise DataError(f"{path}:{line_no}: expected a JSON object, got {type(record).__name__}")
-                records.append(record)
+                yield line_no, record
     except UnicodeDecodeError as e:
         raise DataError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
-    return records
+
+
+def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
+    """Read a (gzipped) JSON Lines file; a bad line raises DataError naming file and line."""
+    return [record for _, record in iter_jsonl(path)]
 
 
 def load_records(source: str) -> tuple[list[dict[str, Any]], str]:

@@ -4,6 +4,7 @@ Prompts are rendered with the chat template (``add_generation_prompt=True``), so
 so a batch holds prompts of similar length (less padding), left-padded (new tokens line up at
 the right edge), and decoded greedily by default. Generation stops at the end of the turn: the
 tokenizer's eos and, when the vocabulary has them, ``<|im_end|>``/``<|eot_id|>``/``<end_of_turn>``.
+:func:`sample_batch` draws ``k`` samples per prompt (Self-Output) with the same config and stop rule.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
+from forgetless.lm.batching import left_pad, right_pad  # noqa: F401  (right_pad: also imported from here)
 from forgetless.lm.progress import progress
 from forgetless.lm.templates import encode_prompt
 
@@ -47,46 +49,30 @@ def stop_token_ids(tokenizer) -> list[int]:
     return sorted(ids)
 
 
-def left_pad(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(input_ids, attention_mask), both (B, T_max), padded on the left.
-
-    >>> left_pad([[5, 6], [7]], 0)[0].tolist()
-    [[5, 6], [0, 7]]
-    """
-    width = max(len(s) for s in sequences)
-    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(sequences), width), dtype=torch.long)
-    for row, seq in enumerate(sequences):
-        if seq:
-            ids[row, width - len(seq):] = torch.tensor(seq, dtype=torch.long)
-            mask[row, width - len(seq):] = 1
-    return ids, mask
-
-
-def right_pad(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(input_ids, attention_mask), both (B, T_max), padded on the right (for teacher-forced scoring).
-
-    >>> right_pad([[5, 6], [7]], 0)[0].tolist()
-    [[5, 6], [7, 0]]
-    """
-    width = max(len(s) for s in sequences)
-    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(sequences), width), dtype=torch.long)
-    for row, seq in enumerate(sequences):
-        ids[row, : len(seq)] = torch.tensor(seq, dtype=torch.long)
-        mask[row, : len(seq)] = 1
-    return ids, mask
-
-
-def _generation_config(tokenizer, settings: DecodingSettings):
+def _generation_config(tokenizer, settings: DecodingSettings, num_return_sequences: int = 1):
+    """The GenerationConfig of every decode: stops at eos and end of turn, pads with pad (else the first stop)."""
     from transformers import GenerationConfig
 
     stops = stop_token_ids(tokenizer)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stops[0]
-    if settings.greedy:
-        return GenerationConfig(max_new_tokens=settings.max_new_tokens, do_sample=False, eos_token_id=stops, pad_token_id=pad)
-    return GenerationConfig(max_new_tokens=settings.max_new_tokens, do_sample=True, temperature=settings.temperature,
-                            top_p=settings.top_p, top_k=0, eos_token_id=stops, pad_token_id=pad)
+    sampling = {} if settings.greedy else {"temperature": settings.temperature, "top_p": settings.top_p, "top_k": 0}
+    return GenerationConfig(max_new_tokens=settings.max_new_tokens, do_sample=not settings.greedy,
+                            num_return_sequences=num_return_sequences, eos_token_id=stops, pad_token_id=pad, **sampling)
+
+
+@torch.no_grad()
+def _generate_batch(model, tokenizer, prompts: list[list[int]], config) -> list[tuple[list[int], int | None]]:
+    """One left-padded ``generate`` call: ``(new ids cut at the first stop, that stop or None)`` per
+    returned sequence, ``B * num_return_sequences`` of them, a prompt's sequences adjacent."""
+    stops = set(stop_token_ids(tokenizer))
+    device = next(model.parameters()).device
+    ids, mask = left_pad(prompts, config.pad_token_id)
+    out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), generation_config=config)
+    decoded = []
+    for new in out[:, ids.shape[1]:].tolist():  # (B * k, new)
+        kept, finished = cut_at_stop(new, stops)
+        decoded.append((kept, new[len(kept)] if finished else None))
+    return decoded
 
 
 @torch.no_grad()
@@ -102,8 +88,6 @@ def decode_ids(model, tokenizer, prompts: list[list[int]], settings: DecodingSet
         return []
     order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
     config = _generation_config(tokenizer, settings)
-    stops = set(stop_token_ids(tokenizer))
-    device = next(model.parameters()).device
     results: list = [None] * len(prompts)
     if not settings.greedy:
         torch.manual_seed(settings.seed)
@@ -111,12 +95,8 @@ def decode_ids(model, tokenizer, prompts: list[list[int]], settings: DecodingSet
     batches = [order[b:b + batch_size] for b in range(0, len(order), batch_size)]
     bar = progress(batches, description, len(prompts), count=len) if show_progress else batches
     for rows in bar:
-        ids, mask = left_pad([prompts[i] for i in rows], config.pad_token_id)
-        out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), generation_config=config)
-        for row, i in enumerate(rows):
-            new = out[row, ids.shape[1]:].tolist()
-            kept, finished = cut_at_stop(new, stops)
-            results[i] = (kept, new[len(kept)] if finished else None)
+        for i, decoded in zip(rows, _generate_batch(model, tokenizer, [prompts[i] for i in rows], config)):
+            results[i] = decoded
     elapsed = time.monotonic() - start
     logger.info("%s: %d items in %.1f s (%.2f items/s)", description, len(prompts), elapsed, len(prompts) / max(elapsed, 1e-9))
     return results
@@ -132,6 +112,29 @@ def cut_at_stop(new_ids: list[int], stops: set[int]) -> tuple[list[int], bool]:
         if token in stops:
             return new_ids[:i], True
     return new_ids, False
+
+
+@dataclass(frozen=True)
+class Sampled:
+    """One sampled answer: its text and whether it stopped on its own (False: cut at max_new_tokens)."""
+
+    text: str
+    finished: bool
+    new_tokens: int
+
+
+def sample_batch(model, tokenizer, prompts: list[list[int]], k: int, settings: DecodingSettings) -> list[list[Sampled]]:
+    """``k`` sampled answers for each prompt (token ids) of one batch, in input order: ``[prompt][sample]``.
+
+    The same config and stop rule as :func:`decode_ids`, with ``num_return_sequences=k``; the
+    batch keeps the caller's order, and the caller seeds it (``torch.manual_seed``) so that its
+    samples do not depend on what ran before (``settings.seed`` is not used here).
+    """
+    if settings.greedy:
+        raise ValueError("sample_batch samples: give settings with greedy=False")
+    new = _generate_batch(model, tokenizer, prompts, _generation_config(tokenizer, settings, k))
+    texts = [Sampled(tokenizer.decode(ids, skip_special_tokens=True), stop is not None, len(ids)) for ids, stop in new]
+    return [texts[p * k:(p + 1) * k] for p in range(len(prompts))]
 
 
 def generate(model, tokenizer, prompts: list[list[dict[str, str]]], settings: DecodingSettings = DecodingSettings(),

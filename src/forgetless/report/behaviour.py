@@ -15,9 +15,8 @@ import itertools
 import math
 from pathlib import Path
 
-from forgetless.core.intervals import paired_difference
+from forgetless.core.intervals import mcnemar_exact, paired_difference
 from forgetless.retention.records import read_task
-from forgetless.retention.stats import mcnemar_exact
 
 LEANS = {
     "gen:": "neutral: no recipe trains on these prompts or tests",
@@ -109,7 +108,7 @@ def between_methods(run_dirs: dict[str, Path], source: str, labels: list[str]) -
             sa, sb = (read_task(run_dirs[x], f"gen:{source}:{binary}")[1] for x in (a, b))
         except FileNotFoundError:
             continue
-        d = paired_difference({i: v["score"] for i, v in kb.items()}, {i: v["score"] for i, v in ka.items()})
+        d = paired_difference({i: v["score"] for i, v in ka.items()}, {i: v["score"] for i, v in kb.items()})
         ids = sorted(set(sa) & set(sb))
         only_a = sum(1 for i in ids if sa[i]["score"] > sb[i]["score"])
         only_b = sum(1 for i in ids if sb[i]["score"] > sa[i]["score"])

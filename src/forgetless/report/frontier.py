@@ -14,7 +14,8 @@ import logging
 import math
 from pathlib import Path
 
-from forgetless.core.frontier import common_gains, matched_gain_table, paired_bootstrap, resolved, verdict
+from forgetless.core.frontier import common_gains, matched_gain_table, resolved, verdict
+from forgetless.core.intervals import paired_difference
 from forgetless.train.probe import PROBES_FILE, read_probes
 from forgetless.retention.records import list_tasks, read_task
 from forgetless.report.retention import accuracy_tasks, summarize_run
@@ -88,7 +89,7 @@ def paired_sentences(dirs: dict[str, Path], pairs: list[tuple[str, str]]) -> lis
         measures += [(t, False) for t in shared if t.startswith("heldout:")]
         measures += [(t, not t.endswith((":skips_working", ":surprise"))) for t in shared if t.startswith("gen:")]
         for task, higher in measures:
-            r = paired_bootstrap(item_scores(dirs[a], task), item_scores(dirs[b], task))
+            r = paired_difference(item_scores(dirs[a], task), item_scores(dirs[b], task))
             name = f"{task}:kl_base_tuned" if task.startswith("drift:") and task.count(":") == 1 else task
             out.append({"a": a, "b": b, "measure": name, **r, "sentence": verdict(a, b, name, r, higher)})
     return out

@@ -5,8 +5,8 @@ Given the base run's records and each method's records (directories written by
 
 * **BWT** (accuracy): mean over the accuracy tasks *where the base is above chance* (the lower
   end of its 95% interval is above chance; above 0 when no chance is given) of the paired
-  per-item change ``tuned - base``. Tasks at the floor are listed but left out: nothing there
-  can be seen to drop. MC tasks use olmo-eval's primary metric (acc or acc_norm).
+  per-item change ``tuned - base`` (a paired bootstrap interval per task). Tasks at the floor
+  are listed but left out: nothing there can be seen to drop. MC tasks use olmo-eval's primary metric (acc or acc_norm).
 * **MC retention**: ``1 + BWT_mc / mean(base - chance)`` over the above-chance MC tasks, i.e. the
   share of the base's above-chance skill that is left (1 = nothing lost); its interval is
   BWT's interval mapped the same way (the base margin taken as fixed).
@@ -23,7 +23,7 @@ from pathlib import Path
 
 from forgetless.retention.olmo_tasks import VARIANTS, primary_metric
 from forgetless.retention.records import list_tasks, read_task
-from forgetless.retention.stats import average_of_differences, paired_difference
+from forgetless.core.intervals import average_of_differences, paired_difference
 
 _ACCURACY_METRICS = ("acc", "acc_norm", "acc_per_token", "accuracy", "pass@1", "exact_match")
 
@@ -48,8 +48,12 @@ def above_chance(record: dict) -> bool:
     return record["ci95"][0] > (record.get("chance") or 0.0)
 
 
-def _combine(values: list[tuple[float, float, float]]) -> tuple[float, float, float]:
-    return average_of_differences([(m, lo, hi, 1) for m, lo, hi in values])
+def _paired(run_items: dict, base_items: dict) -> tuple[float, float, float, int]:
+    """(mean, lo, hi, n) of the per-item change tuned − base (paired bootstrap); nan with no shared item."""
+    d = paired_difference({k: v["score"] for k, v in run_items.items()}, {k: v["score"] for k, v in base_items.items()})
+    if not d["n"]:
+        return (math.nan, math.nan, math.nan, 0)
+    return (d["mean"], *d["ci95"], d["n"])
 
 
 def summarize_run(base_dir: str | Path, run_dir: str | Path, target_task: str | None = None) -> dict:
@@ -63,16 +67,15 @@ def summarize_run(base_dir: str | Path, run_dir: str | Path, target_task: str | 
         run_rec, run_items = read_task(run_dir, task)
         if base_rec["metric"] not in _ACCURACY_METRICS or not base_rec["higher_is_better"]:
             continue
-        diff = paired_difference({k: v["score"] for k, v in run_items.items()},
-                                 {k: v["score"] for k, v in base_items.items()})
+        diff = _paired(run_items, base_items)
         counted = above_chance(base_rec)
         rows[task] = {"base": base_rec["score"], "tuned": run_rec["score"], "change": diff[0],
                       "change_ci95": [diff[1], diff[2]], "n": diff[3], "above_chance": counted,
                       "chance": base_rec.get("chance")}
         if counted:
-            bwt_diffs.append(diff)
+            bwt_diffs.append(diff[:3])
             if task.split(":")[0] in VARIANTS:
-                mc_diffs.append(diff)
+                mc_diffs.append(diff[:3])
                 margins.append(base_rec["score"] - (base_rec.get("chance") or 0.0))
     summary = {"tasks": rows, "bwt": _triple(average_of_differences(bwt_diffs)), "bwt_tasks": len(bwt_diffs)}
     mc_bwt = average_of_differences(mc_diffs)
@@ -83,12 +86,12 @@ def summarize_run(base_dir: str | Path, run_dir: str | Path, target_task: str | 
         found = [read_task(run_dir, t)[0] for t in sorted(run_tasks)
                  if t.startswith("drift:") and (t.count(":") == 1 if not metric else t.endswith(metric))]
         name = metric.lstrip(":") or "kl_base_tuned"
-        summary["drift"][name] = _triple(_combine([(r["score"], *r["ci95"]) for r in found]))
+        summary["drift"][name] = _triple(average_of_differences([(r["score"], *r["ci95"]) for r in found]))
         summary["drift"][name]["sources"] = [r["task"] for r in found]
     summary["target"] = _target_columns(run_dir, run_tasks, base_dir, target_task)
     summary["behaviour"] = _behaviour_columns(base_dir, run_dir, sorted(base_tasks & run_tasks))
     kept = [c for t, c in summary["behaviour"].items() if c["metric"] == "working_kept" and t != target_task]
-    summary["working_kept"] = _triple(_combine([(c["tuned"], *c["tuned_ci95"]) for c in kept])) if kept \
+    summary["working_kept"] = _triple(average_of_differences([(c["tuned"], *c["tuned_ci95"]) for c in kept])) if kept \
         else _triple((math.nan,) * 3)
     return summary
 
@@ -101,8 +104,7 @@ def _behaviour_columns(base_dir, run_dir, tasks: list[str]) -> dict:
             continue
         base_rec, base_items = read_task(base_dir, task)
         run_rec, run_items = read_task(run_dir, task)
-        m, lo, hi, n = paired_difference({k: v["score"] for k, v in run_items.items()},
-                                         {k: v["score"] for k, v in base_items.items()})
+        m, lo, hi, n = _paired(run_items, base_items)
         out[task] = {"metric": run_rec["metric"], "higher_is_better": run_rec["higher_is_better"],
                      "base": base_rec["score"], "tuned": run_rec["score"], "tuned_ci95": run_rec["ci95"],
                      "score": m, "ci95": [lo, hi], "n": n, "chance": run_rec.get("chance"),
@@ -121,8 +123,7 @@ def _target_columns(run_dir, run_tasks, base_dir, target_task) -> dict:
                                         "nll": rec["score"], "base_nll": s["base_score"]}
     if target_task and target_task in run_tasks and target_task in set(list_tasks(base_dir)):
         (base_rec, base_items), run_items = read_task(base_dir, target_task), read_task(run_dir, target_task)[1]
-        m, lo, hi, n = paired_difference({k: v["score"] for k, v in run_items.items()},
-                                         {k: v["score"] for k, v in base_items.items()})
+        m, lo, hi, n = _paired(run_items, base_items)
         if not base_rec.get("higher_is_better", True):  # e.g. held-out NLL: a drop is the gain
             m, lo, hi = -m, -hi, -lo
         out["gain_target"] = {"score": m, "ci95": [lo, hi], "n": n, "task": target_task}

@@ -195,7 +195,7 @@ def build_report(cfg: ReportConfig) -> dict[str, Any]:
                     b = load_item_scores(scores[base_label][t]["_dir"], t)
                     u = load_item_scores(scores[label][t]["_dir"], t)
                     if b and u:
-                        row["paired"][t] = paired_difference(b, u)
+                        row["paired"][t] = paired_difference(u, b)
         rows.append(row)
     return {"base": base_label, "target": cfg.target, "tasks": tasks, "lower_is_better": sorted(lower), "rows": rows,
             "definitions": {"TI": "(tuned - base) / base on the target task", "BWT": "mean over non-target tasks of (tuned - base) / base",

@@ -129,7 +129,7 @@ def answer_surprise(base_model_view, tokenizer, prompts: list[list[int]], answer
     The LM head runs only on the answer rows (:func:`forgetless.core.logits.token_nll`).
     """
     from forgetless.core.logits import token_nll
-    from forgetless.lm.decode import right_pad
+    from forgetless.lm.batching import right_pad
 
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     device = next(base_model_view.parameters()).device

@@ -28,6 +28,7 @@ import math
 import torch
 
 from forgetless.core.logits import chunk_rows, head_logits, split_causal_lm
+from forgetless.lm.batching import length_buckets, right_pad
 from forgetless.retention.answers import base_answers, prompt_set, with_stop
 from forgetless.retention.basecache import base_view, cache_path, load_cached, save_cached
 
@@ -82,18 +83,9 @@ def sequence_stats(model, seqs: list[list[int]], pad_id: int, top_k: int = 128,
     """:func:`row_stats` of positions ``0..T-2`` of each sequence (one decoder pass per batch)."""
     decoder, head, softcap = split_causal_lm(model)
     device = next(model.parameters()).device
-    order = sorted(range(len(seqs)), key=lambda i: -len(seqs[i]))
     results: list = [None] * len(seqs)
-    start = 0
-    while start < len(order):
-        width = len(seqs[order[start]])
-        batch = order[start : start + max(1, batch_tokens // width)]
-        start += len(batch)
-        ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
-        attn = torch.zeros_like(ids)
-        for b, i in enumerate(batch):
-            ids[b, : len(seqs[i])] = torch.tensor(seqs[i])
-            attn[b, : len(seqs[i])] = 1
+    for batch in length_buckets([len(s) for s in seqs], batch_tokens):
+        ids, attn = right_pad([seqs[i] for i in batch], pad_id)
         hidden = decoder(input_ids=ids.to(device), attention_mask=attn.to(device)).last_hidden_state
         rows = torch.cat([hidden[b, : len(seqs[i]) - 1] for b, i in enumerate(batch)])
         targets = torch.cat([ids[b, 1 : len(seqs[i])] for b, i in enumerate(batch)]).to(device)
@@ -174,7 +166,7 @@ def evaluate_drift(model, tokenizer, base_model=None, source: str = "gsm8k", lim
     KL are in the main record's ``settings["details"]``.
     """
     from forgetless.retention.records import make_record, write_task
-    from forgetless.retention.stats import mean_interval
+    from forgetless.core.intervals import mean_interval
 
     ref = base_reference(model, tokenizer, base_model, source, limit, cache_dir, max_new_tokens, top_k, base_id)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id

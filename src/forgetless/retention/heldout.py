@@ -9,7 +9,7 @@ by design. Here each held-out response token is classed by the *base* model's pe
 and the tuned model's mean NLL is reported on each kind separately, with the base's value and
 the paired change. Per item the value is the mean over its tokens of that kind (items without
 any are left out of that kind); a task's score is the mean over items with a normal 95%
-interval. The base NLL is cached (key: base fingerprint, token ids), so a tuned model costs
+interval, the paired change tuned − base has a paired bootstrap interval. The base NLL is cached (key: base fingerprint, token ids), so a tuned model costs
 one forward per item.
 """
 
@@ -18,17 +18,19 @@ from __future__ import annotations
 import logging
 import math
 
+import numpy as np
 import torch
 
-from forgetless.core.logits import token_nll
+from forgetless.core.masking import above_tau
 from forgetless.retention.basecache import base_fingerprint, base_view, cache_path, ids_hash, load_cached, save_cached
+from forgetless.score.stage import score_encoded
 
 logger = logging.getLogger(__name__)
 
 
 def split_by_kind(base_nll: torch.Tensor, tuned_nll: torch.Tensor, tau: float) -> dict[str, float]:
     """Means of one item's scored tokens ``(T,)`` by kind: ``{kind}_{base|tuned}`` and counts."""
-    kept = base_nll <= math.log(tau)
+    kept = ~above_tau(base_nll, tau)
     out: dict[str, float] = {}
     for kind, sel in (("kept", kept), ("masked", ~kept), ("all", torch.ones_like(kept))):
         n = int(sel.sum())
@@ -38,29 +40,10 @@ def split_by_kind(base_nll: torch.Tensor, tuned_nll: torch.Tensor, tau: float) -
     return out
 
 
-@torch.no_grad()
 def response_nll(model, encoded: list, pad_id: int, batch_tokens: int = 4096) -> list[torch.Tensor]:
-    """NLL of each sequence's response tokens (in order), batched by length."""
-    device = next(model.parameters()).device
-    order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i].input_ids))
-    out: list = [None] * len(encoded)
-    start = 0
-    while start < len(order):
-        width = len(encoded[order[start]].input_ids)
-        batch = order[start : start + max(1, batch_tokens // width)]
-        start += len(batch)
-        ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
-        attn, score = torch.zeros_like(ids), torch.zeros_like(ids)
-        for b, i in enumerate(batch):
-            enc = encoded[i]
-            ids[b, : len(enc)] = torch.tensor(enc.input_ids)
-            attn[b, : len(enc)] = 1
-            score[b, : len(enc)] = torch.tensor(enc.response_mask)
-        nll = token_nll(model, ids.to(device), attn.to(device), score.to(device)).cpu()
-        for b, i in enumerate(batch):
-            row = nll[b, : len(encoded[i])]
-            out[i] = row[~row.isnan()]
-    return out
+    """NLL of each sequence's scored response tokens, in order (the score stage's own scoring)."""
+    nlls = score_encoded(model, encoded, pad_id, batch_tokens, description="held-out NLL")
+    return [torch.from_numpy(n[~np.isnan(n)]) for n in nlls]
 
 
 def evaluate_heldout(model, tokenizer, base_model=None, source: str = "mbpp-validation", limit: int | None = None,
@@ -74,7 +57,7 @@ def evaluate_heldout(model, tokenizer, base_model=None, source: str = "mbpp-vali
     from forgetless.lm.data import load_examples
     from forgetless.lm.templates import encode_conversation
     from forgetless.retention.records import make_record, write_task
-    from forgetless.retention.stats import mean_interval
+    from forgetless.core.intervals import mean_difference, mean_interval
 
     examples = load_examples(source, limit)
     encoded = [encode_conversation(tokenizer, ex.messages, max_length) for ex in examples]
@@ -98,10 +81,10 @@ def evaluate_heldout(model, tokenizer, base_model=None, source: str = "mbpp-vali
     for kind in ("kept", "masked", "all"):
         name = f"heldout:{source}:{kind}"
         have = [r for r in rows if r[f"n_{kind}"]]
-        change, lo, hi = mean_interval([r[f"{kind}_tuned"] - r[f"{kind}_base"] for r in have])
+        change = mean_difference([r[f"{kind}_tuned"] - r[f"{kind}_base"] for r in have])
         settings = {"source": source, "limit": limit, "tau": tau, "kind": kind, "base": key["base"],
                     "base_score": mean_interval([r[f"{kind}_base"] for r in have])[0],
-                    "change": change, "change_ci95": [lo, hi],
+                    "change": change["mean"] if have else math.nan, "change_ci95": change["ci95"] or [math.nan, math.nan],
                     "masked_fraction": sum(r["n_masked"] for r in rows) / max(n_tokens, 1),
                     "tokens": sum(r[f"n_{kind}"] for r in rows)}
         records[name] = make_record(name, "nll", [r[f"{kind}_tuned"] for r in have],

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 import torch
 
 from forgetless.core.logits import rows_nll, split_causal_lm, token_nll
+from forgetless.lm.batching import length_buckets
 from forgetless.retention.olmo_tasks import MCItem
 
 logger = logging.getLogger(__name__)
@@ -157,18 +158,6 @@ def score_item_naive(model, tokenizer, item: MCItem) -> list[tuple[float, int]]:
     return out
 
 
-def batches_by_tokens(lengths: list[int], batch_tokens: int, max_batch: int = 64) -> list[list[int]]:
-    """Indices sorted by length (longest first) and cut so ``len(batch) * longest <= batch_tokens``."""
-    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
-    batches: list[list[int]] = []
-    for i in order:
-        if batches and len(batches[-1]) < max_batch and (len(batches[-1]) + 1) * lengths[batches[-1][0]] <= batch_tokens:
-            batches[-1].append(i)
-        else:
-            batches.append([i])
-    return batches
-
-
 def can_pack(model) -> bool:
     impl = getattr(getattr(model, "config", None), "_attn_implementation", "sdpa")
     return impl in _PACKABLE_ATTN
@@ -183,7 +172,7 @@ def score_items(model, tokenizer, items: list[MCItem], batch_tokens: int = 2048,
     packed = [pack_item(tokenizer, it) for it in items]
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     results: list = [None] * len(items)
-    for batch in batches_by_tokens([p.length for p in packed], batch_tokens):
+    for batch in length_buckets([p.length for p in packed], batch_tokens, max_batch=64):
         for i, scores in zip(batch, score_packed(model, [packed[i] for i in batch], pad_id)):
             results[i] = scores
         if progress is not None:

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from forgetless.lm.artifacts import write_text
-from forgetless.retention.stats import mean_interval, wilson_interval
+from forgetless.core.intervals import mean_interval, wilson_interval
 
 
 def task_filename(task: str) -> str:

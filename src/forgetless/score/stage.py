@@ -21,6 +21,7 @@ from forgetless.lm import artifacts
 from forgetless.lm.data import Example, fingerprint_examples, load_examples
 from forgetless.core.logits import token_nll
 from forgetless.lm.modeling import EMBEDDED, load_model_and_tokenizer, load_tokenizer, model_fingerprint
+from forgetless.lm.batching import length_buckets, right_pad
 from forgetless.lm.progress import progress
 from forgetless.core.tokenstats import score_statistics
 from forgetless.lm.templates import Encoded, encode_conversation, template_hash
@@ -59,43 +60,21 @@ class ScoreConfig:
             raise ValueError(f"limit must be positive, got {self.limit}")
 
 
-def length_buckets(lengths: list[int], batch_tokens: int) -> list[list[int]]:
-    """Group indices into batches of similar length with ``len(batch) * max_len <= batch_tokens``.
-
-    Sorting by length (longest first, so an out-of-memory shows up on the first batch) keeps
-    padding small. An example longer than ``batch_tokens`` gets a batch of its own.
-    """
-    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
-    batches: list[list[int]] = []
-    for i in order:
-        if batches and (len(batches[-1]) + 1) * lengths[batches[-1][0]] <= batch_tokens:
-            batches[-1].append(i)
-        else:
-            batches.append([i])
-    return batches
-
-
 def pad_batch(encoded: list[Encoded], pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Right-padded ``(input_ids, attention_mask, response_mask)``, each ``(B, T)``."""
-    width = max(len(e) for e in encoded)
-    ids = torch.full((len(encoded), width), pad_id, dtype=torch.long)
-    attention = torch.zeros((len(encoded), width), dtype=torch.long)
-    response = torch.zeros((len(encoded), width), dtype=torch.long)
-    for row, e in enumerate(encoded):
-        n = len(e)
-        ids[row, :n] = torch.tensor(e.input_ids)
-        attention[row, :n] = 1
-        response[row, :n] = torch.tensor(e.response_mask)
+    ids, attention = right_pad([e.input_ids for e in encoded], pad_id)
+    response = right_pad([e.response_mask for e in encoded], 0)[0]
     return ids, attention, response
 
 
 @torch.no_grad()
-def score_encoded(model, encoded: list[Encoded], pad_id: int, batch_tokens: int = 8192) -> list[np.ndarray]:
+def score_encoded(model, encoded: list[Encoded], pad_id: int, batch_tokens: int = 8192,
+                  description: str = "scoring") -> list[np.ndarray]:
     """Per-token NLL (float32, NaN where not a response token) for each encoded example."""
     device = next(model.parameters()).device
     results: list[np.ndarray | None] = [None] * len(encoded)
     batches = length_buckets([len(e) for e in encoded], batch_tokens)
-    for batch in progress(batches, "scoring", total_items=len(encoded), count=len):
+    for batch in progress(batches, description, total_items=len(encoded), count=len):
         ids, attention, response = (t.to(device) for t in pad_batch([encoded[i] for i in batch], pad_id))
         nll = token_nll(model, ids, attention, response).cpu().numpy()
         for row, i in enumerate(batch):

@@ -30,7 +30,7 @@ import contextlib
 import torch
 import torch.nn.functional as F
 
-from forgetless.core.logits import chunk_rows, head_logits, split_causal_lm
+from forgetless.core.logits import chunk_rows, head_logits, split_causal_lm, target_nll
 
 IGNORE = -100
 
@@ -69,8 +69,7 @@ def rows_nll_and_kl(head, rows, targets, softcap, base_rows=None):
     step = chunk_rows(head.weight.shape[0])
     for s in range(0, rows.shape[0], step):
         logits = head_logits(head, rows[s : s + step], softcap)  # (n, V)
-        target_logit = logits.gather(1, targets[s : s + step, None]).squeeze(1)
-        nll.append(torch.logsumexp(logits, dim=-1) - target_logit)
+        nll.append(target_nll(logits, targets[s : s + step]))
         if base_rows is not None:
             with torch.no_grad():
                 base_logits = head_logits(head, base_rows[s : s + step], softcap)

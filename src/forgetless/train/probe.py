@@ -7,8 +7,9 @@ retention against target gain for the cost of the evaluations. On resume, steps 
 the file are not evaluated again. With ``guard_metric`` / ``guard_min`` it stops training when
 the probe's retention falls below the limit (the forgetting guard).
 
-:func:`retention_probe` builds the probe from the retention functions: MC accuracy on a few
-items, drift on a few prompts, held-out kept/masked NLL, and ‖ΔW‖ of the adapter; base-side
+:func:`retention_probe` builds the probe from the retention measures
+(:func:`forgetless.retention.measures.measure_retention`: by default MC accuracy on a few items,
+drift on a few prompts, held-out kept/masked NLL) and ‖ΔW‖ of the adapter; base-side
 quantities are cached so the base is computed once. Each evaluation's records are written to
 ``probes/step-<N>/`` in the retention record format, so the report can pair items across
 steps and methods; measures against the step-0 records come from ``summarize_run``.
@@ -29,24 +30,25 @@ from typing import Callable
 import torch
 from transformers import TrainerCallback
 
+from forgetless.retention.measures import MeasureSettings, default, measure_retention
+
 logger = logging.getLogger(__name__)
 
 PROBES_FILE = "probes.jsonl"
 
 
 @dataclass(frozen=True)
-class ProbeConfig:
-    """What the probe measures, how often, and the forgetting guard."""
+class ProbeConfig(MeasureSettings):
+    """What the probe measures (the retention measures, fewer items), how often, and the forgetting guard."""
 
+    mc_tasks: tuple[str, ...] = default("mc_tasks", ("arc_easy", "sciq"))
+    mc_limit: int | None = default("mc_limit", 40)
+    drift_sources: tuple[str, ...] = default("drift_sources", ("gsm8k", "arc_challenge-test"))
+    drift_limit: int | None = default("drift_limit", 4)
+    behaviour_sources: tuple[str, ...] = default("behaviour_sources", ())
+    max_new_tokens: int = default("max_new_tokens", 32)
+    heldout_limit: int | None = default("heldout_limit", 12)
     every: int = field(default=4, metadata={"help": "evaluate every N optimizer steps (and at step 0 and the last step)"})
-    mc_tasks: tuple[str, ...] = field(default=("arc_easy", "sciq"), metadata={"help": "MC tasks of the probe"})
-    mc_limit: int = field(default=40, metadata={"help": "first N items of each MC task"})
-    drift_sources: tuple[str, ...] = field(default=("gsm8k", "arc_challenge-test"), metadata={"help": "non-target prompt sets for drift"})
-    drift_limit: int = field(default=4, metadata={"help": "prompts per drift source"})
-    max_new_tokens: int = field(default=32, metadata={"help": "length of the base's greedy answers (drift)"})
-    heldout_source: str | None = field(default="mbpp-validation", metadata={"help": "held-out target set (none: skip)"})
-    heldout_limit: int = field(default=12, metadata={"help": "first N held-out examples"})
-    tau: float = field(default=2.5, metadata={"help": "perplexity threshold splitting held-out tokens into kept/masked kinds"})
     guard_metric: str | None = field(default=None, metadata={"help": "measure watched by the guard (e.g. mc_retention, top1_agreement); none: no guard"})
     guard_min: float | None = field(default=None, metadata={"help": "stop training when guard_metric falls below this"})
     guard_restore: bool = field(default=True, metadata={"help": "on a stop, put back the weights of the last probe that passed, "
@@ -54,8 +56,9 @@ class ProbeConfig:
                                                                 "the trainable weights: small for LoRA, the whole model for full)"})
 
     def __post_init__(self):
-        if self.every < 1 or self.mc_limit < 1 or self.drift_limit < 1 or self.heldout_limit < 1:
-            raise ValueError("every, mc_limit, drift_limit and heldout_limit must be >= 1")
+        super().__post_init__()
+        if self.every < 1:
+            raise ValueError(f"every must be >= 1, got {self.every}")
         if (self.guard_metric is None) != (self.guard_min is None):
             raise ValueError("set both guard_metric and guard_min, or neither")
 
@@ -184,9 +187,6 @@ def retention_probe(config: ProbeConfig, tokenizer, root: str | Path, cache_dir:
     (the adapter at initialisation, i.e. the base: LoRA's B starts at zero).
     """
     from forgetless.core.diagnostics import adapter_updates
-    from forgetless.retention.drift import evaluate_drift
-    from forgetless.retention.heldout import evaluate_heldout
-    from forgetless.retention.mc import evaluate_mc
     from forgetless.report.retention import summarize_run
 
     root = Path(root)
@@ -199,14 +199,7 @@ def retention_probe(config: ProbeConfig, tokenizer, root: str | Path, cache_dir:
         if tmp.exists():
             shutil.rmtree(tmp)
         tmp.mkdir(parents=True)
-        for task in config.mc_tasks:
-            evaluate_mc(model, tokenizer, task, config.mc_limit, tmp)
-        for source in config.drift_sources:
-            evaluate_drift(model, tokenizer, None, source, config.drift_limit, cache_dir, tmp,
-                           config.max_new_tokens, base_id=base_id)
-        if config.heldout_source:
-            evaluate_heldout(model, tokenizer, None, config.heldout_source, config.heldout_limit, cache_dir, tmp,
-                             config.tau, base_id=base_id)
+        measure_retention(model, tokenizer, None, config, tmp, cache_dir, base_id)
         tmp.rename(out)
         measures = _flat(summarize_run(root / "step-0", out), out) if (root / "step-0").is_dir() else {}
         measures["dw_frobenius"] = adapter_updates(model)["total_frobenius"] if hasattr(model, "peft_config") else None
