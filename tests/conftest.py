@@ -8,6 +8,10 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 from typing import NamedTuple
 
@@ -16,6 +20,7 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+SRC = str(Path(__file__).resolve().parents[1] / "src")
 
 CHATML = (
     "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
@@ -121,6 +126,37 @@ def crash_at(step: int):
                 raise Crash()
 
     return CrashAt()
+
+
+def cli(*args: str) -> list[str]:
+    """The command line of ``forgetless <args>`` run as a subprocess of this Python."""
+    return [sys.executable, "-m", "forgetless.cli", *args]
+
+
+def cli_env() -> dict[str, str]:
+    """The environment of a forgetless subprocess: this checkout's ``src`` first, the hub offline."""
+    return dict(os.environ, PYTHONPATH=SRC + os.pathsep + os.environ.get("PYTHONPATH", ""), HF_HUB_OFFLINE="1")
+
+
+def run_to_end(cmd: list[str], timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run(cmd, capture_output=True, text=True, env=cli_env(), timeout=timeout)
+
+
+def kill_mid_run(cmd: list[str], out: Path, trigger: Path, too_late: list[Path], tries: int = 3,
+                 timeout: float = 240) -> None:
+    """Start ``cmd`` and SIGKILL it as soon as ``trigger`` exists; the kill must land mid-run: killed (not
+    finished), ``trigger`` written and none of ``too_late`` (files the run writes later) there yet. A kill that
+    came too late (a slow poll on a busy machine) is retried from an empty ``out``; ``tries`` misses fail."""
+    for _ in range(tries):
+        shutil.rmtree(out, ignore_errors=True)
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=cli_env())
+        deadline = time.time() + timeout
+        while time.time() < deadline and not trigger.exists() and proc.poll() is None:
+            time.sleep(0.01)
+        proc.send_signal(signal.SIGKILL)  # does nothing if it has exited already
+        if proc.wait() == -signal.SIGKILL and trigger.exists() and not any(p.exists() for p in too_late):
+            return
+    pytest.fail(f"no kill between {trigger.name} and {', '.join(p.name for p in too_late)} in {tries} tries")
 
 
 def pytest_collection_modifyitems(config, items):
