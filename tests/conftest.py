@@ -185,8 +185,8 @@ def tiny_model_dir(tmp_path_factory):
 
 @pytest.fixture
 def tiny_model_copy(tiny_model_dir, tmp_path):
-    """A private copy of ``tiny_model_dir`` for a test that overwrites weights or tokenizer files."""
-    return Path(shutil.copytree(tiny_model_dir, tmp_path / "model-copy"))
+    """A private copy of ``tiny_model_dir`` (in ``tmp_path / "model"``) for a test that overwrites its files."""
+    return Path(shutil.copytree(tiny_model_dir, tmp_path / "model"))
 
 
 class TrainWorld(NamedTuple):
