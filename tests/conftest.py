@@ -160,7 +160,12 @@ def kill_mid_run(cmd: list[str], out: Path, trigger: Path, too_late: list[Path],
 
 
 def pytest_collection_modifyitems(config, items):
-    """``gpu`` tests are skipped where CUDA is not available (they run, not fail, on a GPU machine)."""
+    """``gpu`` tests are skipped where CUDA is not available; a test that loads the real embedded model must
+    be marked ``slow``, so that ``-m "not slow"`` never loads it."""
+    unmarked = [item.nodeid for item in items
+                if "embedded" in getattr(item, "fixturenames", ()) and item.get_closest_marker("slow") is None]
+    if unmarked:
+        raise pytest.UsageError(f"tests using the embedded model without @pytest.mark.slow: {', '.join(unmarked)}")
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs CUDA (torch.cuda.is_available() is false)")
