@@ -8,11 +8,11 @@ import random
 import pytest
 import torch
 
-from conftest import Crash, build_model, build_tokenizer, crash_at, train_config
 from forgetless.core.frontier import (common_gains, interpolate_at_gain, matched_gain_table, paired_bootstrap,
-                                      resolved, verdict)
+                                 resolved, verdict)
 from forgetless.train.probe import ProbeCallback, read_probes
 from forgetless.train.stage import run_train
+from conftest import Crash, build_model, build_tokenizer, crash_at, train_config
 
 
 def test_interpolate_on_hand_made_curve():
