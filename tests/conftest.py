@@ -1,14 +1,26 @@
-"""Shared test fixtures: tiny models and tokenizers built offline, in the test run."""
+"""Shared test fixtures and helpers: tiny models and tokenizers built offline, in the test run.
+
+Markers (declared in pyproject.toml): ``slow`` tests load the real embedded model and run by default
+(deselect them with ``-m "not slow"``); ``gpu`` tests need CUDA and are skipped here without it.
+"""
 
 from __future__ import annotations
 
 import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import NamedTuple
 
 import pytest
 import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+SRC = str(Path(__file__).resolve().parents[1] / "src")
 
 CHATML = (
     "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
@@ -70,6 +82,145 @@ def build_model(vocab_size: int, seed: int = 0, **overrides):
                tie_word_embeddings=False)
     cfg.update(overrides)
     return LlamaForCausalLM(LlamaConfig(**cfg)).eval()
+
+
+def save_tiny_model(path: Path, tokenizer=None, seed: int = 0, **overrides) -> Path:
+    """Save a tiny model (``build_model``) and its tokenizer (chatml unless given) with save_pretrained."""
+    tok = tokenizer if tokenizer is not None else build_tokenizer("chatml")
+    build_model(len(tok), seed, **overrides).save_pretrained(path)
+    tok.save_pretrained(path)
+    return Path(path)
+
+
+def conversations(n: int):
+    """``n`` one-turn conversations whose answers repeat one of four lines 1-3 times."""
+    from forgetless.lm.data import Example
+
+    answers = ["def add(a, b):\n    return a + b\n", "print('hello world')", "assert add(1, 2) == 3",
+               "The quick brown fox jumps over the lazy dog."]
+    return [Example(id=str(i), messages=[{"role": "user", "content": "Write a python function to add two numbers."},
+                                         {"role": "assistant", "content": answers[i % 4] * (1 + i % 3)}])
+            for i in range(n)]
+
+
+def drop_every(rows: list[dict], k: int) -> list[dict]:
+    """An STM-like table in place: every trained token at a position divisible by ``k`` leaves the loss."""
+    for r in rows:
+        for i, y in enumerate(r["labels"]):
+            if y != -100 and i % k == 0:
+                r["labels"][i], r["loss_weight"][i] = -100, 0.0
+    return rows
+
+
+class Crash(Exception):
+    """Raised by ``crash_at`` to stand in for a crash in the middle of training."""
+
+
+def crash_at(step: int):
+    """A Trainer callback that raises ``Crash`` when ``step`` has finished."""
+    from transformers import TrainerCallback
+
+    class CrashAt(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step == step:
+                raise Crash()
+
+    return CrashAt()
+
+
+def cli(*args: str) -> list[str]:
+    """The command line of ``forgetless <args>`` run as a subprocess of this Python."""
+    return [sys.executable, "-m", "forgetless.cli", *args]
+
+
+def cli_env() -> dict[str, str]:
+    """The environment of a forgetless subprocess: this checkout's ``src`` first, the hub offline."""
+    return dict(os.environ, PYTHONPATH=SRC + os.pathsep + os.environ.get("PYTHONPATH", ""), HF_HUB_OFFLINE="1")
+
+
+def run_to_end(cmd: list[str], timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run(cmd, capture_output=True, text=True, env=cli_env(), timeout=timeout)
+
+
+def kill_mid_run(cmd: list[str], out: Path, trigger: Path, too_late: list[Path], tries: int = 3,
+                 timeout: float = 240) -> None:
+    """Start ``cmd`` and SIGKILL it as soon as ``trigger`` exists; the kill must land mid-run: killed (not
+    finished), ``trigger`` written and none of ``too_late`` (files the run writes later) there yet. A kill that
+    came too late (a slow poll on a busy machine) is retried from an empty ``out``; ``tries`` misses fail."""
+    for _ in range(tries):
+        shutil.rmtree(out, ignore_errors=True)
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=cli_env())
+        deadline = time.time() + timeout
+        while time.time() < deadline and not trigger.exists() and proc.poll() is None:
+            time.sleep(0.01)
+        proc.send_signal(signal.SIGKILL)  # does nothing if it has exited already
+        if proc.wait() == -signal.SIGKILL and trigger.exists() and not any(p.exists() for p in too_late):
+            return
+    pytest.fail(f"no kill between {trigger.name} and {', '.join(p.name for p in too_late)} in {tries} tries")
+
+
+def pytest_collection_modifyitems(config, items):
+    """``gpu`` tests are skipped where CUDA is not available; a test that loads the real embedded model must
+    be marked ``slow``, so that ``-m "not slow"`` never loads it."""
+    unmarked = [item.nodeid for item in items
+                if "embedded" in getattr(item, "fixturenames", ()) and item.get_closest_marker("slow") is None]
+    if unmarked:
+        raise pytest.UsageError(f"tests using the embedded model without @pytest.mark.slow: {', '.join(unmarked)}")
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs CUDA (torch.cuda.is_available() is false)")
+    for item in items:
+        if item.get_closest_marker("gpu") is not None:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    """A tiny chatml model and tokenizer saved with save_pretrained, shared by the whole session.
+
+    Read it, never write into it (``tiny_model_copy`` gives a private copy); the teardown fails if a test did.
+    Positions go to 2048 so the bundled MBPP prompts fit; the weights equal ``build_model(len(tokenizer))``'s.
+    """
+    path = save_tiny_model(tmp_path_factory.mktemp("tiny") / "model", max_position_embeddings=2048)
+    before = {f.name: (f.stat().st_size, f.stat().st_mtime_ns) for f in path.iterdir()}
+    yield path
+    after = {f.name: (f.stat().st_size, f.stat().st_mtime_ns) for f in path.iterdir()}
+    assert after == before, "a test wrote into the shared tiny_model_dir; use tiny_model_copy"
+
+
+@pytest.fixture
+def tiny_model_copy(tiny_model_dir, tmp_path):
+    """A private copy of ``tiny_model_dir`` (in ``tmp_path / "model"``) for a test that overwrites its files."""
+    return Path(shutil.copytree(tiny_model_dir, tmp_path / "model"))
+
+
+class TrainWorld(NamedTuple):
+    root: Path  # sft.parquet, stm.parquet; each run writes into its own folder here
+    tokenizer: object
+    model: Path
+
+
+@pytest.fixture(scope="session")
+def train_world(tiny_model_dir, tmp_path_factory) -> TrainWorld:
+    """An SFT table of 8 conversations (``sft.parquet``) and a copy with every third trained token dropped
+    (``stm.parquet``) for the shared tiny model; ``train_config`` makes runs on it."""
+    from forgetless.train.collate import build_sft_table, write_table
+
+    root = tmp_path_factory.mktemp("train")
+    tok = build_tokenizer("chatml")
+    rows = build_sft_table(conversations(8), tok)
+    write_table(rows, root / "sft.parquet")
+    write_table(drop_every(rows, 3), root / "stm.parquet")
+    return TrainWorld(root, tok, tiny_model_dir)
+
+
+def train_config(world: TrainWorld, name: str, table: str = "sft", **kw):
+    """A TrainConfig on one of ``world``'s tables: 2 LoRA steps of batch 2, written to ``world.root / name``."""
+    from forgetless.train.stage import TrainConfig
+
+    base = dict(data=str(world.root / f"{table}.parquet"), output_dir=str(world.root / name), model=str(world.model),
+                max_steps=2, batch_size=2, learning_rate=5e-2, lora_dropout=0.0)
+    return TrainConfig(**{**base, **kw})
 
 
 @pytest.fixture(params=["chatml", "llama3", "gemma"])

@@ -9,7 +9,7 @@ import math
 import pyarrow.parquet as pq
 import pytest
 
-from conftest import build_model, build_tokenizer
+from conftest import build_model, build_tokenizer, save_tiny_model
 from forgetless.cli import main
 from forgetless.train.collate import build_sft_table, write_table
 from forgetless.lm.data import load_examples
@@ -17,17 +17,15 @@ from forgetless.lm.data import load_examples
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
-    """Tiny model dirs (with and without a chat template), data, a task file, tables and a foreign adapter."""
+    """A tiny model dir without a chat template, data, a task file, tables and a foreign adapter (the model with
+    a template is the shared ``tiny_model_dir``)."""
     from peft import LoraConfig, get_peft_model
 
     root = tmp_path_factory.mktemp("bad")
     tok = build_tokenizer("chatml")
-    build_model(len(tok)).save_pretrained(root / "model")
-    tok.save_pretrained(root / "model")
     plain = build_tokenizer("chatml")
     plain.chat_template = None
-    build_model(len(plain)).save_pretrained(root / "plain")
-    plain.save_pretrained(root / "plain")
+    save_tiny_model(root / "plain", tokenizer=plain)
     rows = [{"id": f"ex{i}", "prompt": f"Write a python function number {i}.",
              "response": "def add(a, b):\n    return a + b" + " + 0" * (3 * i)} for i in range(4)]
     (root / "data.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
@@ -71,7 +69,8 @@ DATA_CASES = {  # file content -> what the error line must say
 
 
 def expect_error(capsys, argv: list[str], out, *needles: str) -> str:
-    """Run the CLI; assert exit 2, exactly one error line holding every needle, no traceback, no manifest."""
+    """Run the CLI; assert exit 2, exactly one error line holding every needle, no traceback, and nothing in
+    ``out`` but (for eval, retention and train, which record their settings first) ``config.json``."""
     assert main(argv) == 2
     err = capsys.readouterr().err
     lines = [ln for ln in err.splitlines() if ln.startswith(f"forgetless {argv[0]}: error:")]
@@ -79,16 +78,17 @@ def expect_error(capsys, argv: list[str], out, *needles: str) -> str:
     assert "Traceback" not in err
     for needle in needles:
         assert needle in lines[0], (needle, lines[0])
-    assert not list(out.rglob("manifest.json")) if out.exists() else True
+    written = sorted(str(p.relative_to(out)) for p in out.rglob("*")) if out.exists() else []
+    assert written in ([], ["config.json"]), written  # at most the resolved settings: no manifest, no results
     return lines[0]
 
 
 @pytest.mark.parametrize("case", sorted(DATA_CASES))
-def test_bad_data_file_through_score(world, tmp_path, capsys, case):
+def test_bad_data_file_through_score(world, tiny_model_dir, tmp_path, capsys, case):
     content, problem = DATA_CASES[case]
     path = record_file(tmp_path, f"{case}.jsonl", content)
     out = tmp_path / "scores"
-    expect_error(capsys, ["score", "--model", str(world / "model"), "--data", path, "--out-dir", str(out), "device=cpu"],
+    expect_error(capsys, ["score", "--model", str(tiny_model_dir), "--data", path, "--out-dir", str(out), "device=cpu"],
                  out, path, problem)
 
 
@@ -101,10 +101,10 @@ def test_bad_mask_settings(world, tmp_path, capsys, override, problem):
     expect_error(capsys, ["mask", "--scores", str(tmp_path), "--out-dir", str(out), override], out, problem)
 
 
-def test_overlong_prompts_truncated_or_skipped_and_counted(world, tmp_path, capsys):
+def test_overlong_prompts_truncated_or_skipped_and_counted(world, tiny_model_dir, tmp_path, capsys):
     lengths = sorted(len(r) for r in pq.read_table(world / "sft.parquet").column("input_ids").to_pylist())
     limit = lengths[1]  # the two longer examples exceed it
-    common = ["--model", str(world / "model"), "--data", str(world / "data.jsonl"), "--device", "cpu"]
+    common = ["--model", str(tiny_model_dir), "--data", str(world / "data.jsonl"), "--device", "cpu"]
     assert main(["score", *common, "--out-dir", str(tmp_path / "t"), f"max_length={limit}"]) == 0
     assert main(["score", *common, "--out-dir", str(tmp_path / "s"), f"max_length={limit}", "overlong=skip"]) == 0
     t, s = (json.loads((tmp_path / d / "stats.json").read_text()) for d in ("t", "s"))
@@ -128,19 +128,19 @@ def test_model_without_chat_template_falls_back_with_warning(world, tmp_path, ca
 
 
 @pytest.mark.parametrize("stage", ["eval", "retention"])
-def test_adapter_for_another_base_is_one_line(world, tmp_path, capsys, stage):
+def test_adapter_for_another_base_is_one_line(world, tiny_model_dir, tmp_path, capsys, stage):
     out = tmp_path / "o"
     extra = [f"tasks=[{world / 'echo.json'}]", "cache=false", "progress=false"] if stage == "eval" else ["mc_tasks=[]"]
     # key=value overrides go last: argparse takes one run of positionals per subcommand.
-    line = expect_error(capsys, [stage, "--model", str(world / "model"), "--adapter", str(world / "foreign"),
+    line = expect_error(capsys, [stage, "--model", str(tiny_model_dir), "--adapter", str(world / "foreign"),
                                  "--output-dir", str(out), "--device", "cpu", *extra],
-                        out, f"adapter {world / 'foreign'} does not match model {world / 'model'}", "size mismatch")
+                        out, f"adapter {world / 'foreign'} does not match model {tiny_model_dir}", "size mismatch")
     assert len(line) < 500
 
 
-def test_adapter_dir_without_adapter_config(world, tmp_path, capsys):
+def test_adapter_dir_without_adapter_config(world, tiny_model_dir, tmp_path, capsys):
     out = tmp_path / "o"
-    expect_error(capsys, ["eval", "--model", str(world / "model"), "--adapter", str(world / "not-an-adapter"),
+    expect_error(capsys, ["eval", "--model", str(tiny_model_dir), "--adapter", str(world / "not-an-adapter"),
                           "--output-dir", str(out), f"tasks=[{world / 'echo.json'}]", "cache=false", "device=cpu"],
                  out, str(world / "not-an-adapter"), "adapter_config.json")
 
@@ -166,18 +166,18 @@ def test_bad_predictions_file(world, tmp_path, capsys, content, problem):
 @pytest.mark.parametrize("table, problem", [
     ("all-masked.parquet", "nothing to train on"), ("garbage.parquet", "garbage.parquet"), ("missing.parquet", "missing.parquet"),
 ])
-def test_bad_training_table(world, tmp_path, capsys, table, problem):
+def test_bad_training_table(world, tiny_model_dir, tmp_path, capsys, table, problem):
     out = tmp_path / "run"
-    expect_error(capsys, ["train", "--data", str(world / table), "--output-dir", str(out), "--model", str(world / "model"),
+    expect_error(capsys, ["train", "--data", str(world / table), "--output-dir", str(out), "--model", str(tiny_model_dir),
                           "max_steps=1", "device=cpu"], out, problem)
     assert not (out / "adapter").exists()
 
 
-def test_partly_masked_table_trains_and_counts(world, tmp_path, caplog):
+def test_partly_masked_table_trains_and_counts(world, tiny_model_dir, tmp_path, caplog):
     caplog.set_level("WARNING")
     out = tmp_path / "run"
     assert main(["train", "--data", str(world / "some-masked.parquet"), "--output-dir", str(out), "--model",
-                 str(world / "model"), "max_steps=1", "batch_size=4", "device=cpu"]) == 0
+                 str(tiny_model_dir), "max_steps=1", "batch_size=4", "device=cpu"]) == 0
     summary = json.loads((out / "train_summary.json").read_text())
     assert summary["table"]["examples_without_trained_tokens"] == 1 and summary["table"]["examples"] == 4
     assert "1 of 4 examples have every response token masked" in caplog.text

@@ -82,11 +82,9 @@ def test_cli_debug_shows_traceback(tmp_path):
 
 
 def test_cli_score_then_mask_on_tiny_model(tmp_path, capsys):
-    from conftest import build_model, build_tokenizer
+    from conftest import build_tokenizer, save_tiny_model
 
-    tok = build_tokenizer("llama3")
-    build_model(len(tok)).save_pretrained(tmp_path / "m")
-    tok.save_pretrained(tmp_path / "m")
+    save_tiny_model(tmp_path / "m", tokenizer=build_tokenizer("llama3"))  # a template with BOS, unlike tiny_model_dir's
     data = tmp_path / "d.jsonl"
     data.write_text("".join(json.dumps({"prompt": f"add {i}", "response": "return a + b"}) + "\n" for i in range(3)))
     assert main(["score", "--model", str(tmp_path / "m"), "--data", str(data), "--out-dir", str(tmp_path / "s"), "device=cpu"]) == 0

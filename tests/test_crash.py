@@ -5,35 +5,27 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import build_model, build_tokenizer
-from forgetless.train.collate import build_sft_table, write_table
+from conftest import build_tokenizer, cli, kill_mid_run, run_to_end
 from forgetless.lm.data import load_examples
+from forgetless.train.collate import build_sft_table, write_table
 from forgetless.train.loss import NonFiniteLossError
 from forgetless.train.stage import TrainConfig, last_checkpoint, run_train
 
-SRC = str(Path(__file__).resolve().parents[1] / "src")
-
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory):
+def world(tmp_path_factory, tiny_model_dir):
+    """An SFT table of 8 examples for the shared tiny model (``world / "model"`` links to it)."""
     root = tmp_path_factory.mktemp("crash")
-    tok = build_tokenizer("chatml")
-    build_model(len(tok)).save_pretrained(root / "model")
-    tok.save_pretrained(root / "model")
     rows = [{"prompt": f"Write a python function number {i}.", "response": "def add(a, b):\n    return a + b" + " + 0" * i}
             for i in range(8)]
     (root / "data.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    write_table(build_sft_table(load_examples(str(root / "data.jsonl")), tok), root / "sft.parquet")
+    write_table(build_sft_table(load_examples(str(root / "data.jsonl")), build_tokenizer("chatml")), root / "sft.parquet")
+    (root / "model").symlink_to(tiny_model_dir, target_is_directory=True)
     return root
 
 
@@ -41,6 +33,10 @@ def train_config(world, name, **kw):
     base = dict(data=str(world / "sft.parquet"), output_dir=str(world / name), model=str(world / "model"), device="cpu",
                 max_steps=4, batch_size=2, learning_rate=2e-2, lora_dropout=0.1, save_steps=1, save_total_limit=2)
     return TrainConfig(**{**base, **kw})
+
+
+def checkpoint_step(path: str | None) -> int | None:
+    return None if path is None else int(path.rsplit("-", 1)[1])
 
 
 def adapter_weights(out: Path) -> dict:
@@ -85,36 +81,22 @@ def test_incomplete_checkpoint_is_not_resumed_from(tmp_path):
     assert last_checkpoint(tmp_path).endswith("checkpoint-2")
 
 
-def run_until(cmd: list[str], trigger: Path, timeout: float = 240) -> int:
-    """Start ``cmd``, SIGKILL it as soon as ``trigger`` exists; return its exit status (-9 when killed)."""
-    env = dict(os.environ, PYTHONPATH=SRC + os.pathsep + os.environ.get("PYTHONPATH", ""), HF_HUB_OFFLINE="1")
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
-    deadline = time.time() + timeout
-    while time.time() < deadline and not trigger.exists() and proc.poll() is None:
-        time.sleep(0.01)
-    proc.send_signal(signal.SIGKILL)
-    return proc.wait()
-
-
-def rerun(cmd: list[str]) -> subprocess.CompletedProcess:
-    env = dict(os.environ, PYTHONPATH=SRC + os.pathsep + os.environ.get("PYTHONPATH", ""), HF_HUB_OFFLINE="1")
-    return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
-
-
 def test_kill_9_during_training_then_resume_equals_uninterrupted(world):
     cfg = train_config(world, "killed", max_steps=5)
     reference = run_train(train_config(world, "uncut", max_steps=5))
     out = Path(cfg.output_dir)
-    cmd = [sys.executable, "-m", "forgetless.cli", "train", "--data", cfg.data, "--output-dir", str(out), "--model",
-           cfg.model, "--device", "cpu", "max_steps=5", "batch_size=2", "learning_rate=0.02", "lora_dropout=0.1",
-           "save_steps=1", "save_total_limit=2", "resume=true"]
-    status = run_until(cmd, out / "checkpoints" / "checkpoint-2" / "trainer_state.json")
-    assert status == -signal.SIGKILL  # killed mid-run, not finished
-    assert not (out / "manifest.json").exists() and not (out / "adapter").exists()
-    done = rerun(cmd)
+    cmd = cli("train", "--data", cfg.data, "--output-dir", str(out), "--model", cfg.model, "--device", "cpu", "max_steps=5",
+              "batch_size=2", "learning_rate=0.02", "lora_dropout=0.1", "save_steps=1", "save_total_limit=2", "resume=true")
+    kill_mid_run(cmd, out, trigger=out / "checkpoints" / "checkpoint-2" / "trainer_state.json",
+                 too_late=[out / "checkpoints" / "checkpoint-5", out / "adapter", out / "manifest.json"])
+    # Killed mid-run: a resumable checkpoint before the last step (1 if the kill cut checkpoint-2 short), no results.
+    resume_step = checkpoint_step(last_checkpoint(out))
+    assert resume_step is not None and 1 <= resume_step < 5
+    assert not (out / "manifest.json").exists() and not (out / "train_summary.json").exists()
+    done = run_to_end(cmd)
     assert done.returncode == 0, done.stderr[-2000:]
     summary = json.loads((out / "train_summary.json").read_text())
-    assert summary["resumed_from"] and int(summary["resumed_from"].rsplit("-", 1)[1]) >= 1  # 1 if the kill cut checkpoint-2 short
+    assert checkpoint_step(summary["resumed_from"]) == resume_step  # resumed, not started over
     assert [s for s, _ in losses(out)] == list(range(1, 6))
     assert [v for _, v in losses(out)] == pytest.approx([v for _, v in losses(reference)], rel=1e-5)
     a, b = adapter_weights(out), adapter_weights(reference)
@@ -136,12 +118,10 @@ def test_kill_9_during_evaluation_then_rerun_keeps_finished_tasks(world, tmp_pat
         tasks.append(str(tmp_path / f"{name}.json"))
     settings = ["batch_size=1", "cache=false", "progress=false", "device=cpu", f"tasks=[{','.join(tasks)}]"]
     out = tmp_path / "killed"
-    cmd = [sys.executable, "-m", "forgetless.cli", "eval", "--model", str(world / "model"), "--output-dir", str(out), *settings]
-    status = run_until(cmd, out / "first.json")
-    assert status == -signal.SIGKILL
-    assert not (out / "manifest.json").exists() and not (out / "second.json").exists()
+    cmd = cli("eval", "--model", str(world / "model"), "--output-dir", str(out), *settings)
+    kill_mid_run(cmd, out, trigger=out / "first.json", too_late=[out / "second.json", out / "manifest.json"])
     first_mtime = (out / "first.json").stat().st_mtime_ns
-    done = rerun(cmd)
+    done = run_to_end(cmd)
     assert done.returncode == 0, done.stderr[-2000:]
     assert (out / "first.json").stat().st_mtime_ns == first_mtime  # kept, not evaluated again
     assert "already evaluated" in done.stderr

@@ -20,10 +20,8 @@ from forgetless.train.stage import TrainConfig, run_train
 
 
 @pytest.fixture
-def world(tmp_path):
-    tok = build_tokenizer("chatml")
-    build_model(len(tok)).save_pretrained(tmp_path / "model")
-    tok.save_pretrained(tmp_path / "model")
+def world(tmp_path, tiny_model_copy):
+    """tmp_path with data.jsonl and a private copy of the tiny model in ``model`` (the tests below rewrite it)."""
     rows = [{"id": f"ex{i}", "prompt": f"Write a python function number {i}.",
              "response": "def add(a, b):\n    return a + b" + " + 0" * i} for i in range(8)]
     (tmp_path / "data.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))

@@ -120,14 +120,24 @@ def test_base_results_are_cached_and_reused(tmp_path):
     assert calls == [4, 2, 4]  # another subset, another model: no reuse
 
 
-def test_evaluate_in_memory_model(tmp_path, tokenizer, tiny_model):
-    task = _echo_task(tmp_path)
-    tiny_model.train()
-    cfg = EvalConfig(batch_size=2, progress=False)
-    results = evaluate_model(tiny_model, tokenizer, cfg, tmp_path / "out", tasks=[task])
-    assert results["echo"]["n"] == 4 and 0.0 <= results["echo"]["score"] <= 1.0
-    assert (tmp_path / "out" / "echo.items.jsonl").read_text().count("\n") == 4
-    assert tiny_model.training  # the caller's mode is restored
+# Wilson 95% intervals by hand: centre (p + z²/2n) / (1 + z²/n), half z·sqrt(p(1-p)/n + z²/4n²) / (1 + z²/n).
+WILSON_1_OF_4 = (0.0456, 0.6994)
+WILSON_N2 = {0: (0.0, 0.6576), 1: (0.0945, 0.9055), 2: (0.3424, 1.0)}  # k right of 2
+
+
+def test_evaluate_in_memory_model(tmp_path, tokenizer):
+    from conftest import build_model
+
+    task = _echo_task(tmp_path)  # "say i", gold i, for i = 0..3
+    model = _rigged(build_model(len(tokenizer)), tokenizer.convert_tokens_to_ids("1")).train()  # always says "1"
+    cfg = EvalConfig(batch_size=2, max_new_tokens=1, progress=False)
+    results = evaluate_model(model, tokenizer, cfg, tmp_path / "out", tasks=[task])
+    assert results["echo"]["n"] == 4 and results["echo"]["score"] == 0.25  # right on "say 1" only
+    assert list(results["echo"]["ci95"]) == pytest.approx(WILSON_1_OF_4, abs=1e-4)
+    records = [json.loads(line) for line in (tmp_path / "out" / "echo.items.jsonl").read_text().splitlines()]
+    assert [(r["gold"], r["output"], r["score"]) for r in records] == [("0", "1", 0.0), ("1", "1", 1.0),
+                                                                       ("2", "1", 0.0), ("3", "1", 0.0)]
+    assert model.training  # the caller's mode is restored
 
 
 def test_eval_config_validation():
@@ -165,10 +175,14 @@ def test_short_real_run_of_the_embedded_model(tmp_path, embedded):
     cfg = EvalConfig(tasks=tasks, limit=2, max_new_tokens=8, batch_size=2, progress=False, sandbox_timeout_s=5)
     results = evaluate_model(model, tokenizer, cfg, tmp_path / "out")
     assert set(results) == {"mbpp", "gsm8k", "math", "arc_challenge", "sql_shop"}
+    # 8 new tokens cannot hold a function that passes find_Min_Sum's or count_element_freq's asserts.
+    assert results["mbpp"]["score"] == 0.0
     for name, summary in results.items():
-        assert summary["n"] == 2 and 0.0 <= summary["score"] <= 1.0
         records = [json.loads(line) for line in (tmp_path / "out" / f"{name}.items.jsonl").read_text().splitlines()]
         assert all(isinstance(r["output"], str) and r["output"] for r in records)
+        right = [r["score"] for r in records]
+        assert summary["n"] == 2 and set(right) <= {0.0, 1.0}, name
+        assert summary["score"] == sum(right) / 2 and summary["ci95"] == pytest.approx(WILSON_N2[int(sum(right))], abs=1e-4)
     arc = [json.loads(line) for line in (tmp_path / "out" / "arc_challenge.items.jsonl").read_text().splitlines()]
     assert any(r["extracted"] in ("A", "B", "C", "D") for r in arc)  # the model answers with a letter
 

@@ -12,7 +12,7 @@ from forgetless.core.frontier import common_gains, interpolate_at_gain, matched_
 from forgetless.core.intervals import paired_difference
 from forgetless.train.probe import ProbeCallback, read_probes
 from forgetless.train.stage import run_train
-from test_train import Crash, config, setup  # noqa: F401  (setup is a fixture)
+from conftest import Crash, build_model, build_tokenizer, crash_at, train_config
 
 
 def test_interpolate_on_hand_made_curve():
@@ -81,7 +81,7 @@ def _probe_recorder(calls):
     return probe
 
 
-def test_probe_order_modes_and_last_step(setup, tmp_path):
+def test_probe_order_modes_and_last_step(train_world, tmp_path):
     calls = []
     out = tmp_path / "probes.jsonl"
     seen_modes = []
@@ -93,43 +93,36 @@ def test_probe_order_modes_and_last_step(setup, tmp_path):
             return r
 
     cb = Spy(out, _probe_recorder(calls), every=2)
-    run_train(config(setup, "probe-order", max_steps=5, lora_dropout=0.1), callbacks=[cb])
+    run_train(train_config(train_world, "probe-order", max_steps=5, lora_dropout=0.1), callbacks=[cb])
     assert [s for s, _ in calls] == [0, 2, 4, 5]  # step 0, every 2, and the last step
     assert [r["step"] for r in read_probes(out)] == [0, 2, 4, 5]
     assert all(seen_modes)  # the trainer's train mode is back after each probe
 
 
-def test_probe_resume_skips_done_steps(setup, tmp_path):
-    from transformers import TrainerCallback
-
-    class CrashAt(TrainerCallback):
-        def on_step_end(self, args, state, control, **kwargs):
-            if state.global_step == 3:
-                raise Crash()
-
+def test_probe_resume_skips_done_steps(train_world, tmp_path):
     out = tmp_path / "probes.jsonl"
     calls = []
     kw = dict(max_steps=5, save_steps=2)
     with pytest.raises(Crash):
-        run_train(config(setup, "probe-resume", **kw), callbacks=[ProbeCallback(out, _probe_recorder(calls), every=1), CrashAt()])
+        run_train(train_config(train_world, "probe-resume", **kw), callbacks=[ProbeCallback(out, _probe_recorder(calls), every=1), crash_at(3)])
     assert [s for s, _ in calls] == [0, 1, 2, 3]
     calls.clear()
-    run_train(config(setup, "probe-resume", resume=True, **kw), callbacks=[ProbeCallback(out, _probe_recorder(calls), every=1)])
+    run_train(train_config(train_world, "probe-resume", resume=True, **kw), callbacks=[ProbeCallback(out, _probe_recorder(calls), every=1)])
     assert [s for s, _ in calls] == [4, 5]  # resumed from checkpoint-2: steps 3 is in the file already
     assert [r["step"] for r in read_probes(out)] == [0, 1, 2, 3, 4, 5]
 
 
-def test_guard_stops_training(setup, tmp_path):
+def test_guard_stops_training(train_world, tmp_path):
     calls = []
     cb = ProbeCallback(tmp_path / "probes.jsonl", _probe_recorder(calls), every=1,
                        guard_metric="retention", guard_min=0.75, guard_restore=False)
-    d = run_train(config(setup, "probe-guard", max_steps=8), callbacks=[cb])
+    d = run_train(train_config(train_world, "probe-guard", max_steps=8), callbacks=[cb])
     # retention = 1 - 0.1 * step falls below 0.75 at step 3
     assert cb.stopped_at == 3
     assert json.loads((d / "train_summary.json").read_text())["global_steps"] == 3
 
 
-def test_guard_puts_back_the_last_passing_weights(setup, tmp_path):
+def test_guard_puts_back_the_last_passing_weights(train_world, tmp_path):
     from safetensors.torch import load_file
 
     seen = {}
@@ -139,18 +132,17 @@ def test_guard_puts_back_the_last_passing_weights(setup, tmp_path):
         return {"retention": 1.0 - 0.1 * step}
 
     cb = ProbeCallback(tmp_path / "probes.jsonl", probe, every=1, guard_metric="retention", guard_min=0.75)
-    d = run_train(config(setup, "probe-guard-restore", max_steps=8), callbacks=[cb])
+    d = run_train(train_config(train_world, "probe-guard-restore", max_steps=8), callbacks=[cb])
     assert (cb.stopped_at, cb.restored_to) == (3, 2)  # 0.7 < 0.75 at step 3; step 2 (0.8) was the last within
     saved = load_file(d / "adapter" / "adapter_model.safetensors")
     assert saved and all(torch.equal(w, seen[2][n]) for n, w in saved.items())
     assert not all(torch.equal(w, seen[3][n]) for n, w in saved.items())  # the step-3 weights were not kept
 
 
-def test_probe_keeps_adapter_state(setup):
+def test_probe_keeps_adapter_state():
     """A probe that disables the adapter inside leaves it enabled, with the same weights."""
     from peft import LoraConfig, get_peft_model
 
-    from conftest import build_model, build_tokenizer
     from forgetless.train.probe import preserved_state
 
     tok = build_tokenizer("chatml")

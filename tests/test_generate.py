@@ -104,11 +104,12 @@ def test_rephrase_prompt_holds_instruction_and_reference():
 
 @pytest.fixture
 def tiny_stage(monkeypatch, tokenizer, tiny_model, tmp_path):
-    """run_generate on the tiny model; the 'verifier' accepts answers of even length."""
+    """run_generate on the tiny model; the 'verifier' accepts any answer to e0 and e3, and every ground truth."""
     monkeypatch.setattr(gen, "load_model_and_tokenizer", lambda *a, **k: (tiny_model, tokenizer))
     monkeypatch.setattr(gen, "load_tokenizer", lambda *a, **k: tokenizer)
     monkeypatch.setattr(gen, "model_fingerprint", lambda *a, **k: "tiny")
-    monkeypatch.setattr(gen, "make_verifier", lambda *a, **k: Verifier("even", lambda e, a: len(a) % 2 == 0))
+    monkeypatch.setattr(gen, "make_verifier",
+                        lambda *a, **k: Verifier("e0-e3", lambda ex, answer: ex.id in ("e0", "e3") or answer == ex.response))
     data = tmp_path / "train.jsonl"
     data.write_text("".join(json.dumps({"id": f"e{i}", "prompt": f"Write a python function number {i}.",
                                         "response": "def add(a, b):\n    return a + b\n", "test_list": ["assert 1"]}) + "\n"
@@ -126,9 +127,10 @@ def test_run_generate_end_to_end_and_resume(tiny_stage):
     examples = load_examples(str(out / gen.DATA_FILE))  # readable by score/train like any data set
     assert len(examples) == 5
     stats = json.loads((out / "generation_stats.json").read_text())
-    expected_fallbacks = sum(not any(len(s["text"]) % 2 == 0 and s["text"].strip() for s in r["samples"]) for r in records)
-    assert stats["fallbacks"] == expected_fallbacks
-    assert stats["samples"] == 15 and stats["ground_truth_verified"] == 5  # the reference has even length (34)
+    # Only e0's and e3's samples pass: the other three prompts fall back to their ground truth.
+    assert (stats["prompts_with_verified_sample"], stats["fallbacks"]) == (2, 3)
+    assert [ex.meta["provenance"]["fallback"] for ex in examples] == [False, True, True, False, True]
+    assert stats["samples"] == 15 and stats["ground_truth_verified"] == 5
     for ex, r in zip(examples, records):
         prov = ex.meta["provenance"]
         assert set(prov) >= {"source", "sample_index", "verified", "base_ppl", "fallback"}
@@ -218,9 +220,12 @@ def test_paper_method_writes_the_authors_answers(tiny_stage, tmp_path):
     examples = load_examples(str(out / gen.DATA_FILE))
     stats = json.loads((out / "generation_stats.json").read_text())
     assert len(examples) == 3 and stats["prompts"] == 3
-    assert stats["fallbacks"] == sum(ex.meta["provenance"]["fallback"] for ex in examples)
+    # The bundled file: rows 0 and 1 hold a rephrasing that passed the tests, row 2 only the reference.
+    assert stats["fallbacks"] == 1
+    assert [ex.meta["provenance"]["source"] for ex in examples] == ["paper_rephrase", "paper_rephrase", "ground_truth"]
+    assert examples[2].response == load_examples("mbpp-train", limit=3)[2].response
+    assert examples[0].response != load_examples("mbpp-train", limit=1)[0].response
     assert all(ex.meta["provenance"]["base_ppl"] > 1.0 for ex in examples)
-    assert examples[0].meta["provenance"]["source"] == "paper_rephrase"
     assert not (out / gen.SAMPLES_FILE).exists()
 
 

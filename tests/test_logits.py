@@ -69,8 +69,25 @@ def test_rows_nll_by_hand():
 
 
 def test_gradients_flow_only_through_scored_rows():
+    """Tokens 2 and 3 are scored from hidden rows 1 and 2; rows 0 and 3 never meet the LM head."""
     model = build_model(16)
+    hidden = []
+
+    def keep_final_hidden(module, args, out):  # the decoder's output, which token_nll indexes
+        out.last_hidden_state.retain_grad()
+        hidden.append(out.last_hidden_state)
+
+    model.model.register_forward_hook(keep_final_hidden)
     ids = torch.tensor([[3, 5, 7, 2]])
     nll = token_nll(model, ids, torch.ones_like(ids), torch.tensor([[0, 0, 1, 1]]))
     nll[0, 2:].sum().backward()
-    assert model.lm_head.weight.grad is not None and model.lm_head.weight.grad.abs().sum() > 0
+    grad = hidden[0].grad[0]  # (T, H): d loss / d final hidden state
+    assert torch.count_nonzero(grad[[0, 3]]) == 0  # exactly zero, not merely small
+    assert (grad[[1, 2]].abs().sum(dim=-1) > 0).all()
+    # The LM head's gradient is that of the two scored rows alone: sum_r (softmax_r - onehot_r) h_r^T.
+    with torch.no_grad():
+        rows = hidden[0][0, [1, 2]]
+        probs = torch.softmax(model.lm_head(rows), dim=-1)
+        probs[0, 7] -= 1
+        probs[1, 2] -= 1
+    torch.testing.assert_close(model.lm_head.weight.grad, probs.T @ rows, rtol=1e-5, atol=1e-6)

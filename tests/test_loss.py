@@ -7,27 +7,16 @@ import math
 import pytest
 import torch
 
-from forgetless.train.collate import MaskedBatchCollator, build_sft_table
-from forgetless.lm.data import Example
+from conftest import conversations, drop_every
 from forgetless.core.logits import token_nll
+from forgetless.train.collate import MaskedBatchCollator, build_sft_table
 from forgetless.train.loss import compute_masked_loss, masked_loss, rows_kl, trained_rows
-
-
-def conversations(n):
-    answers = ["def add(a, b):\n    return a + b\n", "print('hello world')", "assert add(1, 2) == 3",
-               "The quick brown fox jumps over the lazy dog."]
-    return [Example(id=str(i), messages=[{"role": "user", "content": "Write a python function to add two numbers."},
-                                         {"role": "assistant", "content": answers[i % 4] * (1 + i % 3)}])
-            for i in range(n)]
 
 
 def batch(tokenizer, n=4, mask_every=None):
     rows = build_sft_table(conversations(n), tokenizer)
     if mask_every:  # an STM-like table: some response tokens dropped from the loss
-        for r in rows:
-            for i in range(len(r["labels"])):
-                if r["labels"][i] != -100 and i % mask_every == 0:
-                    r["labels"][i], r["loss_weight"][i] = -100, 0.0
+        drop_every(rows, mask_every)
     return rows, MaskedBatchCollator(tokenizer.pad_token_id)(rows)
 
 

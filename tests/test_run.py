@@ -4,19 +4,15 @@ import json
 
 import pytest
 
-from conftest import build_model, build_tokenizer
 from forgetless.cli import main
 
 
 @pytest.fixture
-def tiny_run_config(tmp_path):
-    tok = build_tokenizer("chatml")
-    build_model(len(tok), max_position_embeddings=2048).save_pretrained(tmp_path / "model")
-    tok.save_pretrained(tmp_path / "model")
+def tiny_run_config(tmp_path, tiny_model_dir):
     config = tmp_path / "run.yaml"
     config.write_text(f"""
 out_dir: {tmp_path / 'out'}
-model: {tmp_path / 'model'}
+model: {tiny_model_dir}
 data: mbpp-train
 limit: 4
 max_length: 1024
@@ -45,8 +41,7 @@ def test_run_writes_report_and_resumes(tiny_run_config, capsys, caplog):
     assert "### mbpp-validation" in report and "asserts passed" in report
     assert (out / "report" / "masked_fraction_vs_tau.png").stat().st_size > 1000
     assert (out / "report" / "drift_vs_gain.png").stat().st_size > 1000
-    data = json.loads((out / "report" / "report.json").read_text())
-    assert data  # the table as JSON
+    check_report_json(json.loads((out / "report" / "report.json").read_text()), out)
     for plot in ("training_loss.png", "delta_w.png", "token_ppl_distribution.png"):
         assert (out / "report" / plot).stat().st_size > 1000
     page = (out / "report" / "report.html").read_text()
@@ -62,6 +57,36 @@ def test_run_writes_report_and_resumes(tiny_run_config, capsys, caplog):
     # stages whose settings hold tuples (task lists) resume too: their stamps read back as lists
     assert "retention auto-tau-q0.3: done already" in caplog.text and "eval base: done already" in caplog.text
     assert "re-running" not in caplog.text
+
+
+def check_report_json(data: dict, out) -> None:
+    """report.json holds the config's runs and item counts, the base against itself, and TI/BWT that follow
+    from the rows' own scores (recomputed here); masked fraction and τ are the mask stage's."""
+    assert (data["base"], data["target"]) == ("base", "gsm8k") and data["tasks"][0] == "gsm8k"
+    rows = {r["label"]: r for r in data["rows"]}
+    assert list(rows) == ["base", "sft", "auto-tau-q0.3"] and [r["is_base"] for r in data["rows"]] == [True, False, False]
+    limits = {"gsm8k": 2, "arc_easy": 3, "drift:gsm8k": 2, "gen:gsm8k:format": 2, "gen:mbpp-validation": 2}
+    for row in data["rows"]:
+        assert {t: row["tasks"][t]["n"] for t in limits} == limits  # eval limit 2, mc_limit 3, drift/behaviour 2
+    assert rows["base"]["tasks"]["drift:gsm8k"]["score"] == 0.0  # the base drifts nothing from itself
+    assert "metrics" not in rows["base"] and set(rows["base"]["extras"].values()) == {None}
+    base = {t: r["score"] for t, r in rows["base"]["tasks"].items()}
+    for label in ("sft", "auto-tau-q0.3"):
+        row = rows[label]
+        tuned, m = {t: r["score"] for t, r in row["tasks"].items()}, row["metrics"]
+        assert m["TI_abs"] == pytest.approx(tuned["gsm8k"] - base["gsm8k"])
+        assert all(row["tasks"][t]["n"] > 0 for t in m["bwt_tasks"] + m["bwt_undefined"])  # never an empty task
+        rel = [(tuned[t] - base[t]) / base[t] for t in m["bwt_tasks"]]
+        assert m["BWT"] == (pytest.approx(sum(rel) / len(rel)) if rel else None)
+        both = m["bwt_tasks"] + m["bwt_undefined"]
+        assert m["BWT_abs"] == pytest.approx(sum(tuned[t] - base[t] for t in both) / len(both))
+        assert {t: d["n"] for t, d in row["paired"].items() if t in ("gsm8k", "arc_easy")} == {"gsm8k": 2, "arc_easy": 3}
+        assert row["extras"]["delta_w_norm"] > 0
+    assert rows["sft"]["extras"]["masked_fraction"] == 0.0
+    stats = json.loads((out / "masks" / "target-auto-tau-q0.3" / "mask_stats.json").read_text())
+    assert 0.2 < stats["masked_fraction"] <= 0.3
+    assert rows["auto-tau-q0.3"]["extras"]["masked_fraction"] == pytest.approx(stats["masked_fraction"])
+    assert rows["auto-tau-q0.3"]["extras"]["tau"] == pytest.approx(stats["tau"])
 
 
 def test_run_config_errors_name_the_section(tiny_run_config, capsys):

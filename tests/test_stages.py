@@ -7,18 +7,9 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from conftest import build_model, build_tokenizer
+from conftest import build_tokenizer, cli, kill_mid_run, run_to_end
 from forgetless.mask.stage import MaskConfig, run_mask
 from forgetless.score.stage import ScoreConfig, length_buckets, run_score
-
-
-@pytest.fixture
-def model_dir(tmp_path):
-    tok = build_tokenizer("chatml")
-    path = tmp_path / "tiny"
-    build_model(len(tok)).save_pretrained(path)
-    tok.save_pretrained(path)
-    return path
 
 
 @pytest.fixture
@@ -41,8 +32,8 @@ def flat_nll(table):
     return np.concatenate([np.asarray(x, dtype=np.float64) for x in table.column("nll").to_pylist()])
 
 
-def test_scores_file_columns_and_alignment(model_dir, data_file, tmp_path):
-    out = score(model_dir, data_file, tmp_path / "scores")
+def test_scores_file_columns_and_alignment(tiny_model_dir, data_file, tmp_path):
+    out = score(tiny_model_dir, data_file, tmp_path / "scores")
     table = pq.read_table(out / "scores.parquet")
     assert table.column_names[:4] == ["id", "input_ids", "response_mask", "nll"]
     assert table.column("id").to_pylist() == [f"ex{i}" for i in range(6)]  # input order survives bucketing
@@ -58,33 +49,33 @@ def test_scores_file_columns_and_alignment(model_dir, data_file, tmp_path):
     assert {"model", "template", "data", "max_length"} <= set(manifest["key"]) and "torch" in manifest["versions"]
 
 
-def test_rerun_reuses_and_changes_invalidate(model_dir, data_file, tmp_path, caplog):
-    out = score(model_dir, data_file, tmp_path / "scores")
+def test_rerun_reuses_and_changes_invalidate(tiny_model_copy, data_file, tmp_path, caplog):
+    out = score(tiny_model_copy, data_file, tmp_path / "scores")
     mtime = (out / "scores.parquet").stat().st_mtime_ns
-    score(model_dir, data_file, tmp_path / "scores")
+    score(tiny_model_copy, data_file, tmp_path / "scores")
     assert (out / "scores.parquet").stat().st_mtime_ns == mtime  # reused
     caplog.set_level("INFO")
-    score(model_dir, data_file, tmp_path / "scores", max_length=200)
+    score(tiny_model_copy, data_file, tmp_path / "scores", max_length=200)
     assert "max_length changed" in caplog.text
     assert (out / "scores.parquet").stat().st_mtime_ns != mtime
     data_file.write_text(data_file.read_text().replace("number 1.", "number one."))
     caplog.clear()
-    score(model_dir, data_file, tmp_path / "scores", max_length=200)
+    score(tiny_model_copy, data_file, tmp_path / "scores", max_length=200)
     assert "data changed" in caplog.text
     tok = build_tokenizer("chatml")
     tok.chat_template = tok.chat_template.replace("helpful", "careful")
-    tok.save_pretrained(model_dir)
+    tok.save_pretrained(tiny_model_copy)
     caplog.clear()
-    score(model_dir, data_file, tmp_path / "scores", max_length=200)
+    score(tiny_model_copy, data_file, tmp_path / "scores", max_length=200)
     assert "template changed" in caplog.text
 
 
-def test_truncation_and_skip_are_counted(model_dir, data_file, tmp_path):
-    lengths = [len(r) for r in pq.read_table(score(model_dir, data_file, tmp_path / "a") / "scores.parquet").column("input_ids").to_pylist()]
+def test_truncation_and_skip_are_counted(tiny_model_dir, data_file, tmp_path):
+    lengths = [len(r) for r in pq.read_table(score(tiny_model_dir, data_file, tmp_path / "a") / "scores.parquet").column("input_ids").to_pylist()]
     limit = sorted(lengths)[3]  # the two longest... three longest exceed it or equal
     over = sum(n > limit for n in lengths)
-    a = json.loads((score(model_dir, data_file, tmp_path / "b", max_length=limit) / "stats.json").read_text())
-    b = json.loads((score(model_dir, data_file, tmp_path / "c", max_length=limit, overlong="skip") / "stats.json").read_text())
+    a = json.loads((score(tiny_model_dir, data_file, tmp_path / "b", max_length=limit) / "stats.json").read_text())
+    b = json.loads((score(tiny_model_dir, data_file, tmp_path / "c", max_length=limit, overlong="skip") / "stats.json").read_text())
     assert a["truncated"] == over and a["scored_examples"] == 6
     assert b["skipped_overlong"] == over and b["scored_examples"] == 6 - over
 
@@ -98,8 +89,8 @@ def test_length_buckets_respect_budget_and_cover_all():
     assert batches[0] == [5]  # longest first, alone
 
 
-def test_mask_stage_labels_and_weights(model_dir, data_file, tmp_path):
-    scores = score(model_dir, data_file, tmp_path / "scores")
+def test_mask_stage_labels_and_weights(tiny_model_dir, data_file, tmp_path):
+    scores = score(tiny_model_dir, data_file, tmp_path / "scores")
     table = pq.read_table(scores / "scores.parquet")
     out = run_mask(MaskConfig(scores=str(scores), policy="threshold", tau=2.5, out_dir=str(tmp_path / "m")))
     masked = pq.read_table(out / "data.parquet")
@@ -117,8 +108,8 @@ def test_mask_stage_labels_and_weights(model_dir, data_file, tmp_path):
     assert n_masked == int((nll_flat > math.log(2.5)).sum())
 
 
-def test_mask_stage_counts_examples_left_without_tokens(model_dir, data_file, tmp_path):
-    scores = score(model_dir, data_file, tmp_path / "scores")
+def test_mask_stage_counts_examples_left_without_tokens(tiny_model_dir, data_file, tmp_path):
+    scores = score(tiny_model_dir, data_file, tmp_path / "scores")
     out = run_mask(MaskConfig(scores=str(scores), policy="threshold", tau=1.0000001, out_dir=str(tmp_path / "m")))
     stats = json.loads((out / "mask_stats.json").read_text())
     assert stats["examples_without_trained_tokens"] == 6 and stats["trained_tokens"] == 0
@@ -129,10 +120,10 @@ def test_mask_stage_needs_finished_scores(tmp_path):
         run_mask(MaskConfig(scores=str(tmp_path / "nothing"), out_dir=str(tmp_path / "m")))
 
 
-def test_crash_mid_scoring_resumes_and_equals_uninterrupted(model_dir, data_file, tmp_path, monkeypatch):
+def test_crash_mid_scoring_resumes_and_equals_uninterrupted(tiny_model_dir, data_file, tmp_path, monkeypatch):
     import forgetless.score.stage as scoring
 
-    full = pq.read_table(score(model_dir, data_file, tmp_path / "full", part_size=2) / "scores.parquet")
+    full = pq.read_table(score(tiny_model_dir, data_file, tmp_path / "full", part_size=2) / "scores.parquet")
     real, calls = scoring.score_encoded, []
 
     def crash_on_second_part(*args, **kwargs):
@@ -143,38 +134,36 @@ def test_crash_mid_scoring_resumes_and_equals_uninterrupted(model_dir, data_file
 
     monkeypatch.setattr(scoring, "score_encoded", crash_on_second_part)
     with pytest.raises(KeyboardInterrupt):
-        score(model_dir, data_file, tmp_path / "crash", part_size=2)
+        score(tiny_model_dir, data_file, tmp_path / "crash", part_size=2)
     assert not (tmp_path / "crash" / "manifest.json").exists() and not (tmp_path / "crash" / "scores.parquet").exists()
     assert (tmp_path / "crash" / "parts" / "part-00000.npz").is_file()
     calls.clear()
     monkeypatch.setattr(scoring, "score_encoded", lambda *a, **k: (calls.append(1), real(*a, **k))[1])
-    resumed = pq.read_table(score(model_dir, data_file, tmp_path / "crash", part_size=2) / "scores.parquet")
+    resumed = pq.read_table(score(tiny_model_dir, data_file, tmp_path / "crash", part_size=2) / "scores.parquet")
     assert len(calls) == 2  # parts 1 and 2 of 3; part 0 came from disk
     assert np.allclose(flat_nll(resumed), flat_nll(full), equal_nan=True, atol=1e-6)
     assert not (tmp_path / "crash" / "parts").exists()
 
 
-def test_kill_9_during_scoring_then_rerun(model_dir, tmp_path):
-    import signal
-    import subprocess
-    import sys
-    import time
+def test_kill_9_during_scoring_then_rerun(tiny_model_dir, tmp_path):
+    import re
 
     rows = [{"prompt": f"Write a python function number {i}.", "response": "def add(a, b):\n    return a + b" * (1 + i % 5)} for i in range(60)]
     data = tmp_path / "many.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
     out = tmp_path / "killed"
-    cmd = [sys.executable, "-m", "forgetless.cli", "score", "--model", str(model_dir), "--data", str(data),
-           "--out-dir", str(out), "part_size=1", "batch_tokens=64", "device=cpu"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 120
-    while time.time() < deadline and not (out / "parts" / "part-00002.npz").exists() and proc.poll() is None:
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert not (out / "manifest.json").exists() or proc.returncode == 0
-    assert subprocess.run(cmd, capture_output=True).returncode == 0
-    reference = score(model_dir, data, tmp_path / "clean")
+    cmd = cli("score", "--model", str(tiny_model_dir), "--data", str(data), "--out-dir", str(out), "part_size=1",
+              "batch_tokens=64", "device=cpu")
+    # Killed mid-run: part 2 saved, the last of the 60 parts and the results not yet.
+    kill_mid_run(cmd, out, trigger=out / "parts" / "part-00002.npz",
+                 too_late=[out / "parts" / "part-00059.npz", out / "scores.parquet", out / "manifest.json"])
+    saved = len(list((out / "parts").glob("part-*.npz")))
+    assert 3 <= saved < 60
+    done = run_to_end(cmd)
+    assert done.returncode == 0, done.stderr[-2000:]
+    resumed = re.search(r"resuming: (\d+) of 60 parts", done.stderr)
+    assert resumed and int(resumed.group(1)) == saved  # the re-run kept every saved part
+    reference = score(tiny_model_dir, data, tmp_path / "clean")
     a, b = (flat_nll(pq.read_table(d / "scores.parquet")) for d in (out, reference))
     assert np.allclose(a, b, equal_nan=True, atol=1e-5)
     assert not list(out.glob(".*.tmp"))

@@ -45,12 +45,23 @@ def test_mbpp_items_have_stable_ids_and_paper_prompt():
 
 # --- GSM8K ----------------------------------------------------------------------------------
 
-def test_gsm8k_gold_extraction_on_every_shipped_answer():
+# Shipped problems solved by hand: (index, gold, a right answer written unlike the gold, a wrong one).
+GSM8K_SOLVED = [
+    (0, 5.0, "10 cans at $.50 each: he spends $5.00", "#### 5.5"),  # 80 / 8 = 10 cans, 10 x $0.5
+    (18, -47.0, "N = -51, so the largest is -47.", "The largest is 47."),  # 3N + 6 = -147
+    (65, 132000.0, "3*24000 + 4*8000 + 7*4000 = 132000 pounds", "#### 128,000"),  # red 3 x 8000 each
+    (322, 86400.0, "32 m^3 x 2700 = 86400.0 kg", "#### 8640"),  # 2 x 2 x 8 = 32 cubic metres
+]
+
+
+def test_gsm8k_shipped_golds_and_answers_written_otherwise():
     items = load_gsm8k()
     assert len(items) == 747 and len({it.id for it in items}) == 747
-    assert items[0].gold == 5.0
-    for it in items:  # the shipped answer, scored as an output, is right
-        assert numbers_equal(gsm8k_extract(it.record["answer"]), it.gold) == 1.0
+    task = get_task("gsm8k")
+    for index, gold, right, wrong in GSM8K_SOLVED:
+        assert items[index].gold == gold, index
+        scored = task.evaluate([right, wrong], [items[index]] * 2)
+        assert [s.score for s in scored] == [1.0, 0.0], index
 
 
 @pytest.mark.parametrize("output,expected", [
@@ -82,10 +93,25 @@ def test_last_boxed_balances_braces():
     assert last_boxed(r"\boxed{unclosed") is None
 
 
-def test_math_gold_solutions_are_equivalent_to_their_own_answers():
-    items = load_math()[:60]
-    for it in items:
-        assert answers_equivalent(math_extract(it.record["solution"]), it.gold) == 1.0, it.id
+# Shipped golds (the solution's last box) with an equal answer written otherwise and a different one.
+MATH_SOLVED = [
+    (0, "3600", r"3.6 \times 10^3", "3601"),
+    (1, r"\frac{\sqrt{3}}{3}", r"\frac{1}{\sqrt{3}}", r"\frac{\sqrt{3}}{2}"),
+    (2, r"\frac{\sqrt6}3", r"\sqrt{\frac{2}{3}}", r"\frac{\sqrt{6}}{2}"),
+    (11, r"\frac{1}{256}", "0.00390625", "0.0039"),
+    (19, r"\$76.80", "76.8", "76.08"),
+    (26, "x = -1", "-1", "1"),
+    (27, "21a^5 - 7a^4 - 16a^2 + 32a", "32a - 16a^2 - 7a^4 + 21a^5", "21a^5 - 7a^4 - 16a^2 + 31a"),
+]
+
+
+def test_math_shipped_golds_judged_by_math_verify():
+    items, task = load_math(), get_task("math")
+    for index, gold, right, wrong in MATH_SOLVED:
+        assert items[index].gold == gold, index
+        assert right.replace(" ", "") != gold.replace(" ", "")  # so the equal-strings shortcut cannot decide
+        outputs = [f"The answer is $\\boxed{{{right}}}$.", f"So $\\boxed{{{wrong}}}$"]
+        assert [s.score for s in task.evaluate(outputs, [items[index]] * 2)] == [1.0, 0.0], index
 
 
 @pytest.mark.parametrize("output,gold,expected", [
@@ -202,6 +228,7 @@ def test_custom_sql_definition_and_bad_definitions(tmp_path, sql_fixture):
     ("exact_match", " Paris. ", "paris", 1.0), ("exact_match", "Paris, France", "paris", 0.0),
     ("contains", "It is Paris, France", "paris", 1.0), ("numeric", "about 1,000", "1000", 1.0),
     ("numeric", "12", 13, 0.0), ("choice", "b", "B", 1.0), ("math_verify", r"\frac{1}{4}", "0.25", 1.0),
+    ("math_verify", r"\frac{1}{3}", "0.25", 0.0),
     ("exact_match", None, "x", 0.0),
 ])
 def test_custom_metrics(metric, pred, gold, expected):

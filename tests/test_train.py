@@ -7,35 +7,29 @@ import json
 import pytest
 import torch
 
-from conftest import build_model, build_tokenizer
+from conftest import Crash, build_model, conversations, crash_at, train_config
 from forgetless.train.collate import (MaskedBatchCollator, TableError, build_sft_table, check_row, read_table,
-                                table_counts, write_table)
+                                      table_counts, write_table)
 from forgetless.train.stage import TrainConfig, run_train
-from test_loss import conversations
+
+# train_world's tables: the 8 responses (answer + <|im_end|>) are these many tokens, each starting at position 30.
+RESPONSE_LENGTHS = [14, 11, 28, 11, 27, 16, 10, 21]  # 138 in all
+# stm.parquet drops positions divisible by 3; 30 is one, so ceil(n / 3) of each: 5+4+10+4+9+6+4+7 = 49 dropped.
+EXPECTED_COUNTS = {
+    "sft": {"examples": 8, "response_tokens": 138, "trained_tokens": 138, "trained_weight": 138.0,
+            "masked_fraction": 0.0, "examples_without_trained_tokens": 0},
+    "stm": {"examples": 8, "response_tokens": 138, "trained_tokens": 89, "trained_weight": 89.0,
+            "masked_fraction": 49 / 138, "examples_without_trained_tokens": 0},
+}
 
 
-@pytest.fixture(scope="module")
-def setup(tmp_path_factory):
-    """A saved tiny model directory and an SFT table of 8 conversations, plus an STM-like masked copy."""
-    root = tmp_path_factory.mktemp("train")
-    tok = build_tokenizer("chatml")
-    build_model(len(tok)).save_pretrained(root / "model")
-    tok.save_pretrained(root / "model")
-    rows = build_sft_table(conversations(8), tok)
-    write_table(rows, root / "sft.parquet")
-    for r in rows:  # drop every third response token from the loss
-        for i, y in enumerate(r["labels"]):
-            if y != -100 and i % 3 == 0:
-                r["labels"][i], r["loss_weight"][i] = -100, 0.0
-    write_table(rows, root / "stm.parquet")
-    return root, tok
-
-
-def config(setup, name, table="sft", **kw):
-    root, _ = setup
-    base = dict(data=str(root / f"{table}.parquet"), output_dir=str(root / name), model=str(root / "model"),
-                max_steps=2, batch_size=2, learning_rate=5e-2, lora_dropout=0.0)
-    return TrainConfig(**{**base, **kw})
+def test_train_world_tables_hold_the_hand_counted_tokens(train_world):
+    for table in ("sft", "stm"):
+        rows = read_table(train_world.root / f"{table}.parquet")
+        assert [sum(r["response_mask"]) for r in rows] == RESPONSE_LENGTHS
+        assert all(r["response_mask"].index(1) == 30 for r in rows)
+        trained = sum(y != -100 for r in rows for y in r["labels"])
+        assert trained == EXPECTED_COUNTS[table]["trained_tokens"]
 
 
 def test_build_sft_table_and_collator(tokenizer):
@@ -72,21 +66,20 @@ def test_config_validation(tmp_path):
 
 
 @pytest.mark.parametrize("adapter,method,table", [("lora", "sft", "sft"), ("dora", "stm", "stm"), ("full", "kl", "sft")])
-def test_run_train_outputs(setup, adapter, method, table):
-    cfg = config(setup, f"run-{adapter}", table, adapter=adapter, method=method,
+def test_run_train_outputs(train_world, adapter, method, table):
+    cfg = train_config(train_world, f"run-{adapter}", table, adapter=adapter, method=method,
                  kl_coef=0.5 if method == "kl" else 0.0, merge=adapter != "full")
     out = run_train(cfg)
     lines = [json.loads(x) for x in (out / "loss.jsonl").read_text().splitlines()]
     assert [x["step"] for x in lines] == [1, 2] and all(x["trained_tokens"] > 0 for x in lines)
     assert ("kl_per_token" in lines[0]) == (method == "kl")
     summary = json.loads((out / "train_summary.json").read_text())
-    expected = table_counts(read_table(cfg.data))
-    assert summary["table"] == expected and (expected["masked_fraction"] > 0.2) == (table == "stm")
+    assert summary["table"] == pytest.approx(EXPECTED_COUNTS[table])
     diag = json.loads((out / "diagnostics.json").read_text())
     assert diag["num_modules"] == 14 and diag["total_frobenius"] > 0
     assert json.loads((out / "manifest.json").read_text())["data_fingerprint"]
     ids = torch.tensor([read_table(cfg.data)[0]["input_ids"]])
-    base = build_model(len(setup[1]))
+    base = build_model(len(train_world.tokenizer))
     if adapter == "full":
         from transformers import AutoModelForCausalLM
 
@@ -94,7 +87,7 @@ def test_run_train_outputs(setup, adapter, method, table):
     else:
         from peft import PeftModel
 
-        tuned = PeftModel.from_pretrained(build_model(len(setup[1])), out / "adapter").eval()
+        tuned = PeftModel.from_pretrained(build_model(len(train_world.tokenizer)), out / "adapter").eval()
         from transformers import AutoModelForCausalLM
 
         merged = AutoModelForCausalLM.from_pretrained(out / "merged")
@@ -103,42 +96,29 @@ def test_run_train_outputs(setup, adapter, method, table):
         assert (tuned(ids).logits - base(ids).logits).abs().max() > 1e-3
 
 
-def test_trainer_accumulation_1x4_equals_4x1(setup):
+def test_trainer_accumulation_1x4_equals_4x1(train_world):
     """Through the real Trainer: one SGD step of batch 4 x 1 and of batch 1 x 4 give the same weights."""
     from transformers import AutoModelForCausalLM
 
-    common = dict(adapter="full", max_steps=1, optim="sgd", learning_rate=1.0, max_grad_norm=1e9, table="stm")
-    a = run_train(config(setup, "ga-4x1", batch_size=4, grad_accum=1, **{k: v for k, v in common.items() if k != "table"},
-                         data=str(setup[0] / "stm.parquet"), epochs=1.0))
-    b = run_train(config(setup, "ga-1x4", batch_size=1, grad_accum=4, **{k: v for k, v in common.items() if k != "table"},
-                         data=str(setup[0] / "stm.parquet"), epochs=1.0))
+    common = dict(table="stm", adapter="full", max_steps=1, optim="sgd", learning_rate=1.0, max_grad_norm=1e9, epochs=1.0)
+    a = run_train(train_config(train_world, "ga-4x1", batch_size=4, grad_accum=1, **common))
+    b = run_train(train_config(train_world, "ga-1x4", batch_size=1, grad_accum=4, **common))
     la, lb = (json.loads((d / "loss.jsonl").read_text().splitlines()[0]) for d in (a, b))
     assert la["trained_tokens"] == lb["trained_tokens"]
     assert la["loss"] == pytest.approx(lb["loss"], rel=1e-5)
     wa, wb = (AutoModelForCausalLM.from_pretrained(d / "model").state_dict() for d in (a, b))
-    base = build_model(len(setup[1])).state_dict()
+    base = build_model(len(train_world.tokenizer)).state_dict()
     assert (wa["model.layers.0.mlp.up_proj.weight"] - base["model.layers.0.mlp.up_proj.weight"]).abs().max() > 1e-4
     for k in wa:
         torch.testing.assert_close(wa[k], wb[k], rtol=1e-4, atol=1e-5)
 
 
-class Crash(Exception):
-    pass
-
-
-def test_resume_after_crash_matches_uninterrupted(setup):
-    from transformers import TrainerCallback
-
-    class CrashAt(TrainerCallback):
-        def on_step_end(self, args, state, control, **kwargs):
-            if state.global_step == 3:
-                raise Crash()
-
+def test_resume_after_crash_matches_uninterrupted(train_world):
     kw = dict(max_steps=5, save_steps=2, lora_dropout=0.1, learning_rate=2e-2)
-    full = run_train(config(setup, "resume-full", **kw))
+    full = run_train(train_config(train_world, "resume-full", **kw))
     with pytest.raises(Crash):
-        run_train(config(setup, "resume-cut", **kw), callbacks=[CrashAt()])
-    cut = run_train(config(setup, "resume-cut", resume=True, **kw))
+        run_train(train_config(train_world, "resume-cut", **kw), callbacks=[crash_at(3)])
+    cut = run_train(train_config(train_world, "resume-cut", resume=True, **kw))
     summary = json.loads((cut / "train_summary.json").read_text())
     assert summary["resumed_from"].endswith("checkpoint-2")
     steps = [json.loads(x)["step"] for x in (cut / "loss.jsonl").read_text().splitlines()]

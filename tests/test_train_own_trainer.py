@@ -5,10 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import build_model
+from conftest import build_model, conversations, drop_every
 from forgetless.train.collate import MaskedBatchCollator, build_sft_table
 from forgetless.train.loss import MaskedLossMixin, compute_masked_loss
-from test_loss import conversations
 
 
 def model_for(tokenizer):
@@ -17,12 +16,7 @@ def model_for(tokenizer):
 
 
 def stm_like_rows(tokenizer, n=4):
-    rows = build_sft_table(conversations(n), tokenizer)
-    for r in rows:
-        for i, y in enumerate(r["labels"]):
-            if y != -100 and i % 3 == 0:
-                r["labels"][i], r["loss_weight"][i] = -100, 0.0
-    return rows
+    return drop_every(build_sft_table(conversations(n), tokenizer), 3)
 
 
 def sft_config(tmp_path, **kw):

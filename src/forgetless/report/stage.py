@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -96,6 +97,10 @@ def forgetting_metrics(base: dict[str, float], tuned: dict[str, float], target: 
     else:
         notes.append(f"TI undefined: target task {target} missing from base or tuned results")
     others = [t for t in base if t in tuned and t != target and t not in lower_is_better and not is_sub_measure(t)]
+    unscored = [t for t in others if math.isnan(base[t]) or math.isnan(tuned[t])]  # no items: the score is NaN
+    if unscored:
+        notes.append(f"BWT leaves out {', '.join(unscored)}: no items scored")
+        others = [t for t in others if t not in unscored]
     rel = {t: relative_change(tuned[t], base[t]) for t in others}
     defined = [t for t in others if rel[t] is not None]
     undefined = [t for t in others if rel[t] is None]
