@@ -124,3 +124,14 @@ def test_behaviour_on_a_graded_target_set(tokenizer, tmp_path):
                             "gen:mbpp-validation:surprise"}
     assert records["gen:mbpp-validation"]["metric"] == "asserts" and records["gen:mbpp-validation"]["n"] == 2
     assert records["gen:mbpp-validation"]["score"] == 0.0  # eight random tokens pass no test
+
+
+def test_bounded_share_gets_an_interval_inside_zero_one():
+    from forgetless.retention.records import make_record
+
+    # One of five prompts keeps its working. Normal interval: 0.2 ± 1.96·0.447/√5 = [-0.19, 0.59].
+    # Bootstrap: a resample mean is 0 with chance 0.8^5 = 0.33 (> 2.5%), >= 0.6 with chance 0.058
+    # and >= 0.8 with 0.0067, so the 2.5% and 97.5% points are 0 and 0.6.
+    rec = make_record("gen:gsm8k", "working_kept", [0.0, 0.0, 0.0, 0.0, 1.0], higher_is_better=True, bounded=True)
+    assert rec["score"] == pytest.approx(0.2) and rec["ci95"] == pytest.approx([0.0, 0.6])
+    assert make_record("x", "m", [0.0, 0.0, 0.0, 0.0, 1.0], higher_is_better=True)["ci95"][0] < 0

@@ -207,6 +207,7 @@ def evaluate_behaviour(model, tokenizer, base_model=None, source: str = "gsm8k",
         values = [r[metric] for r in rows if r.get(metric) is not None and not math.isnan(r[metric])]
         chance = profile.chance if metric == "accuracy" else None
         records[name] = make_record(name, metric, values, higher_is_better=higher, binary=binary, chance=chance,
+                                    bounded=metric in ("working_kept", "asserts"),
                                     settings=settings)
         if out_dir is not None:
             write_task(out_dir, records[name], [{**r, "score": r[metric]} for r in rows

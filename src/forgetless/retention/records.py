@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from forgetless.lm.artifacts import write_text
-from forgetless.core.intervals import mean_interval, wilson_interval
+from forgetless.core.intervals import bootstrap_interval, mean_interval, wilson_interval
 
 
 def task_filename(task: str) -> str:
@@ -28,12 +28,16 @@ def task_filename(task: str) -> str:
 
 def make_record(task: str, metric: str, item_scores: list[float], *, higher_is_better: bool,
                 chance: float | None = None, settings: dict[str, Any] | None = None,
-                binary: bool = False) -> dict[str, Any]:
-    """Record of the mean of ``item_scores``: Wilson interval when ``binary``, else normal."""
+                binary: bool = False, bounded: bool = False) -> dict[str, Any]:
+    """Record of the mean of ``item_scores``: Wilson interval when ``binary``; percentile bootstrap
+    when ``bounded`` (shares in [0, 1] such as the working kept: the interval stays inside the
+    range, where the normal one crosses 0 on a few items near it); else normal."""
     n = len(item_scores)
     if binary:
         score = sum(item_scores) / n if n else math.nan
         lo, hi = wilson_interval(sum(item_scores), n)
+    elif bounded and n:
+        score, (lo, hi) = sum(item_scores) / n, bootstrap_interval(list(item_scores))
     else:
         score, lo, hi = mean_interval(item_scores)
     return {"task": task, "metric": metric, "score": score, "n": n, "ci95": [lo, hi],
