@@ -213,6 +213,9 @@ def training_arguments(config: TrainConfig, out: Path, device: str, dtype: torch
         deepspeed=config.deepspeed, dataloader_num_workers=0,
         # The normalisation needs the trained tokens of every process (transformers 5.23 default; stated, not assumed).
         average_tokens_across_devices=True,
+        # Every trainable weight takes part in every forward (an all-masked batch too, through `hidden.sum() * 0`):
+        # DDP need not search the graph for unused ones (the Trainer's default for a PEFT model).
+        ddp_find_unused_parameters=False,
     )
 
 
@@ -412,6 +415,7 @@ def run_train(config: TrainConfig, callbacks: list | None = None) -> Path:
     try:
         result = trainer.train(resume_from_checkpoint=resume_from)
     except NonFiniteLossError as e:
+        end_processes(trainer)  # every process raised at the same micro-batch
         kept = last_checkpoint(out)
         raise NonFiniteLossError(f"{e}; last good checkpoint: {kept or 'none (save_steps=0)'}"
                                  f"{' (resume=true continues from it)' if kept else ''}") from None
@@ -420,17 +424,27 @@ def run_train(config: TrainConfig, callbacks: list | None = None) -> Path:
     model.eval()
     diag = weight_diagnostics(config, model, base_state) if main and engine is None else None  # before a merge
     save_outputs(config, out, trainer, tokenizer, sharded=engine is not None)
-    if not main:
-        return out  # one process writes the rest
-    if diag is None:
-        diag = saved_diagnostics(config, out, args.device)
-    write_json(out / "diagnostics.json", diag)
-    summary = {"table": counts, "global_steps": result.global_step, "train_loss": result.training_loss,
-               "trained_tokens_seen": ref.get("tokens", 0), "wall_time_s": wall,
-               "resumed_from": resume_from, "method": config.method, "adapter": config.adapter,
-               "processes": args.world_size, "distributed": trainer.accelerator.distributed_type.value,
-               "weights_sharded": engine}
-    write_json(out / "train_summary.json", summary)
-    write_json(out / "manifest.json", manifest(config, tokenizer))
-    print_diagnostics(diag, summary)
+    if main:  # one process writes the rest
+        if diag is None:
+            diag = saved_diagnostics(config, out, args.device)
+        write_json(out / "diagnostics.json", diag)
+        summary = {"table": counts, "global_steps": result.global_step, "train_loss": result.training_loss,
+                   "trained_tokens_seen": ref.get("tokens", 0), "wall_time_s": wall,
+                   "resumed_from": resume_from, "method": config.method, "adapter": config.adapter,
+                   "processes": args.world_size, "distributed": trainer.accelerator.distributed_type.value,
+                   "weights_sharded": engine}
+        write_json(out / "train_summary.json", summary)
+        write_json(out / "manifest.json", manifest(config, tokenizer))
+        print_diagnostics(diag, summary)
+    end_processes(trainer)
     return out
+
+
+def end_processes(trainer) -> None:
+    """Wait for every process, then take the process group down (``Trainer.end``; nothing in one process).
+
+    Processes that exit one by one, with the group still up, can abort at exit (seen with gloo:
+    "terminate called without an active exception"); a later ``run_train`` in the same processes starts a new group.
+    """
+    barrier()
+    trainer.end()
