@@ -35,7 +35,13 @@ def head_logits(head, hidden: torch.Tensor, softcap: float | None) -> torch.Tens
 
 
 def chunk_rows(vocab_size: int) -> int:
-    return max(1, _CHUNK_BYTES // (4 * vocab_size))
+    return max(1, _CHUNK_BYTES // (4 * max(vocab_size, 1)))
+
+
+def head_rows(head) -> int:
+    """Vocabulary rows of an LM head, read from the module: under ZeRO-3 / FSDP ``head.weight`` may be a ``[0]``
+    partition or a shard outside the forward, but ``out_features`` stays the full size."""
+    return getattr(head, "out_features", None) or head.weight.shape[0]
 
 
 def target_nll(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -46,7 +52,7 @@ def target_nll(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
 def rows_nll(head, hidden: torch.Tensor, targets: torch.Tensor, softcap: float | None = None) -> torch.Tensor:
     """``-log p(target)`` for each hidden row: ``(N, H), (N,) -> (N,)`` fp32, chunked over N."""
     out = []
-    step = chunk_rows(head.weight.shape[0])
+    step = chunk_rows(head_rows(head))
     for s in range(0, hidden.shape[0], step):
         logits = head_logits(head, hidden[s : s + step], softcap)  # (n, V)
         out.append(target_nll(logits, targets[s : s + step]))

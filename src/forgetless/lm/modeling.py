@@ -140,17 +140,23 @@ def load_tokenizer(name: str, revision: str | None = None):
     return tokenizer
 
 
-def load_model(name: str, revision: str | None = None, dtype: str = "auto", device: str | None = None):
-    """Model in eval mode on ``device`` (default: CUDA when present, else CPU)."""
+def load_model(name: str, revision: str | None = None, dtype: str = "auto", device: str | None = None,
+               place: bool = True):
+    """Model in eval mode on ``device`` (default: CUDA when present, else CPU).
+
+    ``place=False`` picks the dtype for ``device`` but leaves the weights where loading put them: on the CPU, or
+    partitioned by DeepSpeed ZeRO-3 (``zero.Init`` runs inside ``from_pretrained`` when the training arguments
+    have enabled it), for an engine such as FSDP or DeepSpeed to place and shard.
+    """
     from transformers import AutoModelForCausalLM
 
-    device = device or default_device()
+    device = str(device or default_device())
     path = resolve_model_path(name)
     try:
         model = AutoModelForCausalLM.from_pretrained(path, revision=revision, dtype=pick_dtype(dtype, device))
     except (OSError, ValueError) as e:
         raise ModelLoadError(_load_hint(name, e)) from None
-    return model.to(device).eval()
+    return (model.to(device) if place else model).eval()
 
 
 def load_model_and_tokenizer(name: str = EMBEDDED, revision: str | None = None, dtype: str = "auto", device: str | None = None):

@@ -27,7 +27,7 @@ import math
 
 import torch
 
-from forgetless.core.logits import chunk_rows, head_logits, split_causal_lm
+from forgetless.core.logits import chunk_rows, head_logits, head_rows, split_causal_lm
 from forgetless.lm.batching import length_buckets, right_pad
 from forgetless.retention.answers import base_answers, prompt_set, with_stop
 from forgetless.retention.basecache import base_view, cache_path, load_cached, save_cached
@@ -62,7 +62,7 @@ def row_stats(head, hidden: torch.Tensor, targets: torch.Tensor, softcap=None, t
     """Next-token statistics of hidden rows ``(N, H)``: entropy, argmax, NLL of ``targets``,
     and log-probs at ``ref_ids (N, k)`` when given, else the top-k ids and log-probs."""
     out: dict[str, list] = {"entropy": [], "argmax": [], "nll": [], "top_ids": [], "top_logp": []}
-    step = chunk_rows(head.weight.shape[0])
+    step = chunk_rows(head_rows(head))
     for s in range(0, hidden.shape[0], step):
         logp = torch.log_softmax(head_logits(head, hidden[s : s + step], softcap), -1)  # (n, V)
         out["entropy"].append(-(logp.exp() * logp).sum(-1))

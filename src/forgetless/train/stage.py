@@ -8,6 +8,10 @@ resume with the same data order and optimizer state, accelerate / DeepSpeed / FS
 Run: ``run_train(TrainConfig(data="masks/stm.parquet", output_dir="runs/stm"))``. Outputs in ``output_dir``:
 ``adapter/`` (or ``model/`` for full fine-tuning), optional ``merged/``, ``loss.jsonl``, ``diagnostics.json``,
 ``train_summary.json``, ``config.json``, ``manifest.json``, and ``checkpoints/`` while training.
+
+Several GPUs: one process each, ``torchrun --nproc_per_node N -m forgetless.cli train ...`` or ``accelerate launch
+--config_file configs/accelerate/<ddp|fsdp|zero2|zero3>.yaml -m forgetless.cli train ...``; what changes across
+processes is in :mod:`forgetless.train.parallel` and ``docs/many-gpus.md``.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ from forgetless.train.collate import MaskedBatchCollator, TableError, read_table
 from forgetless.core.diagnostics import adapter_updates, full_updates
 from forgetless.lm.artifacts import write_json
 from forgetless.train.loss import MaskedLossMixin, NonFiniteLossError
+from forgetless.train.parallel import barrier, launch_device, refuse_data_parallel, sharding_engine
 from forgetless.lm.modeling import file_sha256
 
 logger = logging.getLogger(__name__)
@@ -70,7 +75,8 @@ class TrainConfig:
     dtype: str = field(default="auto", metadata={"help": "auto (bf16 on CUDA, fp32 on CPU), float32, bfloat16"})
     device: str = field(default="auto", metadata={"help": "auto, cpu or cuda"})
     gradient_checkpointing: bool = field(default=False, metadata={"help": "trade compute for activation memory"})
-    deepspeed: str | None = field(default=None, metadata={"help": "DeepSpeed config file (run under accelerate)"})
+    deepspeed: str | None = field(default=None, metadata={"help": "DeepSpeed JSON config file (run under torchrun / "
+                                                                  "accelerate launch; or use an accelerate config)"})
     logging_steps: int = field(default=1, metadata={"help": "optimizer steps per loss.jsonl line"})
     diagnostics_top_k: int = field(default=8, metadata={"help": "singular values kept per module"})
 
@@ -117,7 +123,8 @@ def _loss_log_callback(path: Path, trainer_ref: dict):
     from transformers import TrainerCallback
 
     class LossLog(TrainerCallback):
-        """Appends one JSON line per logging step: step, loss, lr, trained tokens (and nll/kl per token)."""
+        """Appends one JSON line per logging step: step, loss, lr, trained tokens (and nll/kl per token), all
+        processes together (and the tokens of each process, ``trained_tokens_by_rank``, when there are several)."""
 
         trimmed = False
 
@@ -136,15 +143,17 @@ def _loss_log_callback(path: Path, trainer_ref: dict):
         def on_log(self, args, state, control, logs=None, **kwargs):
             if not logs or "loss" not in logs:
                 return
-            stats = trainer_ref["trainer"].loss_stats
-            tokens = sum(s["trained_tokens"] for s in stats)
+            trainer = trainer_ref["trainer"]
+            stats = trainer.pop_loss_stats()  # summed over processes; on every process (a collective)
+            tokens = stats["trained_tokens"]
             row = {"step": state.global_step, "loss": logs["loss"], "lr": logs.get("learning_rate"),
-                   "grad_norm": logs.get("grad_norm"), "trained_tokens": int(tokens),
-                   "nll_per_token": sum(s["nll_sum"] for s in stats) / max(tokens, 1)}
-            if stats and stats[0]["kl_sum"] is not None:
-                row["kl_per_token"] = sum(s["kl_sum"] for s in stats) / max(tokens, 1)
-            trainer_ref["tokens"] = trainer_ref.get("tokens", 0) + int(tokens)
-            stats.clear()  # on every process; only the first one writes
+                   "grad_norm": logs.get("grad_norm"), "trained_tokens": tokens,
+                   "nll_per_token": stats["nll_sum"] / max(tokens, 1)}
+            if trainer.kl_coef > 0:
+                row["kl_per_token"] = stats["kl_sum"] / max(tokens, 1)
+            if len(stats["trained_tokens_by_rank"]) > 1:
+                row["trained_tokens_by_rank"] = stats["trained_tokens_by_rank"]
+            trainer_ref["tokens"] = trainer_ref.get("tokens", 0) + tokens
             if not state.is_world_process_zero:
                 return
             with path.open("a") as f:
@@ -153,19 +162,22 @@ def _loss_log_callback(path: Path, trainer_ref: dict):
     return LossLog()
 
 
-def save_atomic(save, target: Path) -> None:
-    """``save(tmp_dir)`` then rename to ``target`` (replacing an old one)."""
+def save_atomic(save, target: Path, main: bool = True, sync=lambda: None) -> None:
+    """``save(tmp_dir)`` then rename to ``target`` (replacing an old one).
+
+    Called by every process with ``sync`` a barrier when ``save`` is a collective (gathering FSDP / ZeRO-3 weights):
+    only the ``main`` process clears and renames, after every process has finished saving.
+    """
     tmp = target.with_name(f".{target.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
+    if main:
+        shutil.rmtree(tmp, ignore_errors=True)
+    sync()
     save(tmp)
-    shutil.rmtree(target, ignore_errors=True)
-    os.replace(tmp, target)
-
-
-def resolve_device(device: str) -> str:
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return device
+    sync()
+    if main:
+        shutil.rmtree(target, ignore_errors=True)
+        os.replace(tmp, target)
+    sync()
 
 
 def prepare_model(config: TrainConfig, model):
@@ -199,6 +211,11 @@ def training_arguments(config: TrainConfig, out: Path, device: str, dtype: torch
         remove_unused_columns=False, label_names=["labels"], use_cpu=device == "cpu",
         bf16=dtype == torch.bfloat16, activation_checkpointing=config.gradient_checkpointing,
         deepspeed=config.deepspeed, dataloader_num_workers=0,
+        # The normalisation needs the trained tokens of every process (transformers 5.23 default; stated, not assumed).
+        average_tokens_across_devices=True,
+        # Every trainable weight takes part in every forward (an all-masked batch too, through `hidden.sum() * 0`):
+        # DDP need not search the graph for unused ones (the Trainer's default for a PEFT model).
+        ddp_find_unused_parameters=False,
     )
 
 
@@ -253,54 +270,141 @@ def manifest(config: TrainConfig, tokenizer) -> dict:
     }
 
 
-def save_outputs(config: TrainConfig, out: Path, model, tokenizer) -> None:
-    """Adapter (or full model), tokenizer, and the merged model when asked."""
-    def save(d: Path):
-        model.save_pretrained(d)
-        tokenizer.save_pretrained(d)
+def save_outputs(config: TrainConfig, out: Path, trainer, tokenizer, sharded: bool) -> None:
+    """Adapter (or full model), tokenizer, and the merged model when asked; every process takes part.
 
-    save_atomic(save, out / ("model" if config.adapter == "full" else "adapter"))
-    if config.merge:
-        merged = model.merge_and_unload()
-        save_atomic(lambda d: (merged.save_pretrained(d), tokenizer.save_pretrained(d)), out / "merged")
+    Through ``Trainer.save_model``, which gathers FSDP (full state dict) and ZeRO-3 (16-bit gathered) weights
+    before the first process writes them.
+    """
+    main = trainer.is_world_process_zero()
+
+    def save(d: Path):
+        trainer.save_model(str(d))
+        if main:
+            tokenizer.save_pretrained(d)
+            (d / "training_args.bin").unlink(missing_ok=True)  # the Trainer's pickle; config.json has our settings
+
+    save_atomic(save, out / ("model" if config.adapter == "full" else "adapter"), main, sync=barrier)
+    if config.merge:  # the first process alone
+        if main:
+            merged = merged_model(config, out, trainer, sharded)
+            save_atomic(lambda d: (merged.save_pretrained(d), tokenizer.save_pretrained(d)), out / "merged")
+        barrier()
+
+
+def merged_model(config: TrainConfig, out: Path, trainer, sharded: bool):
+    """The adapter merged into the base: from the first process's full copy, or (weights sharded across
+    processes) from the base reloaded on the CPU and the adapter just saved."""
+    if not sharded:
+        return trainer.model.merge_and_unload()
+    from forgetless.lm.modeling import load_adapter, load_model
+
+    base = load_model(config.model, config.revision, config.dtype, str(trainer.args.device), place=False)
+    return load_adapter(base, str(out / "adapter"), config.model).merge_and_unload()
+
+
+def saved_diagnostics(config: TrainConfig, out: Path, device) -> dict:
+    """Weight diagnostics from the saved outputs and the base reloaded (the in-memory weights are sharded).
+
+    LoRA needs only the ``r x r`` cores (cheap on the CPU); DoRA and full fine-tuning take SVDs of whole matrices,
+    so they run on this process's device when it has room.
+    """
+    from transformers import AutoModelForCausalLM
+
+    from forgetless.lm.modeling import load_adapter, load_model
+
+    base = load_model(config.model, config.revision, config.dtype, str(device), place=False)
+    if config.adapter == "full":
+        base_state = {k: v for k, v in base.state_dict().items() if v.dim() == 2}
+        tuned = AutoModelForCausalLM.from_pretrained(out / "model", dtype=base.dtype)
+    else:
+        tuned = load_adapter(base, str(out / "adapter"), config.model)
+        base_state = None
+    if config.adapter != "lora" and torch.device(device).type == "cuda":
+        try:
+            tuned = tuned.to(device)
+        except torch.cuda.OutOfMemoryError:
+            logger.warning("diagnostics on the CPU (no room on %s): the SVDs may take a while", device)
+            tuned = tuned.cpu()
+    return weight_diagnostics(config, tuned, base_state)
+
+
+def reference_copy(config: TrainConfig, model, engine: str | None, device):
+    """Frozen copy of the base for the KL term of full fine-tuning (LoRA / DoRA use the adapter-disabled model).
+
+    The copy is whole on every process (never sharded): the weights once more per device. ZeRO-3 cannot give one
+    (its partitioned weights deep-copy as empty tensors), nor can FSDP's rank-0-only loading (meta weights).
+    """
+    if config.adapter != "full" or config.kl_coef <= 0:
+        return None
+    advice = "use adapter=lora or dora (their base is the model with the adapter disabled: no copy)"
+    if engine == "zero3":
+        raise ValueError(f"KL to the base with full fine-tuning needs a whole reference copy, which ZeRO-3 cannot "
+                         f"give; {advice}, or ZeRO-2 / FSDP / DDP")
+    if any(p.is_meta for p in model.parameters()):
+        raise ValueError(f"KL to the base with full fine-tuning needs a whole reference copy, but this process "
+                         f"loaded no weights (FSDP cpu_ram_efficient_loading); {advice}, or turn that option off")
+    size = sum(p.numel() * p.element_size() for p in model.parameters())
+    if torch.device(device).type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        if size > free:
+            raise ValueError(f"KL reference model ({size / 2**30:.1f} GiB, whole on every device) does not fit "
+                             f"on {device} ({free / 2**30:.1f} GiB free); {advice}")
+    logger.warning("KL reference: a whole frozen copy of the model (%.2f GiB) on every device, not sharded",
+                   size / 2**30)
+    return copy.deepcopy(model).eval().requires_grad_(False)
+
+
+def read_training_table(path: str) -> tuple[list[dict], dict]:
+    """The table's rows and counts; refuses a table with nothing to train on."""
+    rows = read_table(path)
+    counts = table_counts(rows)
+    logger.info("training table: %s", counts)
+    if counts["trained_tokens"] == 0:
+        raise TableError(f"{path}: all {counts['response_tokens']} response tokens of its "
+                         f"{counts['examples']} examples are masked: nothing to train on")
+    if counts["examples_without_trained_tokens"]:
+        logger.warning("%s: %d of %d examples have every response token masked (they add no loss)",
+                       path, counts["examples_without_trained_tokens"], counts["examples"])
+    return rows, counts
 
 
 def run_train(config: TrainConfig, callbacks: list | None = None) -> Path:
     """Fine-tune as configured; returns the run directory (see the module docstring for what it holds)."""
     from transformers import set_seed
 
-    from forgetless.lm.modeling import load_model_and_tokenizer, pick_dtype
+    from forgetless.lm.modeling import load_model, load_tokenizer, pick_dtype
 
     out = Path(config.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    write_json(out / "config.json", dataclasses.asdict(config))
-    device = resolve_device(config.device)
+    device = launch_device(config.device)
     dtype = pick_dtype(config.dtype, device)
+    # The accelerate state (process group, this process's device, DeepSpeed's zero.Init switch) is created here,
+    # before the model is loaded, so every process loads onto its own device and ZeRO-3 partitions while loading.
+    args = training_arguments(config, out, device, dtype)
+    refuse_data_parallel(args)
+    engine = sharding_engine(args)
+    main = args.process_index == 0
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
+        write_json(out / "config.json", dataclasses.asdict(config))
     set_seed(config.seed)
-    rows = read_table(config.data)
-    counts = table_counts(rows)
-    logger.info("training table: %s", counts)
-    if counts["trained_tokens"] == 0:
-        raise TableError(f"{config.data}: all {counts['response_tokens']} response tokens of its "
-                         f"{counts['examples']} examples are masked: nothing to train on")
-    if counts["examples_without_trained_tokens"]:
-        logger.warning("%s: %d of %d examples have every response token masked (they add no loss)",
-                       config.data, counts["examples_without_trained_tokens"], counts["examples"])
-    model, tokenizer = load_model_and_tokenizer(config.model, config.revision, config.dtype, device)
+    rows, counts = read_training_table(config.data)
+    # Sharding engines place (and shard) the weights themselves; otherwise each process loads onto its device.
+    model = load_model(config.model, config.revision, config.dtype, str(args.device), place=engine is None)
+    tokenizer = load_tokenizer(config.model, config.revision)
     model.config.use_cache = False
-    # Full fine-tuning keeps W0 for the diagnostics and, for the KL method, a frozen reference model.
+    # Full fine-tuning keeps W0 for the diagnostics (first process; sharded weights are diagnosed from the saved
+    # files instead) and, for the KL method, a frozen reference model.
     base_state = ({k: v.detach().cpu().clone() for k, v in model.state_dict().items() if v.dim() == 2}
-                  if config.adapter == "full" else None)
-    reference = None
-    if config.adapter == "full" and config.kl_coef > 0:
-        reference = copy.deepcopy(model).eval().requires_grad_(False)
+                  if config.adapter == "full" and main and engine is None else None)
+    reference = reference_copy(config, model, engine, args.device)
     model = prepare_model(config, model)
     resume_from = last_checkpoint(out) if config.resume else None
-    if not config.resume and (out / "loss.jsonl").exists():
+    if main and not config.resume and (out / "loss.jsonl").exists():
         (out / "loss.jsonl").unlink()
     ref: dict = {}
     trainer = _trainer_class()(
-        model=model, args=training_arguments(config, out, device, dtype), train_dataset=rows,
+        model=model, args=args, train_dataset=rows,
         data_collator=MaskedBatchCollator(tokenizer.pad_token_id), kl_coef=config.kl_coef, reference=reference,
         callbacks=[_loss_log_callback(out / "loss.jsonl", ref), *(callbacks or [])], record_stats=True,
     )
@@ -311,21 +415,36 @@ def run_train(config: TrainConfig, callbacks: list | None = None) -> Path:
     try:
         result = trainer.train(resume_from_checkpoint=resume_from)
     except NonFiniteLossError as e:
+        end_processes(trainer)  # every process raised at the same micro-batch
         kept = last_checkpoint(out)
         raise NonFiniteLossError(f"{e}; last good checkpoint: {kept or 'none (save_steps=0)'}"
                                  f"{' (resume=true continues from it)' if kept else ''}") from None
     wall = time.time() - start
-    if not trainer.is_world_process_zero():
-        return out  # one process writes the outputs
     model = trainer.model
     model.eval()
-    diag = weight_diagnostics(config, model, base_state)
-    write_json(out / "diagnostics.json", diag)
-    summary = {"table": counts, "global_steps": result.global_step, "train_loss": result.training_loss,
-               "trained_tokens_seen": ref.get("tokens", 0), "wall_time_s": wall,
-               "resumed_from": resume_from, "method": config.method, "adapter": config.adapter}
-    write_json(out / "train_summary.json", summary)
-    save_outputs(config, out, model, tokenizer)
-    write_json(out / "manifest.json", manifest(config, tokenizer))
-    print_diagnostics(diag, summary)
+    diag = weight_diagnostics(config, model, base_state) if main and engine is None else None  # before a merge
+    save_outputs(config, out, trainer, tokenizer, sharded=engine is not None)
+    if main:  # one process writes the rest
+        if diag is None:
+            diag = saved_diagnostics(config, out, args.device)
+        write_json(out / "diagnostics.json", diag)
+        summary = {"table": counts, "global_steps": result.global_step, "train_loss": result.training_loss,
+                   "trained_tokens_seen": ref.get("tokens", 0), "wall_time_s": wall,
+                   "resumed_from": resume_from, "method": config.method, "adapter": config.adapter,
+                   "processes": args.world_size, "distributed": trainer.accelerator.distributed_type.value,
+                   "weights_sharded": engine}
+        write_json(out / "train_summary.json", summary)
+        write_json(out / "manifest.json", manifest(config, tokenizer))
+        print_diagnostics(diag, summary)
+    end_processes(trainer)
     return out
+
+
+def end_processes(trainer) -> None:
+    """Wait for every process, then take the process group down (``Trainer.end``; nothing in one process).
+
+    Processes that exit one by one, with the group still up, can abort at exit (seen with gloo:
+    "terminate called without an active exception"); a later ``run_train`` in the same processes starts a new group.
+    """
+    barrier()
+    trainer.end()
