@@ -135,3 +135,13 @@ def test_bounded_share_gets_an_interval_inside_zero_one():
     rec = make_record("gen:gsm8k", "working_kept", [0.0, 0.0, 0.0, 0.0, 1.0], higher_is_better=True, bounded=True)
     assert rec["score"] == pytest.approx(0.2) and rec["ci95"] == pytest.approx([0.0, 0.6])
     assert make_record("x", "m", [0.0, 0.0, 0.0, 0.0, 1.0], higher_is_better=True)["ci95"][0] < 0
+
+
+def test_no_successes_is_at_the_floor_exactly():
+    from forgetless.core.intervals import wilson_interval
+    from forgetless.report.retention import above_chance
+
+    # 0 of 12 (the base's GSM8K accuracy on the demo): the lower bound is 0, not 2.8e-17.
+    assert [wilson_interval(0, n)[0] for n in (3, 12, 16)] == [0.0, 0.0, 0.0]
+    assert [wilson_interval(n, n)[1] for n in (3, 12, 16)] == [1.0, 1.0, 1.0]
+    assert not above_chance({"ci95": list(wilson_interval(0, 12)), "chance": 0.0})
