@@ -45,7 +45,9 @@ def accuracy_tasks(tasks: list[str]) -> list[str]:
 
 
 def above_chance(record: dict) -> bool:
-    return record["ci95"][0] > (record.get("chance") or 0.0)
+    """The lower end of the 95% interval is above chance (a tolerance of 1e-9 absorbs rounding in
+    records written before Wilson bounds were exact at 0 successes)."""
+    return record["ci95"][0] > (record.get("chance") or 0.0) + 1e-9
 
 
 def _paired(run_items: dict, base_items: dict) -> tuple[float, float, float, int]:
