@@ -177,24 +177,8 @@ def evaluate_behaviour(model, tokenizer, base_model=None, source: str = "gsm8k",
     with base_view(model, base_model) as base:
         surprise = answer_surprise(base, tokenizer, ref["prompts"], [with_stop(a, s) for a, s in zip(answers, stops)])
     model.train(was_training)
-    rows = []
-    for i, (text, base_text, record) in enumerate(zip(texts, base_texts, ref["records"])):
-        mine, theirs = answer_features(text, profile, record), answer_features(base_text, profile, record)
-        rows.append({"id": ref["ids"][i], **mine, "base_working_chars": theirs["working_chars"],
-                     "working_kept": working_kept(mine["working_chars"], theirs["working_chars"]),
-                     "surprise": surprise[i], "finished": stops[i] is not None, "answer": text})
-    if profile.graded:
-        from forgetless.eval.tasks.mbpp import grade_outputs
-        from forgetless.eval.sandbox import SandboxLimits
-
-        for row, grade in zip(rows, grade_outputs(texts, ref["records"], SandboxLimits(timeout_s=5.0))):
-            row.update({"asserts": grade["asserts"], "defines": grade["defines"], "pass@1": grade["passed"]})
-    if profile.graded:
-        primary, metrics = "asserts", ["asserts", "defines", "pass@1", "surprise"]
-    else:
-        primary = "working_kept"
-        metrics = [m for m in ("working_kept", "skips_working", "format", "accuracy", "surprise")
-                   if rows and rows[0].get(m, 0) is not None or m == "working_kept"]
+    rows = answer_rows(profile, ref, texts, base_texts, stops, surprise)
+    primary, metrics = metric_names(profile)
     settings = {"source": source, "limit": limit, "max_new_tokens": max_new_tokens, "base": ref["key"]["base"],
                 "min_working_chars": MIN_WORKING, "median_chars": _median([r["chars"] for r in rows]),
                 "median_working_chars": _median([r["working_chars"] for r in rows]),
@@ -204,15 +188,39 @@ def evaluate_behaviour(model, tokenizer, base_model=None, source: str = "gsm8k",
     for metric in metrics:
         higher, binary = METRICS[metric]
         name = f"gen:{source}" if metric == primary else f"gen:{source}:{metric}"
-        values = [r[metric] for r in rows if r.get(metric) is not None and not math.isnan(r[metric])]
-        chance = profile.chance if metric == "accuracy" else None
-        records[name] = make_record(name, metric, values, higher_is_better=higher, binary=binary, chance=chance,
-                                    bounded=metric in ("working_kept", "asserts"),
-                                    settings=settings)
+        scored = [r for r in rows if r.get(metric) is not None and not math.isnan(r[metric])]
+        records[name] = make_record(name, metric, [r[metric] for r in scored], higher_is_better=higher, binary=binary,
+                                    chance=profile.chance if metric == "accuracy" else None,
+                                    bounded=metric in ("working_kept", "asserts"), settings=settings)
         if out_dir is not None:
-            write_task(out_dir, records[name], [{**r, "score": r[metric]} for r in rows
-                                                if r.get(metric) is not None and not math.isnan(r[metric])])
+            write_task(out_dir, records[name], [{**r, "score": r[metric]} for r in scored])
     return records
+
+
+def metric_names(profile: Profile) -> tuple[str, list[str]]:
+    """(primary metric, every metric recorded) for a source read by ``profile``."""
+    if profile.graded:
+        return "asserts", ["asserts", "defines", "pass@1", "surprise"]
+    optional = (["format"] if profile.format else []) + (["accuracy"] if profile.correct else [])
+    return "working_kept", ["working_kept", "skips_working", *optional, "surprise"]
+
+
+def answer_rows(profile: Profile, ref: dict, texts: list[str], base_texts: list[str], stops: list,
+                surprise: list[float]) -> list[dict]:
+    """One row per prompt: the answer's features, the base's working, and (graded sets) the test grades."""
+    rows = []
+    for i, (text, base_text, record) in enumerate(zip(texts, base_texts, ref["records"])):
+        mine, theirs = answer_features(text, profile, record), answer_features(base_text, profile, record)
+        rows.append({"id": ref["ids"][i], **mine, "base_working_chars": theirs["working_chars"],
+                     "working_kept": working_kept(mine["working_chars"], theirs["working_chars"]),
+                     "surprise": surprise[i], "finished": stops[i] is not None, "answer": text})
+    if profile.graded:
+        from forgetless.eval.sandbox import SandboxLimits
+        from forgetless.eval.tasks.mbpp import grade_outputs
+
+        for row, grade in zip(rows, grade_outputs(texts, ref["records"], SandboxLimits(timeout_s=5.0))):
+            row.update({"asserts": grade["asserts"], "defines": grade["defines"], "pass@1": grade["passed"]})
+    return rows
 
 
 def _median(values: list[float]) -> float | None:
