@@ -213,3 +213,14 @@ def test_build_frontier_on_hand_made_records(tmp_path):
     assert "matched target gain" in text and "resolved by the item count" in text
     assert (tmp_path / "report" / "frontier.png").stat().st_size > 0
     assert json.loads((tmp_path / "report" / "frontier.json").read_text())["gains"] == pytest.approx([0.3])
+
+
+def test_probes_refuse_a_multi_process_launch(tmp_path):
+    from types import SimpleNamespace
+
+    from forgetless.train.probe import ProbeCallback
+
+    callback = ProbeCallback(tmp_path / "probes.jsonl", lambda model, step: {"x": 1.0}, every=1)
+    with pytest.raises(ValueError, match="one process, not across 2"):
+        callback.on_train_begin(SimpleNamespace(world_size=2), SimpleNamespace(global_step=0), None, model=object())
+    assert not (tmp_path / "probes.jsonl").exists()
