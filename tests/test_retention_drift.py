@@ -122,12 +122,12 @@ def test_heldout_zero_change_for_identical_model(tokenizer, tmp_path):
 
 
 def test_nontarget_prompts_for_chat_and_raw_arc_records():
-    from forgetless.retention.drift import nontarget_prompts
+    from forgetless.retention.answers import prompt_set
 
-    ids, messages = nontarget_prompts("arc_challenge-test", 2)
+    ids, messages, _ = prompt_set("arc_challenge-test", 2)
     assert ids == ["Mercury_7175875", "Mercury_SC_409171"]
     text = messages[0][0]["content"]
     assert messages[0][0]["role"] == "user" and "A. Planetary density will decrease." in text
     assert "D. Planetary gravity will become stronger." in text
-    ids, messages = nontarget_prompts("gsm8k", 1)
+    ids, messages, _ = prompt_set("gsm8k", 1)
     assert len(ids) == 1 and messages[0][-1]["role"] == "user"  # the gold answer is not in the prompt

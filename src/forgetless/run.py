@@ -263,7 +263,7 @@ def run_layout(config: RunConfig, out: Path) -> dict:
 
 def report_tasks(config: RunConfig) -> tuple[str, ...]:
     """The report's columns: each task once, by its primary metric (olmo-eval's for multiple choice)."""
-    from forgetless.retention.behaviour import profile_for
+    from forgetless.retention.behaviour import table_tasks
     from forgetless.retention.olmo_tasks import primary_metric
 
     tasks: list[str] = []
@@ -274,9 +274,7 @@ def report_tasks(config: RunConfig) -> tuple[str, ...]:
             tasks += [t if primary_metric(t) == "acc" else f"{t}:{primary_metric(t)}" for t in cfg.mc_tasks]
             tasks += [f"drift:{src}" for src in cfg.drift_sources]
             for src in cfg.behaviour_sources:
-                graded = profile_for(src).graded
-                tasks += [f"gen:{src}"] + [f"gen:{src}:{m}" for m in (("defines",) if graded else ("skips_working", "format", "surprise"))
-                                           if m != "format" or profile_for(src).format]
+                tasks += table_tasks(src)
             if cfg.heldout_source:
                 tasks += [f"heldout:{cfg.heldout_source}:{kind}" for kind in ("kept", "masked")]
     return tuple(sorted(tasks, key=lambda t: t != config.target))

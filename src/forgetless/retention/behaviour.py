@@ -205,6 +205,19 @@ def metric_names(profile: Profile) -> tuple[str, list[str]]:
     return "working_kept", ["working_kept", "skips_working", *optional, "surprise"]
 
 
+# Details left out of the report's main table (shown in its behaviour section).
+_SECTION_ONLY = ("accuracy", "pass@1")
+
+
+def table_tasks(source: str) -> list[str]:
+    """The main-table columns of one behaviour source: its primary record, then the details a reader
+    compares at a glance (the graded target's surprise and pass@1, and accuracy, stay in the section)."""
+    profile = profile_for(source)
+    primary, metrics = metric_names(profile)
+    details = [m for m in metrics if m != primary and m not in _SECTION_ONLY and not (profile.graded and m == "surprise")]
+    return [f"gen:{source}"] + [f"gen:{source}:{m}" for m in details]
+
+
 def answer_rows(profile: Profile, ref: dict, texts: list[str], base_texts: list[str], stops: list,
                 surprise: list[float]) -> list[dict]:
     """One row per prompt: the answer's features, the base's working, and (graded sets) the test grades."""

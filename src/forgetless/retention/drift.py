@@ -29,7 +29,7 @@ import torch
 
 from forgetless.core.logits import chunk_rows, head_logits, head_rows, split_causal_lm
 from forgetless.lm.batching import length_buckets, right_pad
-from forgetless.retention.answers import base_answers, prompt_set, with_stop
+from forgetless.retention.answers import base_answers, with_stop
 from forgetless.retention.basecache import base_view, cache_path, load_cached, save_cached
 
 logger = logging.getLogger(__name__)
@@ -115,12 +115,6 @@ def item_drift(base: dict[str, torch.Tensor], tuned: dict[str, torch.Tensor], n_
         "n_positions": int(kl_bt.shape[0]),
         "n_answer": int(answer.sum()),
     }
-
-
-def nontarget_prompts(source: str, limit: int | None) -> tuple[list[str], list[list[dict]]]:
-    """(ids, prompt messages) of ``source`` (see :func:`.answers.prompt_set`)."""
-    ids, messages, _ = prompt_set(source, limit)
-    return ids, messages
 
 
 def base_reference(model, tokenizer, base_model, source: str, limit: int | None, cache_dir,
