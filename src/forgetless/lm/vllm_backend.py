@@ -174,6 +174,8 @@ class VllmEngine:
                    show_progress=getattr(cfg, "progress", True))
 
     def _run(self, prompts: list[list[int]], params) -> list:
+        if not prompts:  # nothing to ask (e.g. no answer left to score); vLLM is not called with an empty batch
+            return []
         from vllm.inputs import TokensPrompt
 
         return self.llm.generate([TokensPrompt(prompt_token_ids=list(p)) for p in prompts], params,
