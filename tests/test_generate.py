@@ -13,6 +13,7 @@ import torch
 import forgetless.generate.stage as gen
 from forgetless.lm.data import Example, load_examples
 from forgetless.generate.mechanism import compare_sets, format_table, ppl_summary
+from forgetless.lm.engines import HfEngine
 from forgetless.lm.decode import DecodingSettings, cut_at_stop, decode_ids, left_pad, sample_batch
 from forgetless.eval.tasks import Item, get_task
 from forgetless.eval.tasks.math import last_boxed
@@ -105,7 +106,7 @@ def test_rephrase_prompt_holds_instruction_and_reference():
 @pytest.fixture
 def tiny_stage(monkeypatch, tokenizer, tiny_model, tmp_path):
     """run_generate on the tiny model; the 'verifier' accepts any answer to e0 and e3, and every ground truth."""
-    monkeypatch.setattr(gen, "load_model_and_tokenizer", lambda *a, **k: (tiny_model, tokenizer))
+    monkeypatch.setattr(gen, "open_engine", lambda config: HfEngine(tiny_model, tokenizer, config.batch_tokens))
     monkeypatch.setattr(gen, "load_tokenizer", lambda *a, **k: tokenizer)
     monkeypatch.setattr(gen, "model_fingerprint", lambda *a, **k: "tiny")
     monkeypatch.setattr(gen, "make_verifier",
@@ -204,7 +205,7 @@ def test_mbpp_verifier_runs_tests_in_sandbox():
 @pytest.mark.slow
 def test_embedded_self_output_on_one_mbpp_prompt(embedded, monkeypatch, tmp_path):
     """The real model and the real MBPP sandbox: one prompt, two short samples."""
-    monkeypatch.setattr(gen, "load_model_and_tokenizer", lambda *a, **k: embedded)
+    monkeypatch.setattr(gen, "open_engine", lambda config: HfEngine(*embedded, config.batch_tokens))
     cfg = gen.GenerateConfig(data="mbpp-train", limit=1, samples=2, max_new_tokens=24, device="cpu", out_dir=str(tmp_path / "so"))
     out = gen.run_generate(cfg)
     stats = json.loads((out / "generation_stats.json").read_text())

@@ -32,6 +32,7 @@ from typing import Any, Callable, Sequence
 from forgetless.lm.artifacts import write_json, write_manifest, write_text
 from forgetless.lm.data import iter_jsonl
 from forgetless.lm.decode import DecodingSettings, generate
+from forgetless.lm.vllm_backend import check_backend_settings, resolve_backend
 from forgetless.core.intervals import score_interval
 from forgetless.eval.sandbox import SandboxLimits
 from forgetless.eval.tasks import Item, Task, get_task, items_fingerprint, select_items
@@ -59,7 +60,10 @@ class EvalConfig:
     predictions: str | None = field(default=None, metadata={"help": "JSONL of {task, id, output}: score these, load no model"})
     cache: bool = field(default=True, metadata={"help": "reuse/store results of models without adapter"})
     cache_dir: str | None = field(default=None, metadata={"help": "result cache (default $FORGETLESS_CACHE/eval)"})
-    backend: str = field(default="hf", metadata={"help": "hf | vllm | auto (vllm when installed and CUDA present)"})
+    backend: str = field(default="auto", metadata={"help": "hf | vllm | auto (vllm when installed and CUDA present, else hf)"})
+    tensor_parallel_size: int = field(default=1, metadata={"help": "vLLM: GPUs one model is split across"})
+    gpu_memory_utilization: float = field(default=0.9, metadata={"help": "vLLM: share of GPU memory it may take (weights + KV cache)"})
+    max_model_len: int | None = field(default=None, metadata={"help": "vLLM: longest prompt + answer in tokens (null: the model's own)"})
     device: str | None = field(default=None, metadata={"help": "cuda/cpu (default: cuda when available)"})
     dtype: str = field(default="auto", metadata={"help": "auto | float32 | bfloat16 | float16"})
     sandbox_timeout_s: float = field(default=10.0, metadata={"help": "wall-time limit per MBPP program"})
@@ -75,8 +79,7 @@ class EvalConfig:
             raise ValueError("limit must be >= 1 (or None for all items)")
         if self.batch_size < 1:
             raise ValueError("batch_size must be >= 1")
-        if self.backend not in ("hf", "vllm", "auto"):
-            raise ValueError("backend: hf, vllm or auto")
+        check_backend_settings(self.backend, self.tensor_parallel_size, self.gpu_memory_utilization, self.max_model_len)
         if self.predictions is not None and not Path(self.predictions).is_file():
             raise ValueError(f"predictions file {self.predictions} does not exist")
         DecodingSettings(max_new_tokens=self.max_new_tokens or 1, greedy=self.greedy, temperature=self.temperature, top_p=self.top_p)
@@ -131,14 +134,17 @@ def read_predictions(path: str) -> dict[tuple[str | None, str], str]:
     return preds
 
 
-def _cache_parts(fingerprint: str, task: Task, items: list[Item], decoding: DecodingSettings) -> dict:
+def _cache_parts(fingerprint: str, task: Task, items: list[Item], decoding: DecodingSettings, backend: str) -> dict:
+    # vLLM's outputs (other kernels) are kept apart; without the entry, keys made before vLLM existed stay valid.
     return {"model": fingerprint, "task": task.name, "task_definition": task.definition_hash(),
-            "items": items_fingerprint(items), "decoding": dataclasses.asdict(decoding)}
+            "items": items_fingerprint(items), "decoding": dataclasses.asdict(decoding),
+            **({"backend": backend} if backend == "vllm" else {})}
 
 
-def _cache_key(fingerprint: str, task: Task, items: list[Item], decoding: DecodingSettings) -> str:
-    key = json.dumps([fingerprint, task.definition_hash(), items_fingerprint(items), dataclasses.asdict(decoding)])
-    return hashlib.sha256(key.encode()).hexdigest()[:24]
+def _cache_key(fingerprint: str, task: Task, items: list[Item], decoding: DecodingSettings, backend: str) -> str:
+    key = [fingerprint, task.definition_hash(), items_fingerprint(items), dataclasses.asdict(decoding)]
+    key += [backend] if backend == "vllm" else []
+    return hashlib.sha256(json.dumps(key).encode()).hexdigest()[:24]
 
 
 def _why_cache_missed(cache_root: Path, parts: dict) -> str | None:
@@ -155,7 +161,7 @@ def _why_cache_missed(cache_root: Path, parts: dict) -> str | None:
         if best is None or len(changed) < len(best):
             best = changed
     names = {"model": "model files (weights, config, tokenizer or chat template)", "items": "items (task data or subset)",
-             "decoding": "decoding settings", "task_definition": "task definition"}
+             "decoding": "decoding settings", "task_definition": "task definition", "backend": "backend (hf / vllm)"}
     return ", ".join(names.get(k, k) for k in best) if best else None
 
 
@@ -207,10 +213,10 @@ def evaluate_tasks(tasks: Sequence[str | Task], cfg: EvalConfig, generate_fn: Ge
             results[task.name] = done
             continue
         settings["resume_key"] = resume_key
-        key = _cache_key(fingerprint, task, items, decoding) if fingerprint and cfg.cache and predictions is None else None
+        key = _cache_key(fingerprint, task, items, decoding, cfg.backend) if fingerprint and cfg.cache and predictions is None else None
         cached = cache_root / key if key else None
         if cached is not None and not (cached / f"{task.name}.json").is_file():
-            why = _why_cache_missed(cache_root, _cache_parts(fingerprint, task, items, decoding))
+            why = _why_cache_missed(cache_root, _cache_parts(fingerprint, task, items, decoding, cfg.backend))
             if why:
                 logger.info("%s: cached base results not used: %s changed", task.name, why)
         if cached is not None and (cached / f"{task.name}.json").is_file() and out is not None:
@@ -238,7 +244,7 @@ def evaluate_tasks(tasks: Sequence[str | Task], cfg: EvalConfig, generate_fn: Ge
         if out is not None:
             write_task_results(out, summary, records)
             if cached is not None:
-                _store_cache(cached, out, task.name, _cache_parts(fingerprint, task, items, decoding))
+                _store_cache(cached, out, task.name, _cache_parts(fingerprint, task, items, decoding, cfg.backend))
     return results
 
 
@@ -275,6 +281,7 @@ def evaluate_model(model, tokenizer, cfg: EvalConfig, output_dir: str | Path | N
     was_training = model.training
     model.eval()
     try:
+        cfg = dataclasses.replace(cfg, backend="hf")  # the in-memory model generates
         return evaluate_tasks(tasks or cfg.tasks, cfg, hf_generate_fn(model, tokenizer, cfg), out)
     finally:
         model.train(was_training)
@@ -292,16 +299,15 @@ def load_for_eval(cfg: EvalConfig):
     return model, tokenizer
 
 
-def _pick_generate_fn(cfg: EvalConfig) -> GenerateFn:
-    from forgetless.lm.decode import vllm_available
+def _pick_generate_fn(cfg: EvalConfig) -> tuple[GenerateFn, Callable[[], None]]:
+    """The generate function of cfg's backend, and what frees its engine afterwards."""
+    if resolve_backend(cfg.backend) == "vllm":
+        from forgetless.lm.vllm_backend import VllmEngine
 
-    if cfg.backend == "vllm" or (cfg.backend == "auto" and vllm_available()):
-        from forgetless.lm.decode import vllm_generate_fn
-        from forgetless.lm.modeling import resolve_model_path
-
-        return vllm_generate_fn(resolve_model_path(cfg.model), cfg.adapter, cfg.revision)
+        engine = VllmEngine.from_config(cfg)
+        return engine.generate, engine.close
     model, tokenizer = load_for_eval(cfg)
-    return hf_generate_fn(model, tokenizer, cfg)
+    return hf_generate_fn(model, tokenizer, cfg), lambda: None
 
 
 def run_eval(cfg: EvalConfig) -> Path:
@@ -317,8 +323,12 @@ def run_eval(cfg: EvalConfig) -> Path:
         from forgetless.lm.modeling import model_fingerprint
 
         fingerprint = model_fingerprint(cfg.model, cfg.revision) if not cfg.adapter else None
+        cfg = dataclasses.replace(cfg, backend=resolve_backend(cfg.backend))  # results record hf or vllm
         generate_fn = _LazyGenerate(cfg)
-        results = evaluate_tasks(cfg.tasks, cfg, generate_fn, out, fingerprint=fingerprint, resume=True)
+        try:
+            results = evaluate_tasks(cfg.tasks, cfg, generate_fn, out, fingerprint=fingerprint, resume=True)
+        finally:
+            generate_fn.close()
     write_json(out / "scores.json", results)
     key = {"stage": "eval", "model": cfg.model, "revision": cfg.revision, "adapter": cfg.adapter, "fingerprint": fingerprint,
            "tasks": {t: r["settings"].get("task_hash") for t, r in results.items()}, "predictions": cfg.predictions}
@@ -340,9 +350,9 @@ class _LazyGenerate:
     """Loads the model on the first call, so a run served entirely from the cache loads none."""
 
     def __init__(self, cfg: EvalConfig):
-        self.cfg, self.fn = cfg, None
+        self.cfg, self.fn, self.close = cfg, None, lambda: None
 
     def __call__(self, prompts, decoding):
         if self.fn is None:
-            self.fn = _pick_generate_fn(self.cfg)
+            self.fn, self.close = _pick_generate_fn(self.cfg)
         return self.fn(prompts, decoding)

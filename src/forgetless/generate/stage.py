@@ -30,19 +30,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from forgetless.lm import artifacts
 from forgetless.lm.data import Example, fingerprint_examples, load_examples
 from forgetless.generate.mechanism import compare_sets, format_table
-from forgetless.lm.modeling import EMBEDDED, load_model_and_tokenizer, load_tokenizer, model_fingerprint
+from forgetless.lm.modeling import EMBEDDED, load_tokenizer, model_fingerprint
 from forgetless.generate.paper import CHOICES, choose_answer, load_paper_generations
-from forgetless.lm.decode import DecodingSettings, sample_batch
+from forgetless.lm.decode import DecodingSettings
+from forgetless.lm.engines import open_engine
 from forgetless.lm.progress import progress
-from forgetless.score.stage import score_encoded
 from forgetless.core.tokenstats import scored_response_nll
 from forgetless.lm.templates import encode_conversation, encode_prompt, template_hash
 from forgetless.generate.verify import TASKS, Verifier, make_verifier
+from forgetless.lm.vllm_backend import check_backend_settings, resolve_backend
 
 logger = logging.getLogger(__name__)
 
@@ -82,6 +82,10 @@ class GenerateConfig:
     compare: tuple[str, ...] = field(default=(), metadata={"help": "other generate output dirs whose answers join the ppl comparison"})
     dtype: str = field(default="auto", metadata={"help": "auto (bf16 on CUDA, else fp32), float32, bfloat16, float16"})
     device: str | None = field(default=None, metadata={"help": "cuda or cpu (default: cuda when available)"})
+    backend: str = field(default="auto", metadata={"help": "hf | vllm (k samples in one request) | auto (vllm when installed and CUDA present)"})
+    tensor_parallel_size: int = field(default=1, metadata={"help": "vLLM: GPUs one model is split across"})
+    gpu_memory_utilization: float = field(default=0.9, metadata={"help": "vLLM: share of GPU memory it may take (weights + KV cache)"})
+    max_model_len: int | None = field(default=None, metadata={"help": "vLLM: longest sequence in tokens (null: the model's own)"})
     out_dir: str = field(default="runs/default/generate", metadata={"help": "output directory"})
 
     def __post_init__(self):
@@ -101,6 +105,7 @@ class GenerateConfig:
             raise ValueError("rephrase_template must contain {reference} (and usually {instruction})")
         if self.method.startswith("paper_") and self.data not in ("mbpp-train", "mbpp-validation"):
             raise ValueError(f"the paper's generations cover mbpp-train and mbpp-validation, not {self.data!r}")
+        check_backend_settings(self.backend, self.tensor_parallel_size, self.gpu_memory_utilization, self.max_model_len)
 
 
 def generation_prompt(config: GenerateConfig, example: Example) -> list[dict[str, str]]:
@@ -141,23 +146,23 @@ def read_done(path: Path) -> dict[str, dict]:
     return done
 
 
-def response_nlls(model, tokenizer, prompts: list[list[dict]], answers: list[str], config: GenerateConfig) -> list[np.ndarray]:
-    """Response-token NLLs of each answer after its prompt, under ``model`` (as training would encode it)."""
-    encoded = [encode_conversation(tokenizer, [*p, {"role": "assistant", "content": a}], config.max_length)
+def response_nlls(engine, prompts: list[list[dict]], answers: list[str], config: GenerateConfig) -> list[np.ndarray]:
+    """Response-token NLLs of each answer after its prompt, under the engine's model (as training would encode it)."""
+    encoded = [encode_conversation(engine.tokenizer, [*p, {"role": "assistant", "content": a}], config.max_length)
                for p, a in zip(prompts, answers)]
-    nlls = score_encoded(model, encoded, tokenizer.pad_token_id, config.batch_tokens)
+    nlls = engine.score(encoded)
     return [scored_response_nll(n, np.asarray(e.response_mask, dtype=bool)) for n, e in zip(nlls, encoded)]
 
 
-def process_batch(model, tokenizer, examples: list[Example], config: GenerateConfig, verifier: Verifier) -> list[dict]:
-    """Sample, verify and score one batch; one record per example."""
-    prompt_ids = [encode_prompt(tokenizer, generation_prompt(config, ex)) for ex in examples]
+def process_batch(engine, examples: list[Example], config: GenerateConfig, verifier: Verifier, seed: int) -> list[dict]:
+    """Sample (seeded ``seed``), verify and score one batch; one record per example."""
+    prompt_ids = [encode_prompt(engine.tokenizer, generation_prompt(config, ex)) for ex in examples]
     settings = DecodingSettings(config.max_new_tokens, greedy=False, temperature=config.temperature, top_p=config.top_p)
-    sampled = sample_batch(model, tokenizer, prompt_ids, config.samples, settings)
+    sampled = engine.sample(prompt_ids, config.samples, settings, seed)
     pairs = [(i, s) for i, row in enumerate(sampled) for s, one in enumerate(row) if one.text.strip()]
     # The ground truth goes through the same verifier: its pass rate checks the verifier.
     checks = verifier.many([examples[i] for i, _ in pairs] + examples, [sampled[i][s].text for i, s in pairs] + [ex.response for ex in examples])
-    nlls = response_nlls(model, tokenizer, [examples[i].prompt_messages for i, _ in pairs], [sampled[i][s].text for i, s in pairs], config)
+    nlls = response_nlls(engine, [examples[i].prompt_messages for i, _ in pairs], [sampled[i][s].text for i, s in pairs], config)
     found = {pair: (ok, nll) for pair, ok, nll in zip(pairs, checks, nlls)}
     records = []
     for i, ex in enumerate(examples):
@@ -171,7 +176,7 @@ def process_batch(model, tokenizer, examples: list[Example], config: GenerateCon
     return records
 
 
-def generate_samples(model, tokenizer, examples: list[Example], config: GenerateConfig, verifier: Verifier, out: Path) -> dict[str, dict]:
+def generate_samples(engine, examples: list[Example], config: GenerateConfig, verifier: Verifier, out: Path) -> dict[str, dict]:
     """Run every batch not yet in ``samples.jsonl``, appending its records as it finishes."""
     path = out / SAMPLES_FILE
     done = read_done(path)
@@ -182,9 +187,8 @@ def generate_samples(model, tokenizer, examples: list[Example], config: Generate
     out.mkdir(parents=True, exist_ok=True)
     with open(path, "a", encoding="utf-8") as f:
         for b, rows in progress(todo, f"generating ({config.method})", total_items=sum(len(r) for _, r in todo), count=lambda t: len(t[1])):
-            torch.manual_seed(batch_seed(config.seed, b))
             tic = time.monotonic()
-            records = process_batch(model, tokenizer, [examples[i] for i in rows], config, verifier)
+            records = process_batch(engine, [examples[i] for i in rows], config, verifier, batch_seed(config.seed, b))
             for record in records:
                 if record["id"] not in done:  # a partly written batch is re-sampled identically; keep the first copy
                     f.write(json.dumps(record, ensure_ascii=False) + "\n")
@@ -269,10 +273,10 @@ def load_compared(path: str) -> tuple[str, dict[str, Example]]:
     return name, {ex.id: ex for ex in load_examples(str(p))}
 
 
-def mechanism(model, tokenizer, examples: list[Example], final: list[Example], done: dict[str, dict], config: GenerateConfig) -> tuple[dict, dict[str, np.ndarray]]:
+def mechanism(engine, examples: list[Example], final: list[Example], done: dict[str, dict], config: GenerateConfig) -> tuple[dict, dict[str, np.ndarray]]:
     """Ground truth vs this run's answers (and any ``compare`` sets) under the base model; also each final answer's NLLs."""
     def score(exs: list[Example]) -> dict[str, np.ndarray]:
-        return dict(zip([e.id for e in exs], response_nlls(model, tokenizer, [e.prompt_messages for e in exs], [e.response for e in exs], config)))
+        return dict(zip([e.id for e in exs], response_nlls(engine, [e.prompt_messages for e in exs], [e.response for e in exs], config)))
 
     gt = score(examples)
     final_nll = {}
@@ -335,25 +339,29 @@ def run_generate(config: GenerateConfig) -> Path:
     sampling = {k: getattr(config, k) for k in ("method", "task", "samples", "temperature", "top_p", "max_new_tokens",
                                                  "rephrase_template", "batch_size", "seed", "max_length", "dtype")}
     sampling.update(model=model_fingerprint(config.model, config.revision), template=template_hash(load_tokenizer(config.model, config.revision)))
+    if resolve_backend(config.backend) == "vllm":  # absent for hf, so that outputs made before vLLM existed stay fresh
+        sampling["backend"] = "vllm"
     key = {"stage": "generate", "format": 1, **sampling, "data": fingerprint_examples(examples), "choose": config.choose,
            "compare": [fingerprint_examples(load_compared(p)[1].values()) for p in config.compare]}
     if artifacts.is_fresh(out, key, DATA_FILE):
         logger.info("reusing generated data in %s (inputs unchanged)", out)
         return out
-    model, tokenizer = load_model_and_tokenizer(config.model, config.revision, config.dtype, config.device)
-    start = time.monotonic()
-    done: dict[str, dict] = {}
-    if config.method.startswith("paper_"):
-        split = config.data.removeprefix("mbpp-")
-        final = load_paper_generations(config.method.removeprefix("paper_"), split, config.choose, config.seed)[: len(examples)]
-        stats = paper_statistics(final)
-    else:
-        check_samples_key(out, sampling)
-        verifier = make_verifier(config.task, config.data, examples[0], config.sandbox_timeout_s)
-        done = generate_samples(model, tokenizer, examples, config, verifier, out)
-        final = assemble(examples, done, config)
-        stats = generation_statistics(examples, done, final, time.monotonic() - start)
-    mech, final_nll = mechanism(model, tokenizer, examples, final, done, config)
+    engine = open_engine(config)
+    try:
+        start, done = time.monotonic(), {}
+        if config.method.startswith("paper_"):
+            split = config.data.removeprefix("mbpp-")
+            final = load_paper_generations(config.method.removeprefix("paper_"), split, config.choose, config.seed)[: len(examples)]
+            stats = paper_statistics(final)
+        else:
+            check_samples_key(out, sampling)
+            verifier = make_verifier(config.task, config.data, examples[0], config.sandbox_timeout_s)
+            done = generate_samples(engine, examples, config, verifier, out)
+            final = assemble(examples, done, config)
+            stats = generation_statistics(examples, done, final, time.monotonic() - start)
+        mech, final_nll = mechanism(engine, examples, final, done, config)
+    finally:
+        engine.close()
     logger.info("generation: %s", json.dumps(stats))
     logger.info("base-model perplexity of the answers:\n%s", format_table(mech))
     write_data(out / DATA_FILE, final, final_nll)

@@ -144,39 +144,3 @@ def generate(model, tokenizer, prompts: list[list[dict[str, str]]], settings: De
     decoded = decode_ids(model, tokenizer, encoded, settings, batch_size, show_progress, description)
     return [tokenizer.decode(new, skip_special_tokens=True) for new, _ in decoded]
 
-
-def vllm_available() -> bool:
-    """vLLM is installed and a CUDA device exists."""
-    import importlib.util
-
-    return importlib.util.find_spec("vllm") is not None and torch.cuda.is_available()
-
-
-def vllm_generate_fn(model_path: str, adapter: str | None = None, revision: str | None = None):
-    """A generate function backed by vLLM (base model + optional LoRA adapter). Untested here:
-    vLLM is not installed on the CPU machines this was written on."""
-    from transformers import AutoTokenizer
-    from vllm import LLM, SamplingParams
-    from vllm.lora.request import LoRARequest
-
-    tokenizer = AutoTokenizer.from_pretrained(adapter or model_path)
-    lora_args = {}
-    if adapter:
-        import json
-        from pathlib import Path
-
-        rank = json.loads((Path(adapter) / "adapter_config.json").read_text()).get("r", 16)
-        lora_args = {"enable_lora": True, "max_lora_rank": max(16, 1 << (int(rank) - 1).bit_length())}
-    llm = LLM(model=model_path, revision=revision, seed=0, **lora_args)
-    lora = LoRARequest("adapter", 1, adapter) if adapter else None
-    stops = stop_token_ids(tokenizer)
-
-    def generate_vllm(prompts: list[list[dict[str, str]]], settings: DecodingSettings) -> list[str]:
-        texts = [tokenizer.apply_chat_template(m, tokenize=False, add_generation_prompt=True) for m in prompts]
-        params = SamplingParams(max_tokens=settings.max_new_tokens, stop_token_ids=stops, seed=settings.seed,
-                                temperature=0.0 if settings.greedy else settings.temperature,
-                                top_p=1.0 if settings.greedy else settings.top_p)
-        results = llm.generate(texts, params, lora_request=lora)
-        return [r.outputs[0].text for r in results]
-
-    return generate_vllm

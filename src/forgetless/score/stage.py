@@ -12,6 +12,7 @@ import logging
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import pyarrow as pa
@@ -20,11 +21,13 @@ import torch
 from forgetless.lm import artifacts
 from forgetless.lm.data import Example, fingerprint_examples, load_examples
 from forgetless.core.logits import token_nll
-from forgetless.lm.modeling import EMBEDDED, load_model_and_tokenizer, load_tokenizer, model_fingerprint
+from forgetless.lm.modeling import EMBEDDED, load_tokenizer, model_fingerprint
+from forgetless.lm.engines import open_engine
 from forgetless.lm.batching import length_buckets, right_pad
 from forgetless.lm.progress import progress
 from forgetless.core.tokenstats import score_statistics
 from forgetless.lm.templates import Encoded, encode_conversation, template_hash
+from forgetless.lm.vllm_backend import check_backend_settings, resolve_backend
 
 logger = logging.getLogger(__name__)
 
@@ -45,6 +48,10 @@ class ScoreConfig:
     part_size: int = field(default=256, metadata={"help": "examples per saved part: a crash loses at most one part's work"})
     dtype: str = field(default="auto", metadata={"help": "auto (bf16 on CUDA, else fp32), float32, bfloat16, float16"})
     device: str | None = field(default=None, metadata={"help": "cuda or cpu (default: cuda when available)"})
+    backend: str = field(default="auto", metadata={"help": "hf | vllm (prompt_logprobs) | auto (vllm when installed and CUDA present, else hf)"})
+    tensor_parallel_size: int = field(default=1, metadata={"help": "vLLM: GPUs one model is split across"})
+    gpu_memory_utilization: float = field(default=0.9, metadata={"help": "vLLM: share of GPU memory it may take (weights + KV cache)"})
+    max_model_len: int | None = field(default=None, metadata={"help": "vLLM: longest sequence in tokens, > max_length (null: the model's own)"})
     out_dir: str = field(default="runs/default/scores", metadata={"help": "output directory"})
 
     def __post_init__(self):
@@ -58,6 +65,9 @@ class ScoreConfig:
             raise ValueError(f"batch_tokens must be positive, got {self.batch_tokens}")
         if self.limit is not None and self.limit < 1:
             raise ValueError(f"limit must be positive, got {self.limit}")
+        check_backend_settings(self.backend, self.tensor_parallel_size, self.gpu_memory_utilization, self.max_model_len)
+        if self.max_model_len is not None and self.max_model_len <= self.max_length:
+            raise ValueError(f"max_model_len ({self.max_model_len}) must exceed max_length ({self.max_length}): vLLM scores a prompt while generating one token")
 
 
 def pad_batch(encoded: list[Encoded], pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -116,15 +126,21 @@ def run_score(config: ScoreConfig) -> Path:
         "overlong": config.overlong,
         "dtype": config.dtype,
     }
+    backend = resolve_backend(config.backend)
+    if backend == "vllm":  # absent for hf, so that scores made before vLLM existed stay fresh
+        key["backend"] = backend
     if artifacts.is_fresh(out, key, SCORES_FILE):
         logger.info("reusing scores in %s (inputs unchanged)", out)
         return out
-    model, tokenizer = load_model_and_tokenizer(config.model, config.revision, config.dtype, config.device)
-    kept, counts = encode_examples(tokenizer, examples, config.max_length, config.overlong)
+    kept, counts = encode_examples(tokenizer_only, examples, config.max_length, config.overlong)
     if not kept:
         raise ValueError(f"no example of {config.data} has a response token within max_length={config.max_length}")
     encoded = [enc for _, enc in kept]
-    nlls = score_in_parts(model, encoded, tokenizer.pad_token_id, config.batch_tokens, out / "parts", key, config.part_size)
+    engine = open_engine(config)
+    try:
+        nlls = score_in_parts(engine.score, encoded, out / "parts", key, config.part_size)
+    finally:
+        engine.close()
     n_inf = int(sum(np.sum(np.isinf(n)) for n in nlls))
     n_nan = int(sum(np.sum(np.isnan(n[1:][np.asarray(e.response_mask[1:], bool)])) for n, e in zip(nlls, encoded)))
     if n_inf or n_nan:
@@ -145,7 +161,8 @@ def run_score(config: ScoreConfig) -> Path:
     return out
 
 
-def score_in_parts(model, encoded: list[Encoded], pad_id: int, batch_tokens: int, parts_dir: Path, key: dict, part_size: int) -> list[np.ndarray]:
+def score_in_parts(score_fn: Callable[[list[Encoded]], list[np.ndarray]], encoded: list[Encoded], parts_dir: Path,
+                   key: dict, part_size: int) -> list[np.ndarray]:
     """Score in parts of ``part_size`` examples, each saved as it finishes, so a crash loses one part at most.
 
     Parts made under another key (model, data, ...) are discarded; matching ones are reused.
@@ -166,7 +183,7 @@ def score_in_parts(model, encoded: list[Encoded], pad_id: int, batch_tokens: int
             with np.load(path) as saved:
                 nlls.extend(saved[f"a{i}"] for i in range(len(saved.files)))
             continue
-        scored = score_encoded(model, encoded[start : start + part_size], pad_id, batch_tokens)
+        scored = score_fn(encoded[start : start + part_size])
         artifacts.write_npz(path, {f"a{i}": a for i, a in enumerate(scored)})
         nlls.extend(scored)
     return nlls

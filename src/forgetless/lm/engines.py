@@ -1,0 +1,48 @@
+"""The engine a stage samples and scores with, picked by its ``backend`` setting.
+
+Both engines make the same calls on token ids built by :mod:`forgetless.lm.templates`: ``sample(prompts, k,
+settings, seed)`` (``[prompt][sample]`` :class:`~forgetless.lm.decode.Sampled` answers), ``score(encoded)``
+(per-token NLL, NaN off the response, aligned as in :mod:`forgetless.core.logits`) and ``close()``.
+:class:`HfEngine` runs a loaded Hugging Face model (lm/decode.py, score/stage.py);
+:class:`~forgetless.lm.vllm_backend.VllmEngine` runs vLLM.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from forgetless.lm.decode import DecodingSettings, Sampled, sample_batch
+from forgetless.lm.templates import Encoded
+from forgetless.lm.vllm_backend import resolve_backend
+
+
+class HfEngine:
+    """Sampling and scoring with a Hugging Face model in memory."""
+
+    def __init__(self, model, tokenizer, batch_tokens: int = 8192):
+        self.model, self.tokenizer, self.batch_tokens = model, tokenizer, batch_tokens
+
+    def sample(self, prompts: list[list[int]], k: int, settings: DecodingSettings, seed: int) -> list[list[Sampled]]:
+        torch.manual_seed(seed)  # the batch's samples do not depend on what ran before
+        return sample_batch(self.model, self.tokenizer, prompts, k, settings)
+
+    def score(self, encoded: list[Encoded]) -> list[np.ndarray]:
+        from forgetless.score.stage import score_encoded
+
+        return score_encoded(self.model, encoded, self.tokenizer.pad_token_id, self.batch_tokens)
+
+    def close(self) -> None:
+        """Nothing to free: the model goes when the engine does."""
+
+
+def open_engine(config):
+    """The engine of a generate or score config: vLLM or HF by ``config.backend``, on ``config.model``."""
+    if resolve_backend(config.backend) == "vllm":
+        from forgetless.lm.vllm_backend import VllmEngine
+
+        return VllmEngine.from_config(config)
+    from forgetless.lm.modeling import load_model_and_tokenizer
+
+    model, tokenizer = load_model_and_tokenizer(config.model, config.revision, config.dtype, config.device)
+    return HfEngine(model, tokenizer, config.batch_tokens)
