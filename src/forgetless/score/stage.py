@@ -1,4 +1,4 @@
-"""Stage 1: score every response token by its NLL under the base model.
+"""Stage 1: score every response token by its NLL under the base model (or a tuned one: ``adapter``).
 
 ``run_score(config)`` writes ``<out_dir>/scores.parquet`` (one row per example: ``id``,
 ``input_ids``, ``response_mask``, ``nll``, ``truncated``), ``stats.json`` and ``manifest.json``.
@@ -20,7 +20,7 @@ import torch
 from forgetless.lm import artifacts
 from forgetless.lm.data import Example, fingerprint_examples, load_examples
 from forgetless.core.logits import token_nll
-from forgetless.lm.modeling import EMBEDDED, load_model_and_tokenizer, load_tokenizer, model_fingerprint
+from forgetless.lm.modeling import EMBEDDED, load_adapter, load_model_and_tokenizer, load_tokenizer, model_fingerprint
 from forgetless.lm.batching import length_buckets, right_pad
 from forgetless.lm.progress import progress
 from forgetless.core.tokenstats import score_statistics
@@ -37,6 +37,7 @@ class ScoreConfig:
 
     model: str = field(default=EMBEDDED, metadata={"help": "base model: 'embedded', a local directory or a hub name"})
     revision: str | None = field(default=None, metadata={"help": "hub revision (commit, tag or branch)"})
+    adapter: str | None = field(default=None, metadata={"help": "PEFT adapter dir applied on `model`: score under the tuned model (DPF's second scoring)"})
     data: str = field(default="mbpp-train", metadata={"help": "bundled split name, JSONL file, saved dataset dir, or hf:<name>[:split]"})
     limit: int | None = field(default=None, metadata={"help": "score only the first N examples"})
     max_length: int = field(default=1024, metadata={"help": "tokens per example; longer ones are handled by 'overlong'"})
@@ -110,6 +111,7 @@ def run_score(config: ScoreConfig) -> Path:
         "stage": "score",
         "format": 1,
         "model": model_fingerprint(config.model, config.revision),
+        "adapter": model_fingerprint(config.adapter) if config.adapter else None,
         "template": template_hash(tokenizer_only),
         "data": fingerprint_examples(examples),
         "max_length": config.max_length,
@@ -120,6 +122,8 @@ def run_score(config: ScoreConfig) -> Path:
         logger.info("reusing scores in %s (inputs unchanged)", out)
         return out
     model, tokenizer = load_model_and_tokenizer(config.model, config.revision, config.dtype, config.device)
+    if config.adapter:
+        model = load_adapter(model, config.adapter, config.model)
     kept, counts = encode_examples(tokenizer, examples, config.max_length, config.overlong)
     if not kept:
         raise ValueError(f"no example of {config.data} has a response token within max_length={config.max_length}")
