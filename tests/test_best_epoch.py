@@ -92,3 +92,21 @@ def test_select_on_a_behaviour_record_reads_that_record(train_world, tmp_path, m
     assert (record["task"], record["metric"], record["n"], record["higher_is_better"]) == (
         "gen:mbpp-validation:defines", "defines", 2, True)
     assert record["score"] == 0.0  # 8 tokens of a random model define no function
+
+
+def test_a_resumed_run_keeps_the_epochs_measured_before_the_crash(train_world):
+    from conftest import Crash, crash_at
+
+    cfg = train_config(train_world, "best-resume", max_steps=-1, epochs=2, keep="best-epoch", save_steps=4)
+    measure, calls = stub_measure([0.9, 0.1])
+    with pytest.raises(Crash):  # after epoch 1 (steps 1-4, checkpoint at 4) and two steps of epoch 2
+        run_train(cfg, callbacks=[crash_at(6)], select_measure=measure)
+    assert len(calls) == 1
+    epoch_1 = adapter_weights(train_world.root / "best-resume" / "epochs" / "epoch-1")
+    measure, calls = stub_measure([0.1])  # only epoch 2 is measured again
+    out = run_train(train_config(train_world, "best-resume", max_steps=-1, epochs=2, keep="best-epoch", save_steps=4,
+                                 resume=True), select_measure=measure)
+    assert len(calls) == 1
+    summary = json.loads((out / "train_summary.json").read_text())
+    assert [(r["epoch"], r["score"]) for r in summary["epochs"]] == [(1, 0.9), (2, 0.1)]
+    assert summary["kept_epoch"] == 1 and same(adapter_weights(out / "adapter"), epoch_1)
