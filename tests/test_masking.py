@@ -1,6 +1,7 @@
 """Each masking policy's counts on hand-computed tensors."""
 
 import math
+import re
 
 import numpy as np
 import pytest
@@ -117,6 +118,38 @@ def test_reference_diff_selects_by_difference():
     assert masked(w_low).isdisjoint({2, 6}) and len(masked(w_low)) == 2
     with pytest.raises(ValueError, match="reference"):
         weights_for_policy(NLL, "reference-diff", fraction=0.2, reference_nll=ref[:3])
+
+
+# DPF on 6 tokens, by hand (perplexities; NLL = log ppl):
+#   token            0     1     2     3     4     5
+#   base ppl        1.5   3.0   2.0   1.2   6.0   2.4
+#   tuned ppl       1.4   2.0   5.0   3.2   9.0   2.3
+#   tuned - base   -0.1  -1.0   3.0   2.0   3.0  -0.1
+# dpf (tuned - base > 2.5): {2, 4}. Token 3 is not masked although nll_tuned - nll_base =
+# log(3.2 / 1.2) = 0.98 > log 2.5 = 0.92: the authors compare perplexities, not NLLs.
+# stm (base > 2.5): {1, 4}; dpf+stm (base > 2.5 or tuned > base): {1, 4} | {2, 3, 4} = {1, 2, 3, 4}.
+BASE6, TUNED6 = np.log([1.5, 3.0, 2.0, 1.2, 6.0, 2.4]), np.log([1.4, 2.0, 5.0, 3.2, 9.0, 2.3])
+
+
+def test_dpf_masks_where_tuned_ppl_exceeds_base_by_more_than_tau():
+    w, info = weights_for_policy(BASE6, "dpf", tau=2.5, reference_nll=TUNED6)
+    assert masked(w) == {2, 4}
+    assert info == {"policy": "dpf", "ppl_margin": 2.5}
+
+
+def test_dpf_plus_stm_is_the_union_of_stm_and_any_ppl_increase():
+    assert masked(weights_for_policy(BASE6, "threshold", tau=2.5)[0]) == {1, 4}
+    w, info = weights_for_policy(BASE6, "dpf+stm", tau=2.5, reference_nll=TUNED6)
+    assert masked(w) == {1, 2, 3, 4}
+    assert info["tau"] == 2.5 and info["masked_by_dpf_only"] == 2  # tokens 2 and 3
+
+
+def test_dpf_needs_the_tuned_scores_of_the_same_tokens():
+    for policy in ("dpf", "dpf+stm"):
+        with pytest.raises(ValueError, match=re.escape(f"{policy} needs reference scores")):
+            weights_for_policy(BASE6, policy, reference_nll=None)
+        with pytest.raises(ValueError, match="same tokens"):
+            weights_for_policy(BASE6, policy, reference_nll=TUNED6[:5])
 
 
 def test_inverse_ppl_weight_is_token_probability():

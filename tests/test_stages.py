@@ -6,6 +6,7 @@ import math
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+import torch
 
 from conftest import build_tokenizer, cli, kill_mid_run, run_to_end
 from forgetless.mask.stage import MaskConfig, run_mask
@@ -113,6 +114,44 @@ def test_mask_stage_counts_examples_left_without_tokens(tiny_model_dir, data_fil
     out = run_mask(MaskConfig(scores=str(scores), policy="threshold", tau=1.0000001, out_dir=str(tmp_path / "m")))
     stats = json.loads((out / "mask_stats.json").read_text())
     assert stats["examples_without_trained_tokens"] == 6 and stats["trained_tokens"] == 0
+
+
+def random_adapter(model_dir, out):
+    """A LoRA adapter with random (non-zero) B on the saved tiny model: a stand-in for a fine-tuned model."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(1)
+    base = AutoModelForCausalLM.from_pretrained(model_dir)
+    get_peft_model(base, LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False)).save_pretrained(out)
+    return out
+
+
+@pytest.mark.parametrize("policy, tau", [("dpf", 2.5), ("dpf+stm", 400.0)])
+def test_dpf_masks_from_the_base_and_the_tuned_scores(tiny_model_dir, data_file, tmp_path, policy, tau):
+    base = score(tiny_model_dir, data_file, tmp_path / "base")
+    adapter = random_adapter(tiny_model_dir, tmp_path / "adapter")
+    tuned = score(tiny_model_dir, data_file, tmp_path / "tuned", adapter=str(adapter))
+    assert json.loads((tuned / "manifest.json").read_text())["key"]["adapter"] is not None
+    with pytest.raises(ValueError, match="needs reference_scores"):
+        MaskConfig(scores=str(base), policy=policy)
+    out = run_mask(MaskConfig(scores=str(base), policy=policy, tau=tau, reference_scores=str(tuned), out_dir=str(tmp_path / "m")))
+    columns = ("input_ids", "response_mask", "nll", "labels")
+    rows = zip(*(pq.read_table(out / "data.parquet").column(c).to_pylist() for c in columns),
+               pq.read_table(tuned / "scores.parquet").column("nll").to_pylist())
+    kinds = set()
+    for ids, resp, nll_base, labels, nll_tuned in rows:
+        for i in range(1, len(ids)):
+            if not resp[i]:
+                continue
+            ppl_base, ppl_tuned = math.exp(nll_base[i]), math.exp(nll_tuned[i])
+            if policy == "dpf":
+                dropped = ppl_tuned - ppl_base > tau
+            else:
+                dropped = ppl_base > tau or ppl_tuned > ppl_base
+            assert labels[i] == (-100 if dropped else ids[i])
+            kinds.add(dropped)
+    assert kinds == {True, False}  # the example has both kinds of tokens
 
 
 def test_mask_stage_needs_finished_scores(tmp_path):

@@ -82,6 +82,7 @@ class RunConfig:
 
     out_dir: str = field(default="runs/demo", metadata={"help": "where every stage writes"})
     model: str = field(default=EMBEDDED, metadata={"help": "base model"})
+    score_model: str | None = field(default=None, metadata={"help": "model whose token perplexities decide the masks (default: `model`), e.g. a larger one of the same family; it must have the same tokenizer"})
     data: str = field(default="mbpp-train", metadata={"help": "target-task training data"})
     limit: int | None = field(default=None, metadata={"help": "first N training examples"})
     max_length: int = field(default=1024, metadata={"help": "tokens per training example"})
@@ -101,6 +102,8 @@ class RunConfig:
             raise ValueError(f"two methods share a label: {labels}; give them distinct `name`s")
         if any(lr <= 0 for lr in self.learning_rates):
             raise ValueError("learning rates must be positive")
+        if "model" in self.score:
+            raise ValueError("set the scoring model with score_model, not score.model")
 
 
 def stage_done(out: Path, settings: dict) -> bool:
@@ -172,14 +175,28 @@ def measure_stages(config: RunConfig, label: str, model: str, adapter: str | Non
 def check_settings(config: RunConfig) -> None:
     """Build every stage's config before any work starts, so a typo fails in seconds, not hours."""
     make(ScoreConfig, score_settings(config, config.data, "-"), "score")
+    check_score_model(config)
     for label, method, lr in train_runs(config):
         method.mask_config(Path("-"), Path("-"))
         train_config(config, label, method, lr, "-")
     measure_stages(config, "base", config.model, None)
 
 
+def check_score_model(config: RunConfig) -> None:
+    """Refuse a scoring model whose tokenizer differs from the trained model's: its scores would be of other tokens."""
+    if config.score_model is None or config.score_model == config.model:
+        return
+    from forgetless.lm.modeling import load_tokenizer
+    from forgetless.lm.templates import tokenizer_differences
+
+    differ = tokenizer_differences(load_tokenizer(config.score_model), load_tokenizer(config.model))
+    if differ:
+        raise ConfigError(f"score_model {config.score_model} and model {config.model} have different tokenizers "
+                          f"({', '.join(differ)} differ): one model's scores cannot mask the other's tokens")
+
+
 def score_settings(config: RunConfig, data: str, out_dir: str) -> dict:
-    return {"model": config.model, "limit": config.limit, "max_length": config.max_length, **config.score, "data": data, "out_dir": out_dir}
+    return {"model": config.score_model or config.model, "limit": config.limit, "max_length": config.max_length, **config.score, "data": data, "out_dir": out_dir}
 
 
 def run_experiment(config: RunConfig) -> Path:

@@ -15,7 +15,12 @@ Policies (``weights_for_policy``):
   without replacement among response tokens with a seeded generator (the paper's control).
 * ``inverse``    -- mask the same count, but the *lowest*-ppl tokens.
 * ``reference-diff`` -- mask the top-q fraction by ``nll - reference_nll`` (the difference of two
-  scorings: Rho-1's excess loss, the paper's DPF), or the bottom-q with ``mask_highest=False``.
+  scorings: Rho-1's excess loss), or the bottom-q with ``mask_highest=False``.
+* ``dpf``        -- the authors' DPF: ``reference_nll`` is the NLL under the model fine-tuned on the
+  same data; mask where ``ppl_tuned - ppl_base > tau`` (perplexity units, their
+  ``generate_stm_training_data.py --stm dpf`` with their collator's threshold).
+* ``dpf+stm``    -- the authors' ``--stm stm_dpf``: mask where ``ppl_base > tau`` *or*
+  ``ppl_tuned > ppl_base`` (the union of STM and DPF at margin 0).
 * ``inverse-ppl`` -- soft: weight = p(token) = exp(-nll) under the base model (static DFT).
 """
 
@@ -26,7 +31,8 @@ import math
 import numpy as np
 import torch
 
-HARD_POLICIES = ("none", "threshold", "fraction", "auto-tau", "random", "inverse", "reference-diff")
+HARD_POLICIES = ("none", "threshold", "fraction", "auto-tau", "random", "inverse", "reference-diff", "dpf", "dpf+stm")
+REFERENCE_POLICIES = ("reference-diff", "dpf", "dpf+stm")  # need a second scoring of the same tokens
 SOFT_POLICIES = ("inverse-ppl",)
 POLICIES = HARD_POLICIES + SOFT_POLICIES
 IGNORE_INDEX = -100
@@ -100,6 +106,20 @@ def tau_for_fraction(nll: np.ndarray, q: float) -> float:
     return math.exp(float(ordered[k]))
 
 
+def dpf_mask(base_nll: np.ndarray, tuned_nll: np.ndarray, margin: float) -> np.ndarray:
+    """True where the fine-tuned model's perplexity exceeds the base's by more than ``margin``.
+
+    The authors' inequality, in perplexity units: ``exp(tuned_nll) - exp(base_nll) > margin``
+    (not in NLL units: ``ppl_tuned - ppl_base > 2.5`` is not ``nll_tuned - nll_base > log 2.5``).
+    Both perplexities infinite gives NaN, never above.
+
+    >>> dpf_mask(np.log([2.0, 2.0, 4.0]), np.log([1.0, 5.0, 4.5]), 2.5).tolist()
+    [False, True, False]
+    """
+    with np.errstate(over="ignore", invalid="ignore"):
+        return np.exp(tuned_nll) - np.exp(base_nll) > margin
+
+
 def random_mask(n: int, k: int, seed: int) -> np.ndarray:
     """``k`` of ``n`` positions, uniformly without replacement, reproducible for a seed."""
     if not 0 <= k <= n:
@@ -122,7 +142,8 @@ def weights_for_policy(
 ) -> tuple[np.ndarray, dict]:
     """Per-token weights (float64, in [0, 1]) for the flat response-token NLLs of a data set.
 
-    ``sizes`` gives the response-token count of each example (for per-example fractions).
+    ``sizes`` gives the response-token count of each example (for per-example fractions);
+    ``reference_nll`` a second scoring of the same tokens (the fine-tuned model's for ``dpf``).
     Returns the weights and the resolved parameters (e.g. the tau that ``auto-tau`` found).
     """
     nll = np.asarray(nll, dtype=np.float64)
@@ -142,18 +163,30 @@ def weights_for_policy(
         masked = random_mask(nll.size, k, seed) if policy == "random" else top_k_mask(nll, k, highest=False)
         info.update(matched_tau=tau if fraction is None else None, matched_fraction=fraction, seed=seed)
     elif policy == "reference-diff":
-        if reference_nll is None or np.shape(reference_nll) != nll.shape:
-            raise ValueError("reference-diff needs reference scores of the same tokens (same data and tokenizer)")
-        reference_nll = np.asarray(reference_nll, dtype=np.float64)
-        check_finite(reference_nll)
         k = fraction_count(nll.size, _need(fraction, policy))
-        masked = top_k_mask(nll - reference_nll, k, highest=mask_highest)
+        masked = top_k_mask(nll - _reference(reference_nll, nll, policy), k, highest=mask_highest)
         info.update(fraction=fraction, mask_highest=mask_highest)
+    elif policy == "dpf":
+        check_tau(tau)
+        masked, info["ppl_margin"] = dpf_mask(nll, _reference(reference_nll, nll, policy), tau), tau
+    elif policy == "dpf+stm":
+        tuned = _reference(reference_nll, nll, policy)
+        masked, info["tau"] = threshold_mask(nll, tau) | dpf_mask(nll, tuned, 0.0), tau
+        info["masked_by_dpf_only"] = int((masked & ~threshold_mask(nll, tau)).sum())
     elif policy == "inverse-ppl":
         return np.exp(-nll), info
     else:
         raise ValueError(f"unknown masking policy {policy!r}; choose one of {', '.join(POLICIES)}")
     return (~masked).astype(np.float64), info
+
+
+def _reference(reference_nll, nll: np.ndarray, policy: str) -> np.ndarray:
+    """The second scoring (float64, checked finite-or-inf) of the same tokens as ``nll``."""
+    if reference_nll is None or np.shape(reference_nll) != nll.shape:
+        raise ValueError(f"{policy} needs reference scores of the same tokens (same data and tokenizer)")
+    reference_nll = np.asarray(reference_nll, dtype=np.float64)
+    check_finite(reference_nll)
+    return reference_nll
 
 
 def _need(fraction: float | None, policy: str) -> float:

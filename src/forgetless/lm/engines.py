@@ -42,7 +42,10 @@ def open_engine(config):
         from forgetless.lm.vllm_backend import VllmEngine
 
         return VllmEngine.from_config(config)
-    from forgetless.lm.modeling import load_model_and_tokenizer
+    from forgetless.lm.modeling import load_adapter, load_model_and_tokenizer
 
     model, tokenizer = load_model_and_tokenizer(config.model, config.revision, config.dtype, config.device)
+    adapter = getattr(config, "adapter", None)
+    if adapter:  # score a tuned model (DPF's second scoring): base + adapter
+        model = load_adapter(model, adapter, config.model)
     return HfEngine(model, tokenizer, config.batch_tokens)

@@ -66,6 +66,23 @@ def template_hash(tokenizer) -> str:
     return hashlib.sha256(key.encode()).hexdigest()[:16]
 
 
+def tokenizer_differences(a, b) -> list[str]:
+    """What differs between two tokenizers that must give the same tokens: [] when none.
+
+    Compared: the vocabulary (token -> id), the chat template, and the special tokens (the pad
+    token aside: padding never enters a scored or trained token).
+    """
+    ensure_chat_template(a)
+    ensure_chat_template(b)
+
+    def specials(tok):
+        return tok.bos_token, tok.eos_token, sorted(set(tok.all_special_tokens) - {tok.pad_token})
+
+    checks = {"vocabulary": a.get_vocab() == b.get_vocab(), "chat template": a.chat_template == b.chat_template,
+              "special tokens": specials(a) == specials(b)}
+    return [name for name, same in checks.items() if not same]
+
+
 def render(tokenizer, messages: list[dict[str, str]], add_generation_prompt: bool = False) -> str:
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
 

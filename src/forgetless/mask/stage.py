@@ -17,7 +17,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from forgetless.lm import artifacts
-from forgetless.core.masking import IGNORE_INDEX, POLICIES, check_fraction, check_tau, weights_for_policy
+from forgetless.core.masking import IGNORE_INDEX, POLICIES, REFERENCE_POLICIES, check_fraction, check_tau, weights_for_policy
 from forgetless.score.stage import SCORES_FILE
 
 logger = logging.getLogger(__name__)
@@ -31,11 +31,11 @@ class MaskConfig:
 
     scores: str = field(default="runs/default/scores", metadata={"help": "directory written by `forgetless score`"})
     policy: str = field(default="threshold", metadata={"help": f"one of {', '.join(POLICIES)}"})
-    tau: float = field(default=2.5, metadata={"help": "perplexity threshold: mask tokens with ppl > tau (threshold; count to match for random/inverse)"})
+    tau: float = field(default=2.5, metadata={"help": "perplexity threshold: mask tokens with ppl > tau (threshold, dpf+stm; count to match for random/inverse; dpf: the margin of ppl_tuned - ppl_base)"})
     fraction: float | None = field(default=None, metadata={"help": "target masked fraction in [0, 1) (fraction, auto-tau, reference-diff; overrides tau's count for random/inverse)"})
     per_example: bool = field(default=False, metadata={"help": "fraction policy: take the fraction within each example instead of over the data set"})
     seed: int = field(default=0, metadata={"help": "seed of the random-mask control"})
-    reference_scores: str | None = field(default=None, metadata={"help": "reference-diff: scores directory of the second model, same data"})
+    reference_scores: str | None = field(default=None, metadata={"help": "reference-diff, dpf, dpf+stm: scores directory of the second model, same data (dpf: the model fine-tuned on it)"})
     mask_highest: bool = field(default=True, metadata={"help": "reference-diff: mask the largest (nll - reference nll) (else the smallest)"})
     out_dir: str = field(default="runs/default/masks/threshold", metadata={"help": "output directory"})
 
@@ -43,6 +43,9 @@ class MaskConfig:
         if self.policy not in POLICIES:
             raise ValueError(f"unknown policy {self.policy!r}; choose one of {', '.join(POLICIES)}")
         check_tau(self.tau)
+        if self.policy in REFERENCE_POLICIES and not self.reference_scores:
+            raise ValueError(f"policy {self.policy!r} needs reference_scores: a `forgetless score` directory of the same data "
+                             f"under the second model{' (the fine-tuned one)' if self.policy != 'reference-diff' else ''}")
         if self.fraction is not None:
             check_fraction(self.fraction)
 
@@ -116,8 +119,8 @@ def run_mask(config: MaskConfig) -> Path:
         logger.warning("%d examples have no trained token left; they contribute nothing to the loss", stats["examples_without_trained_tokens"])
     artifacts.write_parquet(out / MASKED_FILE, table)
     artifacts.write_json(out / "mask_stats.json", stats)
-    # The τ this mask stands for (threshold, auto-tau: the τ applied; random/inverse: the τ whose
-    # count they match; none for policies without one), read by the report.
+    # The τ this mask stands for (threshold, auto-tau, dpf+stm: the τ applied; random/inverse: the τ
+    # whose count they match; none for policies without one, dpf's margin included), read by the report.
     tau = info.get("tau", info.get("matched_tau"))
     artifacts.write_manifest(out, key, config, policy=config.policy, tau=tau, masked_fraction=stats["masked_fraction"])
     return out

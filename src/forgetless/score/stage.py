@@ -1,4 +1,4 @@
-"""Stage 1: score every response token by its NLL under the base model.
+"""Stage 1: score every response token by its NLL under the base model (or a tuned one: ``adapter``).
 
 ``run_score(config)`` writes ``<out_dir>/scores.parquet`` (one row per example: ``id``,
 ``input_ids``, ``response_mask``, ``nll``, ``truncated``), ``stats.json`` and ``manifest.json``.
@@ -40,6 +40,7 @@ class ScoreConfig:
 
     model: str = field(default=EMBEDDED, metadata={"help": "base model: 'embedded', a local directory or a hub name"})
     revision: str | None = field(default=None, metadata={"help": "hub revision (commit, tag or branch)"})
+    adapter: str | None = field(default=None, metadata={"help": "PEFT adapter dir applied on `model`: score under the tuned model (DPF's second scoring)"})
     data: str = field(default="mbpp-train", metadata={"help": "bundled split name, JSONL file, saved dataset dir, or hf:<name>[:split]"})
     limit: int | None = field(default=None, metadata={"help": "score only the first N examples"})
     max_length: int = field(default=1024, metadata={"help": "tokens per example; longer ones are handled by 'overlong'"})
@@ -120,6 +121,7 @@ def run_score(config: ScoreConfig) -> Path:
         "stage": "score",
         "format": 1,
         "model": model_fingerprint(config.model, config.revision),
+        "adapter": model_fingerprint(config.adapter) if config.adapter else None,
         "template": template_hash(tokenizer_only),
         "data": fingerprint_examples(examples),
         "max_length": config.max_length,

@@ -7,7 +7,8 @@ resume with the same data order and optimizer state, accelerate / DeepSpeed / FS
 
 Run: ``run_train(TrainConfig(data="masks/stm.parquet", output_dir="runs/stm"))``. Outputs in ``output_dir``:
 ``adapter/`` (or ``model/`` for full fine-tuning), optional ``merged/``, ``loss.jsonl``, ``diagnostics.json``,
-``train_summary.json``, ``config.json``, ``manifest.json``, and ``checkpoints/`` while training.
+``train_summary.json``, ``config.json``, ``manifest.json``, and ``checkpoints/`` while training; with
+``keep=best-epoch`` also ``epochs/epoch-<k>/`` and ``epochs.jsonl`` (:mod:`forgetless.train.select`).
 
 Several GPUs: one process each, ``torchrun --nproc_per_node N -m forgetless.cli train ...`` or ``accelerate launch
 --config_file configs/accelerate/<ddp|fsdp|zero2|zero3>.yaml -m forgetless.cli train ...``; what changes across
@@ -33,6 +34,7 @@ from forgetless.lm.artifacts import write_json
 from forgetless.train.loss import MaskedLossMixin, NonFiniteLossError
 from forgetless.train.outputs import print_diagnostics, save_outputs, saved_diagnostics, weight_diagnostics
 from forgetless.train.parallel import barrier, launch_device, refuse_data_parallel, sharding_engine
+from forgetless.train.select import best_epoch_callback, check_selection, load_best_epoch, selection_measure
 from forgetless.lm.modeling import file_sha256
 
 logger = logging.getLogger(__name__)
@@ -76,6 +78,9 @@ class TrainConfig:
     gradient_checkpointing: bool = field(default=False, metadata={"help": "trade compute for activation memory"})
     deepspeed: str | None = field(default=None, metadata={"help": "DeepSpeed JSON config file (run under torchrun / "
                                                                   "accelerate launch; or use an accelerate config)"})
+    keep: str = field(default="last", metadata={"help": "the weights a run keeps: last, or best-epoch (the epoch best on select_on; ties: the earlier)"})
+    select_on: str = field(default="gen:mbpp-validation", metadata={"help": "best-epoch: an eval task (mbpp: pass@1) or a behaviour record gen:<source>[:<metric>] (gen:mbpp-validation: asserts passed)"})
+    select_limit: int | None = field(default=None, metadata={"help": "best-epoch: first N items of select_on (none: all)"})
     logging_steps: int = field(default=1, metadata={"help": "optimizer steps per loss.jsonl line"})
     diagnostics_top_k: int = field(default=8, metadata={"help": "singular values kept per module"})
 
@@ -99,6 +104,7 @@ class TrainConfig:
             raise ValueError("save_steps must be >= 0")
         if self.merge and self.adapter == "full":
             raise ValueError("merge applies to adapters; full fine-tuning already writes the whole model")
+        check_selection(self)
 
 
 def _trainer_class():
@@ -275,8 +281,12 @@ def read_training_table(path: str) -> tuple[list[dict], dict]:
     return rows, counts
 
 
-def run_train(config: TrainConfig, callbacks: list | None = None) -> Path:
-    """Fine-tune as configured; returns the run directory (see the module docstring for what it holds)."""
+def run_train(config: TrainConfig, callbacks: list | None = None, select_measure=None) -> Path:
+    """Fine-tune as configured; returns the run directory (see the module docstring for what it holds).
+
+    ``select_measure`` (model -> record with ``score`` and ``higher_is_better``) replaces the measure of
+    ``config.select_on`` for ``keep=best-epoch`` (:mod:`forgetless.train.select`).
+    """
     from transformers import set_seed
 
     from forgetless.lm.modeling import load_model, load_tokenizer, pick_dtype
@@ -309,6 +319,9 @@ def run_train(config: TrainConfig, callbacks: list | None = None) -> Path:
     if main and not config.resume and (out / "loss.jsonl").exists():
         (out / "loss.jsonl").unlink()
     ref: dict = {}
+    if config.keep == "best-epoch":
+        measure = select_measure or selection_measure(config, tokenizer)
+        callbacks = [*(callbacks or []), best_epoch_callback(out, measure, config.select_on, fresh=not config.resume)]
     trainer = _trainer_class()(
         model=model, args=args, train_dataset=rows,
         data_collator=MaskedBatchCollator(tokenizer.pad_token_id), kl_coef=config.kl_coef, reference=reference,
@@ -328,6 +341,7 @@ def run_train(config: TrainConfig, callbacks: list | None = None) -> Path:
     wall = time.time() - start
     model = trainer.model
     model.eval()
+    kept = load_best_epoch(model, out) if config.keep == "best-epoch" else {"keep": "last"}
     diag = weight_diagnostics(config, model, base_state) if main and engine is None else None  # before a merge
     save_outputs(config, out, trainer, tokenizer, sharded=engine is not None)
     if main:  # one process writes the rest
@@ -338,7 +352,7 @@ def run_train(config: TrainConfig, callbacks: list | None = None) -> Path:
                    "trained_tokens_seen": ref.get("tokens", 0), "wall_time_s": wall,
                    "resumed_from": resume_from, "method": config.method, "adapter": config.adapter,
                    "processes": args.world_size, "distributed": trainer.accelerator.distributed_type.value,
-                   "weights_sharded": engine}
+                   "weights_sharded": engine, **kept}
         write_json(out / "train_summary.json", summary)
         write_json(out / "manifest.json", manifest(config, tokenizer))
         print_diagnostics(diag, summary)
