@@ -143,9 +143,9 @@ def test_prompts_without_a_passing_answer_are_dropped_and_counted(tiny_stage):
     assert [ex.id for ex in examples] == ["e0", "e3"]
     assert all(ex.meta["provenance"]["source"] == "self_output" for ex in examples)
     stats = json.loads((out / "generation_stats.json").read_text())
-    assert {k: stats[k] for k in ("prompts", "prompts_with_verified_sample", "prompts_without_verified_answer",
+    assert {k: stats[k] for k in ("prompts", "prompts_with_verified_sample", "prompts_without_passing_answer",
                                   "dropped", "fallbacks", "training_examples")} == \
-        {"prompts": 5, "prompts_with_verified_sample": 2, "prompts_without_verified_answer": 3, "dropped": 3,
+        {"prompts": 5, "prompts_with_verified_sample": 2, "prompts_without_passing_answer": 3, "dropped": 3,
          "fallbacks": 0, "training_examples": 2}
     # The ppl comparison covers the kept prompts: the ground truth of e0 and e3 against their samples.
     assert json.loads((out / "mechanism_stats.json").read_text())["prompts"]["all"] == 2

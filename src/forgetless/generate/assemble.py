@@ -54,13 +54,13 @@ def apply_on_failure(assembled: list[Example], on_failure: str) -> list[Example]
 
 
 def outcome_statistics(assembled: list[Example], kept: list[Example]) -> dict:
-    """How many prompts had a passing answer, how many were dropped or kept with their reference."""
+    """How many prompts had no passing answer (with ``task=none``: no non-empty one), how many of
+    those were dropped or kept with their reference."""
     failed = sum(ex.meta["provenance"]["fallback"] for ex in assembled)
     fallbacks = sum(ex.meta["provenance"]["fallback"] for ex in kept)
     return {
         "prompts": len(assembled),
-        "prompts_with_verified_sample": len(assembled) - failed,
-        "prompts_without_verified_answer": failed,
+        "prompts_without_passing_answer": failed,
         "dropped": len(assembled) - len(kept),
         "fallbacks": fallbacks,
         "fallback_rate": fallbacks / max(len(assembled), 1),
@@ -78,6 +78,7 @@ def generation_statistics(examples: list[Example], done: dict[str, dict], assemb
         "empty_samples": sum(s["mean_nll"] is None for s in samples),
         "unfinished_samples": sum(not s["finished"] for s in samples),
         "verified_samples": sum(s["verified"] is True for s in samples),
+        "prompts_with_verified_sample": sum(any(s["verified"] is True for s in r["samples"]) for r in records),
         "ground_truth_verified": sum(r["ground_truth_verified"] is True for r in records),
         "new_tokens": sum(s["new_tokens"] for s in samples),
         "seconds_this_run": round(seconds, 1),
@@ -86,5 +87,5 @@ def generation_statistics(examples: list[Example], done: dict[str, dict], assemb
 
 def paper_statistics(assembled: list[Example], kept: list[Example]) -> dict:
     prov = [ex.meta["provenance"] for ex in assembled]
-    return {**outcome_statistics(assembled, kept), "accepted_answers": sum(p["accepted"] for p in prov),
-            "rejected_answers": sum(p["rejected"] for p in prov)}
+    return {**outcome_statistics(assembled, kept), "prompts_with_verified_sample": sum(not p["fallback"] for p in prov),
+            "accepted_answers": sum(p["accepted"] for p in prov), "rejected_answers": sum(p["rejected"] for p in prov)}
