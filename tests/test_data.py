@@ -71,3 +71,18 @@ def test_gzip_and_fingerprint(tmp_path):
     b = load_examples(write(tmp_path, {"prompt": "Q", "response": "A"}))
     c = load_examples(write(tmp_path, {"prompt": "Q", "response": "B"}, name="c.jsonl"))
     assert fingerprint_examples(a) == fingerprint_examples(b) != fingerprint_examples(c)
+
+
+def test_hub_source_without_a_split_takes_train_else_the_only_split(monkeypatch):
+    import datasets
+
+    from forgetless.lm.data import load_records
+
+    hub = {"only-test": {"test": [{"x": 1}]}, "both": {"train": [{"x": 2}], "test": [{"x": 3}]},
+           "neither": {"a": [{"x": 4}], "b": [{"x": 5}]}}
+    monkeypatch.setattr(datasets, "load_dataset", lambda name, split=None: hub[name] if split is None else hub[name][split])
+    assert load_records("hf:only-test")[0] == [{"x": 1}]
+    assert load_records("hf:both")[0] == [{"x": 2}]
+    assert load_records("hf:both:test")[0] == [{"x": 3}]
+    with pytest.raises(DataError, match="no 'train' split: name one, hf:neither:<a|b>"):
+        load_records("hf:neither")

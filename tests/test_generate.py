@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -17,7 +18,9 @@ from forgetless.lm.engines import HfEngine
 from forgetless.lm.decode import DecodingSettings, cut_at_stop, decode_ids, left_pad, sample_batch
 from forgetless.eval.tasks import Item, get_task
 from forgetless.eval.tasks.math import last_boxed
+from forgetless.generate.assemble import select_answer
 from forgetless.generate.verify import Verifier, extract_code, make_verifier, mbpp_verifier, reference_gold
+from forgetless.lm.data import DataError
 
 
 def test_left_pad_and_cut_at_stop():
@@ -54,13 +57,13 @@ def _record(samples):
 def test_select_answer_rules():
     # sample 1 is wrong despite the lowest NLL; 2 and 3 are correct, 3 has the lower NLL; 4 is empty.
     record = _record([(False, 2.0), (False, 0.1), (True, 1.0), (True, 0.5), (False, None)])
-    assert gen.select_answer(record, "lowest-ppl", seed=0)["index"] == 3
-    assert gen.select_answer(record, "first", seed=0)["index"] == 2
-    picks = {gen.select_answer(record, "random", seed=s)["index"] for s in range(20)}
+    assert select_answer(record, "lowest-ppl", seed=0)["index"] == 3
+    assert select_answer(record, "first", seed=0)["index"] == 2
+    picks = {select_answer(record, "random", seed=s)["index"] for s in range(20)}
     assert picks == {2, 3}
-    assert gen.select_answer(_record([(False, 1.0), (False, None)]), "lowest-ppl", 0) is None
+    assert select_answer(_record([(False, 1.0), (False, None)]), "lowest-ppl", 0) is None
     # Nothing checked (task none): every non-empty sample is a candidate.
-    assert gen.select_answer(_record([(None, 1.0), (None, 0.3), (None, None)]), "lowest-ppl", 0)["index"] == 1
+    assert select_answer(_record([(None, 1.0), (None, 0.3), (None, None)]), "lowest-ppl", 0)["index"] == 1
 
 
 def test_ppl_summary_by_hand():
@@ -94,6 +97,16 @@ def test_config_validation():
         gen.GenerateConfig(method="rephrase", rephrase_template="Rewrite: {instruction}")
     with pytest.raises(ValueError, match="paper"):
         gen.GenerateConfig(method="paper_rephrase", data="gsm8k")
+    with pytest.raises(ValueError, match="on_failure"):
+        gen.GenerateConfig(on_failure="retry")
+
+
+def test_defaults_are_the_authors():
+    """generate_self-output_training_data.py: 32 samples (one rewrite for rephrase), T 0.7, top-p 0.95, 512 tokens."""
+    so, re_ = gen.GenerateConfig(), gen.GenerateConfig(method="rephrase")
+    assert (so.samples, so.temperature, so.top_p, so.max_new_tokens, so.choose, so.on_failure) == \
+        (32, 0.7, 0.95, 512, "lowest-ppl", "drop")
+    assert (re_.samples, gen.GenerateConfig(method="rephrase", samples=4).samples) == (1, 4)
 
 
 def test_rephrase_prompt_holds_instruction_and_reference():
@@ -101,6 +114,11 @@ def test_rephrase_prompt_holds_instruction_and_reference():
     cfg = gen.GenerateConfig(method="rephrase", rephrase_template="T: {instruction} | R: {reference}")
     assert gen.generation_prompt(cfg, ex) == [{"role": "user", "content": "T: Add two numbers. | R: def add(a, b): return a + b"}]
     assert gen.generation_prompt(gen.GenerateConfig(), ex) == ex.prompt_messages
+    # The authors' PROMPT_TEMPLATE, filled in.
+    assert gen.generation_prompt(gen.GenerateConfig(method="rephrase"), ex)[0]["content"] == (
+        "Below are an instruction that describes a task along with a reference answer. Using the reference answer as a "
+        "guide, write your own response.\n### Instruction:\nAdd two numbers.\n### Reference Answer:\n"
+        "def add(a, b): return a + b\n### Response:")
 
 
 @pytest.fixture
@@ -119,8 +137,33 @@ def tiny_stage(monkeypatch, tokenizer, tiny_model, tmp_path):
     return lambda **kw: gen.GenerateConfig(**{**defaults, **kw})
 
 
-def test_run_generate_end_to_end_and_resume(tiny_stage):
+def test_prompts_without_a_passing_answer_are_dropped_and_counted(tiny_stage):
+    """The default, as the authors did: only e0's and e3's samples pass, so 3 of 5 prompts leave the data."""
+    out = gen.run_generate(tiny_stage())
+    examples = load_examples(str(out / gen.DATA_FILE))
+    assert [ex.id for ex in examples] == ["e0", "e3"]
+    assert all(ex.meta["provenance"]["source"] == "self_output" for ex in examples)
+    stats = json.loads((out / "generation_stats.json").read_text())
+    assert {k: stats[k] for k in ("prompts", "prompts_with_verified_sample", "prompts_without_passing_answer",
+                                  "dropped", "fallbacks", "training_examples")} == \
+        {"prompts": 5, "prompts_with_verified_sample": 2, "prompts_without_passing_answer": 3, "dropped": 3,
+         "fallbacks": 0, "training_examples": 2}
+    # The ppl comparison covers the kept prompts: the ground truth of e0 and e3 against their samples.
+    assert json.loads((out / "mechanism_stats.json").read_text())["prompts"]["all"] == 2
+
+
+def test_nothing_passing_is_an_error_after_the_counts(tiny_stage, monkeypatch):
+    monkeypatch.setattr(gen, "make_verifier", lambda *a, **k: Verifier("never", lambda ex, answer: False))
     cfg = tiny_stage()
+    with pytest.raises(DataError, match="no prompt of 5 has an answer that passed"):
+        gen.run_generate(cfg)
+    out = Path(cfg.out_dir)
+    stats = json.loads((out / "generation_stats.json").read_text())
+    assert (stats["dropped"], stats["training_examples"]) == (5, 0) and not (out / "manifest.json").exists()
+
+
+def test_run_generate_end_to_end_and_resume(tiny_stage):
+    cfg = tiny_stage(on_failure="ground_truth")
     out = gen.run_generate(cfg)
     samples = (out / gen.SAMPLES_FILE).read_text().splitlines()
     records = [json.loads(line) for line in samples]
@@ -129,7 +172,7 @@ def test_run_generate_end_to_end_and_resume(tiny_stage):
     assert len(examples) == 5
     stats = json.loads((out / "generation_stats.json").read_text())
     # Only e0's and e3's samples pass: the other three prompts fall back to their ground truth.
-    assert (stats["prompts_with_verified_sample"], stats["fallbacks"]) == (2, 3)
+    assert (stats["prompts_with_verified_sample"], stats["fallbacks"], stats["dropped"]) == (2, 3, 0)
     assert [ex.meta["provenance"]["fallback"] for ex in examples] == [False, True, True, False, True]
     assert stats["samples"] == 15 and stats["ground_truth_verified"] == 5
     for ex, r in zip(examples, records):
@@ -156,6 +199,7 @@ def test_run_generate_end_to_end_and_resume(tiny_stage):
 
 
 def test_changed_sampling_settings_refuse_to_mix(tiny_stage):
+    """(on_failure is no sampling setting: changing it re-assembles the same samples.)"""
     gen.run_generate(tiny_stage())
     with pytest.raises(ValueError, match="temperature"):
         gen.run_generate(tiny_stage(temperature=0.9))
@@ -206,7 +250,9 @@ def test_mbpp_verifier_runs_tests_in_sandbox():
 def test_embedded_self_output_on_one_mbpp_prompt(embedded, monkeypatch, tmp_path):
     """The real model and the real MBPP sandbox: one prompt, two short samples."""
     monkeypatch.setattr(gen, "open_engine", lambda config: HfEngine(*embedded, config.batch_tokens))
-    cfg = gen.GenerateConfig(data="mbpp-train", limit=1, samples=2, max_new_tokens=24, device="cpu", out_dir=str(tmp_path / "so"))
+    # 24 tokens rarely pass the tests: keep the reference so that the prompt stays.
+    cfg = gen.GenerateConfig(data="mbpp-train", limit=1, samples=2, max_new_tokens=24, device="cpu", on_failure="ground_truth",
+                             out_dir=str(tmp_path / "so"))
     out = gen.run_generate(cfg)
     stats = json.loads((out / "generation_stats.json").read_text())
     assert stats["prompts"] == 1 and stats["samples"] == 2 and stats["ground_truth_verified"] == 1
@@ -217,12 +263,15 @@ def test_embedded_self_output_on_one_mbpp_prompt(embedded, monkeypatch, tmp_path
 
 
 def test_paper_method_writes_the_authors_answers(tiny_stage, tmp_path):
-    out = gen.run_generate(tiny_stage(method="paper_rephrase", data="mbpp-train", limit=3))
+    # The bundled file: rows 0 and 1 hold a rephrasing that passed the tests, row 2 only the reference.
+    dropped = gen.run_generate(tiny_stage(method="paper_rephrase", data="mbpp-train", limit=3, out_dir=str(tmp_path / "drop")))
+    assert [ex.id for ex in load_examples(str(dropped / gen.DATA_FILE))] == ["601", "602"]
+    assert json.loads((dropped / "generation_stats.json").read_text())["dropped"] == 1
+    out = gen.run_generate(tiny_stage(method="paper_rephrase", data="mbpp-train", limit=3, on_failure="ground_truth"))
     examples = load_examples(str(out / gen.DATA_FILE))
     stats = json.loads((out / "generation_stats.json").read_text())
     assert len(examples) == 3 and stats["prompts"] == 3
-    # The bundled file: rows 0 and 1 hold a rephrasing that passed the tests, row 2 only the reference.
-    assert stats["fallbacks"] == 1
+    assert (stats["fallbacks"], stats["dropped"]) == (1, 0)
     assert [ex.meta["provenance"]["source"] for ex in examples] == ["paper_rephrase", "paper_rephrase", "ground_truth"]
     assert examples[2].response == load_examples("mbpp-train", limit=3)[2].response
     assert examples[0].response != load_examples("mbpp-train", limit=1)[0].response
@@ -231,8 +280,10 @@ def test_paper_method_writes_the_authors_answers(tiny_stage, tmp_path):
 
 
 def test_compare_adds_another_runs_answers_and_samples(tiny_stage, tmp_path):
-    first = gen.run_generate(tiny_stage(out_dir=str(tmp_path / "so")))
-    out = gen.run_generate(tiny_stage(method="rephrase", out_dir=str(tmp_path / "re"), compare=(str(first),)))
+    # With the references kept, every prompt is in both sets (dropping would leave only e0 and e3 in common).
+    first = gen.run_generate(tiny_stage(out_dir=str(tmp_path / "so"), on_failure="ground_truth"))
+    out = gen.run_generate(tiny_stage(method="rephrase", out_dir=str(tmp_path / "re"), compare=(str(first),),
+                                      on_failure="ground_truth"))
     views = json.loads((out / "mechanism_stats.json").read_text())["views"]
     assert list(views["all"]) == ["ground_truth", "rephrase", "self_output"]
     assert views["all_samples"]["self_output (every sample)"]["examples"] == 15

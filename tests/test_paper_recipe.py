@@ -15,12 +15,14 @@ from forgetless.run import RunConfig, train_config, train_runs
 # The authors' recipes, written out from their code (not read from the config under test).
 STM_RECIPE = {"adapter": "dora", "lora_r": 16, "lora_alpha": 32.0, "lora_dropout": 0.05, "target_modules": "all-linear",
               "learning_rate": 2e-5, "epochs": 3.0, "batch_size": 1, "grad_accum": 1, "lr_scheduler": "cosine",
-              "warmup_ratio": 20.0, "optim": "adamw_8bit", "gradient_checkpointing": True, "dtype": "auto"}
+              "warmup_ratio": 20.0, "optim": "adamw_8bit", "gradient_checkpointing": True, "dtype": "auto",
+              "keep": "best-epoch", "select_on": "mbpp"}
 GROUND_TRUTH_RECIPE = {**STM_RECIPE, "adapter": "lora", "lora_r": 32, "lora_alpha": 16.0, "batch_size": 2,
                        "warmup_ratio": 10.0}
 # What the embedded run changes, and nothing else: 1 epoch (3 take ~45 min per DoRA method here),
-# fp32 AdamW (8-bit AdamW needs bitsandbytes on CUDA), no gradient checkpointing (no memory to save).
-CPU_FORCED = {"epochs": 1.0, "optim": "adamw_torch", "gradient_checkpointing": False}
+# fp32 AdamW (8-bit AdamW needs bitsandbytes on CUDA), no gradient checkpointing (no memory to save),
+# the last checkpoint (one epoch leaves nothing to select).
+CPU_FORCED = {"epochs": 1.0, "optim": "adamw_torch", "gradient_checkpointing": False, "keep": "last"}
 
 
 def trained(name: str) -> dict[str, object]:
@@ -29,7 +31,7 @@ def trained(name: str) -> dict[str, object]:
 
 
 def recipe_of(label: str) -> dict:
-    return GROUND_TRUTH_RECIPE if label in ("sft", "weight-decay-0.1") else STM_RECIPE
+    return GROUND_TRUTH_RECIPE if label in ("sft", "weight-decay-0.1", "self-output", "rephrase") else STM_RECIPE
 
 
 def fields(cfg, names) -> dict:
@@ -38,7 +40,7 @@ def fields(cfg, names) -> dict:
 
 def test_paper_config_is_the_authors_recipe_per_method():
     runs = trained("paper")
-    assert {"sft", "stm-tau2.5", "random-mask-tau2.5", "inverse-mask-tau2.5"} <= set(runs)
+    assert {"sft", "stm-tau2.5", "random-mask-tau2.5", "inverse-mask-tau2.5", "self-output", "rephrase"} <= set(runs)
     for label, cfg in runs.items():
         assert fields(cfg, recipe_of(label)) == recipe_of(label), label
     assert runs["kl"].kl_coef == 0.1 and runs["weight-decay-0.1"].weight_decay == 0.1

@@ -117,3 +117,48 @@ def test_learning_rate_grid_writes_the_frontier_and_report_reproduces_it(tiny_ru
     assert main(["report", str(out), f"output_dir={tmp_path / 'again'}"]) == 0
     assert (tmp_path / "again" / "frontier.md").read_text() == frontier
     assert (tmp_path / "again" / "report.md").read_text() == (out / "report" / "report.md").read_text()
+
+
+def test_self_output_method_generates_its_data_then_trains_on_it(tmp_path, tiny_model_dir, caplog):
+    """A self-output method without `data`: the base model answers the target prompts (generate stage,
+    out_dir/generate/self-output), the training table holds those answers, a second run reuses them."""
+    import pyarrow.parquet as pq
+
+    from forgetless.lm.data import load_examples
+    from forgetless.lm.modeling import load_tokenizer
+    from forgetless.lm.templates import encode_conversation
+
+    config = tmp_path / "run.yaml"
+    config.write_text(f"""
+out_dir: {tmp_path / 'out'}
+model: {tiny_model_dir}
+data: mbpp-train
+limit: 3
+max_length: 1024
+methods: [{{method: self-output}}]
+generate: {{task: none, samples: 2, max_new_tokens: 8, device: cpu}}
+train: {{max_steps: 1, batch_size: 2, device: cpu}}
+eval: {{tasks: [gsm8k], limit: 1, max_new_tokens: 2, device: cpu, cache: false}}
+target: mbpp
+""")
+    out = tmp_path / "out"
+    assert main(["run", str(config)]) == 0
+    generated = out / "generate" / "self-output"
+    stats = json.loads((generated / "generation_stats.json").read_text())
+    assert (stats["prompts"], stats["samples"]) == (3, 6)  # the run's limit; 2 samples a prompt
+    examples = load_examples(str(generated / "data.jsonl"))
+    assert examples and all(ex.meta["provenance"]["source"] == "self_output" for ex in examples)
+    ground_truth = {ex.id: ex.response for ex in load_examples("mbpp-train", limit=3)}
+    assert all(ex.response != ground_truth[ex.id] for ex in examples)
+    # The training table is the generated conversations, token for token.
+    table = pq.read_table(out / "masks" / "self-output-self-output" / "data.parquet").to_pylist()
+    tokenizer = load_tokenizer(str(tiny_model_dir))
+    assert [r["id"] for r in table] == [ex.id for ex in examples]
+    for row, ex in zip(table, examples):
+        encoded = encode_conversation(tokenizer, ex.messages, 1024)
+        assert row["input_ids"] == encoded.input_ids and row["response_mask"] == encoded.response_mask
+    samples_mtime = (generated / "samples.jsonl").stat().st_mtime_ns
+    caplog.set_level("INFO")
+    assert main(["run", str(config)]) == 0
+    assert "generate self-output: done already" in caplog.text and "train self-output: done already" in caplog.text
+    assert (generated / "samples.jsonl").stat().st_mtime_ns == samples_mtime

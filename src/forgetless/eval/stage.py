@@ -88,10 +88,15 @@ class EvalConfig:
 def resolve_task(spec: str | Task, cfg: EvalConfig) -> Task:
     if isinstance(spec, Task):
         return spec
+    limits = SandboxLimits(timeout_s=cfg.sandbox_timeout_s, memory_mb=cfg.sandbox_memory_mb)
     if spec == "mbpp":
         from forgetless.eval.tasks.mbpp import mbpp_task
 
-        return mbpp_task(SandboxLimits(timeout_s=cfg.sandbox_timeout_s, memory_mb=cfg.sandbox_memory_mb))
+        return mbpp_task(limits)
+    if spec == "mbpp-test":
+        from forgetless.eval.tasks.paper import mbpp_test_task
+
+        return mbpp_test_task(limits)
     return get_task(spec)
 
 

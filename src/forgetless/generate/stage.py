@@ -6,16 +6,18 @@
   whether it passed the task's verifier, its per-token NLL under the base model). A re-run with
   the same settings skips the prompts already there, so an interrupted run continues;
 * ``data.jsonl``: the training set, ``messages`` format (what ``score`` and ``train`` read),
-  one record per prompt with ``id``, the original record's fields and ``provenance``
+  one record per kept prompt with ``id``, the original record's fields and ``provenance``
   (source, sample_index, verified, base_ppl, fallback);
-* ``generation_stats.json`` (prompts, samples, verified counts, fallbacks, speed),
+* ``generation_stats.json`` (prompts, samples, verified counts, dropped prompts, fallbacks, speed),
   ``mechanism_stats.json`` (ppl of ground truth vs generated answers, see
   :mod:`forgetless.generate.mechanism`) and ``manifest.json``.
 
-Methods: ``self_output`` samples ``samples`` answers per prompt from the base model, keeps those
-the verifier accepts and picks one by ``choose``; ``rephrase`` asks the base model to rewrite
-the reference answer (``rephrase_template``) and verifies the rewrite the same way; where no
-answer passes, both fall back to the ground truth and count it. ``paper_self_output`` /
+Methods: ``self_output`` samples ``samples`` answers per prompt from the base model (the
+authors': 32 at temperature 0.7, top-p 0.95, 512 new tokens), keeps those the verifier accepts and
+picks one by ``choose`` (lowest perplexity); ``rephrase`` asks the base model, with the authors'
+template, for one rewrite of the reference answer and verifies it the same way. A prompt where no
+answer passes is dropped, as the authors did, and counted (``on_failure=ground_truth`` keeps it
+with its reference instead; see :mod:`forgetless.generate.assemble`). ``paper_self_output`` /
 ``paper_rephrase`` take the authors' Llama-3-8B generations instead of sampling.
 """
 
@@ -23,8 +25,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
-import random
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,10 +32,11 @@ from pathlib import Path
 import numpy as np
 
 from forgetless.lm import artifacts
-from forgetless.lm.data import Example, fingerprint_examples, load_examples
+from forgetless.lm.data import DataError, Example, fingerprint_examples, load_examples
 from forgetless.generate.mechanism import compare_sets, format_table
 from forgetless.lm.modeling import EMBEDDED, load_tokenizer, model_fingerprint
-from forgetless.generate.paper import CHOICES, choose_answer, load_paper_generations
+from forgetless.generate.assemble import ON_FAILURE, apply_on_failure, assemble, generation_statistics, paper_statistics
+from forgetless.generate.paper import CHOICES, load_paper_generations
 from forgetless.lm.decode import DecodingSettings
 from forgetless.lm.engines import open_engine
 from forgetless.lm.progress import progress
@@ -50,12 +51,15 @@ METHODS = ("self_output", "rephrase", "paper_self_output", "paper_rephrase")
 DATA_FILE, SAMPLES_FILE, SAMPLES_KEY = "data.jsonl", "samples.jsonl", "samples_key.json"
 # A record's own prompt/response fields would contradict its new messages: left out of data.jsonl.
 _REPLACED_FIELDS = ("prompt", "response", "completion")
+# The authors' rephrase prompt (PROMPT_TEMPLATE of generate_self-output_training_data.py in
+# appier-research/robust-llm-finetunes), word for word; their {original_response} is {reference} here.
 DEFAULT_REPHRASE_TEMPLATE = (
-    "Below is a task and a reference answer. Rewrite the reference answer in your own words. "
-    "Keep everything that makes it correct and the format the task asks for (for code: the same "
-    "function names and signatures, in one ```python block). Reply with the rewritten answer only.\n\n"
-    "### Task\n{instruction}\n\n### Reference answer\n{reference}"
+    "Below are an instruction that describes a task along with a reference answer. Using the reference answer "
+    "as a guide, write your own response.\n### Instruction:\n{instruction}\n### Reference Answer:\n{reference}\n"
+    "### Response:"
 )
+# The authors' samples per prompt: 32 for Self-Output, one rewrite for Rephrase.
+DEFAULT_SAMPLES = {"self_output": 32, "rephrase": 1}
 
 
 @dataclass(frozen=True)
@@ -68,11 +72,12 @@ class GenerateConfig:
     data: str = field(default="mbpp-train", metadata={"help": "ground-truth training set (paper_* methods: mbpp-train or mbpp-validation)"})
     limit: int | None = field(default=None, metadata={"help": "use only the first N prompts"})
     task: str = field(default="auto", metadata={"help": f"verifier: {', '.join(TASKS)} (auto: from the data set)"})
-    samples: int = field(default=4, metadata={"help": "answers sampled per prompt (k)"})
-    temperature: float = field(default=0.7, metadata={"help": "sampling temperature (paper: 0.7)"})
-    top_p: float = field(default=1.0, metadata={"help": "nucleus sampling mass"})
-    max_new_tokens: int = field(default=512, metadata={"help": "tokens per sampled answer; longer ones are cut (and usually fail)"})
+    samples: int | None = field(default=None, metadata={"help": "answers sampled per prompt (default: the authors' 32 for self_output, 1 for rephrase)"})
+    temperature: float = field(default=0.7, metadata={"help": "sampling temperature (the authors': 0.7)"})
+    top_p: float = field(default=0.95, metadata={"help": "nucleus sampling mass (the authors': 0.95)"})
+    max_new_tokens: int = field(default=512, metadata={"help": "tokens per sampled answer (the authors': 512); longer ones are cut (and usually fail)"})
     choose: str = field(default="lowest-ppl", metadata={"help": f"which correct answer to keep: {', '.join(CHOICES)}"})
+    on_failure: str = field(default="drop", metadata={"help": "a prompt without a passing answer: drop (the authors') or ground_truth (keep its reference)"})
     rephrase_template: str = field(default=DEFAULT_REPHRASE_TEMPLATE, metadata={"help": "rephrase prompt; {instruction} and {reference} are filled in"})
     batch_size: int = field(default=4, metadata={"help": "prompts per generation batch (each gives 'samples' sequences)"})
     seed: int = field(default=0, metadata={"help": "seed of sampling (per batch) and of choose=random"})
@@ -91,6 +96,10 @@ class GenerateConfig:
     def __post_init__(self):
         if self.method not in METHODS:
             raise ValueError(f"method must be one of {', '.join(METHODS)}, got {self.method!r}")
+        if self.samples is None:
+            object.__setattr__(self, "samples", DEFAULT_SAMPLES.get(self.method, 1))
+        if self.on_failure not in ON_FAILURE:
+            raise ValueError(f"on_failure must be one of {', '.join(ON_FAILURE)}, got {self.on_failure!r}")
         if self.task not in TASKS:
             raise ValueError(f"task must be one of {', '.join(TASKS)}, got {self.task!r}")
         if self.choose not in CHOICES:
@@ -201,67 +210,6 @@ def generate_samples(engine, examples: list[Example], config: GenerateConfig, ve
     return done
 
 
-def select_answer(record: dict, choose: str, seed: int) -> dict | None:
-    """The kept sample of one prompt: among the verified ones (all non-empty ones when nothing is checked), by ``choose``."""
-    rows = [r for r in record["samples"] if r["mean_nll"] is not None]
-    candidates = [r for r in rows if r["verified"] is True] or [r for r in rows if r["verified"] is None]
-    if not candidates:
-        return None
-    ranked = [{"ppl": math.exp(r["mean_nll"])} for r in candidates]
-    return candidates[choose_answer(ranked, choose, random.Random(f"{seed}:{record['id']}"))]
-
-
-def assemble(examples: list[Example], done: dict[str, dict], config: GenerateConfig) -> list[Example]:
-    """The training set: each prompt with its chosen sample, or the ground truth where none passed."""
-    out = []
-    for ex in examples:
-        record = done[ex.id]
-        pick = select_answer(record, config.choose, config.seed)
-        n_ok = sum(r["verified"] is True for r in record["samples"])
-        if pick is None:
-            answer = ex.response
-            provenance = {"source": "ground_truth", "sample_index": None, "verified": record["ground_truth_verified"], "fallback": True}
-        else:
-            answer = pick["text"]
-            provenance = {"source": config.method, "sample_index": pick["index"], "verified": pick["verified"], "fallback": False}
-        provenance.update(samples=len(record["samples"]), verified_samples=n_ok)
-        out.append(Example(ex.id, [*ex.prompt_messages, {"role": "assistant", "content": answer}], {**ex.meta, "provenance": provenance}))
-    return out
-
-
-def generation_statistics(examples: list[Example], done: dict[str, dict], final: list[Example], seconds: float) -> dict:
-    records = [done[ex.id] for ex in examples]
-    samples = [s for r in records for s in r["samples"]]
-    fallbacks = sum(ex.meta["provenance"]["fallback"] for ex in final)
-    new_tokens = sum(s["new_tokens"] for s in samples)
-    return {
-        "prompts": len(records),
-        "samples": len(samples),
-        "empty_samples": sum(s["mean_nll"] is None for s in samples),
-        "unfinished_samples": sum(not s["finished"] for s in samples),
-        "verified_samples": sum(s["verified"] is True for s in samples),
-        "prompts_with_verified_sample": sum(any(s["verified"] is True for s in r["samples"]) for r in records),
-        "fallbacks": fallbacks,
-        "fallback_rate": fallbacks / max(len(records), 1),
-        "ground_truth_verified": sum(r["ground_truth_verified"] is True for r in records),
-        "new_tokens": new_tokens,
-        "seconds_this_run": round(seconds, 1),
-    }
-
-
-def paper_statistics(final: list[Example]) -> dict:
-    prov = [ex.meta["provenance"] for ex in final]
-    fallbacks = sum(p["fallback"] for p in prov)
-    return {
-        "prompts": len(prov),
-        "accepted_answers": sum(p["accepted"] for p in prov),
-        "rejected_answers": sum(p["rejected"] for p in prov),
-        "prompts_with_verified_sample": len(prov) - fallbacks,
-        "fallbacks": fallbacks,
-        "fallback_rate": fallbacks / max(len(prov), 1),
-    }
-
-
 def load_compared(path: str) -> tuple[str, dict[str, Example]]:
     """(name, examples by id) of another generate output (its directory or its data.jsonl)."""
     p = Path(path)
@@ -342,7 +290,7 @@ def run_generate(config: GenerateConfig) -> Path:
     if resolve_backend(config.backend) == "vllm":  # absent for hf, so that outputs made before vLLM existed stay fresh
         sampling["backend"] = "vllm"
     key = {"stage": "generate", "format": 1, **sampling, "data": fingerprint_examples(examples), "choose": config.choose,
-           "compare": [fingerprint_examples(load_compared(p)[1].values()) for p in config.compare]}
+           "on_failure": config.on_failure, "compare": [fingerprint_examples(load_compared(p)[1].values()) for p in config.compare]}
     if artifacts.is_fresh(out, key, DATA_FILE):
         logger.info("reusing generated data in %s (inputs unchanged)", out)
         return out
@@ -351,21 +299,26 @@ def run_generate(config: GenerateConfig) -> Path:
         start, done = time.monotonic(), {}
         if config.method.startswith("paper_"):
             split = config.data.removeprefix("mbpp-")
-            final = load_paper_generations(config.method.removeprefix("paper_"), split, config.choose, config.seed)[: len(examples)]
-            stats = paper_statistics(final)
+            assembled = load_paper_generations(config.method.removeprefix("paper_"), split, config.choose, config.seed)[: len(examples)]
+            final = apply_on_failure(assembled, config.on_failure)
+            stats = paper_statistics(assembled, final)
         else:
             check_samples_key(out, sampling)
             verifier = make_verifier(config.task, config.data, examples[0], config.sandbox_timeout_s)
             done = generate_samples(engine, examples, config, verifier, out)
-            final = assemble(examples, done, config)
-            stats = generation_statistics(examples, done, final, time.monotonic() - start)
+            assembled = assemble(examples, done, config.method, config.choose, config.seed)
+            final = apply_on_failure(assembled, config.on_failure)
+            stats = generation_statistics(examples, done, assembled, final, time.monotonic() - start)
+        logger.info("generation: %s", json.dumps(stats))
+        artifacts.write_json(out / "generation_stats.json", stats)
+        if not final:
+            raise DataError(f"{config.method} on {config.data}: no prompt of {len(assembled)} has an answer that passed, so "
+                            "there is nothing to train on (on_failure=ground_truth keeps their reference answers)")
         mech, final_nll = mechanism(engine, examples, final, done, config)
     finally:
         engine.close()
-    logger.info("generation: %s", json.dumps(stats))
     logger.info("base-model perplexity of the answers:\n%s", format_table(mech))
     write_data(out / DATA_FILE, final, final_nll)
-    artifacts.write_json(out / "generation_stats.json", stats)
     artifacts.write_json(out / "mechanism_stats.json", mech)
     artifacts.write_manifest(out, key, config)
     return out

@@ -8,7 +8,8 @@ Accepted record shapes (one record a JSON line, or a row of a Hugging Face datas
 
 Sources: a bundled split by name (``mbpp-train``; see :func:`bundled_names`), a ``.jsonl`` /
 ``.jsonl.gz`` / ``.json`` file, a directory written by ``datasets.Dataset.save_to_disk``, or
-``hf:<name>[:<split>]`` for the hub (needs network).
+``hf:<name>[:<split>]`` for the hub (needs network; without a split: ``train``, else the data set's
+only split).
 """
 
 from __future__ import annotations
@@ -97,9 +98,13 @@ def load_records(source: str) -> tuple[list[dict[str, Any]], str]:
 
         name, _, split = source[3:].partition(":")
         try:
-            ds = datasets.load_dataset(name, split=split or "train")
+            ds = datasets.load_dataset(name, split=split or None)
         except Exception as e:  # the hub raises many types; all mean "cannot load"
             raise DataError(f"cannot load dataset {name!r} from the hub ({type(e).__name__}: {e})") from None
+        if not split:  # no split named: 'train', else the only one there is
+            if "train" not in ds and len(ds) != 1:
+                raise DataError(f"dataset {name!r} has no 'train' split: name one, hf:{name}:<{'|'.join(ds)}>")
+            ds = ds["train"] if "train" in ds else next(iter(ds.values()))
         return [dict(r) for r in ds], source
     path = Path(source)
     if path.is_dir():

@@ -102,11 +102,13 @@ def first_human_turn(record: dict[str, Any]) -> list[dict[str, str]]:
     raise ValueError("record has no human turn in 'conversations'")
 
 
-BUILTIN = ("mbpp", "gsm8k", "math", "arc_challenge")
+# The paper tasks follow the authors' own evaluation scripts (forgetless.eval.tasks.paper).
+PAPER = ("gsm8k-test", "math-paper", "arc_challenge-paper", "mbpp-test")
+BUILTIN = ("mbpp", "gsm8k", "math", "arc_challenge", *PAPER)
 
 
 def get_task(spec: str) -> Task:
-    """A built-in task by name (``mbpp``, ``gsm8k``, ``math``, ``arc_challenge``) or a YAML/JSON definition file."""
+    """A built-in task by name (:data:`BUILTIN`) or a YAML/JSON definition file."""
     if spec == "mbpp":
         from forgetless.eval.tasks.mbpp import mbpp_task
 
@@ -119,6 +121,10 @@ def get_task(spec: str) -> Task:
         from forgetless.eval.tasks.math import math_task
 
         return math_task()
+    if spec in PAPER:
+        from forgetless.eval.tasks.paper import paper_task
+
+        return paper_task(spec)
     if spec in ("arc_challenge", "arc"):
         from forgetless.eval.tasks.arc import arc_task
 

@@ -1,6 +1,8 @@
 """ARC-Challenge (test, 1172 items), generative: the model is asked for the letter of the answer,
 as in the paper. (The log-likelihood-over-choices variant, lm-eval's way, is in
-``forgetless.retention``.) ARC records carry no prompt, so this one is ours."""
+``forgetless.retention``.) ARC records carry no prompt, so this one is ours, answered in 16 tokens;
+``arc_challenge-paper`` (:mod:`forgetless.eval.tasks.paper`) is the authors' 'Answer: $LETTER'
+prompt and reading, 512 tokens."""
 
 from __future__ import annotations
 

@@ -1,7 +1,11 @@
-"""GSM8K (the authors' 747-item subset): numeric exact match on the final answer.
+"""GSM8K on the authors' 747-item *validation* split (their ``dataset/ground_truth/gsm8k``, which
+their ``run_gsm8k.py --run_val`` scores checkpoints on): numeric exact match on the final answer.
 
-The paper's prompt asks for reasoning then ``#### <number>``; the gold is what follows '####'.
-Extraction takes the number after the last '####', else the last number in the output.
+The prompt is the record's first human turn (the authors' training prompt: reasoning, then
+``#### <number>``); the gold is what follows '####'. Extraction takes the number after the last
+'####', else the last number in the output. The paper's reported GSM8K numbers are on the full
+test split, with the authors' own prompt and integer reading: task ``gsm8k-test``
+(:mod:`forgetless.eval.tasks.paper`).
 """
 
 from __future__ import annotations

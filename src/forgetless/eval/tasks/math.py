@@ -1,6 +1,8 @@
 """MATH (the paper's 1000 test problems): answer equivalence with ``math-verify`` (offline and
 deterministic, where the authors used a paid LLM judge). Gold: the last ``\\boxed{}`` of the
-solution. The paper's prompt ends in 'Answer: $', so a bare answer continues a math span."""
+solution. The prompt is the record's (the authors' *training* prompt, ending in 'Answer: $', so a
+bare answer continues a math span); ``math-paper`` (:mod:`forgetless.eval.tasks.paper`) asks with
+the authors' evaluation prompt and reads their 'Answer:' line."""
 
 from __future__ import annotations
 
