@@ -51,6 +51,13 @@ def start() -> bool:
     return True
 
 
+def stop() -> None:
+    """Wait for every process, then leave the group (processes that exit with a gloo group up can abort at exit)."""
+    if initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
+
+
 def world_size() -> int:
     return torch.distributed.get_world_size() if initialized() else 1
 
