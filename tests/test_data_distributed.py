@@ -194,7 +194,7 @@ out_dir: {out}
 model: {world / 'model'}
 data: {world / 'score.jsonl'}
 limit: 8
-methods: [{{method: sft}}, {{method: stm, tau: 3}}]
+methods: [{{method: sft}}, {{method: auto-tau, fraction: 0.3}}]
 train: {{max_steps: 1, batch_size: 1, device: cpu}}
 eval: {{tasks: [{world / 'echo.json'}], limit: 3, max_new_tokens: 4, device: cpu, cache: false}}
 retention: {{mc_tasks: [arc_easy], mc_limit: 3, drift_sources: [], behaviour_sources: [], heldout_source: null,
@@ -203,8 +203,8 @@ target: echo
 """)
     done = launch("run", world, out, cmd=["-m", "forgetless.cli", "run", str(config)])
     assert done.stdout.count("report and plots in") == 1  # one summary, from the first process
-    assert "| stm-tau3 |" in (out / "report" / "report.md").read_text()
-    for label in ("sft", "stm-tau3"):
+    assert "| auto-tau-q0.3 |" in (out / "report" / "report.md").read_text()
+    for label in ("sft", "auto-tau-q0.3"):
         assert json.loads((out / "train" / label / "train_summary.json").read_text())["processes"] == 2
-    for stage in ("train/sft", "eval/base", "eval/stm-tau3", "retention/sft"):
+    for stage in ("train/sft", "eval/base", "eval/auto-tau-q0.3", "retention/sft"):
         assert (out / stage / ".run_stamp.json").is_file() and (out / stage / "manifest.json").is_file()
