@@ -138,7 +138,7 @@ def generate_samples(model, tokenizer, examples: list[Example], config: Generate
     if done:
         logger.info("resuming: %d of %d prompts already sampled", sum(ex.id in done for ex in examples), len(examples))
     # The time of a batch is mostly its answers, unknown beforehand: batches are shared by count.
-    mine = [b for [b] in distributed.share([[b] for b in todo], [len(batches[b]) for b in todo])]
+    mine = [b for [b] in distributed.share([[b] for b in todo], [len(rows) for rows in batches])]
     new: dict[int, dict] = {}
     with open(own_file(out), "a", encoding="utf-8") as f:
         for b in progress(mine, f"generating ({config.method})", total_items=sum(len(batches[b]) for b in mine),
