@@ -162,26 +162,33 @@ def test_mask_stage_needs_finished_scores(tmp_path):
 def test_crash_mid_scoring_resumes_and_equals_uninterrupted(tiny_model_dir, data_file, tmp_path, monkeypatch):
     import forgetless.score.stage as scoring
 
+    real_batch, scored = scoring.score_batch, []
+    monkeypatch.setattr(scoring, "score_batch", lambda *a, **k: (scored.append(len(a[2])), real_batch(*a, **k))[1])
     full = pq.read_table(score(tiny_model_dir, data_file, tmp_path / "full", part_size=2) / "scores.parquet")
-    real, calls = scoring.score_encoded, []
+    assert sum(scored) == 6
+    parts = tmp_path / "crash" / "parts"
+    real_write = scoring.artifacts.write_npz
 
-    def crash_on_second_part(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 2:
+    def crash_on_second_part(path, arrays):
+        if list(parts.glob("part-*.npz")):
             raise KeyboardInterrupt  # stands in for a kill between parts
-        return real(*args, **kwargs)
+        real_write(path, arrays)
 
-    monkeypatch.setattr(scoring, "score_encoded", crash_on_second_part)
+    monkeypatch.setattr(scoring.artifacts, "write_npz", crash_on_second_part)
     with pytest.raises(KeyboardInterrupt):
         score(tiny_model_dir, data_file, tmp_path / "crash", part_size=2)
     assert not (tmp_path / "crash" / "manifest.json").exists() and not (tmp_path / "crash" / "scores.parquet").exists()
-    assert (tmp_path / "crash" / "parts" / "part-00000.npz").is_file()
-    calls.clear()
-    monkeypatch.setattr(scoring, "score_encoded", lambda *a, **k: (calls.append(1), real(*a, **k))[1])
+    [first] = parts.glob("part-*.npz")
+    with np.load(first) as saved:
+        kept = len(saved["index"])
+    assert 2 <= kept < 6  # whole batches of at least part_size examples
+    scored.clear()
+    monkeypatch.setattr(scoring.artifacts, "write_npz", real_write)
     resumed = pq.read_table(score(tiny_model_dir, data_file, tmp_path / "crash", part_size=2) / "scores.parquet")
-    assert len(calls) == 2  # parts 1 and 2 of 3; part 0 came from disk
-    assert np.allclose(flat_nll(resumed), flat_nll(full), equal_nan=True, atol=1e-6)
-    assert not (tmp_path / "crash" / "parts").exists()
+    assert sum(scored) == 6 - kept  # the saved part came from disk
+    assert resumed.column("id").to_pylist() == full.column("id").to_pylist()
+    assert np.array_equal(flat_nll(resumed), flat_nll(full), equal_nan=True)  # the same batches: the same numbers
+    assert not parts.exists()
 
 
 def test_kill_9_during_scoring_then_rerun(tiny_model_dir, tmp_path):
@@ -196,11 +203,11 @@ def test_kill_9_during_scoring_then_rerun(tiny_model_dir, tmp_path):
     # Killed mid-run: part 2 saved, the last of the 60 parts and the results not yet.
     kill_mid_run(cmd, out, trigger=out / "parts" / "part-00002.npz",
                  too_late=[out / "parts" / "part-00059.npz", out / "scores.parquet", out / "manifest.json"])
-    saved = len(list((out / "parts").glob("part-*.npz")))
+    saved = sum(len(np.load(p)["index"]) for p in (out / "parts").glob("part-*.npz"))
     assert 3 <= saved < 60
     done = run_to_end(cmd)
     assert done.returncode == 0, done.stderr[-2000:]
-    resumed = re.search(r"resuming: (\d+) of 60 parts", done.stderr)
+    resumed = re.search(r"resuming: (\d+) of 60 examples", done.stderr)
     assert resumed and int(resumed.group(1)) == saved  # the re-run kept every saved part
     reference = score(tiny_model_dir, data, tmp_path / "clean")
     a, b = (flat_nll(pq.read_table(d / "scores.parquet")) for d in (out, reference))

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Callable
 
 from forgetless.config import ConfigError, field_help, load_config
+from forgetless.lm import distributed
 from forgetless.eval.stage import EvalConfig, print_eval_summary, run_eval
 from forgetless.generate.stage import GenerateConfig, print_generate_summary, run_generate
 from forgetless.mask.stage import MaskConfig, run_mask
@@ -85,7 +86,9 @@ def main(argv: list[str] | None = None) -> int:
             raise ConfigError(f"one config file at most, got {paths}")
         config = load_config(cls, resolve_config_path(paths[0]) if paths else None, flags + overrides)
         out = stage(config)
-        show(out)
+        if distributed.is_main():  # under a launcher the first process wrote the results
+            show(out)
+        distributed.stop()
     except KeyboardInterrupt:
         print("interrupted; finished outputs are kept, re-run to continue", file=sys.stderr)
         return 130

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from forgetless.lm import artifacts
+from forgetless.lm import artifacts, distributed
 from forgetless.config import ConfigError, build
 from forgetless.mask.stage import MASKED_FILE, MaskConfig, run_mask
 from forgetless.lm.modeling import EMBEDDED
@@ -123,13 +123,16 @@ def stage_done(out: Path, settings: dict) -> bool:
 
 
 def run_once(out: Path, settings: dict, fn: Callable[[], Any], what: str) -> Path:
-    """Run ``fn`` unless ``out`` already holds its result for the same ``settings``."""
+    """Run ``fn`` unless ``out`` already holds its result for the same ``settings``. Under a launcher every
+    process runs it, the first writes the stamp, and all wait for it before the next stage."""
     if stage_done(out, settings):
         logger.info("%s: done already (%s)", what, out)
         return out
     logger.info("%s -> %s", what, out)
     fn()
-    artifacts.write_json(out / STAMP, settings)
+    if distributed.is_main():
+        artifacts.write_json(out / STAMP, settings)
+    distributed.barrier()
     return out
 
 
@@ -230,14 +233,20 @@ def score_settings(config: RunConfig, data: str, out_dir: str) -> dict:
 
 
 def run_experiment(config: RunConfig) -> Path:
-    """Run every stage of the comparison; return the report directory."""
+    """Run every stage of the comparison; return the report directory.
+
+    Under a launcher (``torchrun`` / ``accelerate launch``) every process runs the same stages in the same order:
+    score, generate, train, eval and retention share their work; mask and report run on the first process alone.
+    """
     from forgetless.generate.stage import run_generate
     from forgetless.report.stage import ReportConfig, run_report
     from forgetless.train.stage import run_train
 
     check_settings(config)
+    distributed.start()
     out = Path(config.out_dir)
-    artifacts.write_json(out / "run_config.json", dataclasses.asdict(config))
+    if distributed.is_main():
+        artifacts.write_json(out / "run_config.json", dataclasses.asdict(config))
     layout, scored = run_layout(config, out), set()
     for label, method, lr in train_runs(config):
         data = method_data(config, method, out)
@@ -248,7 +257,7 @@ def run_experiment(config: RunConfig) -> Path:
         if data not in scored:  # the score stage itself reuses an output made from the same inputs
             run_score(make(ScoreConfig, score_settings(config, data, str(scores)), "score"))
             scored.add(data)
-        masks = run_mask(method.mask_config(scores, layout["masks"][label]))
+        masks = distributed.on_main(run_mask, method.mask_config(scores, layout["masks"][label]))
         cfg = train_config(config, label, method, lr, str(masks / MASKED_FILE))
         settings = {**dataclasses.asdict(cfg), **({"probe": config.probe} if config.probe else {})}
         run_once(Path(cfg.output_dir), settings, lambda c=cfg: run_train(c, callbacks=probe_callbacks(config, c, out)),
@@ -256,7 +265,7 @@ def run_experiment(config: RunConfig) -> Path:
     for label, (model, adapter) in models_of(config, layout["train"]).items():
         for cfg, fn, what in measure_stages(config, label, model, adapter):
             run_once(Path(cfg.output_dir), dataclasses.asdict(cfg), lambda c=cfg, f=fn: f(c), what)
-    return run_report(ReportConfig(run_dir=str(out)))
+    return distributed.on_main(run_report, ReportConfig(run_dir=str(out)))
 
 
 def models_of(config: RunConfig, train_dirs: dict[str, Path]) -> dict[str, tuple[str, str | None]]:

@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+from forgetless.lm import distributed
 from forgetless.lm.artifacts import write_json, write_manifest, write_text
 from forgetless.lm.data import iter_jsonl
 from forgetless.lm.decode import DecodingSettings, generate
@@ -226,10 +227,11 @@ def evaluate_tasks(tasks: Sequence[str | Task], cfg: EvalConfig, generate_fn: Ge
                 logger.info("%s: cached base results not used: %s changed", task.name, why)
         if cached is not None and (cached / f"{task.name}.json").is_file() and out is not None:
             logger.info("%s: reusing cached results %s", task.name, cached)
-            shutil.copyfile(cached / f"{task.name}.items.jsonl", out / f"{task.name}.items.jsonl")
             summary = json.loads((cached / f"{task.name}.json").read_text())
             summary["settings"].update(source="cache", cache_key=key, resume_key=resume_key)
-            write_json(out / f"{task.name}.json", summary)
+            if distributed.is_main():
+                shutil.copyfile(cached / f"{task.name}.items.jsonl", out / f"{task.name}.items.jsonl")
+                write_json(out / f"{task.name}.json", summary)
             results[task.name] = summary
             continue
         if predictions is not None:
@@ -243,6 +245,8 @@ def evaluate_tasks(tasks: Sequence[str | Task], cfg: EvalConfig, generate_fn: Ge
             start = time.monotonic()
             outputs = generate_fn([it.messages for it in items], decoding)
             settings["generation_s"] = round(time.monotonic() - start, 2)
+        if not distributed.is_main():  # the first process scores (MBPP runs code) and writes
+            continue
         summary, records = score_task(task, items, outputs, settings)
         logger.info("%s: %s = %.4f (n=%d, 95%% CI %.3f-%.3f)", task.name, task.metric, summary["score"], summary["n"], *summary["ci95"])
         results[task.name] = summary
@@ -316,10 +320,13 @@ def _pick_generate_fn(cfg: EvalConfig) -> tuple[GenerateFn, Callable[[], None]]:
 
 
 def run_eval(cfg: EvalConfig) -> Path:
-    """Evaluate cfg.model (+ adapter) or cfg.predictions on cfg.tasks; returns the output dir."""
+    """Evaluate cfg.model (+ adapter) or cfg.predictions on cfg.tasks; returns the output dir. Under a launcher
+    the processes share the generation and the first one scores and writes (:mod:`forgetless.lm.distributed`)."""
+    distributed.start()
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    write_json(out / "config.json", dataclasses.asdict(cfg))
+    if distributed.is_main():
+        write_json(out / "config.json", dataclasses.asdict(cfg))
     started = time.time()
     if cfg.predictions is not None:
         results = evaluate_tasks(cfg.tasks, cfg, None, out, predictions=read_predictions(cfg.predictions), resume=True)
@@ -328,18 +335,30 @@ def run_eval(cfg: EvalConfig) -> Path:
         from forgetless.lm.modeling import model_fingerprint
 
         fingerprint = model_fingerprint(cfg.model, cfg.revision) if not cfg.adapter else None
-        cfg = dataclasses.replace(cfg, backend=resolve_backend(cfg.backend))  # results record hf or vllm
+        if cfg.backend == "vllm" and distributed.launched():
+            raise ValueError("backend=vllm runs in one process (vLLM spreads a model over GPUs itself): "
+                             "drop the launcher, or use backend=hf to share the prompts among the processes")
+        # results record hf or vllm; under a launcher auto is hf (the processes share the prompts)
+        cfg = dataclasses.replace(cfg, backend="hf" if distributed.launched() else resolve_backend(cfg.backend))
         generate_fn = _LazyGenerate(cfg)
         try:
             results = evaluate_tasks(cfg.tasks, cfg, generate_fn, out, fingerprint=fingerprint, resume=True)
         finally:
             generate_fn.close()
+    if distributed.is_main():
+        write_eval_outputs(out, cfg, results, fingerprint, started)
+    distributed.barrier()
+    return out
+
+
+def write_eval_outputs(out: Path, cfg: EvalConfig, results: dict[str, dict], fingerprint: str | None,
+                       started: float) -> None:
+    """``scores.json``, then the manifest (last: it marks the stage complete)."""
     write_json(out / "scores.json", results)
     key = {"stage": "eval", "model": cfg.model, "revision": cfg.revision, "adapter": cfg.adapter, "fingerprint": fingerprint,
            "tasks": {t: r["settings"].get("task_hash") for t, r in results.items()}, "predictions": cfg.predictions}
     logger.info("eval finished in %.1f s: %s", time.time() - started, out)
     write_manifest(out, key, cfg)
-    return out
 
 
 def print_eval_summary(out: Path) -> None:

@@ -4,7 +4,8 @@
 
 * ``samples.jsonl``: one line per prompt as soon as its batch is done (every sampled answer,
   whether it passed the task's verifier, its per-token NLL under the base model). A re-run with
-  the same settings skips the prompts already there, so an interrupted run continues;
+  the same settings skips the prompts already there, so an interrupted run continues
+  (:mod:`forgetless.generate.samples`, also across processes);
 * ``data.jsonl``: the training set, ``messages`` format (what ``score`` and ``train`` read),
   one record per kept prompt with ``id``, the original record's fields and ``provenance``
   (source, sample_index, verified, base_ppl, fallback);
@@ -31,24 +32,23 @@ from pathlib import Path
 
 import numpy as np
 
-from forgetless.lm import artifacts
+from forgetless.lm import artifacts, distributed
 from forgetless.lm.data import DataError, Example, fingerprint_examples, load_examples
 from forgetless.generate.mechanism import compare_sets, format_table
 from forgetless.lm.modeling import EMBEDDED, load_tokenizer, model_fingerprint
 from forgetless.generate.assemble import ON_FAILURE, apply_on_failure, assemble, generation_statistics, paper_statistics
 from forgetless.generate.paper import CHOICES, load_paper_generations
-from forgetless.lm.decode import DecodingSettings
+from forgetless.generate.samples import (SAMPLES_FILE, check_samples_key, generate_samples, generation_prompt,  # noqa: F401
+                                         read_done, response_nlls)
 from forgetless.lm.engines import open_engine
-from forgetless.lm.progress import progress
-from forgetless.core.tokenstats import scored_response_nll
-from forgetless.lm.templates import encode_conversation, encode_prompt, template_hash
-from forgetless.generate.verify import TASKS, Verifier, make_verifier
+from forgetless.lm.templates import template_hash
+from forgetless.generate.verify import TASKS, make_verifier
 from forgetless.lm.vllm_backend import check_backend_settings, resolve_backend
 
 logger = logging.getLogger(__name__)
 
 METHODS = ("self_output", "rephrase", "paper_self_output", "paper_rephrase")
-DATA_FILE, SAMPLES_FILE, SAMPLES_KEY = "data.jsonl", "samples.jsonl", "samples_key.json"
+DATA_FILE = "data.jsonl"
 # A record's own prompt/response fields would contradict its new messages: left out of data.jsonl.
 _REPLACED_FIELDS = ("prompt", "response", "completion")
 # The authors' rephrase prompt (PROMPT_TEMPLATE of generate_self-output_training_data.py in
@@ -117,97 +117,6 @@ class GenerateConfig:
         check_backend_settings(self.backend, self.tensor_parallel_size, self.gpu_memory_utilization, self.max_model_len)
 
 
-def generation_prompt(config: GenerateConfig, example: Example) -> list[dict[str, str]]:
-    """What the base model is asked: the example's own prompt (self_output) or the rephrase request."""
-    if config.method != "rephrase":
-        return example.prompt_messages
-    instruction = next(m["content"] for m in reversed(example.prompt_messages) if m["role"] == "user")
-    text = config.rephrase_template.replace("{instruction}", instruction).replace("{reference}", example.response)
-    return [{"role": "user", "content": text}]
-
-
-def batch_seed(seed: int, batch_index: int) -> int:
-    """Seed of one batch: depends only on the config seed and the batch's position, so a resumed run samples the same."""
-    return seed * 1_000_003 + batch_index
-
-
-def read_done(path: Path) -> dict[str, dict]:
-    """Per-prompt records already in ``samples.jsonl``.
-
-    A torn line (a crash mid-write) is dropped and the file rewritten without it, so that
-    appending cannot glue the next record onto it.
-    """
-    done: dict[str, dict] = {}
-    if not path.is_file():
-        return done
-    text = path.read_text(encoding="utf-8")
-    good = []
-    for line_no, line in enumerate(text.splitlines(), start=1):
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            logger.warning("%s:%d: dropping an incomplete line (interrupted write)", path, line_no)
-            continue
-        done[record["id"]] = record
-        good.append(line)
-    if len(good) != len(text.splitlines()) or (text and not text.endswith("\n")):
-        artifacts.write_text(path, "".join(line + "\n" for line in good))
-    return done
-
-
-def response_nlls(engine, prompts: list[list[dict]], answers: list[str], config: GenerateConfig) -> list[np.ndarray]:
-    """Response-token NLLs of each answer after its prompt, under the engine's model (as training would encode it)."""
-    encoded = [encode_conversation(engine.tokenizer, [*p, {"role": "assistant", "content": a}], config.max_length)
-               for p, a in zip(prompts, answers)]
-    nlls = engine.score(encoded)
-    return [scored_response_nll(n, np.asarray(e.response_mask, dtype=bool)) for n, e in zip(nlls, encoded)]
-
-
-def process_batch(engine, examples: list[Example], config: GenerateConfig, verifier: Verifier, seed: int) -> list[dict]:
-    """Sample (seeded ``seed``), verify and score one batch; one record per example."""
-    prompt_ids = [encode_prompt(engine.tokenizer, generation_prompt(config, ex)) for ex in examples]
-    settings = DecodingSettings(config.max_new_tokens, greedy=False, temperature=config.temperature, top_p=config.top_p)
-    sampled = engine.sample(prompt_ids, config.samples, settings, seed)
-    pairs = [(i, s) for i, row in enumerate(sampled) for s, one in enumerate(row) if one.text.strip()]
-    # The ground truth goes through the same verifier: its pass rate checks the verifier.
-    checks = verifier.many([examples[i] for i, _ in pairs] + examples, [sampled[i][s].text for i, s in pairs] + [ex.response for ex in examples])
-    nlls = response_nlls(engine, [examples[i].prompt_messages for i, _ in pairs], [sampled[i][s].text for i, s in pairs], config)
-    found = {pair: (ok, nll) for pair, ok, nll in zip(pairs, checks, nlls)}
-    records = []
-    for i, ex in enumerate(examples):
-        rows = []
-        for s, one in enumerate(sampled[i]):
-            ok, nll = found.get((i, s), (False, None))
-            rows.append({"index": s, "text": one.text, "finished": one.finished, "new_tokens": one.new_tokens, "verified": ok,
-                         "mean_nll": None if nll is None or not len(nll) else float(nll.mean()),
-                         "token_nll": None if nll is None else [round(float(x), 4) for x in nll]})
-        records.append({"id": ex.id, "ground_truth_verified": checks[len(pairs) + i], "samples": rows})
-    return records
-
-
-def generate_samples(engine, examples: list[Example], config: GenerateConfig, verifier: Verifier, out: Path) -> dict[str, dict]:
-    """Run every batch not yet in ``samples.jsonl``, appending its records as it finishes."""
-    path = out / SAMPLES_FILE
-    done = read_done(path)
-    batches = [list(range(b, min(b + config.batch_size, len(examples)))) for b in range(0, len(examples), config.batch_size)]
-    todo = [(b, rows) for b, rows in enumerate(batches) if any(examples[i].id not in done for i in rows)]
-    if done:
-        logger.info("resuming: %d of %d prompts already sampled", sum(ex.id in done for ex in examples), len(examples))
-    out.mkdir(parents=True, exist_ok=True)
-    with open(path, "a", encoding="utf-8") as f:
-        for b, rows in progress(todo, f"generating ({config.method})", total_items=sum(len(r) for _, r in todo), count=lambda t: len(t[1])):
-            tic = time.monotonic()
-            records = process_batch(engine, [examples[i] for i in rows], config, verifier, batch_seed(config.seed, b))
-            for record in records:
-                if record["id"] not in done:  # a partly written batch is re-sampled identically; keep the first copy
-                    f.write(json.dumps(record, ensure_ascii=False) + "\n")
-                    done[record["id"]] = record
-            f.flush()
-            rows_done = [s for r in records for s in r["samples"]]
-            logger.info("batch %d/%d: %d of %d samples verified, %d new tokens in %.0f s", b + 1, len(batches),
-                        sum(s["verified"] is True for s in rows_done), len(rows_done),
-                        sum(s["new_tokens"] for s in rows_done), time.monotonic() - tic)
-    return done
 
 
 def load_compared(path: str) -> tuple[str, dict[str, Example]]:
@@ -281,7 +190,9 @@ def write_data(path: Path, final: list[Example], final_nll: dict[str, np.ndarray
 
 
 def run_generate(config: GenerateConfig) -> Path:
-    """Build ``config.method`` training data from ``config.data``; return the output directory."""
+    """Build ``config.method`` training data from ``config.data``; return the output directory. Under a launcher
+    the processes share the batches (:mod:`forgetless.generate.samples`) and the first one writes."""
+    distributed.start()
     out = Path(config.out_dir)
     examples = load_examples(config.data, config.limit)
     sampling = {k: getattr(config, k) for k in ("method", "task", "samples", "temperature", "top_p", "max_new_tokens",
@@ -309,31 +220,22 @@ def run_generate(config: GenerateConfig) -> Path:
             assembled = assemble(examples, done, config.method, config.choose, config.seed)
             final = apply_on_failure(assembled, config.on_failure)
             stats = generation_statistics(examples, done, assembled, final, time.monotonic() - start)
-        logger.info("generation: %s", json.dumps(stats))
-        artifacts.write_json(out / "generation_stats.json", stats)
+        if distributed.is_main():
+            logger.info("generation: %s", json.dumps(stats))
+            artifacts.write_json(out / "generation_stats.json", stats)
         if not final:
             raise DataError(f"{config.method} on {config.data}: no prompt of {len(assembled)} has an answer that passed, so "
                             "there is nothing to train on (on_failure=ground_truth keeps their reference answers)")
         mech, final_nll = mechanism(engine, examples, final, done, config)
     finally:
         engine.close()
-    logger.info("base-model perplexity of the answers:\n%s", format_table(mech))
-    write_data(out / DATA_FILE, final, final_nll)
-    artifacts.write_json(out / "mechanism_stats.json", mech)
-    artifacts.write_manifest(out, key, config)
+    if distributed.is_main():
+        logger.info("base-model perplexity of the answers:\n%s", format_table(mech))
+        write_data(out / DATA_FILE, final, final_nll)
+        artifacts.write_json(out / "mechanism_stats.json", mech)
+        artifacts.write_manifest(out, key, config)
+    distributed.barrier()
     return out
-
-
-def check_samples_key(out: Path, sampling: dict) -> None:
-    """Refuse to append to samples made with other settings (they would mix); record the settings otherwise."""
-    path = out / SAMPLES_KEY
-    if path.is_file() and (out / SAMPLES_FILE).is_file():
-        changed = artifacts.stale_fields(artifacts.read_json(path), sampling)
-        if changed:
-            raise ValueError(f"{out / SAMPLES_FILE} was sampled with other settings ({', '.join(changed)} changed): "
-                             "use another out_dir or delete it to start over")
-        return
-    artifacts.write_json(path, sampling)
 
 
 def print_generate_summary(out: Path) -> None:

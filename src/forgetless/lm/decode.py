@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
+from forgetless.lm import distributed
 from forgetless.lm.batching import left_pad, right_pad  # noqa: F401  (right_pad: also imported from here)
 from forgetless.lm.progress import progress
 from forgetless.lm.templates import encode_prompt
@@ -75,6 +76,12 @@ def _generate_batch(model, tokenizer, prompts: list[list[int]], config) -> list[
     return decoded
 
 
+def batch_seed(seed: int, batch_index: int) -> int:
+    """Seed of one sampled batch: depends only on the seed and the batch's position, so a resumed run, or a batch
+    decoded by another process of a launch, samples the same."""
+    return seed * 1_000_003 + batch_index
+
+
 @torch.no_grad()
 def decode_ids(model, tokenizer, prompts: list[list[int]], settings: DecodingSettings = DecodingSettings(),
                batch_size: int = 8, show_progress: bool = True, description: str = "generating") -> list[tuple[list[int], int | None]]:
@@ -83,23 +90,28 @@ def decode_ids(model, tokenizer, prompts: list[list[int]], settings: DecodingSet
     New ids are cut before the first stop token (eos or an end-of-turn marker); ``stop id`` is
     that token, or None when the answer was cut at ``max_new_tokens``. Prompts are sorted longest
     first so a batch holds similar lengths, and left-padded so new tokens start in one column.
+    Sampling seeds each batch by its position (:func:`batch_seed`). Under a multi-process launch the
+    batches are shared among the processes, which must all call this with the same prompts
+    (:mod:`forgetless.lm.distributed`).
     """
     if not prompts:
         return []
-    order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
+    lengths = [len(p) for p in prompts]
+    order = sorted(range(len(prompts)), key=lambda i: -lengths[i])
     config = _generation_config(tokenizer, settings)
-    results: list = [None] * len(prompts)
-    if not settings.greedy:
-        torch.manual_seed(settings.seed)
-    start = time.monotonic()
     batches = [order[b:b + batch_size] for b in range(0, len(order), batch_size)]
-    bar = progress(batches, description, len(prompts), count=len) if show_progress else batches
+    number = {tuple(rows): n for n, rows in enumerate(batches)}
+    mine = distributed.share(batches, lengths)
+    results: dict[int, tuple[list[int], int | None]] = {}
+    start = time.monotonic()
+    bar = progress(mine, description, sum(map(len, mine)), count=len) if show_progress else mine
     for rows in bar:
-        for i, decoded in zip(rows, _generate_batch(model, tokenizer, [prompts[i] for i in rows], config)):
-            results[i] = decoded
+        if not settings.greedy:
+            torch.manual_seed(batch_seed(settings.seed, number[tuple(rows)]))
+        results.update(zip(rows, _generate_batch(model, tokenizer, [prompts[i] for i in rows], config)))
     elapsed = time.monotonic() - start
-    logger.info("%s: %d items in %.1f s (%.2f items/s)", description, len(prompts), elapsed, len(prompts) / max(elapsed, 1e-9))
-    return results
+    logger.info("%s: %d items in %.1f s (%.2f items/s)", description, len(results), elapsed, len(results) / max(elapsed, 1e-9))
+    return distributed.gather(results, len(prompts))
 
 
 def cut_at_stop(new_ids: list[int], stops: set[int]) -> tuple[list[int], bool]:

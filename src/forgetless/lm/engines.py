@@ -30,15 +30,21 @@ class HfEngine:
     def score(self, encoded: list[Encoded]) -> list[np.ndarray]:
         from forgetless.score.stage import score_encoded
 
-        return score_encoded(self.model, encoded, self.tokenizer.pad_token_id, self.batch_tokens)
+        return score_encoded(self.model, encoded, self.tokenizer.pad_token_id, self.batch_tokens, shared=False)
 
     def close(self) -> None:
         """Nothing to free: the model goes when the engine does."""
 
 
 def open_engine(config):
-    """The engine of a generate or score config: vLLM or HF by ``config.backend``, on ``config.model``."""
-    if resolve_backend(config.backend) == "vllm":
+    """The engine of a generate or score config: vLLM or HF by ``config.backend``, on ``config.model``. Under a
+    launcher the processes share the work on the HF path (vLLM spreads one model over the GPUs itself)."""
+    from forgetless.lm import distributed
+
+    if distributed.launched() and config.backend == "vllm":
+        raise ValueError("backend=vllm runs in one process (vLLM spreads a model over GPUs itself): "
+                         "drop the launcher, or use backend=hf to share the work among the processes")
+    if resolve_backend(config.backend) == "vllm" and not distributed.launched():
         from forgetless.lm.vllm_backend import VllmEngine
 
         return VllmEngine.from_config(config)

@@ -123,10 +123,6 @@ def pick_dtype(dtype: str, device: str) -> torch.dtype:
     return _DTYPES[dtype]
 
 
-def default_device() -> str:
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
 def load_tokenizer(name: str, revision: str | None = None):
     from transformers import AutoTokenizer
 
@@ -142,7 +138,7 @@ def load_tokenizer(name: str, revision: str | None = None):
 
 def load_model(name: str, revision: str | None = None, dtype: str = "auto", device: str | None = None,
                place: bool = True):
-    """Model in eval mode on ``device`` (default: CUDA when present, else CPU).
+    """Model in eval mode on ``device`` (default: CUDA when present, else CPU; under a launcher, this process's GPU).
 
     ``place=False`` picks the dtype for ``device`` but leaves the weights where loading put them: on the CPU, or
     partitioned by DeepSpeed ZeRO-3 (``zero.Init`` runs inside ``from_pretrained`` when the training arguments
@@ -150,7 +146,9 @@ def load_model(name: str, revision: str | None = None, dtype: str = "auto", devi
     """
     from transformers import AutoModelForCausalLM
 
-    device = str(device or default_device())
+    from forgetless.lm.distributed import launch_device
+
+    device = launch_device(device)
     path = resolve_model_path(name)
     try:
         model = AutoModelForCausalLM.from_pretrained(path, revision=revision, dtype=pick_dtype(dtype, device))

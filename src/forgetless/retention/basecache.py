@@ -85,8 +85,13 @@ def load_cached(path: Path, key: dict[str, Any]) -> dict[str, Any] | None:
 
 
 def save_cached(path: Path, key: dict[str, Any], payload: dict[str, Any]) -> None:
-    """Write atomically (temp name, then rename)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    torch.save({**payload, "key": key}, tmp)
-    os.replace(tmp, path)
+    """Write atomically (temp name, then rename). Under a launcher the first process writes and every process
+    waits for it, so that a later lookup finds the file on every process alike (:mod:`forgetless.lm.distributed`)."""
+    from forgetless.lm import distributed
+
+    if distributed.is_main():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+        torch.save({**payload, "key": key}, tmp)
+        os.replace(tmp, path)
+    distributed.barrier()

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import re
 import statistics
 from dataclasses import dataclass
@@ -126,17 +127,19 @@ def answer_surprise(base_model_view, tokenizer, prompts: list[list[int]], answer
                     batch_size: int = 8) -> list[float]:
     """Mean per-token NLL of each answer under ``base_model_view`` (NaN for an empty answer).
 
-    The LM head runs only on the answer rows (:func:`forgetless.core.logits.token_nll`).
+    The LM head runs only on the answer rows (:func:`forgetless.core.logits.token_nll`). Under a launcher the
+    batches are shared among the processes (:mod:`forgetless.lm.distributed`).
     """
     from forgetless.core.logits import token_nll
+    from forgetless.lm import distributed
     from forgetless.lm.batching import right_pad
 
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     device = next(base_model_view.parameters()).device
-    out = [math.nan] * len(answers)
-    keep = sorted((i for i, a in enumerate(answers) if a), key=lambda i: -len(prompts[i]) - len(answers[i]))
-    for s in range(0, len(keep), batch_size):
-        rows = keep[s : s + batch_size]
+    out = {i: math.nan for i, a in enumerate(answers) if not a}
+    lengths = [len(p) + len(a) for p, a in zip(prompts, answers)]
+    keep = sorted((i for i, a in enumerate(answers) if a), key=lambda i: -lengths[i])
+    for rows in distributed.share([keep[s : s + batch_size] for s in range(0, len(keep), batch_size)], lengths):
         ids, attn = right_pad([prompts[i] + answers[i] for i in rows], pad)
         scored = torch.zeros_like(ids)
         for r, i in enumerate(rows):
@@ -144,7 +147,7 @@ def answer_surprise(base_model_view, tokenizer, prompts: list[list[int]], answer
         nll = token_nll(base_model_view, ids.to(device), attn.to(device), scored.to(device)).cpu()
         for r, i in enumerate(rows):
             out[i] = float(nll[r][scored[r].bool()].double().mean())
-    return out
+    return distributed.gather(out, len(answers))
 
 
 # metric -> (higher is better, binary)
@@ -228,12 +231,22 @@ def answer_rows(profile: Profile, ref: dict, texts: list[str], base_texts: list[
                      "working_kept": working_kept(mine["working_chars"], theirs["working_chars"]),
                      "surprise": surprise[i], "finished": stops[i] is not None, "answer": text})
     if profile.graded:
-        from forgetless.eval.sandbox import SandboxLimits
-        from forgetless.eval.tasks.mbpp import grade_outputs
-
-        for row, grade in zip(rows, grade_outputs(texts, ref["records"], SandboxLimits(timeout_s=5.0))):
+        for row, grade in zip(rows, grade_shared(texts, ref["records"])):
             row.update({"asserts": grade["asserts"], "defines": grade["defines"], "pass@1": grade["passed"]})
     return rows
+
+
+def grade_shared(texts: list[str], records: list[dict]) -> list[dict]:
+    """The MBPP grades of each answer by its tests; under a launcher the answers are shared among the processes."""
+    from forgetless.eval.sandbox import SandboxLimits
+    from forgetless.eval.tasks.mbpp import grade_outputs
+    from forgetless.lm import distributed
+
+    mine = [i for [i] in distributed.share([[i] for i in range(len(texts))], [len(t) + 1 for t in texts])]
+    # The processes of one machine split its CPUs: more programs at once would run into the time limit.
+    workers = max(1, min(len(mine), (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
+    grades = grade_outputs([texts[i] for i in mine], [records[i] for i in mine], SandboxLimits(timeout_s=5.0), workers)
+    return distributed.gather(dict(zip(mine, grades)), len(texts))
 
 
 def _median(values: list[float]) -> float | None:

@@ -28,6 +28,7 @@ import math
 import torch
 
 from forgetless.core.logits import chunk_rows, head_logits, head_rows, split_causal_lm
+from forgetless.lm import distributed
 from forgetless.lm.batching import length_buckets, right_pad
 from forgetless.retention.answers import base_answers, with_stop
 from forgetless.retention.basecache import base_view, cache_path, load_cached, save_cached
@@ -83,8 +84,9 @@ def sequence_stats(model, seqs: list[list[int]], pad_id: int, top_k: int = 128,
     """:func:`row_stats` of positions ``0..T-2`` of each sequence (one decoder pass per batch)."""
     decoder, head, softcap = split_causal_lm(model)
     device = next(model.parameters()).device
-    results: list = [None] * len(seqs)
-    for batch in length_buckets([len(s) for s in seqs], batch_tokens):
+    lengths = [len(s) for s in seqs]
+    results: dict[int, dict] = {}
+    for batch in distributed.share(length_buckets(lengths, batch_tokens), lengths):
         ids, attn = right_pad([seqs[i] for i in batch], pad_id)
         hidden = decoder(input_ids=ids.to(device), attention_mask=attn.to(device)).last_hidden_state
         rows = torch.cat([hidden[b, : len(seqs[i]) - 1] for b, i in enumerate(batch)])
@@ -94,9 +96,9 @@ def sequence_stats(model, seqs: list[list[int]], pad_id: int, top_k: int = 128,
         offset = 0
         for i in batch:
             n = len(seqs[i]) - 1
-            results[i] = {k: v[offset : offset + n] for k, v in stats.items()}
+            results[i] = {k: v[offset : offset + n].clone() for k, v in stats.items()}  # own storage: gathered alone
             offset += n
-    return results
+    return distributed.gather(results, len(seqs))
 
 
 def item_drift(base: dict[str, torch.Tensor], tuned: dict[str, torch.Tensor], n_prompt: int) -> dict[str, float]:

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 import torch
 
 from forgetless.core.logits import rows_nll, split_causal_lm, token_nll
+from forgetless.lm import distributed
 from forgetless.lm.batching import length_buckets
 from forgetless.retention.olmo_tasks import MCItem
 
@@ -164,20 +165,21 @@ def can_pack(model) -> bool:
 
 
 def score_items(model, tokenizer, items: list[MCItem], batch_tokens: int = 2048, progress=None) -> list[list[tuple[float, int]]]:
-    """Choice scores of every item (input order); packed and batched when the model allows it."""
+    """Choice scores of every item (input order); packed and batched when the model allows it. Under a launcher
+    the batches are shared among the processes (:mod:`forgetless.lm.distributed`)."""
     if not can_pack(model):
         logger.warning("attention %r takes no custom mask; scoring one forward per choice",
                        model.config._attn_implementation)
         return [score_item_naive(model, tokenizer, it) for it in items]
     packed = [pack_item(tokenizer, it) for it in items]
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    results: list = [None] * len(items)
-    for batch in length_buckets([p.length for p in packed], batch_tokens, max_batch=64):
-        for i, scores in zip(batch, score_packed(model, [packed[i] for i in batch], pad_id)):
-            results[i] = scores
+    lengths = [p.length for p in packed]
+    results: dict[int, list[tuple[float, int]]] = {}
+    for batch in distributed.share(length_buckets(lengths, batch_tokens, max_batch=64), lengths):
+        results.update(zip(batch, score_packed(model, [packed[i] for i in batch], pad_id)))
         if progress is not None:
             progress(len(batch))
-    return results
+    return distributed.gather(results, len(items))
 
 
 def choice_metrics(logprobs: list[float], n_tokens: list[int], n_chars: list[int], gold: int) -> dict[str, float]:

@@ -69,6 +69,10 @@ def measure_retention(model, tokenizer, base, settings: MeasureSettings, out_dir
     from forgetless.retention.heldout import evaluate_heldout
     from forgetless.retention.mc import evaluate_mc
 
+    from forgetless.lm import distributed
+
+    # Under a launcher every process computes its share of each measure and sees every record; the first writes.
+    out_dir = out_dir if distributed.is_main() else None
     s, records = settings, {}
     for task in s.mc_tasks:
         records.update(evaluate_mc(model, tokenizer, task, s.mc_limit, out_dir, s.batch_tokens))

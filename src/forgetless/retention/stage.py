@@ -17,7 +17,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from forgetless.lm import artifacts
+from forgetless.lm import artifacts, distributed
 from forgetless.retention.measures import MeasureSettings, measure_retention
 
 logger = logging.getLogger(__name__)
@@ -66,18 +66,23 @@ def load_models(config: RetentionConfig):
 
 
 def run_retention(config: RetentionConfig) -> Path:
-    """Evaluate every retention measure of ``config``; returns the output directory."""
+    """Evaluate every retention measure of ``config``; returns the output directory. Under a launcher the
+    processes share each measure's batches and the first one writes (:mod:`forgetless.lm.distributed`)."""
     from forgetless.lm.modeling import cache_dir as forgetless_cache
 
+    distributed.start()
     out = Path(config.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     cache = Path(config.cache_dir) if config.cache_dir else forgetless_cache() / "retention"
-    artifacts.write_json(out / "config.json", dataclasses.asdict(config))
+    if distributed.is_main():
+        artifacts.write_json(out / "config.json", dataclasses.asdict(config))
     model, tokenizer, base, base_id = load_models(config)
     started = time.time()
     tasks = list(measure_retention(model, tokenizer, base, config, out, cache, base_id))
-    artifacts.write_json(out / "manifest.json", {
-        "stage": "retention", "model": config.model, "adapter": config.adapter, "base": base_id,
-        "tasks": tasks, "seconds": round(time.time() - started, 1), "versions": artifacts.versions()})
+    if distributed.is_main():
+        artifacts.write_json(out / "manifest.json", {
+            "stage": "retention", "model": config.model, "adapter": config.adapter, "base": base_id,
+            "tasks": tasks, "seconds": round(time.time() - started, 1), "versions": artifacts.versions()})
+    distributed.barrier()
     return out
 

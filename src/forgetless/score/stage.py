@@ -18,7 +18,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from forgetless.lm import artifacts
+from forgetless.lm import artifacts, distributed
 from forgetless.lm.data import Example, fingerprint_examples, load_examples
 from forgetless.core.logits import token_nll
 from forgetless.lm.modeling import EMBEDDED, load_tokenizer, model_fingerprint
@@ -79,18 +79,28 @@ def pad_batch(encoded: list[Encoded], pad_id: int) -> tuple[torch.Tensor, torch.
 
 
 @torch.no_grad()
-def score_encoded(model, encoded: list[Encoded], pad_id: int, batch_tokens: int = 8192,
-                  description: str = "scoring") -> list[np.ndarray]:
-    """Per-token NLL (float32, NaN where not a response token) for each encoded example."""
+def score_batch(model, encoded: list[Encoded], batch: list[int], pad_id: int) -> dict[int, np.ndarray]:
+    """Per-token NLL (float32, NaN where not a response token) of the examples ``batch`` names, in one forward."""
     device = next(model.parameters()).device
-    results: list[np.ndarray | None] = [None] * len(encoded)
-    batches = length_buckets([len(e) for e in encoded], batch_tokens)
-    for batch in progress(batches, description, total_items=len(encoded), count=len):
-        ids, attention, response = (t.to(device) for t in pad_batch([encoded[i] for i in batch], pad_id))
-        nll = token_nll(model, ids, attention, response).cpu().numpy()
-        for row, i in enumerate(batch):
-            results[i] = nll[row, : len(encoded[i])]
-    return results  # type: ignore[return-value]
+    ids, attention, response = (t.to(device) for t in pad_batch([encoded[i] for i in batch], pad_id))
+    nll = token_nll(model, ids, attention, response).cpu().numpy()
+    return {i: nll[row, : len(encoded[i])] for row, i in enumerate(batch)}
+
+
+def score_encoded(model, encoded: list[Encoded], pad_id: int, batch_tokens: int = 8192,
+                  description: str = "scoring", shared: bool = True) -> list[np.ndarray]:
+    """Per-token NLL (float32, NaN where not a response token) for each encoded example.
+
+    ``shared``: under a multi-process launch the batches are shared among the processes, which must all call this
+    with the same examples (:mod:`forgetless.lm.distributed`); False scores everything here (one process's own work).
+    """
+    lengths = [len(e) for e in encoded]
+    batches = length_buckets(lengths, batch_tokens)
+    mine = distributed.share(batches, lengths) if shared else batches
+    results: dict[int, np.ndarray] = {}
+    for batch in progress(mine, description, total_items=sum(map(len, mine)), count=len):
+        results.update(score_batch(model, encoded, batch, pad_id))
+    return distributed.gather(results, len(encoded)) if shared else [results[i] for i in range(len(encoded))]
 
 
 def encode_examples(tokenizer, examples: list[Example], max_length: int, overlong: str):
@@ -113,7 +123,9 @@ def encode_examples(tokenizer, examples: list[Example], max_length: int, overlon
 
 
 def run_score(config: ScoreConfig) -> Path:
-    """Score ``config.data`` under ``config.model``; return the output directory."""
+    """Score ``config.data`` under ``config.model``; return the output directory. Under a launcher the processes
+    share the batches and the first one writes (:mod:`forgetless.lm.distributed`)."""
+    distributed.start()
     out = Path(config.out_dir)
     examples = load_examples(config.data, config.limit)
     tokenizer_only = load_tokenizer(config.model, config.revision)
@@ -140,9 +152,19 @@ def run_score(config: ScoreConfig) -> Path:
     encoded = [enc for _, enc in kept]
     engine = open_engine(config)
     try:
-        nlls = score_in_parts(engine.score, encoded, out / "parts", key, config.part_size)
+        nlls = score_in_parts(engine.score, encoded, config.batch_tokens, out / "parts", key, config.part_size)
     finally:
         engine.close()
+    if distributed.is_main():
+        write_scores(out, kept, nlls, counts, len(examples), key, config)
+    distributed.barrier()
+    return out
+
+
+def write_scores(out: Path, kept: list, nlls: list[np.ndarray], counts: dict, n_examples: int, key: dict,
+                 config: ScoreConfig) -> None:
+    """``scores.parquet``, ``stats.json`` and the manifest (last); the parts are removed."""
+    encoded = [enc for _, enc in kept]
     n_inf = int(sum(np.sum(np.isinf(n)) for n in nlls))
     n_nan = int(sum(np.sum(np.isnan(n[1:][np.asarray(e.response_mask[1:], bool)])) for n, e in zip(nlls, encoded)))
     if n_inf or n_nan:
@@ -155,38 +177,69 @@ def run_score(config: ScoreConfig) -> Path:
         "truncated": [e.truncated for e in encoded],
     })
     stats = score_statistics(nlls, [np.asarray(e.response_mask, dtype=bool) for e in encoded])
-    stats.update(counts, examples=len(examples), scored_examples=len(kept), inf_nll_tokens=n_inf, nan_nll_tokens=n_nan)
+    stats.update(counts, examples=n_examples, scored_examples=len(kept), inf_nll_tokens=n_inf, nan_nll_tokens=n_nan)
     artifacts.write_parquet(out / SCORES_FILE, table)
     artifacts.write_json(out / "stats.json", stats)
     artifacts.write_manifest(out, key, config)
     shutil.rmtree(out / "parts", ignore_errors=True)
-    return out
 
 
-def score_in_parts(score_fn: Callable[[list[Encoded]], list[np.ndarray]], encoded: list[Encoded], parts_dir: Path,
-                   key: dict, part_size: int) -> list[np.ndarray]:
-    """Score in parts of ``part_size`` examples, each saved as it finishes, so a crash loses one part at most.
+def score_in_parts(score_fn: Callable[[list[Encoded]], list[np.ndarray]], encoded: list[Encoded], batch_tokens: int,
+                   parts_dir: Path, key: dict, part_size: int) -> list[np.ndarray]:
+    """Score in parts of whole batches (about ``part_size`` examples each), each saved as it finishes, so a crash
+    loses one part at most (per process under a launcher). ``score_fn`` scores one batch in this process (an
+    engine's ``score``: Hugging Face or vLLM).
 
-    Parts made under another key (model, data, ...) are discarded; matching ones are reused.
+    The batches are those of one process (length buckets of every example); the unfinished ones are shared among
+    the processes, and each process saves its parts as ``part-<first batch>.npz`` with the examples they hold, so a
+    re-run resumes with any number of processes. Parts made under another key (model, data, ...) are discarded.
     """
+    key = {**key, "parts": "batches"}  # parts of the older layout (example ranges) are discarded
     key_file = parts_dir / "key.json"
-    if parts_dir.exists() and (not key_file.is_file() or artifacts.read_json(key_file) != key):
-        shutil.rmtree(parts_dir)
-    if not key_file.is_file():
-        artifacts.write_json(key_file, key)
-    nlls: list[np.ndarray] = []
-    starts = range(0, len(encoded), part_size)
-    done = sum((parts_dir / f"part-{i:05d}.npz").is_file() for i in range(len(starts)))
+    if distributed.is_main():
+        if parts_dir.exists() and (not key_file.is_file() or artifacts.read_json(key_file) != artifacts.as_json(key)):
+            shutil.rmtree(parts_dir)
+        if not key_file.is_file():
+            artifacts.write_json(key_file, key)
+    distributed.barrier()
+    done = read_parts(parts_dir)
+    lengths = [len(e) for e in encoded]
+    batches = length_buckets(lengths, batch_tokens)
+    numbered = [b for b in range(len(batches)) if any(i not in done for i in batches[b])]
     if done:
-        logger.info("resuming: %d of %d parts already scored in %s", done, len(starts), parts_dir)
-    for part, start in enumerate(starts):
-        path = parts_dir / f"part-{part:05d}.npz"
-        if path.is_file():
-            with np.load(path) as saved:
-                nlls.extend(saved[f"a{i}"] for i in range(len(saved.files)))
-            continue
-        scored = score_fn(encoded[start : start + part_size])
-        artifacts.write_npz(path, {f"a{i}": a for i, a in enumerate(scored)})
-        nlls.extend(scored)
-    return nlls
+        logger.info("resuming: %d of %d examples already scored in %s", len(done), len(encoded), parts_dir)
+    mine = distributed.share([batches[b] for b in numbered], lengths)
+    first_of = {tuple(batches[b]): b for b in numbered}
+    results: dict[int, np.ndarray] = {}
+    for part in group_batches(mine, part_size):
+        scored: dict[int, np.ndarray] = {}
+        for batch in progress(part, "scoring", total_items=sum(map(len, part)), count=len):
+            scored.update(zip(batch, score_fn([encoded[i] for i in batch])))
+        order = sorted(scored)
+        artifacts.write_npz(parts_dir / f"part-{first_of[tuple(part[0])]:05d}.npz",
+                            {"index": np.asarray(order), **{f"a{n}": scored[i] for n, i in enumerate(order)}})
+        results.update(scored)
+    return distributed.gather({**done, **results} if distributed.is_main() else results, len(encoded))
 
+
+def group_batches(batches: list[list[int]], part_size: int) -> list[list[list[int]]]:
+    """Consecutive batches in parts of at least ``part_size`` examples (the last may hold fewer).
+
+    >>> group_batches([[0, 1], [2], [3, 4], [5]], 3)
+    [[[0, 1], [2]], [[3, 4], [5]]]
+    """
+    parts: list[list[list[int]]] = []
+    for batch in batches:
+        if not parts or sum(map(len, parts[-1])) >= part_size:
+            parts.append([])
+        parts[-1].append(batch)
+    return parts
+
+
+def read_parts(parts_dir: Path) -> dict[int, np.ndarray]:
+    """``{example: nll}`` of every saved part."""
+    done: dict[int, np.ndarray] = {}
+    for path in sorted(parts_dir.glob("part-*.npz")):
+        with np.load(path) as saved:
+            done.update((int(i), saved[f"a{n}"]) for n, i in enumerate(saved["index"]))
+    return done

@@ -5,7 +5,8 @@ when one process sees several GPUs) is refused, because its replicas would share
 :mod:`forgetless.train.loss` and it splits the step-wide token count by a guess. Everything here is a no-op in a
 single process, so ``forgetless train`` runs unchanged without a launcher.
 
-* :func:`launch_device` pins this rank's GPU (``LOCAL_RANK``) before anything touches CUDA;
+* :func:`launch_device` (from :mod:`forgetless.lm.distributed`, shared with the data stages) pins this rank's GPU
+  (``LOCAL_RANK``) before anything touches CUDA;
 * :func:`sharding_engine` says whether the weights will be sharded (FSDP, ZeRO-3), which decides how the model is
   loaded, saved and diagnosed;
 * :func:`call_inside_forward` runs the masked loss inside the wrapper's forward, where FSDP / ZeRO-3 have gathered the
@@ -20,22 +21,13 @@ import os
 
 import torch
 
+from forgetless.lm.distributed import barrier, initialized, launch_device, world_size  # noqa: F401  (re-exported)
+
 logger = logging.getLogger(__name__)
 
 
 class DataParallelError(RuntimeError):
     """One process sees several GPUs: the Trainer would use ``nn.DataParallel``, which this loss does not support."""
-
-
-def launch_device(device: str) -> str:
-    """``cpu`` or ``cuda[:LOCAL_RANK]``; under a launcher, makes this rank's GPU the current one first, so no rank
-    creates a CUDA context on GPU 0 (``torch.cuda.is_bf16_supported`` and friends use the current device)."""
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cuda" and "LOCAL_RANK" in os.environ:
-        device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
-        torch.cuda.set_device(device)
-    return device
 
 
 def refuse_data_parallel(args) -> None:
@@ -63,22 +55,9 @@ def sharding_engine(args) -> str | None:
     return None
 
 
-def _initialized() -> bool:
-    return torch.distributed.is_available() and torch.distributed.is_initialized()
-
-
-def world_size() -> int:
-    return torch.distributed.get_world_size() if _initialized() else 1
-
-
-def barrier() -> None:
-    if _initialized():
-        torch.distributed.barrier()
-
-
 def any_process(flag: torch.Tensor) -> bool:
     """True when ``flag`` (a bool scalar tensor) is set on any process; one small all-reduce, on every process."""
-    if not _initialized():
+    if not initialized():
         return bool(flag)
     flag = flag.detach().to(torch.int32).reshape(1).clone()
     torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
@@ -87,7 +66,7 @@ def any_process(flag: torch.Tensor) -> bool:
 
 def gather_rows(row: torch.Tensor) -> torch.Tensor:
     """``(K,) -> (world, K)``: the vector of every process, in rank order (one all-gather, on every process)."""
-    if not _initialized():
+    if not initialized():
         return row[None]
     parts = [torch.empty_like(row) for _ in range(world_size())]
     torch.distributed.all_gather(parts, row.contiguous())

@@ -33,7 +33,7 @@ from forgetless.train.collate import MaskedBatchCollator, TableError, read_table
 from forgetless.lm.artifacts import write_json
 from forgetless.train.loss import MaskedLossMixin, NonFiniteLossError
 from forgetless.train.outputs import print_diagnostics, save_outputs, saved_diagnostics, weight_diagnostics
-from forgetless.train.parallel import barrier, launch_device, refuse_data_parallel, sharding_engine
+from forgetless.train.parallel import barrier, initialized, launch_device, refuse_data_parallel, sharding_engine
 from forgetless.train.select import best_epoch_callback, check_selection, load_best_epoch, selection_measure
 from forgetless.lm.modeling import file_sha256
 
@@ -292,6 +292,7 @@ def run_train(config: TrainConfig, callbacks: list | None = None, select_measure
     from forgetless.lm.modeling import load_model, load_tokenizer, pick_dtype
 
     out = Path(config.output_dir)
+    keep_group = initialized()  # a group started before training (``forgetless run`` under a launcher) outlives it
     device = launch_device(config.device)
     dtype = pick_dtype(config.dtype, device)
     # The accelerate state (process group, this process's device, DeepSpeed's zero.Init switch) is created here,
@@ -334,7 +335,7 @@ def run_train(config: TrainConfig, callbacks: list | None = None, select_measure
     try:
         result = trainer.train(resume_from_checkpoint=resume_from)
     except NonFiniteLossError as e:
-        end_processes(trainer)  # every process raised at the same micro-batch
+        end_processes(trainer, keep_group)  # every process raised at the same micro-batch
         kept = last_checkpoint(out)
         raise NonFiniteLossError(f"{e}; last good checkpoint: {kept or 'none (save_steps=0)'}"
                                  f"{' (resume=true continues from it)' if kept else ''}") from None
@@ -356,15 +357,21 @@ def run_train(config: TrainConfig, callbacks: list | None = None, select_measure
         write_json(out / "train_summary.json", summary)
         write_json(out / "manifest.json", manifest(config, tokenizer))
         print_diagnostics(diag, summary)
-    end_processes(trainer)
+    end_processes(trainer, keep_group)
     return out
 
 
-def end_processes(trainer) -> None:
+def end_processes(trainer, keep_group: bool = False) -> None:
     """Wait for every process, then take the process group down (``Trainer.end``; nothing in one process).
 
     Processes that exit one by one, with the group still up, can abort at exit (seen with gloo:
     "terminate called without an active exception"); a later ``run_train`` in the same processes starts a new group.
+    ``keep_group``: the group was there before training (``forgetless run`` under a launcher, whose later stages
+    share their work through it): only the trackers end.
     """
     barrier()
-    trainer.end()
+    if keep_group:
+        for tracker in trainer.accelerator.trackers:
+            tracker.finish()
+    else:
+        trainer.end()
