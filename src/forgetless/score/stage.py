@@ -20,6 +20,7 @@ import torch
 from forgetless.lm import artifacts
 from forgetless.lm.data import Example, fingerprint_examples, load_examples
 from forgetless.core.logits import token_nll
+from forgetless.core.packing import flatten, packing_isolates, restart_positions, split_row
 from forgetless.lm.modeling import EMBEDDED, load_model_and_tokenizer, load_tokenizer, model_fingerprint
 from forgetless.lm.batching import length_buckets, right_pad
 from forgetless.lm.progress import progress
@@ -45,6 +46,11 @@ class ScoreConfig:
     part_size: int = field(default=256, metadata={"help": "examples per saved part: a crash loses at most one part's work"})
     dtype: str = field(default="auto", metadata={"help": "auto (bf16 on CUDA, else fp32), float32, bfloat16, float16"})
     device: str | None = field(default=None, metadata={"help": "cuda or cpu (default: cuda when available)"})
+    attn_implementation: str | None = field(default=None, metadata={
+        "help": "transformers attention: sdpa, eager, flash_attention_2, ... (default: transformers' choice)"})
+    padding_free: bool = field(default=False, metadata={
+        "help": "score each batch as one row without padding (position_ids restart per example), when the model's "
+                "attention keeps the examples apart (checked; else padded batches, with a warning)"})
     out_dir: str = field(default="runs/default/scores", metadata={"help": "output directory"})
 
     def __post_init__(self):
@@ -67,18 +73,43 @@ def pad_batch(encoded: list[Encoded], pad_id: int) -> tuple[torch.Tensor, torch.
     return ids, attention, response
 
 
+def flat_batch(encoded: list[Encoded]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Padding-free ``(input_ids, position_ids, response_mask)``, each ``(1, sum of lengths)``."""
+    return (flatten([e.input_ids for e in encoded]), restart_positions([len(e) for e in encoded]),
+            flatten([e.response_mask for e in encoded]))
+
+
+def use_padding_free(model, wanted: bool) -> bool:
+    """``wanted``, unless the model's attention lets packed sequences see each other (then a warning, and padding)."""
+    if wanted and not packing_isolates(model):
+        logger.warning("padding_free: %s attention does not keep packed sequences apart; scoring padded batches",
+                       getattr(model.config, "_attn_implementation", "this model's"))
+        return False
+    return wanted
+
+
 @torch.no_grad()
 def score_encoded(model, encoded: list[Encoded], pad_id: int, batch_tokens: int = 8192,
-                  description: str = "scoring") -> list[np.ndarray]:
-    """Per-token NLL (float32, NaN where not a response token) for each encoded example."""
+                  description: str = "scoring", padding_free: bool = False) -> list[np.ndarray]:
+    """Per-token NLL (float32, NaN where not a response token) for each encoded example.
+
+    Length-bucketed batches, right-padded, or with ``padding_free`` laid end to end in one row (no padding computed;
+    :mod:`forgetless.core.packing`) when the model's attention keeps them apart. Both give the same NLLs.
+    """
     device = next(model.parameters()).device
+    padding_free = use_padding_free(model, padding_free)
     results: list[np.ndarray | None] = [None] * len(encoded)
     batches = length_buckets([len(e) for e in encoded], batch_tokens)
     for batch in progress(batches, description, total_items=len(encoded), count=len):
-        ids, attention, response = (t.to(device) for t in pad_batch([encoded[i] for i in batch], pad_id))
-        nll = token_nll(model, ids, attention, response).cpu().numpy()
+        chosen = [encoded[i] for i in batch]
+        if padding_free:
+            ids, positions, response = (t.to(device) for t in flat_batch(chosen))
+            nll = split_row(token_nll(model, ids, None, response, positions).cpu(), [len(e) for e in chosen])
+        else:
+            ids, attention, response = (t.to(device) for t in pad_batch(chosen, pad_id))
+            nll = token_nll(model, ids, attention, response).cpu()
         for row, i in enumerate(batch):
-            results[i] = nll[row, : len(encoded[i])]
+            results[i] = nll[row][: len(encoded[i])].numpy()
     return results  # type: ignore[return-value]
 
 
@@ -119,12 +150,14 @@ def run_score(config: ScoreConfig) -> Path:
     if artifacts.is_fresh(out, key, SCORES_FILE):
         logger.info("reusing scores in %s (inputs unchanged)", out)
         return out
-    model, tokenizer = load_model_and_tokenizer(config.model, config.revision, config.dtype, config.device)
+    model, tokenizer = load_model_and_tokenizer(config.model, config.revision, config.dtype, config.device,
+                                                config.attn_implementation)
     kept, counts = encode_examples(tokenizer, examples, config.max_length, config.overlong)
     if not kept:
         raise ValueError(f"no example of {config.data} has a response token within max_length={config.max_length}")
     encoded = [enc for _, enc in kept]
-    nlls = score_in_parts(model, encoded, tokenizer.pad_token_id, config.batch_tokens, out / "parts", key, config.part_size)
+    nlls = score_in_parts(model, encoded, tokenizer.pad_token_id, config.batch_tokens, out / "parts", key,
+                          config.part_size, config.padding_free)
     n_inf = int(sum(np.sum(np.isinf(n)) for n in nlls))
     n_nan = int(sum(np.sum(np.isnan(n[1:][np.asarray(e.response_mask[1:], bool)])) for n, e in zip(nlls, encoded)))
     if n_inf or n_nan:
@@ -145,7 +178,8 @@ def run_score(config: ScoreConfig) -> Path:
     return out
 
 
-def score_in_parts(model, encoded: list[Encoded], pad_id: int, batch_tokens: int, parts_dir: Path, key: dict, part_size: int) -> list[np.ndarray]:
+def score_in_parts(model, encoded: list[Encoded], pad_id: int, batch_tokens: int, parts_dir: Path, key: dict,
+                   part_size: int, padding_free: bool = False) -> list[np.ndarray]:
     """Score in parts of ``part_size`` examples, each saved as it finishes, so a crash loses one part at most.
 
     Parts made under another key (model, data, ...) are discarded; matching ones are reused.
@@ -166,7 +200,8 @@ def score_in_parts(model, encoded: list[Encoded], pad_id: int, batch_tokens: int
             with np.load(path) as saved:
                 nlls.extend(saved[f"a{i}"] for i in range(len(saved.files)))
             continue
-        scored = score_encoded(model, encoded[start : start + part_size], pad_id, batch_tokens)
+        scored = score_encoded(model, encoded[start : start + part_size], pad_id, batch_tokens,
+                               padding_free=padding_free)
         artifacts.write_npz(path, {f"a{i}": a for i, a in enumerate(scored)})
         nlls.extend(scored)
     return nlls
