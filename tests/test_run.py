@@ -95,6 +95,13 @@ def test_run_config_errors_name_the_section(tiny_run_config, capsys):
     assert "did you mean 'learning_rate'" in capsys.readouterr().err
 
 
+def test_run_refuses_two_trainings_pushing_to_one_hub_repo(tiny_run_config, capsys):
+    config, out = tiny_run_config
+    assert main(["run", str(config), "train.push_to_hub=true", "train.hub_model_id=me/one"]) == 2
+    assert "overwrite each other on the hub (me/one)" in capsys.readouterr().err
+    assert not out.exists()  # refused before any stage ran
+
+
 def test_report_of_a_run_dir_is_the_runs_report(tiny_run_config, tmp_path):
     config, out = tiny_run_config
     assert main(["run", str(config)]) == 0

@@ -50,6 +50,15 @@ def test_scores_file_columns_and_alignment(tiny_model_dir, data_file, tmp_path):
     assert {"model", "template", "data", "max_length"} <= set(manifest["key"]) and "torch" in manifest["versions"]
 
 
+def test_padding_free_scoring_stage_equals_padded(tiny_model_dir, data_file, tmp_path):
+    """``padding_free`` and ``attn_implementation`` reach the scoring: the same NLLs as padded sdpa batches."""
+    padded = pq.read_table(score(tiny_model_dir, data_file, tmp_path / "padded") / "scores.parquet")
+    flat = pq.read_table(score(tiny_model_dir, data_file, tmp_path / "flat", padding_free=True,
+                               attn_implementation="eager") / "scores.parquet")
+    a, b = flat_nll(padded), flat_nll(flat)
+    assert (np.isnan(a) == np.isnan(b)).all() and np.nanmax(np.abs(a - b)) < 1e-5
+
+
 def test_rerun_reuses_and_changes_invalidate(tiny_model_copy, data_file, tmp_path, caplog):
     out = score(tiny_model_copy, data_file, tmp_path / "scores")
     mtime = (out / "scores.parquet").stat().st_mtime_ns

@@ -89,3 +89,45 @@ def test_plain_hf_trainer_with_collator(tmp_path, tokenizer):
                       data_collator=lambda ex: {k: v for k, v in collate(ex).items() if k != "loss_weight"})
     trainer.train()
     assert first_loss(trainer) == pytest.approx(expected_loss(tokenizer, rows), rel=1e-4)
+
+
+def test_mixin_with_trl_padding_free(tmp_path, tokenizer):
+    """TRL's padding_free batches (one row, position_ids restarting, no attention_mask) give the padded loss."""
+    from datasets import Dataset
+    from trl import SFTTrainer
+
+    class ForgetlessSFTTrainer(MaskedLossMixin, SFTTrainer):
+        pass
+
+    rows = stm_like_rows(tokenizer)
+    dataset = Dataset.from_list([{"input_ids": r["input_ids"], "labels": r["labels"]} for r in rows])
+    seen = []
+    trainer = ForgetlessSFTTrainer(model=model_for(tokenizer), processing_class=tokenizer, train_dataset=dataset,
+                                   args=sft_config(tmp_path, padding_free=True, max_length=None))
+    collate = trainer.data_collator
+    trainer.data_collator = lambda ex: seen.append(collate(ex)) or seen[-1]
+    trainer.train()
+    assert seen[0]["input_ids"].shape[0] == 1 and "attention_mask" not in seen[0]  # it was padding-free
+    assert first_loss(trainer) == pytest.approx(expected_loss(tokenizer, rows), rel=1e-4)
+
+
+def test_mixin_with_flat_collator_keeps_soft_weights(tmp_path, tokenizer):
+    from datasets import Dataset
+    from trl import SFTTrainer
+
+    from forgetless.train.collate import FlatBatchCollator
+
+    class ForgetlessSFTTrainer(MaskedLossMixin, SFTTrainer):
+        pass
+
+    rows = stm_like_rows(tokenizer)
+    for r in rows:
+        r["loss_weight"] = [0.25 if w else 0.0 for w in r["loss_weight"]]
+    dataset = Dataset.from_list([{k: r[k] for k in ("input_ids", "labels", "loss_weight")} for r in rows])
+    trainer = ForgetlessSFTTrainer(
+        model=model_for(tokenizer), train_dataset=dataset, processing_class=tokenizer,
+        args=sft_config(tmp_path, remove_unused_columns=False, dataset_kwargs={"skip_prepare_dataset": True}),
+        data_collator=FlatBatchCollator(),
+    )
+    trainer.train()
+    assert first_loss(trainer) == pytest.approx(0.25 * expected_loss(tokenizer, rows), rel=1e-4)

@@ -171,7 +171,8 @@ def test_score_stage_on_vllm_equals_hf(gpu_here, tiny_model_dir, tmp_path, monke
     assert vllm.column("input_ids").to_pylist() == hf.column("input_ids").to_pylist()
     for a, b in zip(vllm.column("nll").to_pylist(), hf.column("nll").to_pylist()):
         np.testing.assert_allclose(np.asarray(a, float), np.asarray(b, float), atol=1e-5)  # NaN where NaN
-    assert len(gpu_here.made[0].calls) == 3  # parts of 2, 2 and 1 examples
+    calls = gpu_here.made[0].calls  # one request per length bucket of the HF path, each example scored once
+    assert len(calls) > 1 and sum(len(c["prompts"]) for c in calls) == 5
     assert json.loads((out / "manifest.json").read_text())["key"]["backend"] == "vllm"
 
 

@@ -207,11 +207,16 @@ def check_settings(config: RunConfig) -> None:
     """Build every stage's config before any work starts, so a typo fails in seconds, not hours."""
     make(ScoreConfig, score_settings(config, config.data, "-"), "score")
     check_score_model(config)
+    pushed = []
     for label, method, lr in train_runs(config):
         method.mask_config(Path("-"), Path("-"))
-        train_config(config, label, method, lr, "-")
+        pushed.append(train_config(config, label, method, lr, "-").hub_model_id)
         if generates(method):
             generate_config(config, method, Path("-"))
+    repeated = sorted({h for h in pushed if h and pushed.count(h) > 1})
+    if repeated:
+        raise ConfigError(f"train runs would overwrite each other on the hub ({', '.join(repeated)}): give each "
+                          f"method its own hub_model_id (methods: - train: {{hub_model_id: ...}})")
     measure_stages(config, "base", config.model, None)
 
 

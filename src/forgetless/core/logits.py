@@ -59,14 +59,22 @@ def rows_nll(head, hidden: torch.Tensor, targets: torch.Tensor, softcap: float |
     return torch.cat(out) if out else hidden.new_zeros(0, dtype=torch.float32)
 
 
-def token_nll(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, score_mask: torch.Tensor) -> torch.Tensor:
+def token_nll(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, score_mask: torch.Tensor,
+              position_ids: torch.Tensor | None = None) -> torch.Tensor:
     """NLL of each token where ``score_mask`` is set, NaN elsewhere: ``(B, T) -> (B, T)`` fp32.
 
-    Position 0 is never scored. Differentiable when called with grad enabled.
+    Position 0 is never scored. Padding-free rows (:mod:`forgetless.core.packing`) pass ``attention_mask=None`` and
+    ``position_ids`` restarting at 0: a token at position 0 starts a sequence and is not scored either (the row
+    before it belongs to the previous sequence). Differentiable when called with grad enabled.
     """
     decoder, head, softcap = split_causal_lm(model)
-    hidden = decoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # (B, T, H)
-    predict = score_mask[:, 1:].bool() & attention_mask[:, 1:].bool()  # token i predicted from i-1
+    hidden = decoder(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                     use_cache=False).last_hidden_state  # (B, T, H)
+    predict = score_mask[:, 1:].bool()  # token i predicted from row i-1
+    if attention_mask is not None:
+        predict = predict & attention_mask[:, 1:].bool()
+    if position_ids is not None:
+        predict = predict & (position_ids[:, 1:] > 0)
     rows = hidden[:, :-1][predict]  # (N, H)
     targets = input_ids[:, 1:][predict]  # (N,)
     nll = rows_nll(head, rows, targets, softcap)

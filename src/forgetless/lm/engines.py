@@ -20,8 +20,8 @@ from forgetless.lm.vllm_backend import resolve_backend
 class HfEngine:
     """Sampling and scoring with a Hugging Face model in memory."""
 
-    def __init__(self, model, tokenizer, batch_tokens: int = 8192):
-        self.model, self.tokenizer, self.batch_tokens = model, tokenizer, batch_tokens
+    def __init__(self, model, tokenizer, batch_tokens: int = 8192, padding_free: bool = False):
+        self.model, self.tokenizer, self.batch_tokens, self.padding_free = model, tokenizer, batch_tokens, padding_free
 
     def sample(self, prompts: list[list[int]], k: int, settings: DecodingSettings, seed: int) -> list[list[Sampled]]:
         torch.manual_seed(seed)  # the batch's samples do not depend on what ran before
@@ -30,7 +30,8 @@ class HfEngine:
     def score(self, encoded: list[Encoded]) -> list[np.ndarray]:
         from forgetless.score.stage import score_encoded
 
-        return score_encoded(self.model, encoded, self.tokenizer.pad_token_id, self.batch_tokens, shared=False)
+        return score_encoded(self.model, encoded, self.tokenizer.pad_token_id, self.batch_tokens, shared=False,
+                            padding_free=self.padding_free)
 
     def close(self) -> None:
         """Nothing to free: the model goes when the engine does."""
@@ -50,8 +51,9 @@ def open_engine(config):
         return VllmEngine.from_config(config)
     from forgetless.lm.modeling import load_adapter, load_model_and_tokenizer
 
-    model, tokenizer = load_model_and_tokenizer(config.model, config.revision, config.dtype, config.device)
+    model, tokenizer = load_model_and_tokenizer(config.model, config.revision, config.dtype, config.device,
+                                                attn_implementation=getattr(config, "attn_implementation", None))
     adapter = getattr(config, "adapter", None)
     if adapter:  # score a tuned model (DPF's second scoring): base + adapter
         model = load_adapter(model, adapter, config.model)
-    return HfEngine(model, tokenizer, config.batch_tokens)
+    return HfEngine(model, tokenizer, config.batch_tokens, getattr(config, "padding_free", False))

@@ -137,12 +137,13 @@ def load_tokenizer(name: str, revision: str | None = None):
 
 
 def load_model(name: str, revision: str | None = None, dtype: str = "auto", device: str | None = None,
-               place: bool = True):
+               place: bool = True, attn_implementation: str | None = None):
     """Model in eval mode on ``device`` (default: CUDA when present, else CPU; under a launcher, this process's GPU).
 
     ``place=False`` picks the dtype for ``device`` but leaves the weights where loading put them: on the CPU, or
     partitioned by DeepSpeed ZeRO-3 (``zero.Init`` runs inside ``from_pretrained`` when the training arguments
-    have enabled it), for an engine such as FSDP or DeepSpeed to place and shard.
+    have enabled it), for an engine such as FSDP or DeepSpeed to place and shard. ``attn_implementation`` goes to
+    ``from_pretrained`` as it is (``sdpa``, ``eager``, ``flash_attention_2``, ...; None: transformers' default).
     """
     from transformers import AutoModelForCausalLM
 
@@ -150,15 +151,23 @@ def load_model(name: str, revision: str | None = None, dtype: str = "auto", devi
 
     device = launch_device(device)
     path = resolve_model_path(name)
+    extra = {"attn_implementation": attn_implementation} if attn_implementation else {}
     try:
-        model = AutoModelForCausalLM.from_pretrained(path, revision=revision, dtype=pick_dtype(dtype, device))
-    except (OSError, ValueError) as e:
+        model = AutoModelForCausalLM.from_pretrained(path, revision=revision, dtype=pick_dtype(dtype, device), **extra)
+    except (OSError, ValueError, ImportError) as e:
+        if attn_implementation and (isinstance(e, ImportError) or "attn_implementation" in str(e)):
+            reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            raise ModelLoadError(f"attn_implementation={attn_implementation!r} cannot be used: {reason}") from None
+        if isinstance(e, ImportError):
+            raise
         raise ModelLoadError(_load_hint(name, e)) from None
     return (model.to(device) if place else model).eval()
 
 
-def load_model_and_tokenizer(name: str = EMBEDDED, revision: str | None = None, dtype: str = "auto", device: str | None = None):
-    return load_model(name, revision, dtype, device), load_tokenizer(name, revision)
+def load_model_and_tokenizer(name: str = EMBEDDED, revision: str | None = None, dtype: str = "auto",
+                             device: str | None = None, attn_implementation: str | None = None):
+    model = load_model(name, revision, dtype, device, attn_implementation=attn_implementation)
+    return model, load_tokenizer(name, revision)
 
 
 def _load_hint(name: str, error: Exception) -> str:

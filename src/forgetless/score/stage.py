@@ -21,6 +21,7 @@ import torch
 from forgetless.lm import artifacts, distributed
 from forgetless.lm.data import Example, fingerprint_examples, load_examples
 from forgetless.core.logits import token_nll
+from forgetless.core.packing import flatten, packing_isolates, restart_positions, split_row
 from forgetless.lm.modeling import EMBEDDED, load_tokenizer, model_fingerprint
 from forgetless.lm.engines import open_engine
 from forgetless.lm.batching import length_buckets, right_pad
@@ -53,6 +54,11 @@ class ScoreConfig:
     tensor_parallel_size: int = field(default=1, metadata={"help": "vLLM: GPUs one model is split across"})
     gpu_memory_utilization: float = field(default=0.9, metadata={"help": "vLLM: share of GPU memory it may take (weights + KV cache)"})
     max_model_len: int | None = field(default=None, metadata={"help": "vLLM: longest sequence in tokens, > max_length (null: the model's own)"})
+    attn_implementation: str | None = field(default=None, metadata={
+        "help": "transformers attention: sdpa, eager, flash_attention_2, ... (default: transformers' choice)"})
+    padding_free: bool = field(default=False, metadata={
+        "help": "score each batch as one row without padding (position_ids restart per example), when the model's "
+                "attention keeps the examples apart (checked; else padded batches, with a warning)"})
     out_dir: str = field(default="runs/default/scores", metadata={"help": "output directory"})
 
     def __post_init__(self):
@@ -78,28 +84,51 @@ def pad_batch(encoded: list[Encoded], pad_id: int) -> tuple[torch.Tensor, torch.
     return ids, attention, response
 
 
+def flat_batch(encoded: list[Encoded]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Padding-free ``(input_ids, position_ids, response_mask)``, each ``(1, sum of lengths)``."""
+    return (flatten([e.input_ids for e in encoded]), restart_positions([len(e) for e in encoded]),
+            flatten([e.response_mask for e in encoded]))
+
+
+def use_padding_free(model, wanted: bool) -> bool:
+    """``wanted``, unless the model's attention lets packed sequences see each other (then a warning, and padding)."""
+    if wanted and not packing_isolates(model):
+        logger.warning("padding_free: %s attention does not keep packed sequences apart; scoring padded batches",
+                       getattr(model.config, "_attn_implementation", "this model's"))
+        return False
+    return wanted
+
+
 @torch.no_grad()
-def score_batch(model, encoded: list[Encoded], batch: list[int], pad_id: int) -> dict[int, np.ndarray]:
-    """Per-token NLL (float32, NaN where not a response token) of the examples ``batch`` names, in one forward."""
+def score_batch(model, encoded: list[Encoded], batch: list[int], pad_id: int, padding_free: bool = False) -> dict[int, np.ndarray]:
+    """Per-token NLL (float32, NaN where not a response token) of the examples ``batch`` names, in one forward:
+    right-padded, or with ``padding_free`` laid end to end in one row (:mod:`forgetless.core.packing`)."""
     device = next(model.parameters()).device
-    ids, attention, response = (t.to(device) for t in pad_batch([encoded[i] for i in batch], pad_id))
-    nll = token_nll(model, ids, attention, response).cpu().numpy()
-    return {i: nll[row, : len(encoded[i])] for row, i in enumerate(batch)}
+    chosen = [encoded[i] for i in batch]
+    if padding_free:
+        ids, positions, response = (t.to(device) for t in flat_batch(chosen))
+        nll = split_row(token_nll(model, ids, None, response, positions).cpu(), [len(e) for e in chosen])
+    else:
+        ids, attention, response = (t.to(device) for t in pad_batch(chosen, pad_id))
+        nll = token_nll(model, ids, attention, response).cpu()
+    return {i: nll[row][: len(encoded[i])].numpy() for row, i in enumerate(batch)}
 
 
 def score_encoded(model, encoded: list[Encoded], pad_id: int, batch_tokens: int = 8192,
-                  description: str = "scoring", shared: bool = True) -> list[np.ndarray]:
-    """Per-token NLL (float32, NaN where not a response token) for each encoded example.
+                  description: str = "scoring", shared: bool = True, padding_free: bool = False) -> list[np.ndarray]:
+    """Per-token NLL (float32, NaN where not a response token) for each encoded example, in length-bucketed batches
+    (padded, or padding-free when asked and the model's attention keeps packed examples apart: same NLLs).
 
     ``shared``: under a multi-process launch the batches are shared among the processes, which must all call this
     with the same examples (:mod:`forgetless.lm.distributed`); False scores everything here (one process's own work).
     """
+    padding_free = use_padding_free(model, padding_free)
     lengths = [len(e) for e in encoded]
     batches = length_buckets(lengths, batch_tokens)
     mine = distributed.share(batches, lengths) if shared else batches
     results: dict[int, np.ndarray] = {}
     for batch in progress(mine, description, total_items=sum(map(len, mine)), count=len):
-        results.update(score_batch(model, encoded, batch, pad_id))
+        results.update(score_batch(model, encoded, batch, pad_id, padding_free))
     return distributed.gather(results, len(encoded)) if shared else [results[i] for i in range(len(encoded))]
 
 

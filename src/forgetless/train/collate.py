@@ -1,4 +1,5 @@
-"""Training tables (one row per example, masks already applied) and the collator that pads them.
+"""Training tables (one row per example, masks already applied) and the collators that batch them (padded, or
+padding-free).
 
 A training table has the columns ``id`` (str), ``input_ids`` (list<int>), ``response_mask`` (list<int>, 1 =
 response token), ``labels`` (list<int>: the token id where it is trained, -100 elsewhere), ``loss_weight``
@@ -16,6 +17,7 @@ from typing import Iterable
 
 import torch
 
+from forgetless.core.packing import flatten, restart_positions
 from forgetless.lm.templates import encode_conversation
 
 IGNORE = -100
@@ -128,3 +130,25 @@ class MaskedBatchCollator:
         batch["labels"][:, 0] = IGNORE
         batch["loss_weight"][:, 0] = 0.0
         return batch
+
+
+class FlatBatchCollator:
+    """Padding-free batches: the examples laid end to end in one row (:mod:`forgetless.core.packing`).
+
+    Returns ``input_ids``, ``position_ids`` (restarting at 0 per example), ``labels`` and ``loss_weight``, each
+    ``(1, N)`` with ``N`` the examples' total length, and no ``attention_mask``. The first token of every example
+    gets label -100 and weight 0.0: row ``i - 1`` predicts token ``i``, and the row before an example's first token
+    is the previous example's last. The trained tokens, their weights and so the loss and its normalisation are
+    those of :class:`MaskedBatchCollator`'s padded batch of the same examples.
+    """
+
+    def __call__(self, examples: list[dict]) -> dict[str, torch.Tensor]:
+        labels, weights = [], []
+        for e in examples:
+            y = [IGNORE, *list(e.get("labels", e["input_ids"]))[1:]]
+            w = list(e["loss_weight"])[1:] if e.get("loss_weight") is not None else [float(t != IGNORE) for t in y[1:]]
+            labels.append(y)
+            weights.append([0.0, *w])
+        return {"input_ids": flatten([e["input_ids"] for e in examples]),
+                "position_ids": restart_positions([len(e["input_ids"]) for e in examples]),
+                "labels": flatten(labels), "loss_weight": flatten(weights, torch.float32)}

@@ -42,9 +42,14 @@ IGNORE = -100
 logger = logging.getLogger(__name__)
 
 
-def trained_rows(labels: torch.Tensor) -> torch.Tensor:
-    """Which hidden rows predict a trained token: ``(B, T) -> (B, T-1)`` bool; row ``i-1`` predicts label ``i``."""
-    return labels[:, 1:] != IGNORE
+def trained_rows(labels: torch.Tensor, position_ids: torch.Tensor | None = None) -> torch.Tensor:
+    """Which hidden rows predict a trained token: ``(B, T) -> (B, T-1)`` bool; row ``i-1`` predicts label ``i``.
+
+    In a padding-free row (``position_ids`` restarting at 0 per example) an example's first token is never trained:
+    the row before it is the previous example's (the collators already give it label -100).
+    """
+    predict = labels[:, 1:] != IGNORE
+    return predict & (position_ids[:, 1:] > 0) if position_ids is not None else predict
 
 
 def masked_loss(nll: torch.Tensor, weight: torch.Tensor, num_items: torch.Tensor | int | float) -> torch.Tensor:
@@ -104,18 +109,18 @@ def capture_hidden(decoder):
         handle.remove()
 
 
-def base_hidden(model, reference, input_ids, attention_mask) -> torch.Tensor:
+def base_hidden(model, reference, **model_inputs) -> torch.Tensor:
     """Decoder output of the base model: ``reference`` if given, else ``model`` with its adapter disabled."""
     with torch.no_grad():
         if reference is not None:
             decoder = split_causal_lm(reference)[0]
-            return decoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+            return decoder(**model_inputs, use_cache=False).last_hidden_state
         inner = unwrap(model)
         if not hasattr(inner, "disable_adapter"):
             raise ValueError("KL to the base needs a PEFT model (adapter disabled = base) or a reference model")
         with inner.disable_adapter():
             decoder = split_causal_lm(inner)[0]
-            return decoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+            return decoder(**model_inputs, use_cache=False).last_hidden_state
 
 
 def base_head(model, reference):
@@ -150,39 +155,41 @@ def head_is_local(head) -> bool:
 _FALLBACK_LOGGED: set[str] = set()
 
 
-def _plain_head_rows(model, reference, input_ids, attention_mask, predict, kl_coef):
+def _plain_head_rows(model, reference, model_inputs, predict, kl_coef):
     """Fallback: the model's own forward with full logits ``(B, T, V)``; logits of trained rows (and the base's)."""
-    logits = model.forward(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+    logits = model.forward(**model_inputs, use_cache=False).logits
     rows = logits[:, :-1][predict].float()  # (N, V)
     base = None
     if kl_coef > 0:
         with torch.no_grad():
             if reference is not None:
-                base = reference(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+                base = reference(**model_inputs, use_cache=False).logits
             else:
                 with model.disable_adapter():
-                    base = model.forward(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+                    base = model.forward(**model_inputs, use_cache=False).logits
             base = base[:, :-1][predict].float()
     return rows, base, logits
 
 
-def _loss_in_forward(model, inputs, num_items, kl_coef, reference, input_ids, attention_mask):
-    """:func:`compute_masked_loss` as it runs inside the (wrapped) model's forward; returns tensors only."""
+def _loss_in_forward(model, inputs, num_items, kl_coef, reference, **model_inputs):
+    """:func:`compute_masked_loss` as it runs inside the (wrapped) model's forward; returns tensors only.
+
+    ``model_inputs``: ``input_ids`` and ``attention_mask`` (padded) or ``position_ids`` (padding-free), or both."""
     labels = inputs["labels"]
     weight = inputs.get("loss_weight")
     decoder, head, softcap = split_causal_lm(model)
-    predict = trained_rows(labels)  # (B, T-1)
+    predict = trained_rows(labels, model_inputs.get("position_ids"))  # (B, T-1)
     targets = labels[:, 1:][predict]  # (N,)
     w = weight[:, 1:][predict] if weight is not None else torch.ones_like(targets, dtype=torch.float32)
     if head_is_local(head):
         with capture_hidden(decoder) as box:
             # `.forward`, not `model(...)`: we are inside its call already, and running the wrapper's hooks (FSDP's
             # root unshard / reshard) a second time would reshard the head before we use it.
-            model.forward(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=1, use_cache=False)
+            model.forward(**model_inputs, logits_to_keep=1, use_cache=False)
         hidden = box["hidden"]  # (B, T, H)
         base_rows = None
         if kl_coef > 0:
-            base_rows = base_hidden(model, reference, input_ids, attention_mask)[:, :-1][predict]
+            base_rows = base_hidden(model, reference, **model_inputs)[:, :-1][predict]
         nll, kl = rows_nll_and_kl(head, hidden[:, :-1][predict], targets, softcap, base_rows,
                                   base_head(model, reference) if kl_coef > 0 else None)
     else:
@@ -191,7 +198,7 @@ def _loss_in_forward(model, inputs, num_items, kl_coef, reference, input_ids, at
             _FALLBACK_LOGGED.add(reason)
             logger.warning("masked loss: %s; computing full logits (batch x seq x vocab) instead of trained rows only",
                            reason)
-        rows, base, hidden = _plain_head_rows(model, reference, input_ids, attention_mask, predict, kl_coef)
+        rows, base, hidden = _plain_head_rows(model, reference, model_inputs, predict, kl_coef)
         nll = torch.logsumexp(rows, dim=-1) - rows.gather(1, targets[:, None]).squeeze(1)
         kl = rows_kl(rows, base) if base is not None else rows.new_zeros(0)
     count = predict.sum()
@@ -211,11 +218,14 @@ def compute_masked_loss(model, inputs: dict, num_items=None, kl_coef: float = 0.
     head runs only on rows that predict a trained token. All of it runs inside the forward of whatever wraps the
     model (DDP, FSDP, DeepSpeed: :func:`forgetless.train.parallel.call_inside_forward`), so sharded weights are
     gathered and their gradients reduced; where the head cannot run on picked rows (a tensor-parallel shard) the
-    model's plain head (full logits) is used, with a warning. Returns ``(loss, stats)`` with ``stats`` = detached
+    model's plain head (full logits) is used, with a warning. A padding-free batch (``position_ids`` restarting at 0
+    per example, no ``attention_mask``: :class:`forgetless.train.collate.FlatBatchCollator`, TRL's ``padding_free``)
+    gives the loss of the padded batch of the same examples when the attention keeps them apart
+    (:func:`forgetless.core.packing.packing_isolates`). Returns ``(loss, stats)`` with ``stats`` = detached
     ``nll_sum``, ``kl_sum`` (None without KL), ``trained_tokens``.
     """
-    out = call_inside_forward(model, _loss_in_forward, inputs, num_items, kl_coef, reference,
-                              input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"])
+    model_inputs = {k: inputs[k] for k in ("input_ids", "attention_mask", "position_ids") if inputs.get(k) is not None}
+    out = call_inside_forward(model, _loss_in_forward, inputs, num_items, kl_coef, reference, **model_inputs)
     stats = {"nll_sum": out["nll_sum"], "kl_sum": out["kl_sum"] if kl_coef > 0 else None,
              "trained_tokens": out["trained_tokens"]}
     return out["loss"], stats

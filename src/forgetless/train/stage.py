@@ -29,11 +29,12 @@ from pathlib import Path
 import torch
 
 from forgetless import __version__
-from forgetless.train.collate import MaskedBatchCollator, TableError, read_table, table_counts
+from forgetless.train.collate import FlatBatchCollator, MaskedBatchCollator, TableError, read_table, table_counts
 from forgetless.lm.artifacts import write_json
 from forgetless.train.loss import MaskedLossMixin, NonFiniteLossError
 from forgetless.train.outputs import print_diagnostics, save_outputs, saved_diagnostics, weight_diagnostics
 from forgetless.train.parallel import barrier, initialized, launch_device, refuse_data_parallel, sharding_engine
+from forgetless.train.passthrough import LIGER_KERNELS, check_options, check_padding_free, push_final, trackers
 from forgetless.train.select import best_epoch_callback, check_selection, load_best_epoch, selection_measure
 from forgetless.lm.modeling import file_sha256
 
@@ -82,6 +83,18 @@ class TrainConfig:
     select_on: str = field(default="gen:mbpp-validation", metadata={"help": "best-epoch: an eval task (mbpp: pass@1) or a behaviour record gen:<source>[:<metric>] (gen:mbpp-validation: asserts passed)"})
     select_limit: int | None = field(default=None, metadata={"help": "best-epoch: first N items of select_on (none: all)"})
     logging_steps: int = field(default=1, metadata={"help": "optimizer steps per loss.jsonl line"})
+    attn_implementation: str | None = field(default=None, metadata={
+        "help": "transformers attention: sdpa, eager, flash_attention_2, ... (default: transformers' choice)"})
+    padding_free: bool = field(default=False, metadata={
+        "help": "each micro-batch as one row without padding, position_ids restarting per example (needs attention "
+                "that keeps them apart: checked)"})
+    torch_compile: bool = field(default=False, metadata={"help": "TrainingArguments.torch_compile"})
+    use_liger_kernel: bool = field(default=False, metadata={
+        "help": "Liger's Triton kernels (CUDA, package liger_kernel); the masked loss stays forgetless's"})
+    report_to: tuple[str, ...] = field(default=("none",), metadata={
+        "help": "trackers of the Trainer's logs: none, wandb, tensorboard, ... (TensorBoard: checkpoints/runs/)"})
+    push_to_hub: bool = field(default=False, metadata={"help": "upload the final adapter / model with the Trainer"})
+    hub_model_id: str | None = field(default=None, metadata={"help": "hub repository for push_to_hub: user/name"})
     diagnostics_top_k: int = field(default=8, metadata={"help": "singular values kept per module"})
 
     def __post_init__(self):
@@ -105,6 +118,10 @@ class TrainConfig:
         if self.merge and self.adapter == "full":
             raise ValueError("merge applies to adapters; full fine-tuning already writes the whole model")
         check_selection(self)
+        if self.push_to_hub != bool(self.hub_model_id):
+            raise ValueError("push_to_hub and hub_model_id go together: set both (hub_model_id=user/name) or neither")
+        if "none" in self.report_to and len(self.report_to) > 1:
+            raise ValueError(f"report_to 'none' cannot be combined with trackers, got {list(self.report_to)}")
 
 
 def _trainer_class():
@@ -194,7 +211,11 @@ def training_arguments(config: TrainConfig, out: Path, device: str, dtype: torch
         num_train_epochs=config.epochs, max_steps=config.max_steps, weight_decay=config.weight_decay,
         optim=config.optim, max_grad_norm=config.max_grad_norm, seed=config.seed, data_seed=config.seed,
         save_strategy="steps" if config.save_steps else "no", save_steps=config.save_steps or 500,
-        save_total_limit=config.save_total_limit, logging_steps=config.logging_steps, report_to=[],
+        save_total_limit=config.save_total_limit, logging_steps=config.logging_steps,
+        report_to=trackers(config.report_to), run_name=out.name, torch_compile=config.torch_compile,
+        use_liger_kernel=config.use_liger_kernel,
+        liger_kernel_config=dict(LIGER_KERNELS) if config.use_liger_kernel else None,
+        hub_model_id=config.hub_model_id,  # push_to_hub stays False: push_final uploads once, at the end
         remove_unused_columns=False, label_names=["labels"], use_cpu=device == "cpu",
         bf16=dtype == torch.bfloat16, activation_checkpointing=config.gradient_checkpointing,
         deepspeed=config.deepspeed, dataloader_num_workers=0,
@@ -299,6 +320,7 @@ def run_train(config: TrainConfig, callbacks: list | None = None, select_measure
     # before the model is loaded, so every process loads onto its own device and ZeRO-3 partitions while loading.
     args = training_arguments(config, out, device, dtype)
     refuse_data_parallel(args)
+    check_options(config, device)
     engine = sharding_engine(args)
     main = args.process_index == 0
     if main:
@@ -307,9 +329,11 @@ def run_train(config: TrainConfig, callbacks: list | None = None, select_measure
     set_seed(config.seed)
     rows, counts = read_training_table(config.data)
     # Sharding engines place (and shard) the weights themselves; otherwise each process loads onto its device.
-    model = load_model(config.model, config.revision, config.dtype, str(args.device), place=engine is None)
+    model = load_model(config.model, config.revision, config.dtype, str(args.device), place=engine is None,
+                       attn_implementation=config.attn_implementation)
     tokenizer = load_tokenizer(config.model, config.revision)
     model.config.use_cache = False
+    check_padding_free(config, model, sharded=engine is not None)
     # Full fine-tuning keeps W0 for the diagnostics (first process; sharded weights are diagnosed from the saved
     # files instead) and, for the KL method, a frozen reference model.
     base_state = ({k: v.detach().cpu().clone() for k, v in model.state_dict().items() if v.dim() == 2}
@@ -325,7 +349,8 @@ def run_train(config: TrainConfig, callbacks: list | None = None, select_measure
         callbacks = [*(callbacks or []), best_epoch_callback(out, measure, config.select_on, fresh=not config.resume)]
     trainer = _trainer_class()(
         model=model, args=args, train_dataset=rows,
-        data_collator=MaskedBatchCollator(tokenizer.pad_token_id), kl_coef=config.kl_coef, reference=reference,
+        data_collator=FlatBatchCollator() if config.padding_free else MaskedBatchCollator(tokenizer.pad_token_id),
+        kl_coef=config.kl_coef, reference=reference,
         callbacks=[_loss_log_callback(out / "loss.jsonl", ref), *(callbacks or [])], record_stats=True,
     )
     ref["trainer"] = trainer
@@ -357,7 +382,10 @@ def run_train(config: TrainConfig, callbacks: list | None = None, select_measure
         write_json(out / "train_summary.json", summary)
         write_json(out / "manifest.json", manifest(config, tokenizer))
         print_diagnostics(diag, summary)
-    end_processes(trainer, keep_group)
+    try:
+        push_final(trainer, tokenizer, config, out)  # the run is complete on disk first
+    finally:
+        end_processes(trainer, keep_group)
     return out
 
 
