@@ -121,9 +121,9 @@ def run_score_counting(root: Path, out: Path, kill_after: int | None = None) -> 
     assert distributed.world_size() == 2 == int(os.environ["WORLD_SIZE"]), "not a 2-process launch"
     real_batch, real_write, scored, parts = scoring.score_batch, scoring.artifacts.write_npz, [], []
 
-    def counting(model, encoded, batch, pad_id):
+    def counting(model, encoded, batch, *args, **kwargs):
         scored.extend(batch)
-        return real_batch(model, encoded, batch, pad_id)
+        return real_batch(model, encoded, batch, *args, **kwargs)
 
     def saving(path, arrays):
         real_write(path, arrays)
