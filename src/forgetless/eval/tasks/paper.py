@@ -176,14 +176,14 @@ def load_mbpp_test(source: str = MBPP_TEST_SOURCE) -> list[Item]:
 def mbpp_test_task(limits: SandboxLimits | None = None, workers: int | None = None, source: str = MBPP_TEST_SOURCE) -> Task:
     limits = limits or SandboxLimits(timeout_s=10.0)  # the authors' 10 s per program
 
-    def score_batch(outputs: list[str], items: list[Item]) -> list[Scored]:
-        codes = [mbpp_paper_code(o) for o in outputs]
+    def grade(codes: list[str], items: list[Item]) -> list[Scored]:
         results = run_programs([mbpp_paper_program(c, it.record) for c, it in zip(codes, items)], limits, workers)
         return [Scored(c, float(r.passed), r.status) for c, r in zip(codes, results)]
 
     return Task(name="mbpp-test", metric="pass@1", load=lambda: load_mbpp_test(source),
-                extract=lambda o, it: mbpp_paper_code(o), score=lambda code, it: score_batch([code], [it])[0].score,
-                score_batch=score_batch, max_new_tokens=1024, chance=None,
+                extract=lambda o, it: mbpp_paper_code(o), score=lambda code, it: grade([code], [it])[0].score,
+                score_batch=lambda outputs, items: grade([mbpp_paper_code(o) for o in outputs], items),
+                max_new_tokens=1024, chance=None,
                 definition={"source": source, "timeout_s": limits.timeout_s, "memory_mb": limits.memory_mb})
 
 
