@@ -195,8 +195,9 @@ class VllmEngine:
 
     def decode_ids(self, prompts: list[list[int]], settings: DecodingSettings) -> list[tuple[list[int], bool]]:
         """One answer per prompt (token ids), in input order: ``(new ids, finished)``; all prompts in one call."""
-        seed = None if settings.greedy else settings.seed
-        return [self._cut(out.outputs[0]) for out in self._run(prompts, self._params(settings, seed=seed))]
+        params = self._params(settings) if settings.greedy else \
+            [self._params(settings, seed=request_seed(settings.seed, p)) for p in range(len(prompts))]
+        return [self._cut(out.outputs[0]) for out in self._run(prompts, params)]
 
     def generate(self, prompts: list[list[dict[str, str]]], settings: DecodingSettings) -> list[str]:
         """One completion per chat prompt, decoded as :func:`forgetless.lm.decode.generate` decodes (eval's GenerateFn)."""
