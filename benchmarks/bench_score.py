@@ -32,7 +32,7 @@ def setup(n_examples: int):
 
 
 def run_forgetless(model, tok, encoded, batch_tokens):
-    from forgetless.score.stage import score_encoded
+    from forgetless.lm.scoring import score_encoded
 
     return score_encoded(model, encoded, tok.pad_token_id, batch_tokens)
 

@@ -19,7 +19,7 @@ import time
 import torch
 
 from forgetless.lm.modeling import load_model_and_tokenizer
-from forgetless.score.stage import score_encoded
+from forgetless.lm.scoring import score_encoded
 from forgetless.lm.templates import Encoded
 
 

@@ -106,7 +106,7 @@ def empty_cache() -> None:
 def check_scoring(model_dir: str, tokenizer, encoded, args, peak: float | None) -> tuple[dict, dict]:
     """Steps 1 and 2; returns (results, the fp32 and bf16 scores for step 4)."""
     from forgetless.lm.modeling import load_model
-    from forgetless.score.stage import score_encoded
+    from forgetless.lm.scoring import score_encoded
 
     tokens = sum(len(e) for e in encoded)
     scores, results = {}, {"examples": len(encoded), "tokens": tokens}

@@ -113,13 +113,14 @@ def run_stages(root: Path, out: Path) -> None:
 
 def run_score_counting(root: Path, out: Path, kill_after: int | None = None) -> None:
     """Score; count the examples this process scores; with ``kill_after``, rank 1 dies after that many parts."""
+    import forgetless.lm.scoring as lm_scoring
     import forgetless.score.stage as scoring
     from forgetless.lm import distributed
 
     distributed.start()
     rank = distributed.rank()
     assert distributed.world_size() == 2 == int(os.environ["WORLD_SIZE"]), "not a 2-process launch"
-    real_batch, real_write, scored, parts = scoring.score_batch, scoring.artifacts.write_npz, [], []
+    real_batch, real_write, scored, parts = lm_scoring.score_batch, scoring.artifacts.write_npz, [], []
 
     def counting(model, encoded, batch, *args, **kwargs):
         scored.extend(batch)
@@ -131,7 +132,7 @@ def run_score_counting(root: Path, out: Path, kill_after: int | None = None) -> 
         if kill_after is not None and rank == 1 and len(parts) == kill_after:
             os.kill(os.getpid(), signal.SIGKILL)
 
-    scoring.score_batch, scoring.artifacts.write_npz = counting, saving
+    lm_scoring.score_batch, scoring.artifacts.write_npz = counting, saving
     run_score_out = scoring.run_score(score_config(root, out / "score"))
     Path(out / f"scored-{rank}.json").write_text(json.dumps({"scored": len(scored), "parts": len(parts),
                                                              "out": str(run_score_out)}))

@@ -27,7 +27,7 @@ CPU_FORCED = {"epochs": 1.0, "optim": "adamw_torch", "gradient_checkpointing": F
 
 def trained(name: str) -> dict[str, object]:
     config = load_config(RunConfig, resolve_config_path(name))
-    return {label: train_config(config, label, method, lr, "-") for label, method, lr in train_runs(config)}
+    return {p.label: train_config(config, p.label, p.method, p.lr, "-", p.seed) for p in train_runs(config)}
 
 
 def recipe_of(label: str) -> dict:

@@ -129,7 +129,7 @@ def test_token_nll_alignment_at_the_seam():
 
 
 def test_padding_free_scoring_equals_padded(tokenizer, leaky_attention, caplog):
-    from forgetless.score.stage import score_encoded
+    from forgetless.lm.scoring import score_encoded
 
     model = build_model(len(tokenizer), seed=4)
     encoded = [Encoded(list(range(40, 40 + n)), [0] * (n // 2) + [1] * (n - n // 2)) for n in (9, 5, 12, 7, 3)]

@@ -169,10 +169,11 @@ def test_mask_stage_needs_finished_scores(tmp_path):
 
 
 def test_crash_mid_scoring_resumes_and_equals_uninterrupted(tiny_model_dir, data_file, tmp_path, monkeypatch):
+    import forgetless.lm.scoring as lm_scoring
     import forgetless.score.stage as scoring
 
-    real_batch, scored = scoring.score_batch, []
-    monkeypatch.setattr(scoring, "score_batch", lambda *a, **k: (scored.append(len(a[2])), real_batch(*a, **k))[1])
+    real_batch, scored = lm_scoring.score_batch, []
+    monkeypatch.setattr(lm_scoring, "score_batch", lambda *a, **k: (scored.append(len(a[2])), real_batch(*a, **k))[1])
     full = pq.read_table(score(tiny_model_dir, data_file, tmp_path / "full", part_size=2) / "scores.parquet")
     assert sum(scored) == 6
     parts = tmp_path / "crash" / "parts"

@@ -285,7 +285,7 @@ def test_vllm_scores_agree_with_hf_on_cuda(tmp_path):
     per-token NLL within bf16's precision (see test_gpu.py for the bound's reasoning)."""
     pytest.importorskip("vllm", reason="needs vllm installed")
     from forgetless.lm.modeling import load_model
-    from forgetless.score.stage import score_encoded
+    from forgetless.lm.scoring import score_encoded
 
     tok = build_tokenizer("chatml")
     # head_dim 64: vLLM's attention kernels take the usual head sizes only.

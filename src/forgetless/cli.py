@@ -19,9 +19,9 @@ from forgetless.lm import distributed
 from forgetless.eval.stage import EvalConfig, print_eval_summary, run_eval
 from forgetless.generate.stage import GenerateConfig, print_generate_summary, run_generate
 from forgetless.mask.stage import MaskConfig, run_mask
-from forgetless.report.stage import ReportConfig, print_report, run_report
+from forgetless.report.stage import ReportConfig, print_report
 from forgetless.retention.stage import RetentionConfig, run_retention
-from forgetless.run import RunConfig, run_experiment
+from forgetless.run import RunConfig, report_run, run_experiment
 from forgetless.score.stage import ScoreConfig, run_score
 from forgetless.lm.summary import print_mask_summary, print_score_summary
 from forgetless.train.stage import TrainConfig, run_train
@@ -34,7 +34,7 @@ COMMANDS: dict[str, tuple[type, Callable, Callable]] = {
     "train": (TrainConfig, run_train, lambda out: None),  # run_train prints its own summary
     "eval": (EvalConfig, run_eval, print_eval_summary),
     "retention": (RetentionConfig, run_retention, lambda out: print(f"retention records in {out}")),
-    "report": (ReportConfig, run_report, print_report),
+    "report": (ReportConfig, report_run, print_report),
     "run": (RunConfig, run_experiment, print_report),
 }
 

@@ -117,3 +117,27 @@ def verdict(a: str, b: str, measure: str, result: dict, higher_is_better: bool =
         return f"{head}; the interval includes 0, so {n} items cannot tell {a} from {b} on {measure}."
     better = a if (mean > 0) == higher_is_better else b
     return f"{head}; the interval excludes 0: {better} is better on {measure} (resolved at {n} items)."
+
+
+def items_at_gain(points: Sequence[dict], gain: float) -> dict[str, float] | None:
+    """Item scores interpolated at ``gain`` along a curve: ``points`` [{"gain", "items": {id: score}}] sorted by gain.
+
+    Between two neighbouring points with weight ``w = (gain - g0) / (g1 - g0)`` each item is
+    ``(1 - w) * a + w * b`` (ids both points have), so a paired difference against another model's items at the same
+    gain keeps the pairing. None outside the curve's range (no extrapolation).
+
+    >>> items_at_gain([{"gain": 0.0, "items": {"x": 1.0}}, {"gain": 0.2, "items": {"x": 0.5}}], 0.05)
+    {'x': 0.875}
+    """
+    pts = [p for p in points if not math.isnan(p["gain"])]
+    if not pts or math.isnan(gain) or gain < pts[0]["gain"] or gain > pts[-1]["gain"]:
+        return None
+    same = [p["items"] for p in pts if p["gain"] == gain]
+    if same:
+        ids = set.intersection(*(set(s) for s in same))
+        return {i: sum(s[i] for s in same) / len(same) for i in sorted(ids)}
+    for p, q in zip(pts, pts[1:]):
+        if p["gain"] < gain < q["gain"]:
+            w = (gain - p["gain"]) / (q["gain"] - p["gain"])
+            return {i: (1 - w) * p["items"][i] + w * q["items"][i] for i in sorted(set(p["items"]) & set(q["items"]))}
+    return None

@@ -17,20 +17,17 @@ import json
 import logging
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 
 from forgetless.core.tokenstats import scored_response_nll
+from forgetless.generate.config import GenerateConfig
 from forgetless.generate.verify import Verifier
 from forgetless.lm import artifacts, distributed
 from forgetless.lm.data import Example
 from forgetless.lm.decode import DecodingSettings, batch_seed
 from forgetless.lm.progress import progress
 from forgetless.lm.templates import encode_conversation, encode_prompt
-
-if TYPE_CHECKING:
-    from forgetless.generate.stage import GenerateConfig
 
 logger = logging.getLogger(__name__)
 

@@ -8,6 +8,7 @@ is written last: an output directory without a manifest (or with a stale key) is
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import logging
 import os
@@ -68,6 +69,19 @@ def write_npz(path: Path, arrays: dict) -> None:
 
 def read_json(path: Path) -> Any:
     return json.loads(Path(path).read_text(encoding="utf-8"))
+
+
+def file_digest(path: Path) -> str | None:
+    """First 16 hex digits of the sha256 of a file's bytes (None when it does not exist): a stage's stamp holds
+    the digest of what it read, so that an input rewritten in place makes it run again."""
+    path = Path(path)
+    if not path.is_file():
+        return None
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()[:16]
 
 
 def versions() -> dict[str, str]:

@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from forgetless.lm.decode import DecodingSettings, Sampled, sample_batch
+from forgetless.lm.scoring import score_encoded
 from forgetless.lm.templates import Encoded
 from forgetless.lm.vllm_backend import resolve_backend
 
@@ -28,8 +29,6 @@ class HfEngine:
         return sample_batch(self.model, self.tokenizer, prompts, k, settings)
 
     def score(self, encoded: list[Encoded]) -> list[np.ndarray]:
-        from forgetless.score.stage import score_encoded
-
         return score_encoded(self.model, encoded, self.tokenizer.pad_token_id, self.batch_tokens, shared=False,
                             padding_free=self.padding_free)
 

@@ -140,7 +140,7 @@ class VllmEngine:
     """One vLLM ``LLM`` (a model, optionally a LoRA adapter) and the calls the stages make of it.
 
     ``generate`` is eval's GenerateFn, ``sample`` and ``score`` are what the generate and score stages call
-    (the HF path: :func:`forgetless.lm.decode.sample_batch`, :func:`forgetless.score.stage.score_encoded`).
+    (the HF path: :func:`forgetless.lm.decode.sample_batch`, :func:`forgetless.lm.scoring.score_encoded`).
     """
 
     def __init__(self, model: str, tokenizer, revision: str | None = None, adapter: str | None = None,
@@ -213,7 +213,7 @@ class VllmEngine:
                  for ids, finished in map(self._cut, out.outputs)] for out in self._run(prompts, params)]
 
     def score(self, encoded: list[Encoded]) -> list[np.ndarray]:
-        """Per-token NLL (NaN off the response) of each encoded example, as :func:`forgetless.score.stage.score_encoded`."""
+        """Per-token NLL (NaN off the response) of each encoded example, as :func:`forgetless.lm.scoring.score_encoded`."""
         from vllm import SamplingParams
 
         # temperature 1: the logprobs are the model's own distribution whichever vLLM version processes them.

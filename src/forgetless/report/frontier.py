@@ -14,11 +14,11 @@ import logging
 import math
 from pathlib import Path
 
-from forgetless.core.frontier import common_gains, matched_gain_table, resolved, verdict
+from forgetless.core.frontier import common_gains, items_at_gain, matched_gain_table, resolved, verdict
 from forgetless.core.intervals import paired_difference
 from forgetless.train.probe import PROBES_FILE, read_probes
 from forgetless.retention.records import list_tasks, read_task
-from forgetless.report.retention import accuracy_tasks, summarize_run
+from forgetless.retention.summary import accuracy_tasks, summarize_run
 
 logger = logging.getLogger(__name__)
 
@@ -57,6 +57,16 @@ def final_point(base_dir: Path, run_dir: Path, gain: str, train_dir: Path | None
     diag = train_dir / "diagnostics.json" if train_dir else None
     point["dw_frobenius"] = json.loads(diag.read_text())["total_frobenius"] if diag and diag.is_file() else NAN
     return point
+
+
+def seed_scores(run_dir: Path, retention: str, target: str | None) -> dict[str, list[float]]:
+    """Per-seed scores of a pooled point: the retention measure's records and the target's (empty: one seed)."""
+    out = {}
+    for task in list_tasks(run_dir):
+        record = read_task(run_dir, task)[0]
+        if "seeds" in record and (task == target or (task.startswith("gen:") and task.count(":") == 1)):
+            out[task] = record["seeds"]
+    return out
 
 
 def probe_points(train_dir: Path, gain: str) -> list[dict]:
@@ -112,6 +122,47 @@ def _nearest_pairs(curves: dict[str, list[dict]], labels: dict[tuple[str, int], 
     return pairs
 
 
+def retention_items(run_dir: Path, retention: str, target: str | None) -> dict[str, float]:
+    """Per-item scores behind a point's retention measure (``working_kept``: every non-target ``gen:<source>``
+    record of that metric, ids prefixed by the task); {} for measures without items here."""
+    if retention != "working_kept":
+        return {}
+    out = {}
+    for task in list_tasks(run_dir):
+        if task.startswith("gen:") and task.count(":") == 1 and task != target:
+            record, items = read_task(run_dir, task)
+            if record["metric"] == "working_kept":
+                out.update({f"{task}:{k}": v["score"] for k, v in items.items()
+                            if v["score"] is not None and not math.isnan(v["score"])})
+    return out
+
+
+def matched_vs_reference(curves: dict[str, list[dict]], reference: str, retention: str) -> list[dict]:
+    """At the target gain of each of ``reference``'s points: every other curve's retention interpolated there item by
+    item (:func:`items_at_gain`), and the paired difference other − reference over the same items."""
+    if reference not in curves:
+        return []
+    rows = []
+    for ref in sorted(curves[reference][1:], key=lambda p: p["gain"]):
+        if math.isnan(ref["gain"]) or not ref.get("items"):
+            continue
+        row = {"reference": ref["label"], "gain": ref["gain"], "gain_ci95": ref.get("gain_ci95"),
+               "reference_retention": ref[retention], "others": {}}
+        for method, pts in curves.items():
+            if method == reference:
+                continue
+            pts = sorted((p for p in pts if p.get("items")), key=lambda p: p["gain"])
+            items = items_at_gain(pts, ref["gain"])
+            if items is None:
+                row["others"][method] = None
+                continue
+            diff = paired_difference(items, ref["items"])
+            row["others"][method] = {"retention": sum(items.values()) / len(items) if items else NAN, **diff,
+                                     "resolved": resolved(diff)}
+        rows.append(row)
+    return rows
+
+
 def base_point() -> dict:
     """The base itself: no gain, nothing lost, no drift (exact, so a zero-width interval)."""
     point = {"gain": 0.0, "gain_ci95": [0.0, 0.0], "label": "base"}
@@ -129,9 +180,12 @@ def build_frontier(grid: list[dict], base_dir: Path, gain: str = "gain_all", ret
     labels: dict[tuple[str, int], str] = {}
     dirs = {"base": base_dir}
     for g in grid:
-        pts = curves.setdefault(g["method"], [base_point()])
+        pts = curves.setdefault(g["method"], [{**base_point(), "items": retention_items(base_dir, retention, target)}])
         if g.get("retention_dir") and Path(g["retention_dir"]).is_dir():
-            p = {"label": g["label"], "lr": g["lr"], **final_point(base_dir, Path(g["retention_dir"]), gain, g.get("train_dir"), target)}
+            p = {"label": g["label"], "lr": g["lr"], "alpha": g.get("alpha"),
+                 **final_point(base_dir, Path(g["retention_dir"]), gain, g.get("train_dir"), target),
+                 "items": retention_items(Path(g["retention_dir"]), retention, target),
+                 "seeds": seed_scores(Path(g["retention_dir"]), retention, target)}
             labels[(g["method"], len(pts))] = g["label"]
             pts.append(p)
             dirs[g["label"]] = Path(g["retention_dir"])
@@ -147,7 +201,12 @@ def build_frontier(grid: list[dict], base_dir: Path, gain: str = "gain_all", ret
                       and g["method"] != h["method"] and g["method"] == grid[0]["method"]
                       and g["label"] in dirs and h["label"] in dirs}, key=lambda x: x[::-1])
     pairs = [(b, a) for a, b in same_lr] + _nearest_pairs(curves, labels)
+    vs_reference = matched_vs_reference(curves, grid[0]["method"], retention) if grid else []
+    for pts in curves.values():
+        for p in pts:
+            p.pop("items", None)
     return {"gain": gain, "retention": retention, "curves": curves, "probes": probes, "gains": gains,
+            "reference": grid[0]["method"] if grid else None, "vs_reference": vs_reference,
             "matched": {m: {str(k): v for k, v in row.items()} for m, row in table.items()},
             "paired": paired_sentences(dirs, list(dict.fromkeys(pairs)))}
 
@@ -187,18 +246,52 @@ def mechanism_sentences(data: dict) -> list[str]:
     return [f"lr {lr:g}: " + "; ".join(v) for lr, v in sorted(by_lr.items())] or ["no weight diagnostics found."]
 
 
+def reference_section(data: dict) -> list[str]:
+    """The headline: every recipe's retention at the target gain of each point of the reference (the first method),
+    interpolated item by item along its curve, with the paired difference recipe − reference."""
+    rows, ref = data.get("vs_reference") or [], data.get("reference")
+    if not rows:
+        return []
+    methods = list(rows[0]["others"])
+    lines = [f"## {data['retention']} of every recipe at {ref}'s target gains (paired against {ref})", "",
+             f"Each column is a recipe's {data['retention']} interpolated along its curve (base, then its points by "
+             f"gain) at the gain of one {ref} point, then recipe − {ref} over the same items, paired bootstrap 95%. "
+             "— : the recipe's curve does not reach that gain (never extrapolated). The gain itself carries its own "
+             "interval: where it is wide, the match is loose.", "",
+             f"| {ref} point | target gain | {ref} | " + " | ".join(methods) + " |", "|---|---|---|" + "---|" * len(methods)]
+    verdicts = []
+    for row in rows:
+        cells = []
+        for m in methods:
+            c = row["others"][m]
+            if c is None:
+                cells.append("—")
+                continue
+            ci = c.get("ci95") or [NAN, NAN]
+            cells.append(f"{c['retention']:.3f} (Δ {_fmt(c['mean'], ci)})")
+            tag = {True: "resolved", False: "not resolved", None: "too few items"}[c.get("resolved")]
+            verdicts.append(f"At {row['reference']}'s gain {row['gain']:+.3f}: {m} − {ref} = {_fmt(c['mean'], ci)} "
+                            f"over {c.get('n', 0)} items ({tag}).")
+        lines.append(f"| {row['reference']} | {_fmt(row['gain'], row.get('gain_ci95'))} | {row['reference_retention']:.3f} | "
+                     + " | ".join(cells) + " |")
+    return lines + [""] + [f"- {v}" for v in verdicts] + [""]
+
+
 def render_markdown(data: dict) -> str:
     gain, ret = data["gain"], data["retention"]
     lines = ["# Learning–forgetting frontier", "",
              f"Target gain: `{gain}` ({GAIN_LEANS.get(gain, gain)}; higher = learned more). Retention: `{ret}` "
              "(1 = nothing lost: the base's above-chance MC skill, or the base's working on non-target prompts). "
-             "Intervals are 95%.", "",
-             "## Points (one per method × learning rate; the base is gain 0)", "",
-             "| run | lr | gain | gain kept (favours STM) | gain masked (favours GT) | MC retention | working kept "
+             "Intervals are 95%.", ""]
+    lines += reference_section(data)
+    lines += [
+             "## Points (one per method × learning rate or WiSE-FT α; the base is gain 0)", "",
+             "| run | lr / α | gain | gain kept (favours STM) | gain masked (favours GT) | MC retention | working kept "
              "| top-1 agree | KL(base‖tuned) | KL(tuned‖base) | Δ entropy | ‖ΔW‖_F |", "|" + "---|" * 12]
     for method, pts in data["curves"].items():
         for p in pts[1:]:
-            lines.append(f"| {p['label']} | {p.get('lr') or '—'} | {_fmt(p['gain'], p.get('gain_ci95'))} | {_fmt(p.get('gain_kept'))} "
+            knob = f"α {p['alpha']:g}" if p.get("alpha") is not None else (p.get("lr") or "—")
+            lines.append(f"| {p['label']} | {knob} | {_fmt(p['gain'], p.get('gain_ci95'))} | {_fmt(p.get('gain_kept'))} "
                          f"| {_fmt(p.get('gain_masked'))} | {_fmt(p['mc_retention'], p.get('mc_retention_ci95'))} "
                          f"| {_fmt(p['working_kept'], p.get('working_kept_ci95'))} "
                          f"| {_fmt(p['top1_agreement'], p.get('top1_agreement_ci95'))} "
@@ -244,19 +337,22 @@ def plot_frontier(data: dict, path: Path) -> Path:
     import matplotlib.pyplot as plt
 
     ret = data["retention"]
-    fig, ax = plt.subplots(figsize=(6, 4.2))
+    fig, ax = plt.subplots(figsize=(7.5, 5.2))
     for k, (method, pts) in enumerate(data["curves"].items()):
         pts = sorted((p for p in pts if not math.isnan(p[ret])), key=lambda p: p["gain"])
-        color = f"C{k}"
+        color = f"C{k % 10}"
         xs, ys = [p["gain"] for p in pts], [p[ret] for p in pts]
         lo = [p[ret] - (p.get(f"{ret}_ci95") or [p[ret]] * 2)[0] for p in pts]
         hi = [(p.get(f"{ret}_ci95") or [p[ret]] * 2)[1] - p[ret] for p in pts]
         xlo = [p["gain"] - (p.get("gain_ci95") or [p["gain"]] * 2)[0] for p in pts]
         xhi = [(p.get("gain_ci95") or [p["gain"]] * 2)[1] - p["gain"] for p in pts]
-        ax.errorbar(xs, ys, xerr=[xlo, xhi], yerr=[lo, hi], fmt="-o", capsize=3, color=color, label=method)
+        style = "--s" if method.startswith("WiSE-FT") else "-o"
+        ax.errorbar(xs, ys, xerr=[xlo, xhi], yerr=[lo, hi], fmt=style, capsize=3, color=f"C{k % 10}", label=method,
+                    alpha=0.85, lw=1.2, ms=4)
         for p in pts:
-            if p.get("lr"):
-                ax.annotate(f"{p['lr']:g}", (p["gain"], p[ret]), textcoords="offset points", xytext=(4, 4), fontsize=7)
+            text = f"α{p['alpha']:g}" if p.get("alpha") is not None else (f"{p['lr']:g}" if p.get("lr") else None)
+            if text:
+                ax.annotate(text, (p["gain"], p[ret]), textcoords="offset points", xytext=(4, 4), fontsize=7)
         for label, probe in data["probes"].items():
             if label.split("@")[0] == method and probe:
                 ax.plot([0.0] + [p["gain"] for p in probe], [1.0 if ret in ("mc_retention", "top1_agreement") else 0.0]
@@ -264,7 +360,8 @@ def plot_frontier(data: dict, path: Path) -> Path:
     ax.set_xlabel(f"target gain ({data['gain']}: {GAIN_LEANS.get(data['gain'], '')})".replace(": )", ")"), fontsize=8)
     ax.set_ylabel(f"retention ({ret})")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=7, ncol=2)
+    ax.set_title("points: lr (or WiSE-FT α); bars: 95% intervals on both axes", fontsize=8)
     from forgetless.report.plots import save_figure
 
     return save_figure(fig, path)

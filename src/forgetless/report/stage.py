@@ -22,8 +22,9 @@ from pathlib import Path
 from typing import Any
 
 from forgetless.lm.artifacts import write_text
-from forgetless.core.intervals import paired_difference
+from forgetless.core.intervals import average_of_differences, paired_difference
 from forgetless.report.behaviour import lean
+from forgetless.report.frontier import build_frontier, write_frontier
 from forgetless.report.sections import retention_section, train_extras
 from forgetless.report.html import PPL_DARKEST, read_token_examples, write_html
 from forgetless.report.plots import plot_delta_w, plot_loss_curves, plot_masked_fraction, plot_ppl_distribution, save_figure
@@ -252,40 +253,63 @@ def render_markdown(report: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def point_intervals(row: dict, report: dict, relative: bool) -> tuple[tuple, tuple]:
+    """(TI, BWT) of one tuned row as (value, lo, hi) each, from the paired per-item differences against the base:
+    TI's interval is the target's; BWT's averages those of its tasks (:func:`average_of_differences`); relative
+    values divide by the base score (taken as fixed). A missing interval is (value, nan, nan)."""
+    m, base = row["metrics"], next(r for r in report["rows"] if r["is_base"])["tasks"]
+    kx, ky = ("TI", "BWT") if relative else ("TI_abs", "BWT_abs")
+
+    def scaled(task: str) -> tuple[float, float, float]:
+        d = row["paired"].get(task)
+        if not d or d.get("ci95") is None:
+            return (math.nan,) * 3
+        sign = -1.0 if task in report["lower_is_better"] else 1.0
+        lo, hi = sorted((sign * d["ci95"][0], sign * d["ci95"][1]))
+        div = abs(base[task]["score"]) if relative and base.get(task) and base[task]["score"] else 1.0
+        return sign * d["mean"] / div, lo / div, hi / div
+
+    tx = scaled(report["target"])
+    by = average_of_differences([scaled(t) for t in m.get("bwt_tasks", [])]) if m.get("bwt_tasks") else (math.nan,) * 3
+    return (m[kx], tx[1], tx[2]), (m[ky], by[1], by[2])
+
+
 def plot_report(report: dict[str, Any], out: Path) -> list[Path]:
+    """``bwt_vs_ti.png``: every tuned model's BWT against its TI, each with its 95% interval on both axes (paired
+    against the base on the same items): a point whose bars cross zero is not a measured change."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    written = []
     tuned = [r for r in report["rows"] if "metrics" in r]
     use_rel = all(r["metrics"]["TI"] is not None and r["metrics"]["BWT"] is not None for r in tuned)
     kx, ky = ("TI", "BWT") if use_rel else ("TI_abs", "BWT_abs")
-    points = [(r["label"], r["metrics"][kx], r["metrics"][ky]) for r in tuned
-              if r["metrics"][kx] is not None and r["metrics"][ky] is not None]
-    fig, ax = plt.subplots(figsize=(5, 4))
-    for label, x, y in points:
-        ax.scatter(x, y)
-        ax.annotate(label, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
+    fig, ax = plt.subplots(figsize=(6, 4.5))
+    for row in tuned:
+        if row["metrics"][kx] is None or row["metrics"][ky] is None:
+            continue
+        (x, xlo, xhi), (y, ylo, yhi) = point_intervals(row, report, use_rel)
+        xerr = None if math.isnan(xlo) else [[max(x - xlo, 0.0)], [max(xhi - x, 0.0)]]
+        yerr = None if math.isnan(ylo) else [[max(y - ylo, 0.0)], [max(yhi - y, 0.0)]]
+        ax.errorbar(x, y, xerr=xerr, yerr=yerr, fmt="o", capsize=3, lw=1)
+        ax.annotate(row["label"], (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
     ax.axhline(0, color="grey", lw=0.5)
     ax.axvline(0, color="grey", lw=0.5)
     ax.set_xlabel(f"{kx} (target: {report['target']})")
     ax.set_ylabel(f"{ky} (non-target)")
-    ax.set_title("Backward transfer vs target improvement")
-    written.append(save_figure(fig, out / "bwt_vs_ti.png"))
-    return written
+    ax.set_title("Backward transfer vs target improvement\n(bars: paired 95% intervals against the base)", fontsize=10)
+    return [save_figure(fig, out / "bwt_vs_ti.png")]
 
 
-def run_report(cfg: ReportConfig) -> Path:
+def run_report(cfg: ReportConfig, frontier_grid: dict | None = None) -> Path:
     """Write report.md (the table, then the retention and behaviour sections when the runs have
-    retention records, then the frontier of a learning-rate grid), report.json, the plots and
-    report.html into ``cfg.output_dir``. With ``run_dir`` the rest is read from that run."""
-    frontier_grid = None
+    retention records, then the frontier of ``frontier_grid``: :func:`forgetless.report.frontier.build_frontier`'s
+    arguments), report.json, the plots and report.html into ``cfg.output_dir``. A ``run_dir`` is read by the layer
+    that knows a run's layout: :func:`forgetless.run.report_run` (``forgetless report RUN_DIR``)."""
     if cfg.run_dir:
-        from forgetless.run import report_inputs
-
-        cfg, frontier_grid = report_inputs(cfg.run_dir, cfg.output_dir)
+        raise ValueError(f"run_dir={cfg.run_dir}: a run directory is reported by forgetless.run.report_run "
+                         "(`forgetless report RUN_DIR`), which reads its layout")
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     report = build_report(cfg)
@@ -294,8 +318,6 @@ def run_report(cfg: ReportConfig) -> Path:
         groups.setdefault(label, []).append(path)
     markdown = render_markdown(report) + retention_section(out, groups, report["base"], cfg.target)
     if frontier_grid is not None:
-        from forgetless.report.frontier import build_frontier, write_frontier
-
         write_frontier(out, build_frontier(**frontier_grid, target=cfg.target))
     for name, text in (("report.md", markdown), ("report.json", json.dumps(report, indent=2, default=str) + "\n"),
                        ("config.json", json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")):

@@ -23,7 +23,7 @@ import torch
 
 from forgetless.core.masking import above_tau
 from forgetless.retention.basecache import base_fingerprint, base_view, cache_path, ids_hash, load_cached, save_cached
-from forgetless.score.stage import score_encoded
+from forgetless.lm.scoring import score_encoded
 
 logger = logging.getLogger(__name__)
 

@@ -84,3 +84,39 @@ def list_tasks(out_dir: str | Path) -> list[str]:
         if isinstance(record, dict) and "task" in record and "score" in record:
             names.append(record["task"])
     return names
+
+
+def pool_records(dirs: list[str | Path], out_dir: str | Path) -> list[str]:
+    """Pool the records of the same measures on several seeds of one recipe into ``out_dir``.
+
+    Each item's score becomes its mean over the seeds (items every seed scored; NaN items are left out), so the
+    interval is over items of the seed-averaged model behaviour: it shows item noise, and seed noise only as far as
+    the average carries it (2 seeds cannot estimate a seed variance). ``seeds`` in each record gives the per-seed
+    scores. Returns the pooled task names."""
+    dirs = [Path(d) for d in dirs]
+    tasks = sorted(set.intersection(*(set(list_tasks(d)) for d in dirs))) if dirs else []
+    pooled = []
+    for task in tasks:
+        read = [read_task(d, task) for d in dirs]
+        ids = sorted(set.intersection(*(set(items) for _, items in read)))
+        items = []
+        for item_id in ids:
+            scores = [items_[item_id]["score"] for _, items_ in read]
+            if any(s is None or (isinstance(s, float) and math.isnan(s)) for s in scores):
+                continue
+            items.append({"id": item_id, "score": sum(scores) / len(scores), "seeds": scores})
+        first = read[0][0]
+        if not any(items_ for _, items_ in read):  # a record without items: the mean of the seeds' scores
+            record = {**first, "score": sum(r["score"] for r, _ in read) / len(read), "ci95": [math.nan, math.nan],
+                      "seeds": [r["score"] for r, _ in read]}
+            write_task(out_dir, record, [])
+            pooled.append(task)
+            continue
+        record = make_record(task, first["metric"], [it["score"] for it in items],
+                             higher_is_better=first["higher_is_better"], chance=first.get("chance"),
+                             settings={**first.get("settings", {}), "pooled_from": [str(d) for d in dirs]},
+                             bounded=True)
+        record["seeds"] = [rec["score"] for rec, _ in read]
+        write_task(out_dir, record, items)
+        pooled.append(task)
+    return pooled

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from forgetless.lm import artifacts, distributed
+from forgetless.lm.interpolate import blend_weights, check_alpha, scale_lora
 from forgetless.retention.measures import MeasureSettings, measure_retention
 
 logger = logging.getLogger(__name__)
@@ -30,6 +31,8 @@ class RetentionConfig(MeasureSettings):
     model: str = field(default="embedded", metadata={"help": "tuned model: 'embedded', a local dir or a hub name"})
     adapter: str | None = field(default=None, metadata={"help": "PEFT adapter dir applied on `model`; its base is `model` with the adapter disabled"})
     base_model: str | None = field(default=None, metadata={"help": "separate base model for drift/held-out (full fine-tunes); none: adapter-disabled view, or `model` itself"})
+    adapter_scale: float = field(default=1.0, metadata={"help": "WiSE-FT interpolation alpha in [0, 1]: base + alpha * (tuned - base); "
+                                                              "a LoRA adapter's scale, or a full fine-tune blended with base_model"})
     revision: str | None = field(default=None, metadata={"help": "hub revision of `model`"})
     dtype: str = field(default="auto", metadata={"help": "auto, float32, bfloat16 or float16"})
     device: str | None = field(default=None, metadata={"help": "cpu or cuda (default: cuda when present)"})
@@ -40,6 +43,10 @@ class RetentionConfig(MeasureSettings):
         super().__post_init__()
         if self.base_model and self.adapter:
             raise ValueError("give either adapter (its base is `model`) or base_model, not both")
+        check_alpha(self.adapter_scale)
+        if self.adapter_scale != 1.0 and not (self.adapter or self.base_model):
+            raise ValueError("adapter_scale: interpolation needs the fine-tune's adapter, or base_model (the base "
+                             "weights of a full fine-tune)")
 
 
 def load_models(config: RetentionConfig):
@@ -53,9 +60,13 @@ def load_models(config: RetentionConfig):
         from forgetless.lm.modeling import load_adapter
 
         model = load_adapter(model, config.adapter, config.model)
+        if config.adapter_scale != 1.0:
+            scale_lora(model, config.adapter_scale)
     elif config.base_model:
         base = load_model(config.base_model, None, config.dtype, config.device)
         base_id = model_fingerprint(config.base_model)
+        if config.adapter_scale != 1.0:
+            blend_weights(model, base, config.adapter_scale)
     else:
         # The model is its own base: drift 0, the reference rows of the report. A full
         # fine-tune evaluated this way would wrongly show no drift, so say so.
@@ -81,7 +92,7 @@ def run_retention(config: RetentionConfig) -> Path:
     tasks = list(measure_retention(model, tokenizer, base, config, out, cache, base_id))
     if distributed.is_main():
         artifacts.write_json(out / "manifest.json", {
-            "stage": "retention", "model": config.model, "adapter": config.adapter, "base": base_id,
+            "stage": "retention", "model": config.model, "adapter": config.adapter, "adapter_scale": config.adapter_scale, "base": base_id,
             "tasks": tasks, "seconds": round(time.time() - started, 1), "versions": artifacts.versions()})
     distributed.barrier()
     return out

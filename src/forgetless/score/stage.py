@@ -16,16 +16,14 @@ from typing import Callable
 
 import numpy as np
 import pyarrow as pa
-import torch
 
 from forgetless.lm import artifacts, distributed
 from forgetless.lm.data import Example, fingerprint_examples, load_examples
-from forgetless.core.logits import token_nll
-from forgetless.core.packing import flatten, packing_isolates, restart_positions, split_row
 from forgetless.lm.modeling import EMBEDDED, load_tokenizer, model_fingerprint
 from forgetless.lm.engines import open_engine
-from forgetless.lm.batching import length_buckets, right_pad
+from forgetless.lm.batching import length_buckets
 from forgetless.lm.progress import progress
+from forgetless.lm.scoring import score_encoded  # noqa: F401  (re-exported: the stage's Python entry point)
 from forgetless.core.tokenstats import score_statistics
 from forgetless.lm.templates import Encoded, encode_conversation, template_hash
 from forgetless.lm.vllm_backend import check_backend_settings, resolve_backend
@@ -75,61 +73,6 @@ class ScoreConfig:
         check_backend_settings(self.backend, self.tensor_parallel_size, self.gpu_memory_utilization, self.max_model_len)
         if self.max_model_len is not None and self.max_model_len <= self.max_length:
             raise ValueError(f"max_model_len ({self.max_model_len}) must exceed max_length ({self.max_length}): vLLM scores a prompt while generating one token")
-
-
-def pad_batch(encoded: list[Encoded], pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Right-padded ``(input_ids, attention_mask, response_mask)``, each ``(B, T)``."""
-    ids, attention = right_pad([e.input_ids for e in encoded], pad_id)
-    response = right_pad([e.response_mask for e in encoded], 0)[0]
-    return ids, attention, response
-
-
-def flat_batch(encoded: list[Encoded]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Padding-free ``(input_ids, position_ids, response_mask)``, each ``(1, sum of lengths)``."""
-    return (flatten([e.input_ids for e in encoded]), restart_positions([len(e) for e in encoded]),
-            flatten([e.response_mask for e in encoded]))
-
-
-def use_padding_free(model, wanted: bool) -> bool:
-    """``wanted``, unless the model's attention lets packed sequences see each other (then a warning, and padding)."""
-    if wanted and not packing_isolates(model):
-        logger.warning("padding_free: %s attention does not keep packed sequences apart; scoring padded batches",
-                       getattr(model.config, "_attn_implementation", "this model's"))
-        return False
-    return wanted
-
-
-@torch.no_grad()
-def score_batch(model, encoded: list[Encoded], batch: list[int], pad_id: int, padding_free: bool = False) -> dict[int, np.ndarray]:
-    """Per-token NLL (float32, NaN where not a response token) of the examples ``batch`` names, in one forward:
-    right-padded, or with ``padding_free`` laid end to end in one row (:mod:`forgetless.core.packing`)."""
-    device = next(model.parameters()).device
-    chosen = [encoded[i] for i in batch]
-    if padding_free:
-        ids, positions, response = (t.to(device) for t in flat_batch(chosen))
-        nll = split_row(token_nll(model, ids, None, response, positions).cpu(), [len(e) for e in chosen])
-    else:
-        ids, attention, response = (t.to(device) for t in pad_batch(chosen, pad_id))
-        nll = token_nll(model, ids, attention, response).cpu()
-    return {i: nll[row][: len(encoded[i])].numpy() for row, i in enumerate(batch)}
-
-
-def score_encoded(model, encoded: list[Encoded], pad_id: int, batch_tokens: int = 8192,
-                  description: str = "scoring", shared: bool = True, padding_free: bool = False) -> list[np.ndarray]:
-    """Per-token NLL (float32, NaN where not a response token) for each encoded example, in length-bucketed batches
-    (padded, or padding-free when asked and the model's attention keeps packed examples apart: same NLLs).
-
-    ``shared``: under a multi-process launch the batches are shared among the processes, which must all call this
-    with the same examples (:mod:`forgetless.lm.distributed`); False scores everything here (one process's own work).
-    """
-    padding_free = use_padding_free(model, padding_free)
-    lengths = [len(e) for e in encoded]
-    batches = length_buckets(lengths, batch_tokens)
-    mine = distributed.share(batches, lengths) if shared else batches
-    results: dict[int, np.ndarray] = {}
-    for batch in progress(mine, description, total_items=sum(map(len, mine)), count=len):
-        results.update(score_batch(model, encoded, batch, pad_id, padding_free))
-    return distributed.gather(results, len(encoded)) if shared else [results[i] for i in range(len(encoded))]
 
 
 def encode_examples(tokenizer, examples: list[Example], max_length: int, overlong: str):

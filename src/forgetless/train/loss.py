@@ -16,6 +16,10 @@ Normalisation (the one place it is written down)::
   one big batch: batch 1 x 4 accumulation gives the gradients of batch 4 x 1.
 * An example, a micro-batch or a whole step with no trained token adds 0 to the numerator; the denominator is
   clamped to at least 1, so the loss is 0, never NaN.
+* ``loss_type="dft"`` (Dynamic Fine-Tuning, Wu et al. 2025; TRL's ``loss_type="dft"``) multiplies each trained
+  token's weight by its own probability under the *current* model, detached: ``w_i * exp(-nll_i).detach()``. The
+  static ``inverse-ppl`` policy (:mod:`forgetless.core.masking`) instead fixes that weight once, from the *base*
+  model, before training: the two agree at step 0 and part as the model learns.
 * ``kl_i = KL(p_tuned || p_base)`` of the next-token distributions at the rows that predict trained tokens; it is
   zero when the model equals the base and its gradient pulls the tuned distribution back toward the base.
 
@@ -63,6 +67,19 @@ def masked_loss(nll: torch.Tensor, weight: torch.Tensor, num_items: torch.Tensor
     else:
         denominator = max(float(num_items), 1.0)
     return (weight.float() * nll.float()).sum() / denominator
+
+
+LOSS_TYPES = ("nll", "dft")
+
+
+def dft_weight(nll: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """DFT's per-token weight: ``weight * p`` with ``p = exp(-nll)`` the current model's probability of the token,
+    detached (no gradient flows through the weight).
+
+    >>> dft_weight(torch.tensor([0.0, 0.6931471805599453]), torch.tensor([1.0, 1.0]))
+    tensor([1.0000, 0.5000])
+    """
+    return weight * torch.exp(-nll.detach().float())
 
 
 def rows_kl(tuned_logits: torch.Tensor, base_logits: torch.Tensor) -> torch.Tensor:
@@ -171,7 +188,7 @@ def _plain_head_rows(model, reference, model_inputs, predict, kl_coef):
     return rows, base, logits
 
 
-def _loss_in_forward(model, inputs, num_items, kl_coef, reference, **model_inputs):
+def _loss_in_forward(model, inputs, num_items, kl_coef, reference, loss_type="nll", **model_inputs):
     """:func:`compute_masked_loss` as it runs inside the (wrapped) model's forward; returns tensors only.
 
     ``model_inputs``: ``input_ids`` and ``attention_mask`` (padded) or ``position_ids`` (padding-free), or both."""
@@ -201,6 +218,8 @@ def _loss_in_forward(model, inputs, num_items, kl_coef, reference, **model_input
         rows, base, hidden = _plain_head_rows(model, reference, model_inputs, predict, kl_coef)
         nll = torch.logsumexp(rows, dim=-1) - rows.gather(1, targets[:, None]).squeeze(1)
         kl = rows_kl(rows, base) if base is not None else rows.new_zeros(0)
+    if loss_type == "dft":
+        w = dft_weight(nll, w)
     count = predict.sum()
     denominator = num_items if num_items is not None else count
     # `hidden.sum() * 0` keeps the graph connected when no row is trained (backward must still run everywhere).
@@ -211,7 +230,8 @@ def _loss_in_forward(model, inputs, num_items, kl_coef, reference, **model_input
             "kl_sum": (w * kl.detach()).sum() if kl_coef > 0 else w.new_zeros(()), "trained_tokens": count}
 
 
-def compute_masked_loss(model, inputs: dict, num_items=None, kl_coef: float = 0.0, reference=None):
+def compute_masked_loss(model, inputs: dict, num_items=None, kl_coef: float = 0.0, reference=None,
+                        loss_type: str = "nll"):
     """Masked (weighted) NLL [+ KL to the base] of one micro-batch, normalised as in the module docstring.
 
     The full model's forward runs once (asking for a single logit row), its decoder output is captured, and the LM
@@ -225,7 +245,9 @@ def compute_masked_loss(model, inputs: dict, num_items=None, kl_coef: float = 0.
     ``nll_sum``, ``kl_sum`` (None without KL), ``trained_tokens``.
     """
     model_inputs = {k: inputs[k] for k in ("input_ids", "attention_mask", "position_ids") if inputs.get(k) is not None}
-    out = call_inside_forward(model, _loss_in_forward, inputs, num_items, kl_coef, reference, **model_inputs)
+    if loss_type not in LOSS_TYPES:
+        raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {loss_type!r}")
+    out = call_inside_forward(model, _loss_in_forward, inputs, num_items, kl_coef, reference, loss_type, **model_inputs)
     stats = {"nll_sum": out["nll_sum"], "kl_sum": out["kl_sum"] if kl_coef > 0 else None,
              "trained_tokens": out["trained_tokens"]}
     return out["loss"], stats
@@ -246,9 +268,11 @@ class MaskedLossMixin:
     statistics over processes.
     """
 
-    def __init__(self, *args, kl_coef: float = 0.0, reference=None, record_stats: bool = False, **kwargs):
+    def __init__(self, *args, kl_coef: float = 0.0, reference=None, record_stats: bool = False,
+                 loss_type: str = "nll", **kwargs):
         super().__init__(*args, **kwargs)
         self.kl_coef, self.reference, self.record_stats = kl_coef, reference, record_stats
+        self.loss_type = loss_type
         # Makes the Trainer count `num_items_in_batch` over the whole accumulation step and treat our loss as
         # already normalised by it (it is never passed to the model: compute_loss below owns the loss).
         self.model_accepts_loss_kwargs = True
@@ -260,7 +284,8 @@ class MaskedLossMixin:
             # The Trainer counted this process's tokens only; the normalisation needs every process's.
             num_items_in_batch = self.accelerator.reduce(torch.as_tensor(num_items_in_batch, device=self.args.device),
                                                          reduction="sum")
-        loss, stats = compute_masked_loss(model, inputs, num_items_in_batch, self.kl_coef, self.reference)
+        loss, stats = compute_masked_loss(model, inputs, num_items_in_batch, self.kl_coef, self.reference,
+                                          self.loss_type)
         # Checked before backward: a non-finite loss never reaches the weights, the optimizer state or a
         # checkpoint, so the last checkpoint is the last good one. (One host sync per micro-batch, and one small
         # all-reduce across processes, so that every process stops instead of waiting for the one that raised.)

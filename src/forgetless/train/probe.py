@@ -30,6 +30,8 @@ from typing import Callable
 import torch
 from transformers import TrainerCallback
 
+from forgetless.config import ConfigError, build
+from forgetless.lm.modeling import load_tokenizer, model_fingerprint
 from forgetless.retention.measures import MeasureSettings, default, measure_retention
 
 logger = logging.getLogger(__name__)
@@ -172,7 +174,7 @@ class ProbeCallback(TrainerCallback):
 def _flat(summary: dict, step_dir: Path) -> dict:
     """The frontier's measures from a ``summarize_run`` summary (and the step's raw accuracies)."""
     from forgetless.retention.records import list_tasks, read_task
-    from forgetless.report.retention import accuracy_tasks
+    from forgetless.retention.summary import accuracy_tasks
 
     out = {}
     cells = {"bwt": summary["bwt"], "mc_retention": summary["mc_retention"], **summary["drift"], **summary["target"]}
@@ -191,7 +193,7 @@ def retention_probe(config: ProbeConfig, tokenizer, root: str | Path, cache_dir:
     (the adapter at initialisation, i.e. the base: LoRA's B starts at zero).
     """
     from forgetless.core.diagnostics import adapter_updates
-    from forgetless.report.retention import summarize_run
+    from forgetless.retention.summary import summarize_run
 
     root = Path(root)
 
@@ -211,3 +213,21 @@ def retention_probe(config: ProbeConfig, tokenizer, root: str | Path, cache_dir:
         return measures
 
     return probe
+
+
+def probe_callbacks(settings: dict | None, model: str, train_cfg, cache_dir: Path) -> list:
+    """The checkpoint probe of a run's ``probe`` settings (:class:`ProbeConfig` fields) for one training run of base
+    ``model`` (none when the settings are null); the base's answers are cached in ``cache_dir``."""
+    if not settings:
+        return []
+    try:
+        cfg = build(ProbeConfig, settings)
+    except ConfigError as e:
+        raise ConfigError(f"probe: {e}") from None
+    train_dir = Path(train_cfg.output_dir)
+    if not train_cfg.resume:  # a fresh run: earlier probes belong to other settings
+        (train_dir / PROBES_FILE).unlink(missing_ok=True)
+        shutil.rmtree(train_dir / "probes", ignore_errors=True)
+    probe = retention_probe(cfg, load_tokenizer(model), train_dir / "probes", cache_dir, model_fingerprint(model))
+    return [ProbeCallback(train_dir / PROBES_FILE, probe, cfg.every, cfg.guard_metric, cfg.guard_min,
+                          guard_restore=cfg.guard_restore)]
