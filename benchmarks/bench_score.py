@@ -1,22 +1,26 @@
-"""Scoring speed and memory: forgetless vs a plain forward (the limit) vs the reference approach.
+"""Scoring speed: forgetless padded and padding-free vs a plain forward (padded and packed) vs the batch-1 reference.
 
-    .venv/bin/python benchmarks/bench_score.py [--examples 32] [--repeats 3] [--batch-tokens 4096]
+    .venv/bin/python benchmarks/bench_score.py [--examples 8 24 96] [--repeats 3] [--batch-tokens 4096]
 
-Side by side in one process, same model (the embedded SmolLM2-135M-Instruct), same examples:
-  forgetless  -- length-bucketed batches, decoder once, LM head only on response rows (chunked)
-  plain       -- the same batches through model(...).logits, no log-softmax: the cost of a forward
-  reference   -- one example at a time, full-vocabulary fp32 log_softmax, gather, exp per token
-Times are medians over repeats, interleaved so machine load hits all three alike. Peak memory is
-measured in a fresh subprocess per method (peak RSS, sampled every 5 ms, above the RSS after loading).
+Side by side in one process, same model (the embedded SmolLM2-135M-Instruct), same examples (the first N of
+mbpp-train), interleaved so that machine load hits every method alike; times are medians over repeats:
+  forgetless          length-bucketed right-padded batches, decoder once, LM head only on response rows (chunked)
+  forgetless-packed   the same buckets laid end to end in one row (``score.padding_free``; position ids restart)
+  plain               the padded buckets through ``model(...).logits``: the cost of a forward, no log-softmax
+  plain-packed        the packed rows through ``model(...).logits``
+  reference           one example at a time, full-vocabulary fp32 log_softmax, gather (the authors' way)
+Before timing, every method's per-token NLLs are checked against the reference (max relative ppl difference).
+Then where forgetless's time goes: the decoder, the LM head (response rows only) and the log-softmax + gather,
+timed apart on the padded batches.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import multiprocessing as mp
 import statistics
 import time
+from pathlib import Path
 
 import torch
 
@@ -31,20 +35,31 @@ def setup(n_examples: int):
     return model, tok, encoded
 
 
-def run_forgetless(model, tok, encoded, batch_tokens):
+def response_ppl(nlls, encoded) -> torch.Tensor:
+    """exp(NLL) of every response token after position 0, in example order."""
+    return torch.cat([torch.from_numpy(n[1:][torch.tensor(e.response_mask[1:], dtype=torch.bool).numpy()]).double().exp()
+                      for n, e in zip(nlls, encoded)])
+
+
+def run_forgetless(model, tok, encoded, batch_tokens, padding_free=False):
     from forgetless.lm.scoring import score_encoded
 
-    return score_encoded(model, encoded, tok.pad_token_id, batch_tokens)
+    return score_encoded(model, encoded, tok.pad_token_id, batch_tokens, shared=False, padding_free=padding_free)
 
 
 @torch.no_grad()
-def run_plain(model, tok, encoded, batch_tokens):
+def run_plain(model, tok, encoded, batch_tokens, packed=False):
     from forgetless.lm.batching import length_buckets
-    from forgetless.score.stage import pad_batch
+    from forgetless.lm.scoring import flat_batch, pad_batch
 
     for batch in length_buckets([len(e) for e in encoded], batch_tokens):
-        ids, attention, _ = pad_batch([encoded[i] for i in batch], tok.pad_token_id)
-        model(input_ids=ids, attention_mask=attention).logits
+        chosen = [encoded[i] for i in batch]
+        if packed:
+            ids, positions, _ = flat_batch(chosen)
+            model(input_ids=ids, position_ids=positions).logits
+        else:
+            ids, attention, _ = pad_batch(chosen, tok.pad_token_id)
+            model(input_ids=ids, attention_mask=attention).logits
 
 
 @torch.no_grad()
@@ -53,91 +68,101 @@ def run_reference(model, tok, encoded, batch_tokens):
     for e in encoded:
         ids = torch.tensor([e.input_ids])
         logp = torch.log_softmax(model(input_ids=ids).logits.float(), dim=-1)[0]  # (T, V)
-        token_logp = logp[:-1].gather(1, ids[0, 1:, None]).squeeze(1)
-        ppl = torch.exp(-token_logp)
-        out.append(ppl[torch.tensor(e.response_mask[1:], dtype=torch.bool)])
+        nll = torch.full((len(e),), float("nan"))
+        nll[1:] = -logp[:-1].gather(1, ids[0, 1:, None]).squeeze(1)
+        nll[~torch.tensor(e.response_mask, dtype=torch.bool)] = float("nan")
+        out.append(nll.numpy())
     return out
 
 
-METHODS = {"forgetless": run_forgetless, "plain": run_plain, "reference": run_reference}
+METHODS = {
+    "forgetless": run_forgetless,
+    "forgetless-packed": lambda m, t, e, b: run_forgetless(m, t, e, b, padding_free=True),
+    "plain": run_plain,
+    "plain-packed": lambda m, t, e, b: run_plain(m, t, e, b, packed=True),
+    "reference": run_reference,
+}
 
 
-def rss_mib() -> float:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    return float("nan")
+@torch.no_grad()
+def breakdown(model, tok, encoded, batch_tokens) -> dict[str, float]:
+    """Seconds in the decoder, the LM head on response rows, and log-softmax + gather, over the padded buckets."""
+    from forgetless.core.logits import chunk_rows, head_logits, split_causal_lm, target_nll
+    from forgetless.lm.batching import length_buckets
+    from forgetless.lm.scoring import pad_batch
+
+    decoder, head, softcap = split_causal_lm(model)
+    spent = {"decoder": 0.0, "lm_head": 0.0, "log_softmax": 0.0}
+    for batch in length_buckets([len(e) for e in encoded], batch_tokens):
+        ids, attention, response = pad_batch([encoded[i] for i in batch], tok.pad_token_id)
+        t0 = time.perf_counter()
+        hidden = decoder(input_ids=ids, attention_mask=attention, use_cache=False).last_hidden_state
+        t1 = time.perf_counter()
+        predict = response[:, 1:].bool() & attention[:, 1:].bool()
+        rows, targets = hidden[:, :-1][predict], ids[:, 1:][predict]
+        step = chunk_rows(head.out_features)
+        for start in range(0, len(rows), step):
+            t2 = time.perf_counter()
+            logits = head_logits(head, rows[start:start + step], softcap)
+            t3 = time.perf_counter()
+            target_nll(logits, targets[start:start + step])
+            t4 = time.perf_counter()
+            spent["lm_head"] += t3 - t2
+            spent["log_softmax"] += t4 - t3
+        spent["decoder"] += t1 - t0
+    return spent
 
 
-def _peak(method: str, n_examples: int, batch_tokens: int, queue) -> None:
-    import threading
-
-    torch.set_num_threads(2)
+def bench(n_examples: int, repeats: int, batch_tokens: int) -> dict:
     model, tok, encoded = setup(n_examples)
-    base, peak, running = rss_mib(), [0.0], [True]
-
-    def sample():  # ru_maxrss would report the model load's peak; sample RSS during the method instead
-        while running[0]:
-            peak[0] = max(peak[0], rss_mib())
-            time.sleep(0.005)
-
-    watcher = threading.Thread(target=sample)
-    watcher.start()
-    METHODS[method](model, tok, encoded, batch_tokens)
-    running[0] = False
-    watcher.join()
-    queue.put(peak[0] - base)
-
-
-def peak_mib(method: str, n_examples: int, batch_tokens: int) -> float:
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    proc = ctx.Process(target=_peak, args=(method, n_examples, batch_tokens, queue))
-    proc.start()
-    value = queue.get()
-    proc.join()
-    return value
+    tokens = sum(len(e) for e in encoded)
+    reference = response_ppl(run_reference(model, tok, encoded, batch_tokens), encoded)
+    diffs = {}
+    for name in ("forgetless", "forgetless-packed"):
+        ppl = response_ppl(METHODS[name](model, tok, encoded, batch_tokens), encoded)
+        diffs[name] = (ppl - reference).abs().div(reference).max().item()
+    times: dict[str, list[float]] = {m: [] for m in METHODS}
+    for _ in range(repeats):
+        for name, fn in METHODS.items():
+            start = time.perf_counter()
+            fn(model, tok, encoded, batch_tokens)
+            times[name].append(time.perf_counter() - start)
+    med = {m: statistics.median(t) for m, t in times.items()}
+    parts = breakdown(model, tok, encoded, batch_tokens)
+    return {"examples": n_examples, "tokens": tokens, "response_tokens": sum(sum(e.response_mask) for e in encoded),
+            "batch_tokens": batch_tokens, "threads": torch.get_num_threads(), "repeats": repeats,
+            "attn_implementation": getattr(model.config, "_attn_implementation", None),
+            "max_rel_ppl_diff_vs_reference": diffs, "seconds": med,
+            "tokens_per_s": {m: tokens / t for m, t in med.items()},
+            "speed_vs_reference": {m: med["reference"] / t for m, t in med.items()},
+            "forgetless_vs_plain": {"padded": med["plain"] / med["forgetless"],
+                                    "packed": med["plain-packed"] / med["forgetless-packed"],
+                                    "best_vs_best": min(med["plain"], med["plain-packed"])
+                                    / min(med["forgetless"], med["forgetless-packed"])},
+            "share_of_time": {k: v / sum(parts.values()) for k, v in parts.items()}}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--examples", type=int, default=32)
+    parser.add_argument("--examples", type=int, nargs="+", default=[8, 24, 96])
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--batch-tokens", type=int, default=4096)
-    parser.add_argument("--no-memory", action="store_true")
+    parser.add_argument("--out", default="benchmarks/results/bench_score.json")
     args = parser.parse_args()
-    model, tok, encoded = setup(args.examples)
-    tokens = sum(len(e) for e in encoded)
-    response = sum(sum(e.response_mask) for e in encoded)
-    # Check before timing: forgetless and the reference agree on every response token.
-    ours = torch.cat([torch.from_numpy(n[1:][torch.tensor(e.response_mask[1:], dtype=torch.bool).numpy()]) for n, e in zip(run_forgetless(model, tok, encoded, args.batch_tokens), encoded)])
-    ref = torch.cat(run_reference(model, tok, encoded, args.batch_tokens))
-    max_diff = (torch.exp(ours.double()) - ref.double()).abs().div(ref.double()).max().item()
-    times = {m: [] for m in METHODS}
-    for _ in range(args.repeats):
-        for name, fn in METHODS.items():
-            start = time.perf_counter()
-            fn(model, tok, encoded, args.batch_tokens)
-            times[name].append(time.perf_counter() - start)
-    med = {m: statistics.median(t) for m, t in times.items()}
-    result = {
-        "examples": args.examples, "tokens": tokens, "response_tokens": response, "batch_tokens": args.batch_tokens,
-        "threads": torch.get_num_threads(), "max_rel_ppl_diff_vs_reference": max_diff,
-        "tokens_per_s": {m: tokens / t for m, t in med.items()},
-        "forgetless_vs_plain": med["plain"] / med["forgetless"],
-        "forgetless_vs_reference": med["reference"] / med["forgetless"],
-    }
-    if not args.no_memory:
-        result["peak_mib_above_model"] = {m: peak_mib(m, args.examples, args.batch_tokens) for m in METHODS}
-    print(f"{'method':<12}{'tokens/s':>10}{'speed vs forgetless':>22}{'peak MiB':>10}")
-    for m in METHODS:
-        mem = result.get("peak_mib_above_model", {}).get(m, float("nan"))
-        print(f"{m:<12}{result['tokens_per_s'][m]:>10.0f}{med[m] / med['forgetless']:>21.2f}x{mem:>10.0f}")
-    print(f"forgetless is {result['forgetless_vs_plain']:.2f}x the plain forward's speed (goal >= 0.9) and "
-          f"{result['forgetless_vs_reference']:.2f}x the reference (goal >= 5); max relative ppl difference {max_diff:.1e}")
-    with open("benchmarks/results/bench_score.json", "w") as f:
-        json.dump(result, f, indent=2)
+    results = []
+    for n in args.examples:
+        r = bench(n, args.repeats, args.batch_tokens)
+        results.append(r)
+        print(f"\n{n} examples, {r['tokens']} tokens ({r['attn_implementation']} attention, {r['threads']} threads); "
+              f"max relative ppl difference vs reference: " + ", ".join(f"{k} {v:.1e}" for k, v in r["max_rel_ppl_diff_vs_reference"].items()))
+        print(f"{'method':<20}{'seconds':>9}{'tokens/s':>10}{'vs reference':>14}")
+        for m in METHODS:
+            print(f"{m:<20}{r['seconds'][m]:>9.2f}{r['tokens_per_s'][m]:>10.0f}{r['speed_vs_reference'][m]:>13.2f}x")
+        print("forgetless vs plain forward: padded {padded:.2f}x, packed {packed:.2f}x, best vs best {best_vs_best:.2f}x"
+              .format(**r["forgetless_vs_plain"]))
+        print("share of forgetless's time: " + ", ".join(f"{k} {v:.0%}" for k, v in r["share_of_time"].items()))
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
 
 
 if __name__ == "__main__":

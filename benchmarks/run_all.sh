@@ -7,7 +7,7 @@ cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
 export HF_HUB_OFFLINE=1 FORGETLESS_PROGRESS=0
 mkdir -p benchmarks/results
-echo "## scoring: forgetless vs plain forward vs reference";  $PY benchmarks/bench_score.py --examples 24
+echo "## scoring: forgetless padded / packed vs plain forward vs batch-1 reference";  $PY benchmarks/bench_score.py --examples 8 24 96
 echo "## scoring cost vs sequence length and data size";     $PY benchmarks/bench_score_scale.py
 echo "## training step: stm vs sft vs plain HF Trainer";      $PY benchmarks/bench_train.py --batch 4 --length 512 --steps 3 --json benchmarks/results/bench_train.json
 echo "## generation: batched vs one at a time";               $PY benchmarks/bench_generation.py --task gsm8k --items 8 --batch-size 8 --max-new-tokens 32

@@ -9,7 +9,7 @@ from forgetless.eval.sandbox import SandboxLimits
 from forgetless.eval.stage import EvalConfig, resolve_task
 from forgetless.eval.tasks import Item, get_task
 from forgetless.eval.tasks.paper import (arc_paper_answer, gsm8k_final_answer, math_paper_answer, mbpp_paper_code,
-                                         mbpp_paper_prompt, mbpp_test_task)
+                                         mbpp_paper_prompt, mbpp_test_plus_task)
 from forgetless.lm.data import DataError, load_records
 
 
@@ -101,7 +101,7 @@ MBPP_PLUS_RECORD = {  # MBPP+'s shape: sanitized prompt, the shown asserts, and 
 }
 
 
-def test_mbpp_test_prompt_extraction_and_grading():
+def test_mbpp_test_plus_prompt_extraction_and_grading():
     assert mbpp_paper_prompt(MBPP_PLUS_RECORD) == (
         "Please refer the given test cases and generate a python function for my problem. Make sure the written code "
         "is wrapped in code block : ```python\n<your code>\n```\n>>> Problem:\nWrite a function to find the shared "
@@ -115,18 +115,19 @@ def test_mbpp_test_prompt_extraction_and_grading():
     wrong = "```python\ndef similar_elements(a, b):\n    return tuple(a)\n```"
     missing = "I would intersect the two sets."
     unclosed = "```python\ndef similar_elements(a, b):\n    return tuple(set(a) & set(b))\n"  # the fence stays in the code
-    task = mbpp_test_task(SandboxLimits(timeout_s=20))
+    task = mbpp_test_plus_task(SandboxLimits(timeout_s=20))
     assert scores(task, [right, wrong, missing, unclosed], item) == [1.0, 0.0, 0.0, 0.0]
     assert mbpp_paper_code(right) == "def similar_elements(a, b):\n    return tuple(set(a) & set(b))"
     assert mbpp_paper_code("``` python\nx = 1\n```") == "x = 1"  # a 'python' tag after a space is dropped too
 
 
-def test_mbpp_test_offline_names_what_is_missing(monkeypatch):
+def test_mbpp_test_plus_offline_names_what_is_missing(monkeypatch):
     import datasets
 
     def offline(*args, **kwargs):
         raise ConnectionError("Couldn't reach 'evalplus/mbppplus' on the Hub (OfflineModeIsEnabled)")
 
     monkeypatch.setattr(datasets, "load_dataset", offline)
-    with pytest.raises(DataError, match=r"mbpp-test \(MBPP\+, 378 tasks\) is not shipped .*\(hf:evalplus/mbppplus\)"):
-        get_task("mbpp-test").load()
+    with pytest.raises(DataError, match=r"mbpp-test-plus \(MBPP\+, 378 tasks with MBPP\+'s tests\) is not shipped "
+                                         r".*\(hf:evalplus/mbppplus\)"):
+        get_task("mbpp-test-plus").load()

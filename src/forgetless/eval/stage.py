@@ -98,6 +98,10 @@ def resolve_task(spec: str | Task, cfg: EvalConfig) -> Task:
         from forgetless.eval.tasks.paper import mbpp_test_task
 
         return mbpp_test_task(limits)
+    if spec == "mbpp-test-plus":
+        from forgetless.eval.tasks.paper import mbpp_test_plus_task
+
+        return mbpp_test_plus_task(limits)
     return get_task(spec)
 
 

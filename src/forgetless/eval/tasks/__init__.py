@@ -103,7 +103,7 @@ def first_human_turn(record: dict[str, Any]) -> list[dict[str, str]]:
 
 
 # The paper tasks follow the authors' own evaluation scripts (forgetless.eval.tasks.paper).
-PAPER = ("gsm8k-test", "math-paper", "arc_challenge-paper", "mbpp-test")
+PAPER = ("gsm8k-test", "math-paper", "arc_challenge-paper", "mbpp-test", "mbpp-test-plus")
 BUILTIN = ("mbpp", "gsm8k", "math", "arc_challenge", *PAPER)
 
 

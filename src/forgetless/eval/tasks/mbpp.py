@@ -1,7 +1,8 @@
 """MBPP (the paper's 90-item validation split): pass@1 by running the generated code and the
 task's asserts in the sandbox. Prompt: the paper's (first human turn), which asks for a
 ```python block. The authors reported MBPP on the MBPP+ test split (378 tasks, 1,024 tokens):
-``mbpp-test`` in :mod:`forgetless.eval.tasks.paper`."""
+``mbpp-test-plus`` (from the hub) and its offline counterpart ``mbpp-test`` in
+:mod:`forgetless.eval.tasks.paper`."""
 
 from __future__ import annotations
 

