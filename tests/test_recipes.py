@@ -186,6 +186,10 @@ def test_matched_vs_reference_pairs_items():
     cell = rows[0]["others"]["sft"]
     assert cell["retention"] == pytest.approx(0.6)  # half way from base (1.0) to sft's point (0.2)
     assert cell["mean"] == pytest.approx(-0.3) and cell["n"] == 12
+    # At a gain both curves reach (0.05): stm half way to its point (0.95), sft a quarter of the way (0.8).
+    rows = matched_vs_reference({"stm": [base, ref], "sft": [base, other]}, "stm", "working_kept", gains=[0.05])
+    assert [r["gain"] for r in rows] == [0.05, 0.1] and rows[0]["reference_retention"] == pytest.approx(0.95)
+    assert rows[0]["others"]["sft"]["mean"] == pytest.approx(0.8 - 0.95)
 
 
 # --- bad input: one line naming the field, exit 2, nothing written ---------------------------------------------------

@@ -13,6 +13,7 @@ import json
 import logging
 import math
 from pathlib import Path
+from typing import Sequence
 
 from forgetless.core.frontier import common_gains, items_at_gain, matched_gain_table, resolved, verdict
 from forgetless.core.intervals import paired_difference
@@ -137,26 +138,32 @@ def retention_items(run_dir: Path, retention: str, target: str | None) -> dict[s
     return out
 
 
-def matched_vs_reference(curves: dict[str, list[dict]], reference: str, retention: str) -> list[dict]:
-    """At the target gain of each of ``reference``'s points: every other curve's retention interpolated there item by
-    item (:func:`items_at_gain`), and the paired difference other − reference over the same items."""
+def matched_vs_reference(curves: dict[str, list[dict]], reference: str, retention: str,
+                         gains: Sequence[float] = ()) -> list[dict]:
+    """At the target gain of each of ``reference``'s points, and at each of ``gains`` (the gains every curve reaches,
+    the reference's items interpolated there too): every other curve's retention interpolated item by item
+    (:func:`items_at_gain`), and the paired difference other − reference over the same items."""
     if reference not in curves:
         return []
+    ordered = {m: sorted((p for p in pts if p.get("items")), key=lambda p: p["gain"]) for m, pts in curves.items()}
+    at = [(ref["label"], ref["gain"], ref.get("gain_ci95"), ref["items"])
+          for ref in ordered[reference][1:] if not math.isnan(ref["gain"])]
+    for g in gains:
+        items = items_at_gain(ordered[reference], g)
+        if items:
+            at.append((f"{reference} curve at gain {g:.3f}", g, None, items))
     rows = []
-    for ref in sorted(curves[reference][1:], key=lambda p: p["gain"]):
-        if math.isnan(ref["gain"]) or not ref.get("items"):
-            continue
-        row = {"reference": ref["label"], "gain": ref["gain"], "gain_ci95": ref.get("gain_ci95"),
-               "reference_retention": ref[retention], "others": {}}
-        for method, pts in curves.items():
+    for label, gain, gain_ci, ref_items in sorted(at, key=lambda r: r[1]):
+        row = {"reference": label, "gain": gain, "gain_ci95": gain_ci,
+               "reference_retention": sum(ref_items.values()) / len(ref_items), "others": {}}
+        for method, pts in ordered.items():
             if method == reference:
                 continue
-            pts = sorted((p for p in pts if p.get("items")), key=lambda p: p["gain"])
-            items = items_at_gain(pts, ref["gain"])
+            items = items_at_gain(pts, gain)
             if items is None:
                 row["others"][method] = None
                 continue
-            diff = paired_difference(items, ref["items"])
+            diff = paired_difference(items, ref_items)
             row["others"][method] = {"retention": sum(items.values()) / len(items) if items else NAN, **diff,
                                      "resolved": resolved(diff)}
         rows.append(row)
@@ -201,7 +208,7 @@ def build_frontier(grid: list[dict], base_dir: Path, gain: str = "gain_all", ret
                       and g["method"] != h["method"] and g["method"] == grid[0]["method"]
                       and g["label"] in dirs and h["label"] in dirs}, key=lambda x: x[::-1])
     pairs = [(b, a) for a, b in same_lr] + _nearest_pairs(curves, labels)
-    vs_reference = matched_vs_reference(curves, grid[0]["method"], retention) if grid else []
+    vs_reference = matched_vs_reference(curves, grid[0]["method"], retention, gains) if grid else []
     for pts in curves.values():
         for p in pts:
             p.pop("items", None)
@@ -254,8 +261,9 @@ def reference_section(data: dict) -> list[str]:
         return []
     methods = list(rows[0]["others"])
     lines = [f"## {data['retention']} of every recipe at {ref}'s target gains (paired against {ref})", "",
-             f"Each column is a recipe's {data['retention']} interpolated along its curve (base, then its points by "
-             f"gain) at the gain of one {ref} point, then recipe − {ref} over the same items, paired bootstrap 95%. "
+             f"Each column is a recipe's {data['retention']} (the mean over items) interpolated item by item along its "
+             f"curve (base, then its points by gain) at the gain of one {ref} point, or at a gain every curve reaches "
+             f"({ref}'s own curve interpolated there too), then recipe − {ref} over the same items, paired bootstrap 95%. "
              "— : the recipe's curve does not reach that gain (never extrapolated). The gain itself carries its own "
              "interval: where it is wide, the match is loose.", "",
              f"| {ref} point | target gain | {ref} | " + " | ".join(methods) + " |", "|---|---|---|" + "---|" * len(methods)]
