@@ -10,5 +10,6 @@ mkdir -p benchmarks/results
 echo "## scoring: forgetless padded / packed vs plain forward vs batch-1 reference";  $PY benchmarks/bench_score.py --examples 8 24 96
 echo "## scoring cost vs sequence length and data size";     $PY benchmarks/bench_score_scale.py
 echo "## training step: stm vs sft vs plain HF Trainer";      $PY benchmarks/bench_train.py --batch 4 --length 512 --steps 3 --json benchmarks/results/bench_train.json
+echo "## training end to end: forgetless sft / stm, padded / packed vs TRL SFTTrainer"; $PY benchmarks/bench_train_trl.py --json benchmarks/results/bench_train_trl.json
 echo "## generation: batched vs one at a time";               $PY benchmarks/bench_generation.py --task gsm8k --items 8 --batch-size 8 --max-new-tokens 32
 echo "## multiple choice: packed vs one forward per choice";  $PY benchmarks/bench_mc.py --task hellaswag --items 50
