@@ -45,7 +45,7 @@ def test_both_configs_inherit_the_measure_settings():
 def test_shipped_yaml_sections_still_build(path):
     config = load_config(RunConfig, ROOT / path)
     retention = make(RetentionConfig, config.retention, "retention")
-    assert retention.mc_tasks
+    assert retention.mc_tasks or retention.behaviour_sources  # each shipped config measures something
     if config.probe:
         probe = make(ProbeConfig, config.probe, "probe")
         assert probe.every == config.probe["every"] and probe.tau == config.probe.get("tau", 2.5)
