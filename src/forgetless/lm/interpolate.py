@@ -25,19 +25,18 @@ def check_alpha(alpha: float, where: str = "adapter_scale") -> None:
 
 
 def scale_lora(model, alpha: float) -> int:
-    """Multiply the scaling of every LoRA layer of the PEFT ``model`` by ``alpha``; returns the layers scaled."""
+    """Multiply the scaling of every LoRA layer of the PEFT ``model`` by ``alpha`` (its active adapters); returns
+    the layers scaled."""
+    from peft.tuners.lora import LoraLayer
+
     check_alpha(alpha)
-    scaled = 0
-    for module in model.modules():
-        scaling = getattr(module, "scaling", None)
-        if not isinstance(scaling, dict) or not hasattr(module, "lora_A"):
-            continue
-        if any(getattr(module, "use_dora", {}).values()):
-            raise InterpolationError("adapter_scale: a DoRA adapter does not interpolate linearly in its scale; "
-                                     "merge it (train.merge=true) and interpolate the merged model with base_model")
-        for name in scaling:
-            scaling[name] = scaling[name] * alpha
-        scaled += 1
+    layers = [m for m in model.modules() if isinstance(m, LoraLayer)]
+    if any(any(layer.use_dora.values()) for layer in layers):
+        raise InterpolationError("adapter_scale: a DoRA adapter does not interpolate linearly in its scale; "
+                                 "merge it (train.merge=true) and interpolate the merged model with base_model")
+    for layer in layers:
+        layer.scale_layer(alpha)  # PEFT's own: the active adapters' scaling times alpha
+    scaled = len(layers)
     if not scaled:
         raise InterpolationError("adapter_scale: the model has no LoRA layer to scale")
     return scaled
