@@ -4,10 +4,13 @@
 
 Side by side in one process, same model (the embedded SmolLM2-135M-Instruct), same examples (the first N of
 mbpp-train), interleaved so that machine load hits every method alike; times are medians over repeats:
-  forgetless          length-bucketed right-padded batches, decoder once, LM head only on response rows (chunked)
-  forgetless-packed   the same buckets laid end to end in one row (``score.padding_free``; position ids restart)
-  plain               the padded buckets through ``model(...).logits``: the cost of a forward, no log-softmax
-  plain-packed        the packed rows through ``model(...).logits``
+  forgetless          the default: length buckets with <= 5% padding, the prompt prefix every example shares run once
+                      (its KV cache continued by each batch), LM head only on response rows (chunked)
+  forgetless-noprefix the same buckets without the shared prefix (what the prefix buys)
+  forgetless-packed   the same buckets laid end to end in one row (``score.padding_free``, position ids restarting:
+                      under sdpa it falls back to padded batches, this column shows why)
+  plain               ``model(...).logits`` on right-padded batches filling the token budget (as one would batch)
+  plain-packed        the same batches laid end to end in one row through ``model(...).logits``
   reference           one example at a time, full-vocabulary fp32 log_softmax, gather (the authors' way)
 Before timing, every method's per-token NLLs are checked against the reference (max relative ppl difference).
 Then where forgetless's time goes: the decoder, the LM head (response rows only) and the log-softmax + gather,
@@ -41,10 +44,20 @@ def response_ppl(nlls, encoded) -> torch.Tensor:
                       for n, e in zip(nlls, encoded)])
 
 
-def run_forgetless(model, tok, encoded, batch_tokens, padding_free=False):
+def run_forgetless(model, tok, encoded, batch_tokens):
     from forgetless.lm.scoring import score_encoded
 
-    return score_encoded(model, encoded, tok.pad_token_id, batch_tokens, shared=False, padding_free=padding_free)
+    return score_encoded(model, encoded, tok.pad_token_id, batch_tokens, shared=False)
+
+
+def run_layout(model, tok, encoded, batch_tokens, padding_free=False):
+    """forgetless's buckets without the shared prefix, padded or packed (score_batch itself: no fallback)."""
+    from forgetless.lm.scoring import score_batch, score_buckets
+
+    nll = {}
+    for batch in score_buckets([len(e) for e in encoded], batch_tokens):
+        nll.update(score_batch(model, encoded, batch, tok.pad_token_id, padding_free=padding_free))
+    return [nll[i] for i in range(len(encoded))]
 
 
 @torch.no_grad()
@@ -77,7 +90,8 @@ def run_reference(model, tok, encoded, batch_tokens):
 
 METHODS = {
     "forgetless": run_forgetless,
-    "forgetless-packed": lambda m, t, e, b: run_forgetless(m, t, e, b, padding_free=True),
+    "forgetless-noprefix": run_layout,
+    "forgetless-packed": lambda m, t, e, b: run_layout(m, t, e, b, padding_free=True),
     "plain": run_plain,
     "plain-packed": lambda m, t, e, b: run_plain(m, t, e, b, packed=True),
     "reference": run_reference,
@@ -86,17 +100,22 @@ METHODS = {
 
 @torch.no_grad()
 def breakdown(model, tok, encoded, batch_tokens) -> dict[str, float]:
-    """Seconds in the decoder, the LM head on response rows, and log-softmax + gather, over the padded buckets."""
+    """Seconds of the default path in the decoder (the shared prefix's once, then each batch's rows continuing its
+    cache), the LM head on response rows, and log-softmax + gather."""
     from forgetless.core.logits import chunk_rows, head_logits, split_causal_lm, target_nll
-    from forgetless.lm.batching import length_buckets
-    from forgetless.lm.scoring import pad_batch
+    from forgetless.lm.scoring import SharedPrefix, pad_batch, score_buckets
+    from forgetless.lm.templates import Encoded
 
     decoder, head, softcap = split_causal_lm(model)
+    prefix = SharedPrefix()
     spent = {"decoder": 0.0, "lm_head": 0.0, "log_softmax": 0.0}
-    for batch in length_buckets([len(e) for e in encoded], batch_tokens):
-        ids, attention, response = pad_batch([encoded[i] for i in batch], tok.pad_token_id)
+    for batch in score_buckets([len(e) for e in encoded], batch_tokens):
         t0 = time.perf_counter()
-        hidden = decoder(input_ids=ids, attention_mask=attention, use_cache=False).last_hidden_state
+        skip, cache = prefix.cache_for(model, [encoded[i] for i in batch])
+        ids, attention, response = pad_batch([Encoded(encoded[i].input_ids[skip:], encoded[i].response_mask[skip:])
+                                              for i in batch], tok.pad_token_id)
+        full = torch.cat([attention.new_ones(len(batch), skip), attention], dim=1)
+        hidden = decoder(input_ids=ids, attention_mask=full, past_key_values=cache, use_cache=cache is not None).last_hidden_state
         t1 = time.perf_counter()
         predict = response[:, 1:].bool() & attention[:, 1:].bool()
         rows, targets = hidden[:, :-1][predict], ids[:, 1:][predict]
@@ -113,12 +132,23 @@ def breakdown(model, tok, encoded, batch_tokens) -> dict[str, float]:
     return spent
 
 
+def layout(encoded, batch_tokens) -> dict:
+    """What the default path computes: batches, padding share, tokens the shared prefix saves."""
+    from forgetless.lm.scoring import common_prefix, prefix_limit, score_buckets
+
+    batches = score_buckets([len(e) for e in encoded], batch_tokens)
+    padded = sum(len(b) * len(encoded[b[0]]) for b in batches)
+    shared = common_prefix([e.input_ids for e in encoded], [prefix_limit(e) for e in encoded])
+    return {"batches": len(batches), "padding_share": 1 - sum(len(e) for e in encoded) / padded,
+            "shared_prefix_tokens": shared, "prefix_share_of_tokens": shared * (len(encoded) - 1) / sum(len(e) for e in encoded)}
+
+
 def bench(n_examples: int, repeats: int, batch_tokens: int) -> dict:
     model, tok, encoded = setup(n_examples)
     tokens = sum(len(e) for e in encoded)
     reference = response_ppl(run_reference(model, tok, encoded, batch_tokens), encoded)
     diffs = {}
-    for name in ("forgetless", "forgetless-packed"):
+    for name in ("forgetless", "forgetless-noprefix", "forgetless-packed"):
         ppl = response_ppl(METHODS[name](model, tok, encoded, batch_tokens), encoded)
         diffs[name] = (ppl - reference).abs().div(reference).max().item()
     times: dict[str, list[float]] = {m: [] for m in METHODS}
@@ -136,9 +166,9 @@ def bench(n_examples: int, repeats: int, batch_tokens: int) -> dict:
             "tokens_per_s": {m: tokens / t for m, t in med.items()},
             "speed_vs_reference": {m: med["reference"] / t for m, t in med.items()},
             "forgetless_vs_plain": {"padded": med["plain"] / med["forgetless"],
-                                    "packed": med["plain-packed"] / med["forgetless-packed"],
-                                    "best_vs_best": min(med["plain"], med["plain-packed"])
-                                    / min(med["forgetless"], med["forgetless-packed"])},
+                                    "packed": med["plain-packed"] / med["forgetless"],
+                                    "best": min(med["plain"], med["plain-packed"]) / med["forgetless"]},
+            "layout": layout(encoded, batch_tokens),
             "share_of_time": {k: v / sum(parts.values()) for k, v in parts.items()}}
 
 
@@ -158,8 +188,10 @@ def main() -> None:
         print(f"{'method':<20}{'seconds':>9}{'tokens/s':>10}{'vs reference':>14}")
         for m in METHODS:
             print(f"{m:<20}{r['seconds'][m]:>9.2f}{r['tokens_per_s'][m]:>10.0f}{r['speed_vs_reference'][m]:>13.2f}x")
-        print("forgetless vs plain forward: padded {padded:.2f}x, packed {packed:.2f}x, best vs best {best_vs_best:.2f}x"
+        print("forgetless vs plain forward: padded {padded:.2f}x, packed {packed:.2f}x, the faster of the two {best:.2f}x"
               .format(**r["forgetless_vs_plain"]))
+        print("default layout: {batches} batches, {padding_share:.1%} padding, shared prefix {shared_prefix_tokens} tokens "
+              "({prefix_share_of_tokens:.0%} of all tokens computed once)".format(**r["layout"]))
         print("share of forgetless's time: " + ", ".join(f"{k} {v:.0%}" for k, v in r["share_of_time"].items()))
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(results, indent=2) + "\n")

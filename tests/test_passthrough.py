@@ -129,13 +129,15 @@ def test_token_nll_alignment_at_the_seam():
 
 
 def test_padding_free_scoring_equals_padded(tokenizer, leaky_attention, caplog):
-    from forgetless.lm.scoring import score_encoded
+    from forgetless.lm.scoring import score_batch, score_encoded
 
     model = build_model(len(tokenizer), seed=4)
     encoded = [Encoded(list(range(40, 40 + n)), [0] * (n // 2) + [1] * (n - n // 2)) for n in (9, 5, 12, 7, 3)]
     encoded.append(Encoded([50, 51, 52, 53], [1, 1, 1, 1]))  # a response token at position 0: never scored
     padded = score_encoded(model, encoded, tokenizer.pad_token_id, batch_tokens=30)
-    flat = score_encoded(model, encoded, tokenizer.pad_token_id, batch_tokens=30, padding_free=True)
+    # Packed rows themselves (score_encoded packs only under a varlen kernel: under sdpa it scores padded).
+    rows = score_batch(model, encoded, list(range(len(encoded))), tokenizer.pad_token_id, padding_free=True)
+    flat = [rows[i] for i in range(len(encoded))]
     for p, f, e in zip(padded, flat, encoded):
         assert p.shape == f.shape == (len(e),)
         assert ((p != p) == (f != f)).all()  # NaN at the same places: off the response, and position 0

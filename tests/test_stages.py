@@ -10,7 +10,8 @@ import torch
 
 from conftest import build_tokenizer, cli, kill_mid_run, run_to_end
 from forgetless.mask.stage import MaskConfig, run_mask
-from forgetless.score.stage import ScoreConfig, length_buckets, run_score
+from forgetless.lm.batching import length_buckets
+from forgetless.score.stage import ScoreConfig, run_score
 
 
 @pytest.fixture
@@ -50,11 +51,13 @@ def test_scores_file_columns_and_alignment(tiny_model_dir, data_file, tmp_path):
     assert {"model", "template", "data", "max_length"} <= set(manifest["key"]) and "torch" in manifest["versions"]
 
 
-def test_padding_free_scoring_stage_equals_padded(tiny_model_dir, data_file, tmp_path):
-    """``padding_free`` and ``attn_implementation`` reach the scoring: the same NLLs as padded sdpa batches."""
+def test_padding_free_scoring_stage_equals_padded(tiny_model_dir, data_file, tmp_path, caplog):
+    """``padding_free`` and ``attn_implementation`` reach the scoring (eager packs through a dense mask, so it scores
+    padded and says why): the same NLLs as padded sdpa batches."""
     padded = pq.read_table(score(tiny_model_dir, data_file, tmp_path / "padded") / "scores.parquet")
     flat = pq.read_table(score(tiny_model_dir, data_file, tmp_path / "flat", padding_free=True,
                                attn_implementation="eager") / "scores.parquet")
+    assert "with eager attention a packed row attends over its whole length" in caplog.text
     a, b = flat_nll(padded), flat_nll(flat)
     assert (np.isnan(a) == np.isnan(b)).all() and np.nanmax(np.abs(a - b)) < 1e-5
 

@@ -60,16 +60,26 @@ def rows_nll(head, hidden: torch.Tensor, targets: torch.Tensor, softcap: float |
 
 
 def token_nll(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, score_mask: torch.Tensor,
-              position_ids: torch.Tensor | None = None) -> torch.Tensor:
+              position_ids: torch.Tensor | None = None, past_key_values=None) -> torch.Tensor:
     """NLL of each token where ``score_mask`` is set, NaN elsewhere: ``(B, T) -> (B, T)`` fp32.
 
     Position 0 is never scored. Padding-free rows (:mod:`forgetless.core.packing`) pass ``attention_mask=None`` and
     ``position_ids`` restarting at 0: a token at position 0 starts a sequence and is not scored either (the row
-    before it belongs to the previous sequence). Differentiable when called with grad enabled.
+    before it belongs to the previous sequence). ``past_key_values``: the KV cache of ``P`` tokens every row
+    continues (a shared prompt prefix, :class:`forgetless.lm.scoring.SharedPrefix`), batch size ``B``; the rows
+    are the tokens after it (positions ``P..``), ``attention_mask`` covers those only, and position 0 here is
+    token ``P``, still not scored. Differentiable when called with grad enabled.
     """
     decoder, head, softcap = split_causal_lm(model)
-    hidden = decoder(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                     use_cache=False).last_hidden_state  # (B, T, H)
+    if past_key_values is None:
+        hidden = decoder(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                         use_cache=False).last_hidden_state  # (B, T, H)
+    else:
+        seen = past_key_values.get_seq_length()
+        full = attention_mask if attention_mask is None else torch.cat(
+            [attention_mask.new_ones(attention_mask.shape[0], seen), attention_mask], dim=1)
+        hidden = decoder(input_ids=input_ids, attention_mask=full, past_key_values=past_key_values,
+                         use_cache=True).last_hidden_state
     predict = score_mask[:, 1:].bool()  # token i predicted from row i-1
     if attention_mask is not None:
         predict = predict & attention_mask[:, 1:].bool()

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from forgetless.lm.decode import DecodingSettings, Sampled, sample_batch
-from forgetless.lm.scoring import score_encoded
+from forgetless.lm.scoring import SharedPrefix, score_encoded
 from forgetless.lm.templates import Encoded
 from forgetless.lm.vllm_backend import resolve_backend
 
@@ -23,6 +23,7 @@ class HfEngine:
 
     def __init__(self, model, tokenizer, batch_tokens: int = 8192, padding_free: bool = False):
         self.model, self.tokenizer, self.batch_tokens, self.padding_free = model, tokenizer, batch_tokens, padding_free
+        self.prefix = SharedPrefix()  # the prompt prefix the examples share, computed once for all score() calls
 
     def sample(self, prompts: list[list[int]], k: int, settings: DecodingSettings, seed: int) -> list[list[Sampled]]:
         torch.manual_seed(seed)  # the batch's samples do not depend on what ran before
@@ -30,7 +31,7 @@ class HfEngine:
 
     def score(self, encoded: list[Encoded]) -> list[np.ndarray]:
         return score_encoded(self.model, encoded, self.tokenizer.pad_token_id, self.batch_tokens, shared=False,
-                            padding_free=self.padding_free)
+                            padding_free=self.padding_free, prefix=self.prefix)
 
     def close(self) -> None:
         """Nothing to free: the model goes when the engine does."""

@@ -21,9 +21,8 @@ from forgetless.lm import artifacts, distributed
 from forgetless.lm.data import Example, fingerprint_examples, load_examples
 from forgetless.lm.modeling import EMBEDDED, load_tokenizer, model_fingerprint
 from forgetless.lm.engines import open_engine
-from forgetless.lm.batching import length_buckets
 from forgetless.lm.progress import progress
-from forgetless.lm.scoring import score_encoded  # noqa: F401  (re-exported: the stage's Python entry point)
+from forgetless.lm.scoring import score_buckets, score_encoded  # noqa: F401  (re-exported: the stage's Python entry point)
 from forgetless.core.tokenstats import score_statistics
 from forgetless.lm.templates import Encoded, encode_conversation, template_hash
 from forgetless.lm.vllm_backend import check_backend_settings, resolve_backend
@@ -178,7 +177,7 @@ def score_in_parts(score_fn: Callable[[list[Encoded]], list[np.ndarray]], encode
     distributed.barrier()
     done = read_parts(parts_dir)
     lengths = [len(e) for e in encoded]
-    batches = length_buckets(lengths, batch_tokens)
+    batches = score_buckets(lengths, batch_tokens)
     numbered = [b for b in range(len(batches)) if any(i not in done for i in batches[b])]
     if done:
         logger.info("resuming: %d of %d examples already scored in %s", len(done), len(encoded), parts_dir)
