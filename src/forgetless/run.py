@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import resource
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -90,7 +92,10 @@ def run_once(out: Path, settings: dict, fn: Callable[[], Any], what: str) -> Pat
         logger.info("%s: done already (%s)", what, out)
         return out
     logger.info("%s -> %s", what, out)
+    start = time.perf_counter()
     fn()
+    logger.info("%s: done in %.0f s (this process's peak RSS so far: %.1f GiB)", what, time.perf_counter() - start,
+                resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20)  # ru_maxrss: KiB on Linux
     if distributed.is_main():
         artifacts.write_json(out / STAMP, settings)
     distributed.barrier()

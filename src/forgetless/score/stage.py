@@ -54,10 +54,10 @@ class ScoreConfig:
     attn_implementation: str | None = field(default=None, metadata={
         "help": "transformers attention: sdpa, eager, flash_attention_2, ... (default: transformers' choice)"})
     padding_free: bool = field(default=False, metadata={
-        "help": "score each batch as one row without padding (position_ids restart per example), when the model's "
-                "attention keeps the examples apart (checked; else padded batches, with a warning). Off by default: with sdpa "
-                "the packed row attends over its whole length, 0.57-0.96x the padded speed on CPU (README, benchmarks); "
-                "for varlen kernels (flash_attention_2)"})
+        "help": "score each batch as one row without padding (position_ids restart per example), under a varlen "
+                "attention kernel (flash_attention_2/3) that keeps the examples apart (checked). With sdpa or eager "
+                "a packed row attends over its whole length through a dense mask, slower than padded batches "
+                "(benchmarks/bench_score.py): those score padded, with a warning"})
     out_dir: str = field(default="runs/default/scores", metadata={"help": "output directory"})
 
     def __post_init__(self):
