@@ -7,7 +7,7 @@ Run from the repository root (about 7 minutes on an idle 2-core CPU at the defau
 
 Every variant trains the embedded model on the same data (the first ``--examples`` of the bundled ``mbpp-train``,
 chat messages), with the same LoRA (forgetless's ``TrainConfig`` defaults: r=16, alpha=32, dropout 0.05, every linear
-layer but the LM head), max length, examples per optimizer step (``--batch``; accumulation only in the -accum2
+layer but the LM head), max length, examples per optimizer step (``--batch``; accumulation only in the -accumK
 variants), learning rate, AdamW, linear schedule, clipping and seed, in fp32:
 
 * ``trl-padded``: ``SFTTrainer`` on a conversational prompt/completion dataset with ``completion_only_loss=True``;
@@ -18,9 +18,9 @@ variants), learning rate, AdamW, linear schedule, clipping and seed, in fp32:
 * ``forgetless-sft`` / ``forgetless-sft-packed``: ``run_train`` on the table ``forgetless run`` trains on,
   ``run_score`` -> ``run_mask(policy="none")``, padded or ``padding_free=True``.
 * ``forgetless-stm`` / ``forgetless-stm-packed``: the same on ``run_mask(policy="threshold", tau=2.5)``.
-* ``forgetless-sft-accum2`` / ``forgetless-stm-accum2``: padded, each step's ``--batch`` examples in two micro-batches
-  of half the size (``batch_size=batch/2, grad_accum=2``: the same examples and loss per step, normalised over the
-  whole step; half the activations held at once). What the demo runs.
+* ``forgetless-{sft,stm}-accum2`` / ``-accum4``: padded, each step's ``--batch`` examples in 2 (4) micro-batches
+  (``batch_size=batch/k, grad_accum=k``: the same examples and loss per step, normalised over the whole step; 1/k of
+  the activations held at once).
 
 TRL runs at its best CPU settings: activation (gradient) checkpointing off and ``bf16=False`` (SFTConfig defaults
 both to True), TRL's default chunked log-prob LM head, sdpa attention (flash attention needs CUDA; TRL 1.16 says
@@ -53,7 +53,8 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 VARIANTS = ("trl-padding-free", "trl-padded", "forgetless-sft", "forgetless-sft-packed", "forgetless-stm",
-            "forgetless-stm-packed", "forgetless-sft-accum2", "forgetless-stm-accum2")
+            "forgetless-stm-packed", "forgetless-sft-accum2", "forgetless-stm-accum2", "forgetless-sft-accum4",
+            "forgetless-stm-accum4")
 IGNORE = -100
 
 
@@ -166,7 +167,7 @@ def train_forgetless(name: str, args, work: Path, clock) -> dict:
     from forgetless.train.stage import run_train
 
     recipe, out = ("stm" if "stm" in name else "sft"), work / f"{name}-{args.round}"
-    accum = 2 if name.endswith("-accum2") else 1
+    accum = int(name.rsplit("-accum", 1)[1]) if "-accum" in name else 1
     config = TrainConfig(data=str(work / "masks" / recipe / "data.parquet"), output_dir=str(out), method=recipe,
                          max_steps=args.steps, batch_size=args.batch // accum, grad_accum=accum,
                          padding_free=name.endswith("-packed"),
@@ -286,7 +287,8 @@ def loss_checks(v: dict) -> list[tuple[str, float]]:
     loss over TRL's token count, i.e. prices TRL's extra tokens at 0 nats."""
     pairs = [("trl-padding-free", "trl-padded"), ("forgetless-sft-packed", "forgetless-sft"),
              ("forgetless-stm-packed", "forgetless-stm"), ("forgetless-sft-accum2", "forgetless-sft"),
-             ("forgetless-stm-accum2", "forgetless-stm"), ("forgetless-sft", "trl-padded")]
+             ("forgetless-stm-accum2", "forgetless-stm"), ("forgetless-sft-accum4", "forgetless-sft"),
+             ("forgetless-stm-accum4", "forgetless-stm"), ("forgetless-sft", "trl-padded")]
     out = [(f"{a} - {b}", v[a]["loss1"] - v[b]["loss1"]) for a, b in pairs if a in v and b in v]
     if "forgetless-sft" in v and "trl-padded" in v and v["trl-padded"]["step1_trained"]:
         ours, trl = v["forgetless-sft"], v["trl-padded"]
@@ -303,14 +305,16 @@ def report(v: dict, tokens: dict) -> dict:
         print(f"{name:<22} {s['s_per_step']:>7.2f} {s['tokens_per_s']:>7.1f} {trained} {s['rss_peak_gib']:>7.2f} "
               f"{s['hwm_gib']:>7.2f} {s['loss1']:>11.6f}")
     ratios = {}
-    sft = [n for n in ("forgetless-sft", "forgetless-sft-packed", "forgetless-sft-accum2") if n in v]
+    sft = [n for n in ("forgetless-sft", "forgetless-sft-packed", "forgetless-sft-accum2", "forgetless-sft-accum4")
+           if n in v]
     if sft:
         best = max(sft, key=lambda n: v[n]["tokens_per_s"])
         for trl in ("trl-padding-free", "trl-padded"):
             if trl in v:
                 ratios[f"{best} / {trl}"] = v[best]["tokens_per_s"] / v[trl]["tokens_per_s"]
     for stm, base in (("forgetless-stm", "forgetless-sft"), ("forgetless-stm-packed", "forgetless-sft-packed"),
-                      ("forgetless-stm-accum2", "forgetless-sft-accum2"), ("forgetless-sft-accum2", "forgetless-sft")):
+                      ("forgetless-stm-accum2", "forgetless-sft-accum2"), ("forgetless-stm-accum4", "forgetless-sft-accum4"),
+                      ("forgetless-sft-accum2", "forgetless-sft"), ("forgetless-sft-accum4", "forgetless-sft")):
         if stm in v and base in v:
             ratios[f"{stm} / {base}"] = v[stm]["tokens_per_s"] / v[base]["tokens_per_s"]
     print("\nthroughput ratios (tokens/s):")
@@ -336,8 +340,8 @@ def report(v: dict, tokens: dict) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--examples", type=int, default=32)
-    parser.add_argument("--batch", type=int, default=8, help="examples per optimizer step (even: the -accum2 "
-                        "variants split it in two micro-batches)")
+    parser.add_argument("--batch", type=int, default=8, help="examples per optimizer step (divisible by 4: the -accumK "
+                        "variants split it in K micro-batches)")
     parser.add_argument("--max-length", type=int, default=320)
     parser.add_argument("--steps", type=int, default=4, help="optimizer steps per run; step 1 is the warm-up")
     parser.add_argument("--repeats", type=int, default=1, help="rounds, variants interleaved in each")
