@@ -7,7 +7,7 @@ cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
 export HF_HUB_OFFLINE=1 FORGETLESS_PROGRESS=0
 mkdir -p benchmarks/results
-echo "## scoring: forgetless padded / packed vs plain forward vs batch-1 reference";  $PY benchmarks/bench_score.py --examples 8 24 96
+echo "## scoring: forgetless (default, no prefix, packed) vs plain forward vs batch-1 reference";  $PY benchmarks/bench_score.py --examples 8 24 96
 echo "## scoring cost vs sequence length and data size";     $PY benchmarks/bench_score_scale.py
 echo "## training step: stm vs sft vs plain HF Trainer";      $PY benchmarks/bench_train.py --batch 4 --length 512 --steps 3 --json benchmarks/results/bench_train.json
 echo "## training end to end: forgetless sft / stm, padded / packed / 4 micro-batches vs TRL SFTTrainer"

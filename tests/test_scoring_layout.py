@@ -125,3 +125,20 @@ def test_score_batch_layouts_hand_aligned(tokenizer, padding_free):
     got = score_batch(model, encoded, [0, 1, 2], tokenizer.pad_token_id, padding_free=padding_free)
     assert_same([got[i] for i in range(3)], [batch1_nll(model, e) for e in encoded])
     assert np.isnan(got[2][0])  # position 0 is never scored
+
+
+def test_a_cache_that_cannot_be_reused_scores_without_the_prefix(tokenizer, monkeypatch, caplog):
+    """A model whose cache cannot be cropped or repeated (some hybrid caches): one log line, then no prefix, and the
+    same NLLs."""
+    model = build_model(len(tokenizer), seed=11)
+    encoded = [example([60, 61, 62, 63], 1), example([70, 71, 72, 73], 2)]
+
+    def refuse(self, n, rows):
+        raise NotImplementedError("this cache cannot be repeated")
+
+    monkeypatch.setattr(SharedPrefix, "_repeat", refuse)
+    prefix = SharedPrefix()
+    with caplog.at_level(logging.INFO):
+        got = score_encoded(model, encoded, tokenizer.pad_token_id, shared=False, prefix=prefix)
+    assert prefix.unsupported and prefix.states is None and "without a shared prefix" in caplog.text
+    assert_same(got, [batch1_nll(model, e) for e in encoded])

@@ -75,23 +75,22 @@ class SharedPrefix:
             return 0, None
         limits = [prefix_limit(e) for e in chosen]
         sequences = [e.input_ids for e in chosen]
-        if self.model is model and self.tokens:
-            n = common_prefix([self.tokens, *sequences], [len(self.tokens), *limits])
-            if n >= MIN_PREFIX:
-                return n, self._repeat(n, len(chosen))
-        n = common_prefix(sequences, limits)
-        if n < MIN_PREFIX:
-            return 0, None
         try:
+            if self.model is model and self.tokens:
+                n = common_prefix([self.tokens, *sequences], [len(self.tokens), *limits])
+                if n >= MIN_PREFIX:
+                    return n, self._repeat(n, len(chosen))
+            n = common_prefix(sequences, limits)
+            if n < MIN_PREFIX:
+                return 0, None
             decoder = split_causal_lm(model)[0]
-            device = next(model.parameters()).device
-            ids = torch.tensor([sequences[0][:n]], device=device)
+            ids = torch.tensor([sequences[0][:n]], device=next(model.parameters()).device)
             self.states = decoder(input_ids=ids, use_cache=True).past_key_values
             self.tokens, self.model = sequences[0][:n], model
             return n, self._repeat(n, len(chosen))
         except (AttributeError, NotImplementedError, TypeError, ValueError) as exc:
             logger.info("scoring without a shared prefix: this model's cache cannot be reused (%s)", exc)
-            self.unsupported, self.states, self.model = True, None, None
+            self.unsupported, self.states, self.model, self.tokens = True, None, None, []
             return 0, None
 
     def _repeat(self, n: int, rows: int):
