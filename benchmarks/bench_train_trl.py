@@ -20,7 +20,7 @@ variants), learning rate, AdamW, linear schedule, clipping and seed, in fp32:
 * ``forgetless-stm`` / ``forgetless-stm-packed``: the same on ``run_mask(policy="threshold", tau=2.5)``.
 * ``forgetless-{sft,stm}-accum2`` / ``-accum4``: padded, each step's ``--batch`` examples in 2 (4) micro-batches
   (``batch_size=batch/k, grad_accum=k``: the same examples and loss per step, normalised over the whole step; 1/k of
-  the activations held at once).
+  the activations held at once). ``-ftz``: the same with ``torch.set_flush_denormal(True)``.
 
 TRL runs at its best CPU settings: activation (gradient) checkpointing off and ``bf16=False`` (SFTConfig defaults
 both to True), TRL's default chunked log-prob LM head, sdpa attention (flash attention needs CUDA; TRL 1.16 says
@@ -42,6 +42,7 @@ import argparse
 import collections
 import json
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -54,7 +55,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 VARIANTS = ("trl-padding-free", "trl-padded", "forgetless-sft", "forgetless-sft-packed", "forgetless-stm",
             "forgetless-stm-packed", "forgetless-sft-accum2", "forgetless-stm-accum2", "forgetless-sft-accum4",
-            "forgetless-stm-accum4")
+            "forgetless-stm-accum4", "forgetless-sft-accum4-ftz", "forgetless-stm-accum4-ftz")
 IGNORE = -100
 
 
@@ -163,11 +164,15 @@ def train_trl(name: str, args, work: Path, clock) -> dict:
 
 
 def train_forgetless(name: str, args, work: Path, clock) -> dict:
+    import torch
+
     from forgetless.train.config import TrainConfig
     from forgetless.train.stage import run_train
 
     recipe, out = ("stm" if "stm" in name else "sft"), work / f"{name}-{args.round}"
-    accum = int(name.rsplit("-accum", 1)[1]) if "-accum" in name else 1
+    accum = int(re.search(r"-accum(\d+)", name).group(1)) if "-accum" in name else 1
+    if name.endswith("-ftz"):  # flush denormals to zero (x86 FTZ/DAZ): tiny softmax tails cost no slow path
+        torch.set_flush_denormal(True)
     config = TrainConfig(data=str(work / "masks" / recipe / "data.parquet"), output_dir=str(out), method=recipe,
                          max_steps=args.steps, batch_size=args.batch // accum, grad_accum=accum,
                          padding_free=name.endswith("-packed"),
