@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from forgetless.lm.decode import DecodingSettings, Sampled, sample_batch
-from forgetless.lm.scoring import SharedPrefix, score_encoded
+from forgetless.lm.scoring import SharedPrefix, score_encoded, use_padding_free
 from forgetless.lm.templates import Encoded
 from forgetless.lm.vllm_backend import resolve_backend
 
@@ -22,7 +22,9 @@ class HfEngine:
     """Sampling and scoring with a Hugging Face model in memory."""
 
     def __init__(self, model, tokenizer, batch_tokens: int = 8192, padding_free: bool = False):
-        self.model, self.tokenizer, self.batch_tokens, self.padding_free = model, tokenizer, batch_tokens, padding_free
+        self.model, self.tokenizer, self.batch_tokens = model, tokenizer, batch_tokens
+        # Decided once here: the score stage calls score() once per batch, and the check and its warning need not repeat.
+        self.padding_free = use_padding_free(model, padding_free)
         self.prefix = SharedPrefix()  # the prompt prefix the examples share, computed once for all score() calls
 
     def sample(self, prompts: list[list[int]], k: int, settings: DecodingSettings, seed: int) -> list[list[Sampled]]:
