@@ -31,15 +31,14 @@ def scale_lora(model, alpha: float) -> int:
 
     check_alpha(alpha)
     layers = [m for m in model.modules() if isinstance(m, LoraLayer)]
+    if not layers:
+        raise InterpolationError("adapter_scale: the model has no LoRA layer to scale")
     if any(any(layer.use_dora.values()) for layer in layers):
         raise InterpolationError("adapter_scale: a DoRA adapter does not interpolate linearly in its scale; "
                                  "merge it (train.merge=true) and interpolate the merged model with base_model")
     for layer in layers:
         layer.scale_layer(alpha)  # PEFT's own: the active adapters' scaling times alpha
-    scaled = len(layers)
-    if not scaled:
-        raise InterpolationError("adapter_scale: the model has no LoRA layer to scale")
-    return scaled
+    return len(layers)
 
 
 @torch.no_grad()
