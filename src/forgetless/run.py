@@ -16,8 +16,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import resource
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -30,11 +28,10 @@ from forgetless.mask.stage import MASKED_FILE, MaskConfig, run_mask
 from forgetless.report.stage import ReportConfig, run_report
 from forgetless.train.probe import probe_callbacks
 from forgetless.lm.modeling import EMBEDDED
+from forgetless.lm.stamps import STAMP, run_once
 from forgetless.score.stage import SCORES_FILE, ScoreConfig, run_score
 
 logger = logging.getLogger(__name__)
-
-STAMP = ".run_stamp.json"
 
 # Methods whose training data, unless given as `data`, the generate stage makes from the target data.
 GENERATED = {"self-output": "self_output", "rephrase": "rephrase"}
@@ -72,34 +69,6 @@ class RunConfig:
             raise ValueError(f"seeds repeat: {list(self.seeds)}")
         if "model" in self.score:
             raise ValueError("set the scoring model with score_model, not score.model")
-
-
-def stage_done(out: Path, settings: dict) -> bool:
-    """True when ``out`` holds a finished stage made with ``settings`` (compared as JSON: tuples read back as lists)."""
-    stamp = out / STAMP
-    if not stamp.is_file():
-        return False
-    changed = artifacts.stale_fields(artifacts.read_json(stamp), settings)
-    if changed:
-        logger.info("%s: re-running, %s changed", out, ", ".join(changed))
-    return not changed
-
-
-def run_once(out: Path, settings: dict, fn: Callable[[], Any], what: str) -> Path:
-    """Run ``fn`` unless ``out`` already holds its result for the same ``settings``. Under a launcher every
-    process runs it, the first writes the stamp, and all wait for it before the next stage."""
-    if stage_done(out, settings):
-        logger.info("%s: done already (%s)", what, out)
-        return out
-    logger.info("%s -> %s", what, out)
-    start = time.perf_counter()
-    fn()
-    logger.info("%s: done in %.0f s (this process's peak RSS so far: %.1f GiB)", what, time.perf_counter() - start,
-                resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20)  # ru_maxrss: KiB on Linux
-    if distributed.is_main():
-        artifacts.write_json(out / STAMP, settings)
-    distributed.barrier()
-    return out
 
 
 def make(cls: type, values: dict[str, Any], where: str) -> Any:
