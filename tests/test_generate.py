@@ -3,6 +3,8 @@ with an injected verifier, and verifiers for MBPP (real sandbox) and math answer
 
 from __future__ import annotations
 
+import dataclasses
+
 import json
 import math
 from pathlib import Path
@@ -32,17 +34,16 @@ def test_left_pad_and_cut_at_stop():
 
 
 def test_sample_batch_keeps_prompt_order_and_the_decode_stop_rule(tokenizer, tiny_model):
-    """k samples per prompt, adjacent rows of one generate call, cut like decode_ids cuts."""
+    """k samples per prompt, cut like decode_ids cuts."""
     prompts = [tokenizer.encode("Write a python"), tokenizer.encode("def add(a, b):"), tokenizer.encode("hello")]
     settings = DecodingSettings(8, greedy=False, temperature=0.7, top_p=0.9)
-    torch.manual_seed(3)
-    sampled = sample_batch(tiny_model, tokenizer, prompts, 2, settings)
+    sampled = sample_batch(tiny_model, tokenizer, prompts, 2, settings, seed=3)
     assert [len(row) for row in sampled] == [2, 2, 2]
     assert all(s.finished or s.new_tokens == 8 for row in sampled for s in row)
     # With k = 1 and a single prompt, one sample is what decode_ids draws from the same seed.
-    torch.manual_seed(0)
-    (one,) = sample_batch(tiny_model, tokenizer, prompts[:1], 1, settings)[0]
-    (ids, stop), = decode_ids(tiny_model, tokenizer, prompts[:1], settings, show_progress=False)
+    (one,) = sample_batch(tiny_model, tokenizer, prompts[:1], 1, settings, seed=5)[0]
+    (ids, stop), = decode_ids(tiny_model, tokenizer, prompts[:1], dataclasses.replace(settings, seed=5),
+                              show_progress=False)
     assert one.text == tokenizer.decode(ids, skip_special_tokens=True) and one.finished == (stop is not None)
     with pytest.raises(ValueError, match="greedy"):
         sample_batch(tiny_model, tokenizer, prompts, 2, DecodingSettings(8))

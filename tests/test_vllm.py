@@ -20,6 +20,7 @@ import torch
 
 import forgetless.lm.vllm_backend as vb
 from conftest import build_model, build_tokenizer, conversations
+from forgetless.lm.continuous import SlotDecoder
 from forgetless.lm.decode import DecodingSettings, generate, stop_token_ids
 from forgetless.lm.templates import encode_conversation, encode_prompt, render
 from forgetless.lm.vllm_backend import BackendError, VllmEngine, prompt_nll, resolve_backend
@@ -103,11 +104,10 @@ def test_generation_prompts_are_the_hf_paths_token_ids(fake_vllm, monkeypatch, t
 
     (call,) = fake_vllm.made[0].calls
     sent = [p["prompt_token_ids"] for p in call["prompts"]]
-    # What the HF path hands model.generate, padding removed.
+    # What the HF path decodes (the slot decoder's prompts).
     model, seen = build_model(len(tok)), []
-    real = model.generate
-    monkeypatch.setattr(model, "generate", lambda input_ids, attention_mask, **kw: (
-        seen.extend(row[m.bool()].tolist() for row, m in zip(input_ids, attention_mask)), real(input_ids=input_ids, attention_mask=attention_mask, **kw))[1])
+    real = SlotDecoder.run
+    monkeypatch.setattr(SlotDecoder, "run", lambda self, ids, *rest: (seen.extend(ids), real(self, ids, *rest))[1])
     generate(model, tok, prompts, DecodingSettings(max_new_tokens=2), show_progress=False)
     assert sorted(sent) == sorted(seen) and sent == [encode_prompt(tok, m) for m in prompts]
     for ids, messages in zip(sent, prompts):  # the prompt part of the encoding that is scored and trained on

@@ -1,14 +1,16 @@
-"""Batched generation from chat prompts with a Hugging Face causal LM.
+"""Generation from chat prompts with a Hugging Face causal LM: the one decode loop of eval, retention, Self-Output,
+Rephrase and replay.
 
-Prompts are rendered with the chat template (``add_generation_prompt=True``), sorted by length
-so a batch holds prompts of similar length (less padding), left-padded (new tokens line up at
-the right edge), and decoded greedily by default. Generation stops at the end of the turn: the
-tokenizer's eos and, when the vocabulary has them, ``<|im_end|>``/``<|eot_id|>``/``<end_of_turn>``.
-:func:`sample_batch` draws ``k`` samples per prompt (Self-Output) with the same config and stop rule.
+Prompts are rendered with the chat template (``add_generation_prompt=True``) and decoded greedily by default, by
+continuous batching (:mod:`forgetless.lm.continuous`: a fixed number of live rows, each refilled with the next
+prompt as soon as its answer stops, the prompts' shared prefix computed once). Generation stops at the end of the
+turn: the tokenizer's eos and, when the vocabulary has them, ``<|im_end|>``/``<|eot_id|>``/``<end_of_turn>``.
+:func:`sample_batch` draws ``k`` samples per prompt (Self-Output) with the same loop and stop rule.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from dataclasses import dataclass
@@ -17,11 +19,13 @@ import torch
 
 from forgetless.lm import distributed
 from forgetless.lm.batching import left_pad, right_pad  # noqa: F401  (right_pad: also imported from here)
-from forgetless.lm.progress import progress
+from forgetless.lm.continuous import SlotDecoder, supports_slots
+from forgetless.lm.progress import counter
 from forgetless.lm.templates import encode_prompt
 
 logger = logging.getLogger(__name__)
 
+DEFAULT_ROWS = 32  # live rows of continuous batching: the sweep in benchmarks/bench_generation.py
 END_OF_TURN = ("<|im_end|>", "<|eot_id|>", "<end_of_turn>", "<|endoftext|>", "<|end|>")
 
 
@@ -76,42 +80,92 @@ def _generate_batch(model, tokenizer, prompts: list[list[int]], config) -> list[
     return decoded
 
 
-def batch_seed(seed: int, batch_index: int) -> int:
-    """Seed of one sampled batch: depends only on the seed and the batch's position, so a resumed run, or a batch
-    decoded by another process of a launch, samples the same."""
-    return seed * 1_000_003 + batch_index
+def batch_seed(seed: int, index: int) -> int:
+    """Seed of one sampled prompt (or sample): depends only on the seed and the prompt's position in the call, so
+    a resumed run, another batching, or another process of a launch samples the same."""
+    return seed * 1_000_003 + index
+
+
+def pick_tokens(settings: DecodingSettings):
+    """``pick(logits, rows) -> (n,)`` for :class:`~forgetless.lm.continuous.SlotDecoder`: argmax, or a sample from
+    the temperature / top-p distribution drawn with each row's own generator."""
+    if settings.greedy:
+        return lambda logits, rows: logits.argmax(-1)
+    from transformers.generation.logits_process import TemperatureLogitsWarper, TopPLogitsWarper
+
+    warpers = [TemperatureLogitsWarper(settings.temperature)]
+    if settings.top_p < 1:
+        warpers.append(TopPLogitsWarper(settings.top_p))
+
+    def pick(logits, rows):
+        for warp in warpers:
+            logits = warp(None, logits)
+        probs = torch.softmax(logits, dim=-1)  # (n, V)
+        return torch.cat([torch.multinomial(probs[r], 1, generator=row.generator) for r, row in enumerate(rows)])
+
+    return pick
+
+
+def _generator(seed: int, device) -> torch.Generator:
+    return torch.Generator(device=device).manual_seed(seed)
 
 
 @torch.no_grad()
 def decode_ids(model, tokenizer, prompts: list[list[int]], settings: DecodingSettings = DecodingSettings(),
-               batch_size: int = 8, show_progress: bool = True, description: str = "generating") -> list[tuple[list[int], int | None]]:
-    """The one decode loop: for each prompt (token ids), ``(new token ids, stop id)`` in input order.
+               batch_size: int | None = None, show_progress: bool = True, description: str = "generating",
+               samples: int = 1) -> list[tuple[list[int], int | None]]:
+    """The one decode loop: for each prompt (token ids), ``(new token ids, stop id)`` in input order (``samples``
+    answers a prompt: ``samples`` entries per prompt, adjacent).
 
-    New ids are cut before the first stop token (eos or an end-of-turn marker); ``stop id`` is
-    that token, or None when the answer was cut at ``max_new_tokens``. Prompts are sorted longest
-    first so a batch holds similar lengths, and left-padded so new tokens start in one column.
-    Sampling seeds each batch by its position (:func:`batch_seed`). Under a multi-process launch the
-    batches are shared among the processes, which must all call this with the same prompts
-    (:mod:`forgetless.lm.distributed`).
+    New ids are cut before the first stop token (eos or an end-of-turn marker); ``stop id`` is that token, or None
+    when the answer was cut at ``max_new_tokens``. ``batch_size`` rows are decoded at once (default
+    :data:`DEFAULT_ROWS`) by continuous batching (:mod:`forgetless.lm.continuous`): a row that stops is replaced by
+    the next prompt, so no step is spent on a finished answer. Models it cannot run (sliding windows, flash kernels)
+    decode in left-padded ``model.generate`` batches of ``batch_size``. A sampled answer draws from its own
+    generator, seeded by its position in the call (:func:`batch_seed`). Under a multi-process launch the prompts
+    are shared among the processes, which must all call this with the same prompts (:mod:`forgetless.lm.distributed`).
     """
     if not prompts:
         return []
-    lengths = [len(p) for p in prompts]
-    order = sorted(range(len(prompts)), key=lambda i: -lengths[i])
-    config = _generation_config(tokenizer, settings)
-    batches = [order[b:b + batch_size] for b in range(0, len(order), batch_size)]
-    number = {tuple(rows): n for n, rows in enumerate(batches)}
-    mine = distributed.share(batches, lengths)
+    rows = batch_size or DEFAULT_ROWS
+    entries = [(p, s) for p in range(len(prompts)) for s in range(samples)]  # entry e = p * samples + s
+    lengths = [len(prompts[p]) for p, _ in entries]
+    order = sorted(range(len(entries)), key=lambda e: -lengths[e])
+    mine = [e for [e] in distributed.share([[e] for e in order], lengths)]
     results: dict[int, tuple[list[int], int | None]] = {}
     start = time.monotonic()
-    bar = progress(mine, description, sum(map(len, mine)), count=len) if show_progress else mine
-    for rows in bar:
-        if not settings.greedy:
-            torch.manual_seed(batch_seed(settings.seed, number[tuple(rows)]))
-        results.update(zip(rows, _generate_batch(model, tokenizer, [prompts[i] for i in rows], config)))
+    with counter(description, len(mine), enabled=show_progress) as bar:
+        def done(entry: int, new: list[int], stop: int | None) -> None:
+            results[entry] = (list(new), stop)
+            bar.update(1)
+
+        why = supports_slots(model)
+        if why is None:
+            device = next(model.parameters()).device
+            decoder = SlotDecoder(model, rows, set(stop_token_ids(tokenizer)), settings.max_new_tokens,
+                                  pick_tokens(settings), done)
+            decoder.run([prompts[entries[e][0]] for e in mine], mine,
+                        [None if settings.greedy else _generator(batch_seed(settings.seed, e), device) for e in mine])
+        else:
+            logger.info("%s: decoding in padded generate() batches (%s)", description, why)
+            _decode_padded(model, tokenizer, [prompts[entries[e][0]] for e in mine], mine, settings, rows, done)
     elapsed = time.monotonic() - start
-    logger.info("%s: %d items in %.1f s (%.2f items/s)", description, len(results), elapsed, len(results) / max(elapsed, 1e-9))
-    return distributed.gather(results, len(prompts))
+    new_tokens = sum(len(new) + (stop is not None) for new, stop in results.values())
+    logger.info("%s: %d answers, %d new tokens in %.1f s (%.1f tokens/s)", description, len(results), new_tokens,
+                elapsed, new_tokens / max(elapsed, 1e-9))
+    return distributed.gather(results, len(entries))
+
+
+def _decode_padded(model, tokenizer, prompts: list[list[int]], items: list[int], settings: DecodingSettings,
+                   batch_size: int, done) -> None:
+    """The fallback: left-padded ``model.generate`` batches (in the given order); a sampled batch is seeded by its
+    first item."""
+    config = _generation_config(tokenizer, settings)
+    for b in range(0, len(prompts), batch_size):
+        if not settings.greedy:
+            torch.manual_seed(batch_seed(settings.seed, items[b]))
+        for item, (new, stop) in zip(items[b:b + batch_size], _generate_batch(model, tokenizer, prompts[b:b + batch_size], config)):
+            done(item, new, stop)
 
 
 def cut_at_stop(new_ids: list[int], stops: set[int]) -> tuple[list[int], bool]:
@@ -135,22 +189,24 @@ class Sampled:
     new_tokens: int
 
 
-def sample_batch(model, tokenizer, prompts: list[list[int]], k: int, settings: DecodingSettings) -> list[list[Sampled]]:
-    """``k`` sampled answers for each prompt (token ids) of one batch, in input order: ``[prompt][sample]``.
+def sample_batch(model, tokenizer, prompts: list[list[int]], k: int, settings: DecodingSettings,
+                 seed: int = 0, batch_size: int | None = None) -> list[list[Sampled]]:
+    """``k`` sampled answers for each prompt (token ids), in input order: ``[prompt][sample]``.
 
-    The same config and stop rule as :func:`decode_ids`, with ``num_return_sequences=k``; the
-    batch keeps the caller's order, and the caller seeds it (``torch.manual_seed``) so that its
-    samples do not depend on what ran before (``settings.seed`` is not used here).
+    The same decode loop and stop rule as :func:`decode_ids`; sample ``s`` of prompt ``p`` draws from its own
+    generator seeded by ``seed`` and ``p * k + s`` (``settings.seed`` is not used here: the caller's ``seed``
+    names the call, e.g. a batch of a resumable stage).
     """
     if settings.greedy:
         raise ValueError("sample_batch samples: give settings with greedy=False")
-    new = _generate_batch(model, tokenizer, prompts, _generation_config(tokenizer, settings, k))
-    texts = [Sampled(tokenizer.decode(ids, skip_special_tokens=True), stop is not None, len(ids)) for ids, stop in new]
+    decoded = decode_ids(model, tokenizer, prompts, dataclasses.replace(settings, seed=seed), batch_size,
+                         show_progress=False, description="sampling", samples=k)
+    texts = [Sampled(tokenizer.decode(ids, skip_special_tokens=True), stop is not None, len(ids)) for ids, stop in decoded]
     return [texts[p * k:(p + 1) * k] for p in range(len(prompts))]
 
 
 def generate(model, tokenizer, prompts: list[list[dict[str, str]]], settings: DecodingSettings = DecodingSettings(),
-             batch_size: int = 8, show_progress: bool = True, description: str = "generating") -> list[str]:
+             batch_size: int | None = None, show_progress: bool = True, description: str = "generating") -> list[str]:
     """One completion per prompt (a list of chat messages), in input order. The bar counts items (items/s)."""
     encoded = [encode_prompt(tokenizer, messages) for messages in prompts]
     decoded = decode_ids(model, tokenizer, encoded, settings, batch_size, show_progress, description)

@@ -10,7 +10,6 @@ settings, seed)`` (``[prompt][sample]`` :class:`~forgetless.lm.decode.Sampled` a
 from __future__ import annotations
 
 import numpy as np
-import torch
 
 from forgetless.lm.decode import DecodingSettings, Sampled, sample_batch
 from forgetless.lm.scoring import SharedPrefix, score_encoded, use_padding_free
@@ -28,8 +27,7 @@ class HfEngine:
         self.prefix = SharedPrefix()  # the prompt prefix the examples share, computed once for all score() calls
 
     def sample(self, prompts: list[list[int]], k: int, settings: DecodingSettings, seed: int) -> list[list[Sampled]]:
-        torch.manual_seed(seed)  # the batch's samples do not depend on what ran before
-        return sample_batch(self.model, self.tokenizer, prompts, k, settings)
+        return sample_batch(self.model, self.tokenizer, prompts, k, settings, seed)  # seeded per sample
 
     def score(self, encoded: list[Encoded]) -> list[np.ndarray]:
         return score_encoded(self.model, encoded, self.tokenizer.pad_token_id, self.batch_tokens, shared=False,

@@ -16,8 +16,13 @@ def progress(items: Iterable[T], description: str, total_items: int, count: Call
 
     Disabled when stderr is not a terminal or ``FORGETLESS_PROGRESS=0``, so logs stay clean.
     """
-    disable = os.environ.get("FORGETLESS_PROGRESS") == "0" or not sys.stderr.isatty()
-    with tqdm(total=total_items, desc=description, unit="ex", disable=disable, dynamic_ncols=True) as bar:
+    with counter(description, total_items) as bar:
         for item in items:
             yield item
             bar.update(count(item))
+
+
+def counter(description: str, total_items: int, unit: str = "ex", enabled: bool = True) -> tqdm:
+    """A bar the caller advances with ``update(n)`` (for work that finishes out of order); close it after use."""
+    disable = not enabled or os.environ.get("FORGETLESS_PROGRESS") == "0" or not sys.stderr.isatty()
+    return tqdm(total=total_items, desc=description, unit=unit, disable=disable, dynamic_ncols=True)
