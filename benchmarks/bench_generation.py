@@ -14,7 +14,7 @@ Variants, all in this one process, one after another on the same prompts:
 - ``hf-continuous``: transformers' own ``generate_batch`` (paged attention), on the uniform workload.
 New tokens are the tokens written up to each stop (the stop token counted); a padded batch also computes rows
 that have stopped, and ``stopped_row_share`` is the share of its decode row-steps spent on them (0 for continuous
-batching: a stopped row leaves the forward, pinned by tests/test_continuous.py). Outputs are compared item by item
+batching, where it is measured from the decoder's own count of row-steps). Outputs are compared item by item
 with ``single``: the count that are identical, and for the others where their text first differs. Prints a table;
 ``--out`` writes the JSON.
 """
@@ -30,7 +30,7 @@ from pathlib import Path
 
 import torch
 
-from forgetless.lm import decode
+from forgetless.lm import continuous, decode
 from forgetless.lm.decode import DecodingSettings, decode_ids, stop_token_ids
 from forgetless.lm.modeling import load_model_and_tokenizer
 from forgetless.lm.templates import encode_prompt
@@ -91,6 +91,29 @@ def hf_continuous(model, tokenizer, prompts, settings):
     return results
 
 
+def slots(model, tokenizer, ids, settings, rows=None):
+    """``decode_ids`` (continuous batching), and what its decoder did: decode steps, row-steps, KV cache size."""
+    seen = []
+    real = continuous.SlotDecoder.run
+
+    def run(self, *args):
+        seen.append(self)
+        return real(self, *args)
+
+    continuous.SlotDecoder.run = run
+    try:
+        results = decode_ids(model, tokenizer, ids, settings, rows, show_progress=False)
+    finally:
+        continuous.SlotDecoder.run = real
+    (decoder,) = seen
+    written = sum(len(new) + (stop is not None) for new, stop in results)
+    cache = sum(t.numel() * t.element_size() for t in decoder.cache.keys + decoder.cache.values)
+    return results, {"decode_steps": decoder.steps, "row_steps": decoder.row_steps, "prefix_tokens": decoder.prefix,
+                     # every token after a row's first (which its prefill gives) is one row-step: none is spent after a stop
+                     "stopped_row_share": round(1 - (written - len(results)) / max(decoder.row_steps, 1), 3),
+                     "kv_cache_mib": round(cache / 2**20)}
+
+
 def first_difference(a: str, b: str) -> int:
     return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
 
@@ -118,10 +141,8 @@ def bench(model, tokenizer, name, prompts, settings, args) -> dict:
     if not args.skip_single:
         row, reference = run_variant("single", lambda: (padded(model, tokenizer, ids, settings, 1)[0], {}), tokenizer, None)
         rows.append(row)
-    variants = [("default", lambda: (decode_ids(model, tokenizer, ids, settings, show_progress=False), {}))]
-    for r in args.rows:
-        variants.append((f"slots-{r}", lambda r=r: (decode_ids(model, tokenizer, ids, settings, r, show_progress=False),
-                                                    {"stopped_row_share": 0.0})))
+    variants = [("default", lambda: slots(model, tokenizer, ids, settings))]
+    variants += [(f"slots-{r}", lambda r=r: slots(model, tokenizer, ids, settings, r)) for r in args.rows]
     for b in args.generate:
         def gen(b=b):
             results, order = padded(model, tokenizer, ids, settings, b)

@@ -136,3 +136,37 @@ def test_qwen2_without_sliding_window_runs_in_slots(tok):
     prompts, settings = prompts_of(tok), DecodingSettings(max_new_tokens=8)
     assert decode_ids(model, tok, prompts, settings, batch_size=3, show_progress=False) == one_at_a_time(
         model, tok, prompts, settings)
+
+
+def test_live_rows_fit_the_kv_cache_budget(tok, monkeypatch):
+    from forgetless.lm import continuous
+
+    model = build_model(len(tok), seed=3)  # 2 layers, 2 kv heads of 8: 2 * 2 * 2 * 8 * 4 = 256 bytes a token, k and v
+    prompts = prompts_of(tok)
+    longest = max(map(len, prompts)) + 5
+    monkeypatch.setattr(continuous, "KV_CACHE_BYTES", 256 * longest * 2 + 255)  # room for two rows, not three
+    decoder = SlotDecoder(model, 32, set(), 5, lambda logits, rows: logits.argmax(-1), lambda *a: None)
+    decoder.run(prompts, list(range(len(prompts))), [None] * len(prompts))
+    assert decoder.rows == 2 and decoder.cache.keys[0].shape[0] == 2
+    decoder = SlotDecoder(model, 32, set(), 5, lambda logits, rows: logits.argmax(-1), lambda *a: None)
+    decoder.run(prompts[:3], [0, 1, 2], [None] * 3)
+    assert decoder.rows == 2  # never more rows than prompts, nor than the budget
+    monkeypatch.setattr(continuous, "KV_CACHE_BYTES", 1 << 30)
+    decoder = SlotDecoder(model, 32, set(), 5, lambda logits, rows: logits.argmax(-1), lambda *a: None)
+    decoder.run(prompts[:3], [0, 1, 2], [None] * 3)
+    assert decoder.rows == 3
+
+
+@pytest.mark.slow
+def test_embedded_greedy_equals_one_prompt_at_a_time(embedded):
+    """The embedded model on GSM8K and MBPP prompts: continuous batching (3 rows for 6 prompts, so rows are
+    refilled and moved) writes what ``model.generate`` writes for each prompt alone."""
+    from forgetless.eval.tasks import get_task
+    from forgetless.retention.answers import prompt_set
+
+    model, tokenizer = embedded
+    messages = prompt_set("gsm8k", 3)[1] + [item.messages for item in get_task("mbpp-test").load()[:3]]
+    prompts = [encode_prompt(tokenizer, m) for m in messages]
+    settings = DecodingSettings(max_new_tokens=40)
+    reference = one_at_a_time(model, tokenizer, prompts, settings)
+    assert decode_ids(model, tokenizer, prompts, settings, batch_size=3, show_progress=False) == reference

@@ -201,7 +201,9 @@ def test_crash_mid_scoring_resumes_and_equals_uninterrupted(tiny_model_dir, data
     resumed = pq.read_table(score(tiny_model_dir, data_file, tmp_path / "crash", part_size=2) / "scores.parquet")
     assert sum(scored) == 6 - kept  # the saved part came from disk
     assert resumed.column("id").to_pylist() == full.column("id").to_pylist()
-    assert np.array_equal(flat_nll(resumed), flat_nll(full), equal_nan=True)  # the same batches: the same numbers
+    # The same batches; the resumed run's shared prompt prefix is taken from the batches left, so its KV cache may
+    # cover other tokens than the full run's: the same numbers up to fp32 reduction order.
+    np.testing.assert_allclose(flat_nll(resumed), flat_nll(full), rtol=1e-5, atol=1e-6, equal_nan=True)
     assert not parts.exists()
 
 

@@ -53,7 +53,8 @@ class EvalConfig:
                                    metadata={"help": "built-in task names or .yaml/.json task definition files"})
     limit: int | None = field(default=None, metadata={"help": "evaluate at most this many items per task"})
     seed: int | None = field(default=0, metadata={"help": "seed of the random subset when limit is set (None: first items)"})
-    batch_size: int = field(default=8, metadata={"help": "prompts per generation batch"})
+    batch_size: int | None = field(default=None, metadata={"help": "live rows of continuous-batching generation (default: "
+                                                                 "forgetless.lm.decode.DEFAULT_ROWS, from a measured sweep)"})
     max_new_tokens: int | None = field(default=None, metadata={"help": "override every task's own max new tokens"})
     greedy: bool = field(default=True, metadata={"help": "greedy decoding (deterministic); false samples"})
     temperature: float = field(default=1.0, metadata={"help": "sampling temperature (greedy=false only)"})
@@ -78,7 +79,7 @@ class EvalConfig:
             raise ValueError("tasks: name at least one task")
         if self.limit is not None and self.limit < 1:
             raise ValueError("limit must be >= 1 (or None for all items)")
-        if self.batch_size < 1:
+        if self.batch_size is not None and self.batch_size < 1:
             raise ValueError("batch_size must be >= 1")
         check_backend_settings(self.backend, self.tensor_parallel_size, self.gpu_memory_utilization, self.max_model_len)
         if self.predictions is not None and not Path(self.predictions).is_file():

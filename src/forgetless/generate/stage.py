@@ -132,6 +132,8 @@ def run_generate(config: GenerateConfig) -> Path:
     sampling.update(model=model_fingerprint(config.model, config.revision), template=template_hash(load_tokenizer(config.model, config.revision)))
     if resolve_backend(config.backend) == "vllm":  # absent for hf, so that outputs made before vLLM existed stay fresh
         sampling["backend"] = "vllm"
+    else:  # HF samples draw from a generator per sample since continuous batching: older samples do not mix in
+        sampling["sampler"] = "per-sample"
     key = {"stage": "generate", "format": 1, **sampling, "data": fingerprint_examples(examples), "choose": config.choose,
            "on_failure": config.on_failure, "compare": [fingerprint_examples(load_compared(p)[1].values()) for p in config.compare]}
     if artifacts.is_fresh(out, key, DATA_FILE):

@@ -31,6 +31,7 @@ from forgetless.lm.scoring import common_prefix
 MIN_PREFIX = 8  # a shorter shared prefix is not worth a pass of its own
 PREFILL_TOKENS = 4096  # most prompt tokens (padding included) in one prefill forward
 GROW = 256  # the cache grows by this many positions at a time
+KV_CACHE_BYTES = 2 << 30  # 2 GiB: fewer live rows where prompt + budget would need more (a 135M model: 45 KiB a token)
 
 
 def supports_slots(model) -> str | None:
@@ -152,11 +153,10 @@ class SlotDecoder:
         self.decoder, self.head, self.softcap = split_causal_lm(model)
         config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
         heads = config.num_attention_heads
-        head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+        self.kv_shape = (config.num_hidden_layers, getattr(config, "num_key_value_heads", None) or heads,
+                         getattr(config, "head_dim", None) or config.hidden_size // heads)
         param = next(model.parameters())
         self.dtype, self.device = param.dtype, param.device
-        self.cache = SlotCache(config.num_hidden_layers, rows, getattr(config, "num_key_value_heads", None) or heads,
-                               head_dim, self.dtype, self.device)
         self.live: list[Row] = []  # slot i holds live[i]
         self.steps = 0  # decode forwards
         self.row_steps = 0  # rows computed over all decode forwards
@@ -164,6 +164,11 @@ class SlotDecoder:
     @torch.no_grad()
     def run(self, prompts: list[list[int]], items: list[int], generators: list[torch.Generator | None]) -> None:
         """Decode ``prompts[i]`` as item ``items[i]`` (sampling with ``generators[i]``), in the queue's order."""
+        layers, kv_heads, head_dim = self.kv_shape
+        token_bytes = 2 * layers * kv_heads * head_dim * torch.finfo(self.dtype).bits // 8
+        longest = max(map(len, prompts)) + self.max_new_tokens
+        self.rows = max(1, min(self.rows, len(prompts), KV_CACHE_BYTES // (token_bytes * longest)))
+        self.cache = SlotCache(layers, self.rows, kv_heads, head_dim, self.dtype, self.device)
         limits = [len(p) - 1 for p in prompts]  # every row prefills at least one token of its own
         shared = common_prefix(prompts, limits)
         self.prefix = shared if shared >= MIN_PREFIX else 0

@@ -25,7 +25,7 @@ from forgetless.lm.templates import encode_prompt
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_ROWS = 32  # live rows of continuous batching: the sweep in benchmarks/bench_generation.py
+DEFAULT_ROWS = 64  # live rows of continuous batching, from the sweep in benchmarks/bench_generation.py (README)
 END_OF_TURN = ("<|im_end|>", "<|eot_id|>", "<end_of_turn>", "<|endoftext|>", "<|end|>")
 
 

@@ -43,13 +43,14 @@ class ReplayConfig:
     skip: int = field(default=0, metadata={"help": "replay prompts start at this item of the source"})
     measured: tuple[str, ...] = field(default=(), metadata={"help": "prompt texts the retention measures read (refused)"})
     max_new_tokens: int = field(default=256, metadata={"help": "longest replay answer"})
-    batch_size: int = field(default=8, metadata={"help": "prompts per generation batch"})
+    batch_size: int | None = field(default=None, metadata={"help": "live rows of continuous-batching generation (default: "
+                                                                 "forgetless.lm.decode.DEFAULT_ROWS)"})
     keep_unfinished: bool = field(default=False, metadata={
         "help": "also replay answers cut at max_new_tokens (default: skip them, a cut answer teaches stopping mid-way)"})
 
     def __post_init__(self):
         check_fraction(self.fraction)
-        if self.skip < 0 or self.max_new_tokens < 1 or self.batch_size < 1:
+        if self.skip < 0 or self.max_new_tokens < 1 or (self.batch_size is not None and self.batch_size < 1):
             raise ValueError("replay: skip must be >= 0, max_new_tokens and batch_size >= 1")
 
 
@@ -92,6 +93,7 @@ def run_replay(config: ReplayConfig) -> Path:
     from forgetless.lm.data import load_examples
     from forgetless.lm.modeling import load_model_and_tokenizer, model_fingerprint
     from forgetless.lm.templates import encode_prompt
+    from forgetless.lm.decode import DEFAULT_ROWS
     from forgetless.retention.answers import greedy
 
     out = Path(config.out_dir)
@@ -105,7 +107,7 @@ def run_replay(config: ReplayConfig) -> Path:
     fingerprint = model_fingerprint(config.model)
     rows, skipped, start = [], [], 0
     while len(rows) < want and start < len(pool):
-        batch = pool[start : start + max(config.batch_size, want - len(rows))]
+        batch = pool[start : start + max(config.batch_size or DEFAULT_ROWS, want - len(rows))]
         start += len(batch)
         prompts = [encode_prompt(tokenizer, messages) for _, _, messages, _ in batch]
         answers, stops = greedy(model, tokenizer, prompts, config.max_new_tokens, f"replay answers {config.source}",

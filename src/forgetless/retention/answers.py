@@ -37,7 +37,7 @@ def prompt_set(source: str, limit: int | None) -> tuple[list[str], list[list[dic
 
 
 def greedy(model, tokenizer, prompts: list[list[int]], max_new_tokens: int, description: str,
-           batch_size: int = 16) -> tuple[list[list[int]], list[int | None]]:
+           batch_size: int | None = None) -> tuple[list[list[int]], list[int | None]]:
     """(answer ids, stop id or None) per prompt, greedy, in eval mode (the mode is restored)."""
     from forgetless.lm.decode import DecodingSettings, decode_ids
 
