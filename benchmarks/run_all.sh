@@ -13,5 +13,6 @@ echo "## training step: stm vs sft vs plain HF Trainer";      $PY benchmarks/ben
 echo "## training end to end: forgetless sft / stm, padded / packed / 4 micro-batches vs TRL SFTTrainer"
 $PY benchmarks/bench_train_trl.py --repeats 2 --json benchmarks/results/bench_train_trl.json --variants trl-padding-free trl-padded \
   forgetless-sft forgetless-sft-packed forgetless-sft-accum4 forgetless-stm forgetless-stm-packed forgetless-stm-accum4
-echo "## generation: batched vs one at a time";               $PY benchmarks/bench_generation.py --task gsm8k --items 8 --batch-size 8 --max-new-tokens 32
+echo "## generation: continuous batching vs padded generate() batches vs one at a time (~25 min)"
+$PY benchmarks/bench_generation.py --per-source 16 --rows 16 32 64 --generate 8 16 32 --out benchmarks/results/bench_generation.json
 echo "## multiple choice: packed vs one forward per choice";  $PY benchmarks/bench_mc.py --task hellaswag --items 50
