@@ -115,7 +115,11 @@ def test_score_two_processes_equal_one(world, two):
     dnll = float(np.nanmax(np.abs(a - b)))
     print(f"score: max |dnll| {dnll:.2e} over {int((~np.isnan(a)).sum())} tokens")
     assert dnll < 1e-5
-    assert json.loads((two / "score" / "stats.json").read_text()) == json.loads((world / "one" / "score" / "stats.json").read_text())
+    # Each process's shared prompt prefix is taken from its own batches, so the sums agree to float precision.
+    stats_two, stats_one = (json.loads((d / "score" / "stats.json").read_text()) for d in (two, world / "one"))
+    assert stats_two.keys() == stats_one.keys()
+    for key, value in stats_one.items():
+        assert stats_two[key] == (pytest.approx(value, rel=1e-6) if isinstance(value, float) else value), key
     assert not (two / "score" / "parts").exists()
 
 

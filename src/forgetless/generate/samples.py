@@ -126,6 +126,7 @@ def generate_samples(engine, examples: list[Example], config: GenerateConfig, ve
     ``examples`` (on every process)."""
     out.mkdir(parents=True, exist_ok=True)
     done = read_all_done(out)
+    distributed.barrier()  # every process reads the same records before any appends (else their shares differ)
     batches = [list(range(b, min(b + config.batch_size, len(examples)))) for b in range(0, len(examples), config.batch_size)]
     todo = [b for b, rows in enumerate(batches) if any(examples[i].id not in done for i in rows)]
     if done:

@@ -113,7 +113,7 @@ def _generator(seed: int, device) -> torch.Generator:
 @torch.no_grad()
 def decode_ids(model, tokenizer, prompts: list[list[int]], settings: DecodingSettings = DecodingSettings(),
                batch_size: int | None = None, show_progress: bool = True, description: str = "generating",
-               samples: int = 1) -> list[tuple[list[int], int | None]]:
+               samples: int = 1, shared: bool = True) -> list[tuple[list[int], int | None]]:
     """The one decode loop: for each prompt (token ids), ``(new token ids, stop id)`` in input order (``samples``
     answers a prompt: ``samples`` entries per prompt, adjacent).
 
@@ -123,7 +123,8 @@ def decode_ids(model, tokenizer, prompts: list[list[int]], settings: DecodingSet
     the next prompt, so no step is spent on a finished answer. Models it cannot run (sliding windows, flash kernels)
     decode in left-padded ``model.generate`` batches of ``batch_size``. A sampled answer draws from its own
     generator, seeded by its position in the call (:func:`batch_seed`). Under a multi-process launch the prompts
-    are shared among the processes, which must all call this with the same prompts (:mod:`forgetless.lm.distributed`).
+    are shared among the processes, which must all call this with the same prompts (:mod:`forgetless.lm.distributed`);
+    ``shared=False`` decodes every prompt here (a process's own share of a stage's work).
     """
     if not prompts:
         return []
@@ -131,7 +132,7 @@ def decode_ids(model, tokenizer, prompts: list[list[int]], settings: DecodingSet
     entries = [(p, s) for p in range(len(prompts)) for s in range(samples)]  # entry e = p * samples + s
     lengths = [len(prompts[p]) for p, _ in entries]
     order = sorted(range(len(entries)), key=lambda e: -lengths[e])
-    mine = [e for [e] in distributed.share([[e] for e in order], lengths)]
+    mine = [e for [e] in distributed.share([[e] for e in order], lengths)] if shared else order
     results: dict[int, tuple[list[int], int | None]] = {}
     start = time.monotonic()
     with counter(description, len(mine), enabled=show_progress) as bar:
@@ -153,7 +154,7 @@ def decode_ids(model, tokenizer, prompts: list[list[int]], settings: DecodingSet
     new_tokens = sum(len(new) + (stop is not None) for new, stop in results.values())
     logger.info("%s: %d answers, %d new tokens in %.1f s (%.1f tokens/s)", description, len(results), new_tokens,
                 elapsed, new_tokens / max(elapsed, 1e-9))
-    return distributed.gather(results, len(entries))
+    return distributed.gather(results, len(entries)) if shared else [results[e] for e in range(len(entries))]
 
 
 def _decode_padded(model, tokenizer, prompts: list[list[int]], items: list[int], settings: DecodingSettings,
@@ -193,14 +194,15 @@ def sample_batch(model, tokenizer, prompts: list[list[int]], k: int, settings: D
                  seed: int = 0, batch_size: int | None = None) -> list[list[Sampled]]:
     """``k`` sampled answers for each prompt (token ids), in input order: ``[prompt][sample]``.
 
-    The same decode loop and stop rule as :func:`decode_ids`; sample ``s`` of prompt ``p`` draws from its own
+    The same decode loop and stop rule as :func:`decode_ids`, on this process's prompts alone (a stage shares its
+    batches among the processes of a launch itself); sample ``s`` of prompt ``p`` draws from its own
     generator seeded by ``seed`` and ``p * k + s`` (``settings.seed`` is not used here: the caller's ``seed``
     names the call, e.g. a batch of a resumable stage).
     """
     if settings.greedy:
         raise ValueError("sample_batch samples: give settings with greedy=False")
     decoded = decode_ids(model, tokenizer, prompts, dataclasses.replace(settings, seed=seed), batch_size,
-                         show_progress=False, description="sampling", samples=k)
+                         show_progress=False, description="sampling", samples=k, shared=False)
     texts = [Sampled(tokenizer.decode(ids, skip_special_tokens=True), stop is not None, len(ids)) for ids, stop in decoded]
     return [texts[p * k:(p + 1) * k] for p in range(len(prompts))]
 

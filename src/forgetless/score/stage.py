@@ -176,6 +176,9 @@ def score_in_parts(score_fn: Callable[[list[Encoded]], list[np.ndarray]], encode
             artifacts.write_json(key_file, key)
     distributed.barrier()
     done = read_parts(parts_dir)
+    # Every process reads the same parts before any writes a new one: a process that read after another had written
+    # its first part would share out other batches and leave items unscored (seen under CPU contention).
+    distributed.barrier()
     lengths = [len(e) for e in encoded]
     batches = score_buckets(lengths, batch_tokens)
     numbered = [b for b in range(len(batches)) if any(i not in done for i in batches[b])]
