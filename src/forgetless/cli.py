@@ -14,6 +14,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Callable
 
+from forgetless import __version__
 from forgetless.config import ConfigError, field_help, load_config
 from forgetless.lm import distributed
 from forgetless.eval.stage import EvalConfig, print_eval_summary, run_eval
@@ -53,6 +54,7 @@ def resolve_config_path(name: str) -> Path:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="forgetless", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"forgetless {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     for name, (cls, fn, _) in COMMANDS.items():
         p = sub.add_parser(name, help=(fn.__doc__ or "").splitlines()[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)

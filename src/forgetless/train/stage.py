@@ -162,7 +162,6 @@ def last_checkpoint(out: Path) -> str | None:
 def manifest(config: TrainConfig, tokenizer) -> dict:
     import peft
     import transformers
-    import trl
 
     from forgetless.lm.modeling import model_fingerprint
     from forgetless.lm.templates import template_hash
@@ -172,8 +171,7 @@ def manifest(config: TrainConfig, tokenizer) -> dict:
         "model_fingerprint": model_fingerprint(config.model, config.revision),
         "template_hash": template_hash(tokenizer), "data": str(Path(config.data).resolve()),
         "data_fingerprint": file_sha256(Path(config.data))[:16],
-        "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
-                     "peft": peft.__version__, "trl": trl.__version__},
+        "versions": {"torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__},
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
 
