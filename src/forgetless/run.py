@@ -263,7 +263,25 @@ def run_experiment(config: RunConfig) -> Path:
     if distributed.is_main():
         pool_seeds(config, out, measured)
     distributed.barrier()
-    return distributed.on_main(report_run, ReportConfig(run_dir=str(out)))
+    report_dir = distributed.on_main(report_run, ReportConfig(run_dir=str(out)))
+    if distributed.is_main():
+        fill_model_cards(report_dir, layout["train"])
+    return report_dir
+
+
+def fill_model_cards(report_dir: Path, train_dirs: dict[str, Path]) -> None:
+    """Each trained model's card gets its verdict line (target and retention deltas) from the report."""
+    from forgetless.train.card import add_measured
+
+    report = artifacts.read_json(Path(report_dir) / "report.json")
+    lines = dict(zip([r["label"] for r in report["rows"] if not r["is_base"]], verdict_lines(report)))
+    for label, train_dir in train_dirs.items():
+        group = label.split("@s")[0]
+        if group in lines:
+            for weights in ("adapter", "model"):
+                add_measured(train_dir / weights, [lines[group]], str(Path(report_dir) / "report.html"))
+
+
 
 
 def report_run(cfg) -> Path:
@@ -370,3 +388,33 @@ def report_tasks(config: RunConfig) -> tuple[str, ...]:
             if cfg.heldout_source:
                 tasks += [f"heldout:{cfg.heldout_source}:{kind}" for kind in ("kept", "masked")]
     return tuple(sorted(tasks, key=lambda t: t != config.target))
+
+
+def verdict_lines(report: dict) -> list[str]:
+    """One line per recipe: its change on the target and on the other measures against the base, each with its
+    paired 95% interval (absolute differences: TI_abs and BWT_abs of the report)."""
+    from forgetless.report.stage import point_intervals
+
+    def shown(value, lo, hi) -> str:
+        if value is None:
+            return "n/a"
+        interval = "" if lo != lo else f" [{lo:+.3f}, {hi:+.3f}]"  # NaN: no paired items
+        return f"{value:+.3f}{interval}"
+
+    lines = []
+    for row in report["rows"]:
+        if row["is_base"]:
+            continue
+        (ti, ti_lo, ti_hi), (bwt, bwt_lo, bwt_hi) = point_intervals(row, report, relative=False)
+        lines.append(f"{row['label']}: target ({report['target']}) {shown(ti, ti_lo, ti_hi)}, "
+                     f"other measures (BWT) {shown(bwt, bwt_lo, bwt_hi)}")
+    return lines
+
+
+def print_verdict(out: Path) -> None:
+    """``forgetless run``'s last lines: the verdict per recipe and where the whole report is."""
+    report = artifacts.read_json(Path(out) / "report.json")
+    print(f"vs base {report['base']} (change, paired 95% interval):")
+    for line in verdict_lines(report):
+        print(line)
+    print(f"report: {Path(out) / 'report.html'}")
