@@ -11,7 +11,7 @@ import pytest
 from forgetless import cli
 from forgetless.cli import COMMANDS, EXAMPLES, build_parser, main
 from forgetless.config import ConfigError, load_config
-from forgetless.run import verdict_lines
+from forgetless.verdict import verdict_lines
 
 
 def parsed_config(argv: list[str]):
@@ -128,3 +128,4 @@ def test_model_card_of_a_trained_adapter(tmp_path):
     card = (tmp_path / "adapter" / "README.md").read_text()
     assert "Not measured yet" not in card and "- stm: target (t) +0.100 [+0.050, +0.150]" in card
     assert card.count("## Measured against the base") == 1
+

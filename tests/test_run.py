@@ -24,6 +24,7 @@ eval: {{tasks: [gsm8k], limit: 2, max_new_tokens: 4, device: cpu, cache: false}}
 retention: {{mc_tasks: [arc_easy], mc_limit: 3, drift_sources: [gsm8k], drift_limit: 2, max_new_tokens: 4,
              behaviour_limit: 2, heldout_limit: 2, device: cpu, cache_dir: {tmp_path / 'cache'}}}
 target: gsm8k
+other_target: true  # measured on GSM8K after training on MBPP, on purpose
 """)
     return config, tmp_path / "out"
 

@@ -23,7 +23,8 @@ from forgetless.generate.stage import GenerateConfig, print_generate_summary, ru
 from forgetless.mask.stage import MaskConfig, run_mask
 from forgetless.report.stage import ReportConfig, print_report
 from forgetless.retention.stage import RetentionConfig, run_retention
-from forgetless.run import RunConfig, print_verdict, report_run, run_experiment
+from forgetless.run import RunConfig, report_run, run_experiment
+from forgetless.verdict import print_verdict
 from forgetless.score.stage import ScoreConfig, run_score
 from forgetless.lm.summary import print_mask_summary, print_score_summary
 from forgetless.train.stage import TrainConfig, run_train
