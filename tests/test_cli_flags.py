@@ -129,3 +129,16 @@ def test_model_card_of_a_trained_adapter(tmp_path):
     assert "Not measured yet" not in card and "- stm: target (t) +0.100 [+0.050, +0.150]" in card
     assert card.count("## Measured against the base") == 1
 
+
+def test_readme_your_data_command_builds_its_config(tmp_path, monkeypatch):
+    """README.md's "Your model, your data" command, as written, makes a valid run config targeting the held-out share."""
+    from forgetless.run import run_target, training_data
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    section = readme.split("## Your model, your data", 1)[1]
+    command = section.split("```bash\n", 1)[1].split("\n", 1)[0]
+    monkeypatch.chdir(tmp_path)
+    Path("my.jsonl").write_text('{"prompt": "2+2?", "response": "4"}\n')
+    config = parsed_config(shlex.split(command)[1:])
+    assert config.model == "meta-llama/Llama-3.2-1B-Instruct" and config.out_dir == "runs/mine"
+    assert run_target(config) == "holdout" and training_data(config) == "runs/mine/holdout/train.jsonl"
