@@ -88,7 +88,7 @@ def test_bad_data_file_through_score(world, tiny_model_dir, tmp_path, capsys, ca
     content, problem = DATA_CASES[case]
     path = record_file(tmp_path, f"{case}.jsonl", content)
     out = tmp_path / "scores"
-    expect_error(capsys, ["score", "--model", str(tiny_model_dir), "--data", path, "--out-dir", str(out), "device=cpu"],
+    expect_error(capsys, ["score", "--model", str(tiny_model_dir), "--data", path, "--output-dir", str(out), "device=cpu"],
                  out, path, problem)
 
 
@@ -98,22 +98,22 @@ def test_bad_data_file_through_score(world, tiny_model_dir, tmp_path, capsys, ca
 ])
 def test_bad_mask_settings(world, tmp_path, capsys, override, problem):
     out = tmp_path / "m"
-    expect_error(capsys, ["mask", "--scores", str(tmp_path), "--out-dir", str(out), override], out, problem)
+    expect_error(capsys, ["mask", "--scores", str(tmp_path), "--output-dir", str(out), override], out, problem)
 
 
 def test_overlong_prompts_truncated_or_skipped_and_counted(world, tiny_model_dir, tmp_path, capsys):
     lengths = sorted(len(r) for r in pq.read_table(world / "sft.parquet").column("input_ids").to_pylist())
     limit = lengths[1]  # the two longer examples exceed it
     common = ["--model", str(tiny_model_dir), "--data", str(world / "data.jsonl"), "--device", "cpu"]
-    assert main(["score", *common, "--out-dir", str(tmp_path / "t"), f"max_length={limit}"]) == 0
-    assert main(["score", *common, "--out-dir", str(tmp_path / "s"), f"max_length={limit}", "overlong=skip"]) == 0
+    assert main(["score", *common, "--output-dir", str(tmp_path / "t"), f"max_length={limit}"]) == 0
+    assert main(["score", *common, "--output-dir", str(tmp_path / "s"), f"max_length={limit}", "overlong=skip"]) == 0
     t, s = (json.loads((tmp_path / d / "stats.json").read_text()) for d in ("t", "s"))
     assert (t["truncated"], t["skipped_overlong"], t["scored_examples"]) == (2, 0, 4)
     assert (s["truncated"], s["skipped_overlong"], s["scored_examples"]) == (0, 2, 2)
     capsys.readouterr()
     # Every example too long and skipped: nothing left is an error, not an empty scores file.
     out = tmp_path / "none"
-    expect_error(capsys, ["score", *common, "--out-dir", str(out), "max_length=4", "overlong=skip"], out,
+    expect_error(capsys, ["score", *common, "--output-dir", str(out), "max_length=4", "overlong=skip"], out,
                  str(world / "data.jsonl"), "max_length=4")
     assert not (out / "scores.parquet").exists()
 
@@ -121,7 +121,7 @@ def test_overlong_prompts_truncated_or_skipped_and_counted(world, tiny_model_dir
 def test_model_without_chat_template_falls_back_with_warning(world, tmp_path, caplog):
     caplog.set_level("WARNING")
     assert main(["score", "--model", str(world / "plain"), "--data", str(world / "data.jsonl"),
-                 "--out-dir", str(tmp_path / "s"), "device=cpu"]) == 0
+                 "--output-dir", str(tmp_path / "s"), "device=cpu"]) == 0
     assert "no chat template" in caplog.text
     ids = pq.read_table(tmp_path / "s" / "scores.parquet").column("input_ids").to_pylist()[0]
     assert build_tokenizer("chatml").decode(ids).startswith("### User:\nWrite a python function number 0.")

@@ -62,7 +62,7 @@ def test_post_init_rules_surface_as_config_errors():
 def test_cli_bad_input_is_one_line_and_exit_2(tmp_path, capsys):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}\n{oops\n')
-    assert main(["score", "--data", str(bad), "--out-dir", str(tmp_path / "o")]) == 2
+    assert main(["score", "--data", str(bad), "--output-dir", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and f"{bad}:2: malformed JSON" in err and "Traceback" not in err
     assert not (tmp_path / "o").exists()
@@ -71,7 +71,7 @@ def test_cli_bad_input_is_one_line_and_exit_2(tmp_path, capsys):
 def test_cli_unknown_key_and_offline_model(tmp_path, capsys):
     assert main(["mask", "tua=3"]) == 2
     assert "did you mean 'tau'" in capsys.readouterr().err
-    assert main(["score", "--model", "no-such-org/no-such-model", "--out-dir", str(tmp_path / "o")]) == 2
+    assert main(["score", "--model", "no-such-org/no-such-model", "--output-dir", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err
     assert "cannot load model 'no-such-org/no-such-model'" in err and "embedded" in err
 
@@ -87,9 +87,9 @@ def test_cli_score_then_mask_on_tiny_model(tmp_path, capsys):
     save_tiny_model(tmp_path / "m", tokenizer=build_tokenizer("llama3"))  # a template with BOS, unlike tiny_model_dir's
     data = tmp_path / "d.jsonl"
     data.write_text("".join(json.dumps({"prompt": f"add {i}", "response": "return a + b"}) + "\n" for i in range(3)))
-    assert main(["score", "--model", str(tmp_path / "m"), "--data", str(data), "--out-dir", str(tmp_path / "s"), "device=cpu"]) == 0
+    assert main(["score", "--model", str(tmp_path / "m"), "--data", str(data), "--output-dir", str(tmp_path / "s"), "device=cpu"]) == 0
     assert "Masked fraction vs tau" in capsys.readouterr().out
-    assert main(["mask", "--scores", str(tmp_path / "s"), "--policy", "random", "--out-dir", str(tmp_path / "r")]) == 0
+    assert main(["mask", "--scores", str(tmp_path / "s"), "--policy", "random", "--output-dir", str(tmp_path / "r")]) == 0
     assert "policy random" in capsys.readouterr().out
 
 
@@ -98,5 +98,5 @@ def test_single_string_is_a_one_item_list():
 
 
 def test_overrides_may_stand_between_flags(tmp_path, capsys):
-    assert main(["mask", "--scores", str(tmp_path / "none"), "tau=3", "--out-dir", str(tmp_path / "o")]) == 2
+    assert main(["mask", "--scores", str(tmp_path / "none"), "tau=3", "--output-dir", str(tmp_path / "o")]) == 2
     assert "forgetless score" in capsys.readouterr().err  # parsed fine, failed only on the missing scores

@@ -24,6 +24,7 @@ eval: {{tasks: [gsm8k], limit: 2, max_new_tokens: 4, device: cpu, cache: false}}
 retention: {{mc_tasks: [arc_easy], mc_limit: 3, drift_sources: [gsm8k], drift_limit: 2, max_new_tokens: 4,
              behaviour_limit: 2, heldout_limit: 2, device: cpu, cache_dir: {tmp_path / 'cache'}}}
 target: gsm8k
+other_target: true  # measured on GSM8K after training on MBPP, on purpose
 """)
     return config, tmp_path / "out"
 
@@ -49,6 +50,10 @@ def test_run_writes_report_and_resumes(tiny_run_config, capsys, caplog):
     assert '<s class="tok masked"' in page  # the token view shows the auto-tau mask, not sft's empty one
     masks = json.loads((out / "masks" / "target-auto-tau-q0.3" / "mask_stats.json").read_text())
     assert masks["policy"] == "auto-tau" and 0.2 < masks["masked_fraction"] <= 0.3
+    card = (out / "train" / "auto-tau-q0.3" / "adapter" / "README.md").read_text()
+    assert "| masked fraction of response tokens |" in card and "- auto-tau-q0.3: target (gsm8k)" in card
+    printed = capsys.readouterr().out.strip().splitlines()  # the verdict, not the whole report
+    assert printed[-1] == f"report: {out / 'report' / 'report.html'}" and printed[-3].startswith("sft: target (gsm8k)")
     adapter_mtime = (out / "train" / "auto-tau-q0.3" / "adapter" / "adapter_model.safetensors").stat().st_mtime_ns
     caplog.set_level("INFO")
     assert main(["run", str(config)]) == 0  # everything done already: nothing retrained

@@ -214,7 +214,7 @@ def test_kill_9_during_scoring_then_rerun(tiny_model_dir, tmp_path):
     data = tmp_path / "many.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
     out = tmp_path / "killed"
-    cmd = cli("score", "--model", str(tiny_model_dir), "--data", str(data), "--out-dir", str(out), "part_size=1",
+    cmd = cli("score", "--model", str(tiny_model_dir), "--data", str(data), "--output-dir", str(out), "part_size=1",
               "batch_tokens=64", "device=cpu")
     # Killed mid-run: part 2 saved, the last of the 60 parts and the results not yet.
     kill_mid_run(cmd, out, trigger=out / "parts" / "part-00002.npz",

@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import importlib.util
+
 import pytest
 import torch
 
 from conftest import build_model, conversations, drop_every
 from forgetless.train.collate import MaskedBatchCollator, build_sft_table
 from forgetless.train.loss import MaskedLossMixin, compute_masked_loss
+
+# TRL is the optional extra [trl]: the tests of the TRL recipes skip without it.
+needs_trl = pytest.mark.skipif(importlib.util.find_spec("trl") is None, reason="trl not installed (extra [trl])")
 
 
 def model_for(tokenizer):
@@ -39,6 +44,7 @@ def expected_loss(tokenizer, rows, weighted=False):
         return compute_masked_loss(model, batch)[0].item()
 
 
+@needs_trl
 def test_plain_sft_trainer_trains_the_labels_column_as_is(tmp_path, tokenizer):
     """Hard masks need no forgetless code: TRL 1.16 keeps a pre-built `labels` column (-100 = not trained)."""
     from datasets import Dataset
@@ -55,6 +61,7 @@ def test_plain_sft_trainer_trains_the_labels_column_as_is(tmp_path, tokenizer):
         first_loss(trainer), rel=1e-3)
 
 
+@needs_trl
 def test_mixin_with_sft_trainer_uses_soft_weights(tmp_path, tokenizer):
     from datasets import Dataset
     from trl import SFTTrainer
@@ -91,6 +98,7 @@ def test_plain_hf_trainer_with_collator(tmp_path, tokenizer):
     assert first_loss(trainer) == pytest.approx(expected_loss(tokenizer, rows), rel=1e-4)
 
 
+@needs_trl
 def test_mixin_with_trl_padding_free(tmp_path, tokenizer):
     """TRL's padding_free batches (one row, position_ids restarting, no attention_mask) give the padded loss."""
     from datasets import Dataset
@@ -111,6 +119,7 @@ def test_mixin_with_trl_padding_free(tmp_path, tokenizer):
     assert first_loss(trainer) == pytest.approx(expected_loss(tokenizer, rows), rel=1e-4)
 
 
+@needs_trl
 def test_mixin_with_flat_collator_keeps_soft_weights(tmp_path, tokenizer):
     from datasets import Dataset
     from trl import SFTTrainer

@@ -7,13 +7,20 @@ tokens from the loss, and train on the rest.
 
 __version__ = "0.1.0"
 
-# The few names a user's own training loop needs, imported on first use (the CLI stays fast).
+# The names a user's own training loop needs (docs/own-trainer.md), imported on first use: `import forgetless` stays
+# light and the CLI fast.
 _EXPORTS = {
+    "build_sft_table": "forgetless.api",
+    "score_dataset": "forgetless.api",
+    "mask_dataset": "forgetless.api",
     "stm_labels": "forgetless.core.masking",
+    "weights_for_policy": "forgetless.core.masking",
     "MaskedLossMixin": "forgetless.train.loss",
     "MaskedBatchCollator": "forgetless.train.collate",
-    "build_sft_table": "forgetless.train.collate",
+    "FlatBatchCollator": "forgetless.train.collate",
+    "packing_isolates": "forgetless.core.packing",
 }
+__all__ = ["__version__", *_EXPORTS]
 
 
 def __getattr__(name: str):
@@ -22,3 +29,7 @@ def __getattr__(name: str):
 
         return getattr(importlib.import_module(_EXPORTS[name]), name)
     raise AttributeError(f"module 'forgetless' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

@@ -8,13 +8,15 @@ Every subcommand takes ``--config FILE.yaml``, a ``--<field>`` flag per config f
 from __future__ import annotations
 
 import argparse
+import difflib
 import logging
 import sys
 from importlib import resources
 from pathlib import Path
 from typing import Callable
 
-from forgetless.config import ConfigError, field_help, load_config
+from forgetless import __version__
+from forgetless.config import REQUIRED, ConfigError, field_help, load_config
 from forgetless.lm import distributed
 from forgetless.eval.stage import EvalConfig, print_eval_summary, run_eval
 from forgetless.generate.stage import GenerateConfig, print_generate_summary, run_generate
@@ -22,6 +24,7 @@ from forgetless.mask.stage import MaskConfig, run_mask
 from forgetless.report.stage import ReportConfig, print_report
 from forgetless.retention.stage import RetentionConfig, run_retention
 from forgetless.run import RunConfig, report_run, run_experiment
+from forgetless.verdict import print_verdict
 from forgetless.score.stage import ScoreConfig, run_score
 from forgetless.lm.summary import print_mask_summary, print_score_summary
 from forgetless.train.stage import TrainConfig, run_train
@@ -35,7 +38,7 @@ COMMANDS: dict[str, tuple[type, Callable, Callable]] = {
     "eval": (EvalConfig, run_eval, print_eval_summary),
     "retention": (RetentionConfig, run_retention, lambda out: print(f"retention records in {out}")),
     "report": (ReportConfig, report_run, print_report),
-    "run": (RunConfig, run_experiment, print_report),
+    "run": (RunConfig, run_experiment, print_verdict),
 }
 
 
@@ -51,26 +54,91 @@ def resolve_config_path(name: str) -> Path:
     raise ConfigError(f"config {name!r} not found (shipped configs: {', '.join(shipped)})")
 
 
+# A command each subcommand's --help shows; tests/test_config_cli.py checks that each builds a valid config.
+EXAMPLES = {
+    "score": "forgetless score --data my.jsonl --limit 16 --output-dir runs/mine/scores",
+    "mask": "forgetless mask --scores runs/mine/scores --policy auto-tau --fraction 0.2 --output-dir runs/mine/masks",
+    "generate": "forgetless generate --method self_output --data mbpp-train --limit 8 --output-dir runs/mine/generate",
+    "train": "forgetless train --data runs/mine/masks/data.parquet --adapter-type lora --learning-rate 1e-4 "
+             "--output-dir runs/mine/train",
+    "eval": "forgetless eval --tasks gsm8k --limit 20 --adapter runs/mine/train/adapter --output-dir runs/mine/eval",
+    "retention": "forgetless retention --mc-tasks arc_easy --adapter runs/mine/train/adapter --output-dir runs/mine/ret",
+    "report": "forgetless report runs/demo",
+    "run": "forgetless run demo data=my.jsonl --output-dir runs/mine",
+}
+# Flag spellings that differ from the field name: (config field, flag) for one output directory everywhere and an
+# adapter *kind* that is not confused with the adapter *directory* of eval/retention.
+FLAG_NAMES = {"out_dir": "output-dir", "output_dir": "output-dir"}
+TRAIN_FLAG_NAMES = {"adapter": "adapter-type"}
+DEPRECATED = {"--out-dir": "--output-dir"}
+TRAIN_DEPRECATED = {"--adapter": "--adapter-type"}
+
+
+def flag_names(command: str) -> dict[str, str]:
+    return {**FLAG_NAMES, **(TRAIN_FLAG_NAMES if command == "train" else {})}
+
+
+def deprecated_flags(command: str) -> dict[str, str]:
+    return {**DEPRECATED, **(TRAIN_DEPRECATED if command == "train" else {})}
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="forgetless", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="forgetless", description=__doc__.splitlines()[0], allow_abbrev=False)
+    parser.add_argument("--version", action="version", version=f"forgetless {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     for name, (cls, fn, _) in COMMANDS.items():
-        p = sub.add_parser(name, help=(fn.__doc__ or "").splitlines()[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        p = sub.add_parser(name, help=(fn.__doc__ or "").splitlines()[0], allow_abbrev=False,
+                           epilog=f"example: {EXAMPLES[name]}", formatter_class=argparse.RawDescriptionHelpFormatter)
         p.add_argument("--config", help="YAML file with this stage's settings")
         p.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
+        names = flag_names(name)
         for field_name, default, help_text in field_help(cls):
-            p.add_argument(f"--{field_name.replace('_', '-')}", dest=f"set_{field_name}", metavar="VALUE", help=help_text, default=argparse.SUPPRESS)
-        p.add_argument("overrides", nargs="*", metavar="[CONFIG] key=value", help="a config file or shipped config name, then overrides, e.g. tau=10")
+            flag = names.get(field_name, field_name.replace("_", "-"))
+            shown = "required" if default is REQUIRED else f"default: {default}"
+            p.add_argument(f"--{flag}", dest=f"set_{field_name}", metavar="VALUE", help=f"{help_text} ({shown})",
+                           default=argparse.SUPPRESS)
+        p.add_argument("overrides", nargs="*", metavar="[CONFIG] key=value",
+                       help="a config file or shipped config name, then key=value overrides (key.sub=value for sections)")
     return parser
+
+
+def rename_deprecated(command: str, argv: list[str]) -> list[str]:
+    """Old flag spellings (``--out-dir``; train's ``--adapter``) become the new ones, with one line on stderr."""
+    old_to_new, out = deprecated_flags(command), []
+    for arg in argv:
+        old, eq, value = arg.partition("=")
+        if old in old_to_new:
+            print(f"forgetless {command}: {old} is deprecated; use {old_to_new[old]}", file=sys.stderr)
+            arg = old_to_new[old] + eq + value
+        out.append(arg)
+    return out
+
+
+def unknown_flag_error(parser: argparse.ArgumentParser, command: str, unknown: list[str]) -> str:
+    """One line naming the unknown arguments, and the flags of the command that the first unknown flag may mean:
+    those whose words start with its letters (``--lr``: ``--learning-rate``), then the nearest spellings."""
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices[command]
+    flags = [o for a in sub._actions for o in a.option_strings if o.startswith("--")]
+    first = next((u.split("=")[0] for u in unknown if u.startswith("--")), None)
+    near: list[str] = []
+    if first:
+        letters = first[2:].replace("-", "")
+        near = [f for f in flags if "".join(w[0] for w in f[2:].split("-")).startswith(letters) and len(letters) > 1]
+        near = near or difflib.get_close_matches(first, flags, n=2, cutoff=0.6)
+    return f"unrecognized arguments: {' '.join(unknown)}" + (f" (did you mean {', '.join(near[:3])}?)" if near else "")
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in COMMANDS:
+        argv = [argv[0], *rename_deprecated(argv[0], argv[1:])]
     # key=value overrides may stand anywhere, also between --flags.
     args, extra = parser.parse_known_args(argv)
     unknown = [a for a in extra if "=" not in a or a.startswith("-")]
     if unknown:
-        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+        print(f"forgetless {args.command}: error: {unknown_flag_error(parser, args.command, unknown)}", file=sys.stderr)
+        return 2
     args.overrides = list(args.overrides) + extra
     logging.basicConfig(level=logging.DEBUG if args.debug else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     for noisy in ("httpx", "urllib3", "filelock"):

@@ -20,6 +20,9 @@ class ConfigError(ValueError):
     """A config file or override cannot be applied."""
 
 
+REQUIRED = object()  # field_help's default of a field that has none
+
+
 def parse_override(text: str) -> tuple[list[str], Any]:
     """``'train.lr=1e-4'`` -> (['train', 'lr'], 0.0001); the value is read as YAML."""
     if "=" not in text:
@@ -54,6 +57,12 @@ def build(cls: type, values: dict[str, Any], where: str = "") -> Any:
             hint = f"; did you mean {near[0]!r}?" if near else f" (valid: {', '.join(names)})"
             raise ConfigError(f"unknown config key {where + key!r}{hint}")
         kwargs[key] = coerce(hints[key], value, where + key)
+    missing = [f.name for f in dataclasses.fields(cls) if f.init and f.name not in kwargs
+               and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+    if missing:
+        flags = ", ".join(f"{where}{m}=VALUE" if where else f"--{m.replace('_', '-')} VALUE" for m in missing)
+        raise ConfigError(f"{where.rstrip('.') or cls.__name__}: missing required setting{'s' * (len(missing) > 1)} "
+                          f"{', '.join(missing)} (give {flags})")
     try:
         return cls(**kwargs)
     except (TypeError, ValueError) as e:
@@ -133,6 +142,6 @@ def field_help(cls: type) -> list[tuple[str, Any, str]]:
     rows = []
     for f in dataclasses.fields(cls):
         default = f.default if f.default is not dataclasses.MISSING else (
-            f.default_factory() if f.default_factory is not dataclasses.MISSING else None)
+            f.default_factory() if f.default_factory is not dataclasses.MISSING else REQUIRED)
         rows.append((f.name, default, f.metadata.get("help", "")))
     return rows

@@ -29,6 +29,8 @@ from forgetless.report.stage import ReportConfig, run_report
 from forgetless.train.probe import probe_callbacks
 from forgetless.lm.modeling import EMBEDDED
 from forgetless.lm.stamps import STAMP, run_once
+from forgetless.verdict import fill_model_cards
+from forgetless.target import HOLDOUT, check_target, default_target, holdout_paths, own_data, split_holdout, tau_share_note
 from forgetless.score.stage import SCORES_FILE, ScoreConfig, run_score
 
 logger = logging.getLogger(__name__)
@@ -55,7 +57,10 @@ class RunConfig:
     generate: dict[str, Any] = field(default_factory=dict, metadata={"help": "GenerateConfig overrides for self-output/rephrase without data (samples, batch_size, device, ...)"})
     eval: dict[str, Any] | None = field(default_factory=dict, metadata={"help": "EvalConfig overrides (tasks, limit, ...); null skips generative evaluation"})
     retention: dict[str, Any] | None = field(default=None, metadata={"help": "RetentionConfig overrides (mc_tasks, drift_sources, ...); null skips them"})
-    target: str = field(default="mbpp", metadata={"help": "the target task's name in the report; every other task is non-target"})
+    target: str | None = field(default=None, metadata={"help": "the target task in the report (a task name, or your task file: forgetless.eval.tasks.custom); every other task is non-target. Default: with your own data, a held-out share of it (see holdout); with a bundled split, its task"})
+    holdout: float = field(default=0.1, metadata={"help": "your own data without a target: the seeded share held out as the target set (at least 4 examples), scored by chrF of greedy answers against the references"})
+    holdout_seed: int = field(default=0, metadata={"help": "seed of the held-out split"})
+    other_target: bool = field(default=False, metadata={"help": "allow a target on another data set than data (refused otherwise)"})
     probe: dict[str, Any] | None = field(default=None, metadata={"help": "ProbeConfig settings: evaluate a probe every N steps of each run (null: none)"})
     frontier: dict[str, Any] = field(default_factory=dict, metadata={"help": "frontier report: gain (gain_all, gain_kept...), retention (mc_retention, top1_agreement...)"})
 
@@ -69,6 +74,8 @@ class RunConfig:
             raise ValueError(f"seeds repeat: {list(self.seeds)}")
         if "model" in self.score:
             raise ValueError("set the scoring model with score_model, not score.model")
+        if not 0 < self.holdout < 1:
+            raise ValueError(f"holdout is a share in (0, 1), got {self.holdout}")
 
 
 def make(cls: type, values: dict[str, Any], where: str) -> Any:
@@ -110,11 +117,16 @@ def measure_stages(config: RunConfig, label: str, model: str, adapter: str | Non
     retention_common = {**common, "base_model": config.model if tuned_full else None}
     if alpha != 1.0:
         retention_common["adapter_scale"] = alpha
-    if config.eval is not None and alpha == 1.0:
-        cfg = make(EvalConfig, {**config.eval, **common, "output_dir": str(out / "eval" / label)}, "eval")
+    eval_settings, retention = config.eval, config.retention
+    if holds_out(config):  # the held-out share is the target: its task joins the eval, its NLL the retention
+        task = str(holdout_paths(out)["task"])
+        eval_settings = {**(eval_settings or {}), "tasks": [*(eval_settings or {}).get("tasks", []), task]}
+        retention = None if retention is None else {**retention, "heldout_source": str(holdout_paths(out)["target"])}
+    if eval_settings is not None and alpha == 1.0:
+        cfg = make(EvalConfig, {**eval_settings, **common, "output_dir": str(out / "eval" / label)}, "eval")
         stages.append((cfg, run_eval, f"eval {label}"))
-    if config.retention is not None:
-        cfg = make(RetentionConfig, {**config.retention, **retention_common, "output_dir": str(out / "retention" / label)}, "retention")
+    if retention is not None:
+        cfg = make(RetentionConfig, {**retention, **retention_common, "output_dir": str(out / "retention" / label)}, "retention")
         stages.append((cfg, run_retention, f"retention {label}"))
     return stages
 
@@ -134,14 +146,32 @@ def method_data(config: RunConfig, method: MethodSpec, out: Path) -> str:
         from forgetless.generate.stage import DATA_FILE
 
         return str(out / "generate" / method.method / DATA_FILE)
-    return method.data or config.data
+    return method.data or training_data(config)
+
+
+def holds_out(config: RunConfig) -> bool:
+    """True when the run's target is a held-out share of the user's own data."""
+    return config.target is None and own_data(config.data)
+
+
+def training_data(config: RunConfig) -> str:
+    """The target-task training data: ``data``, less its held-out share when that is the target."""
+    return str(holdout_paths(config.out_dir)["train"]) if holds_out(config) else config.data
+
+
+def run_target(config: RunConfig) -> str:
+    """The report's target task: ``target``, or the default of :func:`forgetless.target.default_target`."""
+    if config.target is not None:
+        return config.target
+    sources = tuple((config.retention or {}).get("behaviour_sources", ()))
+    return default_target(config.data, sources)
 
 
 def generate_config(config: RunConfig, method: MethodSpec, out: Path):
     """The generate stage of a self-output/rephrase method: the base model answers the target data's prompts."""
     from forgetless.generate.stage import GenerateConfig
 
-    values = {"model": config.model, "data": config.data, "limit": config.limit, "max_length": config.max_length,
+    values = {"model": config.model, "data": training_data(config), "limit": config.limit, "max_length": config.max_length,
               **config.generate, "method": GENERATED[method.method], "out_dir": str(out / "generate" / method.method)}
     return make(GenerateConfig, values, f"generate ({method.method})")
 
@@ -173,7 +203,7 @@ def replay_config(config: RunConfig, method: MethodSpec, out: Path):
     count, texts = measured_prompts(config, method.replay_source)
     skip = count if method.replay_skip is None else method.replay_skip
     candidates(method.replay_source, skip, set(texts))  # refuses an overlap before any work
-    return make(ReplayConfig, {"model": config.model, "data": config.data, "limit": config.limit,
+    return make(ReplayConfig, {"model": config.model, "data": training_data(config), "limit": config.limit,
                                "source": method.replay_source, "fraction": method.replay_fraction, "skip": skip,
                                "measured": texts, "out_dir": str(Path(method_data(config, method, out)).parent)},
                 f"replay ({method.label})")
@@ -181,7 +211,8 @@ def replay_config(config: RunConfig, method: MethodSpec, out: Path):
 
 def check_settings(config: RunConfig) -> None:
     """Build every stage's config before any work starts, so a typo fails in seconds, not hours."""
-    make(ScoreConfig, score_settings(config, config.data, "-"), "score")
+    check_target(config.target, config.data, config.other_target)
+    make(ScoreConfig, score_settings(config, training_data(config), "-"), "score")
     check_score_model(config)
     pushed = []
     for label, method, lr, seed, _ in train_runs(config):
@@ -199,6 +230,23 @@ def check_settings(config: RunConfig) -> None:
         raise ConfigError(f"train runs would overwrite each other on the hub ({', '.join(repeated)}): give each "
                           f"method its own hub_model_id (methods: - train: {{hub_model_id: ...}})")
     measure_stages(config, "base", config.model, None)
+
+
+def note_tau_share(config: RunConfig, scores: Path) -> None:
+    """Before training: one line per τ of the grid that masks an unusual share of the training responses."""
+    import pyarrow.parquet as pq
+
+    from forgetless.mask.stage import flatten_response_nll
+
+    taus = sorted({m.tau for m in config.methods if METHOD_POLICIES[m.method][0] in ("threshold", "random", "inverse")
+                   and m.fraction is None})
+    if not taus:
+        return
+    nll = flatten_response_nll(pq.read_table(scores / SCORES_FILE))[0]
+    for tau in taus:
+        note = tau_share_note(nll, tau, config.data)
+        if note:
+            logger.warning(note)
 
 
 def check_score_model(config: RunConfig) -> None:
@@ -234,6 +282,11 @@ def run_experiment(config: RunConfig) -> Path:
     out = Path(config.out_dir)
     if distributed.is_main():
         artifacts.write_json(out / "run_config.json", dataclasses.asdict(config))
+        if holds_out(config):
+            paths = split_holdout(config.data, config.holdout, config.holdout_seed, out)
+            logger.info("target: the held-out share of %s in %s, scored by chrF of greedy answers", config.data,
+                        paths["target"])
+    distributed.barrier()
     layout, scored = run_layout(config, out), set()
     for label, method, lr, seed, _ in train_runs(config):
         data = method_data(config, method, out)
@@ -248,6 +301,8 @@ def run_experiment(config: RunConfig) -> Path:
         if data not in scored:  # the score stage itself reuses an output made from the same inputs
             run_score(make(ScoreConfig, score_settings(config, data, str(scores), method.method == "replay"), "score"))
             scored.add(data)
+            if data == training_data(config) and distributed.is_main():
+                note_tau_share(config, scores)
         masks = distributed.on_main(run_mask, method.mask_config(scores, layout["masks"][label]))
         cfg = train_config(config, label, method, lr, str(masks / MASKED_FILE), seed)
         settings = {**dataclasses.asdict(cfg), **({"probe": config.probe} if config.probe else {}),
@@ -263,7 +318,10 @@ def run_experiment(config: RunConfig) -> Path:
     if distributed.is_main():
         pool_seeds(config, out, measured)
     distributed.barrier()
-    return distributed.on_main(report_run, ReportConfig(run_dir=str(out)))
+    report_dir = distributed.on_main(report_run, ReportConfig(run_dir=str(out)))
+    if distributed.is_main():
+        fill_model_cards(report_dir, layout["train"])
+    return report_dir
 
 
 def report_run(cfg) -> Path:
@@ -315,7 +373,7 @@ def report_inputs(run_dir: str | Path, output_dir: str | None = None):
         if m.run is not None and m.alpha == 1.0:
             first_train.setdefault(group, layout["train"][m.run])
     cfg = ReportConfig(runs=tuple(runs), train_dirs=tuple(f"{label}={d}" for label, d in first_train.items()),
-                       output_dir=output_dir or str(out / "report"), base="base", target=config.target,
+                       output_dir=output_dir or str(out / "report"), base="base", target=run_target(config),
                        tasks=report_tasks(config), tokenizer=config.model,
                        scores=tuple(f"{label}={d / SCORES_FILE}" for label, d in layout["ppl_sources"].items()),
                        token_view=str(layout["token_view"] / MASKED_FILE))
@@ -339,7 +397,7 @@ def run_layout(config: RunConfig, out: Path) -> dict:
         train[label] = out / "train" / label
     # The token view shows what STM drops; without an STM method, the first method's mask.
     view = first_mask.get("stm") or first_mask.get("auto-tau") or next(iter(first_mask.values()))
-    ppl_sources = {("ground truth" if data == config.data else data_name(config, data)): d for data, d in scores.items()}
+    ppl_sources = {("ground truth" if data == training_data(config) else data_name(config, data)): d for data, d in scores.items()}
     return {"scores": scores, "masks": masks, "train": train, "token_view": view, "ppl_sources": ppl_sources}
 
 
@@ -348,7 +406,7 @@ def data_name(config: RunConfig, data: str) -> str:
     always data.jsonl), or the file's stem."""
     from forgetless.generate.stage import DATA_FILE
 
-    if data == config.data:
+    if data == training_data(config):
         return "target"
     return Path(data).parent.name if Path(data).name == DATA_FILE else Path(data).stem
 
@@ -361,12 +419,14 @@ def report_tasks(config: RunConfig) -> tuple[str, ...]:
     tasks: list[str] = []
     for cfg, _, _ in measure_stages(config, "base", config.model, None):
         if hasattr(cfg, "tasks"):
-            tasks += [t for t in cfg.tasks]
+            tasks += [HOLDOUT if t == str(holdout_paths(config.out_dir)["task"]) else t for t in cfg.tasks]
         else:
             tasks += [t if primary_metric(t) == "acc" else f"{t}:{primary_metric(t)}" for t in cfg.mc_tasks]
             tasks += [f"drift:{src}" for src in cfg.drift_sources]
             for src in cfg.behaviour_sources:
                 tasks += table_tasks(src)
             if cfg.heldout_source:
-                tasks += [f"heldout:{cfg.heldout_source}:{kind}" for kind in ("kept", "masked")]
-    return tuple(sorted(tasks, key=lambda t: t != config.target))
+                kinds = ("all", "kept", "masked") if holds_out(config) else ("kept", "masked")
+                tasks += [f"heldout:{cfg.heldout_source}:{kind}" for kind in kinds]
+    return tuple(sorted(tasks, key=lambda t: t != run_target(config)))
+

@@ -17,6 +17,7 @@ from typing import Sequence
 
 from forgetless.core.frontier import common_gains, items_at_gain, matched_gain_table, resolved, verdict
 from forgetless.core.intervals import paired_difference
+from forgetless.report.plots import can_plot
 from forgetless.train.probe import PROBES_FILE, read_probes
 from forgetless.retention.records import list_tasks, read_task
 from forgetless.retention.summary import accuracy_tasks, summarize_run
@@ -384,5 +385,6 @@ def write_frontier(report_dir: str | Path, data: dict) -> Path:
         tmp = out / f".tmp-{name}"
         tmp.write_text(text, encoding="utf-8")
         tmp.replace(out / name)
-    plot_frontier(data, out / "frontier.png")
+    if can_plot():
+        plot_frontier(data, out / "frontier.png")
     return out / "frontier.md"

@@ -8,6 +8,7 @@ nothing, when there is nothing to draw.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 from pathlib import Path
@@ -43,6 +44,23 @@ def response_ppl(scores_file: str | Path) -> np.ndarray:
     for nll, mask in zip(table.column("nll").to_pylist(), table.column("response_mask").to_pylist()):
         values += [v for v, m in zip(nll, mask) if m and v is not None and not math.isnan(v)]
     return np.exp(np.asarray(values, dtype=np.float64))
+
+
+def can_plot() -> bool:
+    """True when matplotlib is installed (the ``[report]`` extra); without it the report has no figures, and says so
+    once."""
+    import importlib.util
+
+    if importlib.util.find_spec("matplotlib") is not None:
+        return True
+    if not _warned:
+        _warned.append(True)
+        logging.getLogger(__name__).warning("no plots in the report: matplotlib is not installed "
+                                            "(pip install 'forgetless[report]')")
+    return False
+
+
+_warned: list[bool] = []
 
 
 def _pyplot():

@@ -58,6 +58,7 @@ def retention_section(report_dir: Path, groups: dict[str, list[str]], base: str,
     """The retention and behaviour sections (Markdown), with ``retention.json`` and
     ``drift_vs_gain.png``; empty when the base or every method lacks retention records."""
     from forgetless.report.behaviour import behaviour_markdown
+    from forgetless.report.plots import can_plot
     from forgetless.report.retention import markdown_table, plot_drift_vs_gain, summarize_run
 
     dirs = {label: next((Path(p) for p in paths if is_retention_dir(p)), None) for label, paths in groups.items()}
@@ -67,5 +68,6 @@ def retention_section(report_dir: Path, groups: dict[str, list[str]], base: str,
         return ""
     summaries = {label: summarize_run(dirs[base], dirs[label], target_task=target) for label in methods}
     artifacts.write_json(report_dir / "retention.json", summaries)
-    plot_drift_vs_gain(summaries, report_dir / "drift_vs_gain.png")
+    if can_plot():
+        plot_drift_vs_gain(summaries, report_dir / "drift_vs_gain.png")
     return RETENTION_INTRO + markdown_table(summaries) + behaviour_markdown(summaries, {m: dirs[m] for m in methods})

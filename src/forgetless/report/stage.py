@@ -27,7 +27,7 @@ from forgetless.report.behaviour import lean
 from forgetless.report.frontier import build_frontier, write_frontier
 from forgetless.report.sections import retention_section, train_extras
 from forgetless.report.html import PPL_DARKEST, read_token_examples, write_html
-from forgetless.report.plots import plot_delta_w, plot_loss_curves, plot_masked_fraction, plot_ppl_distribution, save_figure
+from forgetless.report.plots import can_plot, plot_delta_w, plot_loss_curves, plot_masked_fraction, plot_ppl_distribution, save_figure
 
 logger = logging.getLogger(__name__)
 
@@ -322,8 +322,9 @@ def run_report(cfg: ReportConfig, frontier_grid: dict | None = None) -> Path:
     for name, text in (("report.md", markdown), ("report.json", json.dumps(report, indent=2, default=str) + "\n"),
                        ("config.json", json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")):
         write_text(out / name, text)
-    plot_report(report, out)
-    plot_training(cfg, report, out)
+    if can_plot():
+        plot_report(report, out)
+        plot_training(cfg, report, out)
     write_report_html(cfg)
     return out
 

@@ -99,12 +99,13 @@ def table_counts(rows: list[dict]) -> dict:
 class MaskedBatchCollator:
     """Right-pads ``input_ids`` (pad id), ``attention_mask`` (0), ``labels`` (-100) and ``loss_weight`` (0.0).
 
-    Works in any HF Trainer / TRL SFTTrainer; examples without ``loss_weight`` get 1.0 where labelled. Other
-    columns are dropped.
+    Works in any HF Trainer / TRL SFTTrainer; examples without ``loss_weight`` get 1.0 where labelled. With
+    ``keep_nll`` the per-token ``nll`` column comes along too (padded with NaN), for masks made on the fly with
+    :func:`forgetless.core.masking.stm_labels` (pop it before the model's forward). Other columns are dropped.
     """
 
-    def __init__(self, pad_token_id: int, pad_to_multiple_of: int | None = None):
-        self.pad_token_id, self.pad_to_multiple_of = pad_token_id, pad_to_multiple_of
+    def __init__(self, pad_token_id: int, pad_to_multiple_of: int | None = None, keep_nll: bool = False):
+        self.pad_token_id, self.pad_to_multiple_of, self.keep_nll = pad_token_id, pad_to_multiple_of, keep_nll
 
     def __call__(self, examples: list[dict]) -> dict[str, torch.Tensor]:
         length = max(len(e["input_ids"]) for e in examples)
@@ -126,6 +127,10 @@ class MaskedBatchCollator:
                 batch["loss_weight"][b, :n] = torch.as_tensor(list(e["loss_weight"]), dtype=torch.float32)
             else:
                 batch["loss_weight"][b, :n] = (labels != IGNORE).float()
+        if self.keep_nll:
+            batch["nll"] = torch.full((len(examples), length), math.nan, dtype=torch.float32)
+            for b, e in enumerate(examples):
+                batch["nll"][b, :len(e["nll"])] = torch.as_tensor([math.nan if v is None else v for v in e["nll"]])
         # Position 0 is never predicted; clearing it keeps the Trainer's token count equal to ours for any model.
         batch["labels"][:, 0] = IGNORE
         batch["loss_weight"][:, 0] = 0.0

@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 
 from forgetless import __version__
+from forgetless.train.card import card_text, mask_facts, write_card
 from forgetless.train.collate import FlatBatchCollator, MaskedBatchCollator, TableError, read_table, table_counts
 from forgetless.lm.artifacts import write_json
 from forgetless.train.config import ADAPTERS, METHODS, TrainConfig  # noqa: F401  (re-exported)
@@ -162,7 +163,6 @@ def last_checkpoint(out: Path) -> str | None:
 def manifest(config: TrainConfig, tokenizer) -> dict:
     import peft
     import transformers
-    import trl
 
     from forgetless.lm.modeling import model_fingerprint
     from forgetless.lm.templates import template_hash
@@ -172,8 +172,7 @@ def manifest(config: TrainConfig, tokenizer) -> dict:
         "model_fingerprint": model_fingerprint(config.model, config.revision),
         "template_hash": template_hash(tokenizer), "data": str(Path(config.data).resolve()),
         "data_fingerprint": file_sha256(Path(config.data))[:16],
-        "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
-                     "peft": peft.__version__, "trl": trl.__version__},
+        "versions": {"torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__},
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
 
@@ -296,7 +295,10 @@ def run_train(config: TrainConfig, callbacks: list | None = None, select_measure
                    "processes": args.world_size, "distributed": trainer.accelerator.distributed_type.value,
                    "weights_sharded": engine, **kept}
         write_json(out / "train_summary.json", summary)
-        write_json(out / "manifest.json", manifest(config, tokenizer))
+        run_manifest = manifest(config, tokenizer)
+        write_json(out / "manifest.json", run_manifest)
+        weights = out / ("model" if config.adapter == "full" else "adapter")
+        write_card(weights, card_text(config, run_manifest, counts, mask_facts(config.data)))
         print_diagnostics(diag, summary)
     try:
         push_final(trainer, tokenizer, config, out)  # the run is complete on disk first

@@ -4,7 +4,7 @@
     data: capitals.jsonl          # records (relative paths are relative to this file)
     prompt: "What is the capital of {country}? Answer with the city name only."
     gold: capital                 # field holding the answer
-    metric: exact_match           # exact_match | contains | numeric | math_verify | choice | sql
+    metric: exact_match           # exact_match | contains | numeric | math_verify | choice | sql | chrf
     extract: "(?i)answer:\\s*(.+)"  # optional regex; its first group is the answer
     max_new_tokens: 32
     id: id                        # optional field with a stable item id
@@ -24,7 +24,7 @@ import yaml
 from forgetless.lm.data import load_records, normalize_record
 from forgetless.eval.tasks import Item, Task, stable_id
 
-METRICS = ("exact_match", "contains", "numeric", "math_verify", "choice", "sql")
+METRICS = ("exact_match", "contains", "numeric", "math_verify", "choice", "sql", "chrf")
 _KEYS = {"name", "data", "prompt", "gold", "metric", "extract", "max_new_tokens", "id", "db_root", "system", "chance", "choices"}
 
 
@@ -51,6 +51,10 @@ def score_metric(metric: str, pred, gold) -> float:
         return answers_equivalent(str(pred), str(gold))
     if metric == "choice":
         return float(str(pred).strip().upper() == str(gold).strip().upper())
+    if metric == "chrf":  # free-text answers: character n-gram F-score against the reference, in [0, 1]
+        from sacrebleu.metrics import CHRF
+
+        return CHRF().sentence_score(str(pred).strip(), [str(gold).strip()]).score / 100
     raise ValueError(f"unknown metric {metric!r}; choose one of {', '.join(METRICS)}")
 
 
