@@ -125,6 +125,8 @@ def score_task(task: Task, items: list[Item], outputs: list[str], settings: dict
     summary = {"task": task.name, "metric": task.metric, "score": sum(scores) / len(scores) if scores else None,
                "n": len(scores), "ci95": [lo, hi], "higher_is_better": task.higher_is_better,
                "chance": task.chance, "settings": settings}
+    if task.metrics is not None and scored:
+        summary["metrics"] = task.metrics(scored)
     return summary, records
 
 
@@ -371,6 +373,9 @@ def print_eval_summary(out: Path) -> None:
     for name, r in scores.items():
         lo, hi = r["ci95"]
         print(f"{name:>16}  {r['metric']:<18} {r['score']:.3f}  [{lo:.3f}, {hi:.3f}]  n={r['n']}")
+        for metric, m in r.get("metrics", {}).items():
+            if metric != r["metric"]:
+                print(f"{'':>16}  {metric:<18} {m['score']:.3f}  [{m['ci95'][0]:.3f}, {m['ci95'][1]:.3f}]  n={m['n']}")
     print(f"results in {out}")
 
 

@@ -49,6 +49,8 @@ class Task:
     version: str = "1"
     score_batch: Callable[[list[str], list[Item]], list[Scored]] | None = None
     definition: dict[str, Any] = field(default_factory=dict)  # what a user's file said, for the hash
+    # Further metrics of the whole set beside ``metric`` (IFEval's four): name -> {"score", "n", "ci95"}.
+    metrics: Callable[[list[Scored]], dict[str, dict[str, Any]]] | None = None
 
     def evaluate(self, outputs: list[str], items: list[Item]) -> list[Scored]:
         if len(outputs) != len(items):
@@ -104,7 +106,7 @@ def first_human_turn(record: dict[str, Any]) -> list[dict[str, str]]:
 
 # The paper tasks follow the authors' own evaluation scripts (forgetless.eval.tasks.paper).
 PAPER = ("gsm8k-test", "math-paper", "arc_challenge-paper", "mbpp-test", "mbpp-test-plus")
-BUILTIN = ("mbpp", "gsm8k", "math", "arc_challenge", *PAPER)
+BUILTIN = ("mbpp", "gsm8k", "math", "arc_challenge", "ifeval", *PAPER)
 
 
 def get_task(spec: str) -> Task:
@@ -121,6 +123,10 @@ def get_task(spec: str) -> Task:
         from forgetless.eval.tasks.math import math_task
 
         return math_task()
+    if spec == "ifeval":
+        from forgetless.eval.tasks.ifeval import ifeval_task
+
+        return ifeval_task()
     if spec in PAPER:
         from forgetless.eval.tasks.paper import paper_task
 
