@@ -114,7 +114,10 @@ def measure_stages(config: RunConfig, label: str, model: str, adapter: str | Non
         cfg = make(EvalConfig, {**config.eval, **common, "output_dir": str(out / "eval" / label)}, "eval")
         stages.append((cfg, run_eval, f"eval {label}"))
     if config.retention is not None:
-        cfg = make(RetentionConfig, {**config.retention, **retention_common, "output_dir": str(out / "retention" / label)}, "retention")
+        # No behaviour source reads a task the recipes train on (the target data, as far as `limit` takes it).
+        trained = {"behaviour_exclude": (f"{config.data}:{config.limit}" if config.limit else config.data,)}
+        cfg = make(RetentionConfig, {**trained, **config.retention, **retention_common,
+                                     "output_dir": str(out / "retention" / label)}, "retention")
         stages.append((cfg, run_retention, f"retention {label}"))
     return stages
 
@@ -156,7 +159,7 @@ def measured_prompts(config: RunConfig, source: str) -> tuple[int, tuple[str, ..
         if hasattr(cfg, "tasks"):  # the eval stage: a task named like the source reads its items
             reads += [cfg.limit] if source in cfg.tasks else []
             continue
-        reads += [cfg.behaviour_limit] if source in cfg.behaviour_sources else []
+        reads += [cfg.limit(source)] if source in cfg.behaviour_sources else []
         reads += [cfg.drift_limit] if source in cfg.drift_sources else []
         reads += [cfg.heldout_limit] if source == cfg.heldout_source else []
     if not reads:
@@ -318,7 +321,7 @@ def report_inputs(run_dir: str | Path, output_dir: str | None = None):
                        output_dir=output_dir or str(out / "report"), base="base", target=config.target,
                        tasks=report_tasks(config), tokenizer=config.model,
                        scores=tuple(f"{label}={d / SCORES_FILE}" for label, d in layout["ppl_sources"].items()),
-                       token_view=str(layout["token_view"] / MASKED_FILE))
+                       token_view=str(layout["token_view"] / MASKED_FILE), recipe_sources=recipe_sources(config))
     grid = None
     curves = config.probe or len(config.learning_rates) > 1 or any(m.interpolate for m in config.methods)
     if config.retention is not None and curves:
@@ -326,6 +329,18 @@ def report_inputs(run_dir: str | Path, output_dir: str | None = None):
                                       config.train.get("learning_rate")),
                 "base_dir": out / "retention" / "base", **config.frontier}
     return cfg, grid
+
+
+def recipe_sources(config: RunConfig) -> tuple[str, ...]:
+    """``label=source`` of each recipe that trains on prompts of a source other recipes do not: replay (its
+    replay_source) and the generated sets of self-output / rephrase (the target data's prompts, the base's answers)."""
+    out = []
+    for method in config.methods:
+        if method.method == "replay":
+            out.append(f"{method.label}={method.replay_source}")
+        elif generates(method):
+            out.append(f"{method.label}={config.data}")
+    return tuple(dict.fromkeys(out))
 
 
 def run_layout(config: RunConfig, out: Path) -> dict:

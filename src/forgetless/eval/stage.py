@@ -76,6 +76,9 @@ class EvalConfig:
             object.__setattr__(self, "tasks", tuple([self.tasks] if isinstance(self.tasks, str) else self.tasks))
         if not self.tasks:
             raise ValueError("tasks: name at least one task")
+        for spec in self.tasks:  # an unknown name fails here, before any model loads
+            if isinstance(spec, str) and spec not in ("mbpp-test", "mbpp-test-plus"):
+                get_task(spec)
         if self.limit is not None and self.limit < 1:
             raise ValueError("limit must be >= 1 (or None for all items)")
         if self.batch_size < 1:
