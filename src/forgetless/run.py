@@ -212,7 +212,11 @@ def check_settings(config: RunConfig) -> None:
     if repeated:
         raise ConfigError(f"train runs would overwrite each other on the hub ({', '.join(repeated)}): give each "
                           f"method its own hub_model_id (methods: - train: {{hub_model_id: ...}})")
-    measure_stages(config, "base", config.model, None)
+    for cfg, _, _ in measure_stages(config, "base", config.model, None):
+        if hasattr(cfg, "tasks"):  # the eval stage: every task name must resolve
+            from forgetless.eval.stage import check_tasks
+
+            check_tasks(cfg)
 
 
 def check_score_model(config: RunConfig) -> None:
