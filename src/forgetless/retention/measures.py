@@ -78,7 +78,8 @@ class MeasureSettings:
         ids = set()
         for spec in self.behaviour_exclude:
             source, _, n = spec.rpartition(":") if spec.rpartition(":")[2].isdigit() else (spec, "", "")
-            ids |= {int(r["task_id"]) for r in load_records(source)[0][: int(n) if n else None] if "task_id" in r}
+            ids |= {int(r["task_id"]) for r in load_records(source)[0][: int(n) if n else None]
+                    if str(r.get("task_id", "")).isdigit()}  # MBPP ids; other data has none to leave out
         return frozenset(ids)
 
 
