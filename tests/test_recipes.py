@@ -129,7 +129,8 @@ def test_replay_default_source_is_read_by_no_measure_of_the_shipped_configs():
     from forgetless.retention.answers import prompt_set
     from forgetless.run import RunConfig, measured_prompts
 
-    assert MethodSpec("replay").replay_source == "naturalqs" and MethodSpec("replay").label == "replay-naturalqs0.25"
+    replay = MethodSpec("replay", replay_fraction=0.25)
+    assert replay.replay_source == "naturalqs" and replay.label == "replay-naturalqs0.25"
     ids, messages, _ = prompt_set("naturalqs", None)
     assert len(ids) == len(set(ids)) == 1000 and messages[0][0]["content"].endswith("?")
     for name in ("demo", "frontier"):
