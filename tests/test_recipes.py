@@ -310,5 +310,5 @@ def test_leans_are_per_recipe():
     frontier = load_config(RunConfig, resolve_config_path("frontier"))
     assert recipe_sources(frontier) == ("replay-naturalqs0.25=naturalqs",)
     with_self_output = load_config(RunConfig, resolve_config_path("frontier"),
-                                   ["methods=[{method: self-output}, {method: replay, replay_source: gsm8k}]"])
+                                   ["methods=[{method: self-output}, {method: replay, replay_fraction: 0.25, replay_source: gsm8k}]"])
     assert recipe_sources(with_self_output) == ("self-output=mbpp-train", "replay-gsm8k0.25=gsm8k")
