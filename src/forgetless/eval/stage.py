@@ -87,6 +87,13 @@ class EvalConfig:
         DecodingSettings(max_new_tokens=self.max_new_tokens or 1, greedy=self.greedy, temperature=self.temperature, top_p=self.top_p)
 
 
+def check_tasks(cfg: EvalConfig) -> None:
+    """Refuse an unknown task name before anything is written or loaded (``tasks`` may also name Task objects
+    passed to :func:`evaluate_tasks` by hand, so the config itself does not check)."""
+    for spec in cfg.tasks:
+        resolve_task(spec, cfg)
+
+
 def resolve_task(spec: str | Task, cfg: EvalConfig) -> Task:
     if isinstance(spec, Task):
         return spec
@@ -104,6 +111,11 @@ def resolve_task(spec: str | Task, cfg: EvalConfig) -> Task:
 
         return mbpp_test_plus_task(limits)
     return get_task(spec)
+
+
+def code_key(cfg: EvalConfig) -> dict[str, str]:
+    """task -> the hash of the code that loads, reads and scores it (:meth:`Task.definition_hash`)."""
+    return {str(spec): resolve_task(spec, cfg).definition_hash() for spec in cfg.tasks}
 
 
 def decoding_for(task: Task, cfg: EvalConfig) -> DecodingSettings:
@@ -126,6 +138,8 @@ def score_task(task: Task, items: list[Item], outputs: list[str], settings: dict
     summary = {"task": task.name, "metric": task.metric, "score": sum(scores) / len(scores) if scores else None,
                "n": len(scores), "ci95": [lo, hi], "higher_is_better": task.higher_is_better,
                "chance": task.chance, "settings": settings}
+    if task.metrics is not None and scored:
+        summary["metrics"] = task.metrics(scored)
     return summary, records
 
 
@@ -327,6 +341,7 @@ def _pick_generate_fn(cfg: EvalConfig) -> tuple[GenerateFn, Callable[[], None]]:
 def run_eval(cfg: EvalConfig) -> Path:
     """Evaluate cfg.model (+ adapter) or cfg.predictions on cfg.tasks; returns the output dir. Under a launcher
     the processes share the generation and the first one scores and writes (:mod:`forgetless.lm.distributed`)."""
+    check_tasks(cfg)
     distributed.start()
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -372,6 +387,9 @@ def print_eval_summary(out: Path) -> None:
     for name, r in scores.items():
         lo, hi = r["ci95"]
         print(f"{name:>16}  {r['metric']:<18} {r['score']:.3f}  [{lo:.3f}, {hi:.3f}]  n={r['n']}")
+        for metric, m in r.get("metrics", {}).items():
+            if metric != r["metric"]:
+                print(f"{'':>16}  {metric:<18} {m['score']:.3f}  [{m['ci95'][0]:.3f}, {m['ci95'][1]:.3f}]  n={m['n']}")
     print(f"results in {out}")
 
 

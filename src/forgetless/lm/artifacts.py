@@ -21,7 +21,8 @@ from typing import Any
 logger = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
-_VERSIONED = ("forgetless", "torch", "transformers", "tokenizers", "peft", "trl", "datasets", "accelerate")
+_VERSIONED = ("forgetless", "torch", "transformers", "tokenizers", "peft", "trl", "datasets", "accelerate", "if-verifiable",
+              "nltk")
 
 
 def _umask() -> int:

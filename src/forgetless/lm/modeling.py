@@ -8,6 +8,7 @@ take well under a second.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib.util
 import logging
@@ -110,7 +111,31 @@ def model_fingerprint(name: str, revision: str | None = None) -> str:
                 if f.name == "config.json":
                     h.update(f.read_bytes())
         return f"{path.resolve()}:{h.hexdigest()[:16]}"
-    return f"{name}@{revision or 'main'}"
+    return f"{name}@{hub_commit(name, revision)}"
+
+
+@functools.lru_cache(maxsize=None)
+def hub_commit(name: str, revision: str | None = None) -> str:
+    """The commit a hub model's revision (a branch or tag moves) points at: asked of the hub where it is reachable,
+    else the local snapshot's commit (offline); ``<revision>?`` when neither knows it."""
+    rev = revision or "main"
+    if len(rev) == 40 and all(c in "0123456789abcdef" for c in rev):
+        return rev
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() not in ("1", "true", "yes", "on"):
+        try:
+            from huggingface_hub import HfApi
+
+            sha = HfApi().model_info(name, revision=rev, timeout=10).sha
+            if sha:
+                return sha
+        except Exception as e:  # the hub raises many types (no network, unknown repo): use the local snapshot
+            logger.debug("%s@%s: not resolved on the hub (%s)", name, rev, type(e).__name__)
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(name, revision=rev, local_files_only=True)).name
+    except Exception:  # not in the local cache either
+        return f"{rev}?"
 
 
 def pick_dtype(dtype: str, device: str) -> torch.dtype:

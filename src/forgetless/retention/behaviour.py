@@ -6,10 +6,15 @@ prompt asks (GSM8K: "think step by step, then #### <number>") and answers with a
 "#### 12". Here the base and the tuned model each answer every prompt greedily (the base's
 answers are cached and shared with the drift measure), and per item we record:
 
+* ``did_what_asked`` (GSM8K's primary): the answer has at least ``MIN_WORKING`` characters of working *and* its
+  last ``####`` is followed by a number, what the prompt asks for. Neither half alone says it: a bare
+  ``#### 12`` has the format without the working, and an answer cut at the budget has working without the answer;
 * ``working_chars``: characters before the final-answer marker (GSM8K ``####``; the whole
   answer where a source has no marker). ``working_kept = min(tuned, base) / base`` on items
   where the base wrote at least ``MIN_WORKING`` characters of working: the share of the base's
-  working that survives (1 = all of it, by definition for the base itself);
+  working that survives (1 = all of it, by definition for the base itself). A secondary measure with a lean: it
+  counts length, it is one-sided (writing more than the base never counts against it), and it favours answers
+  that never finish (an answer cut at the budget keeps all its working);
 * ``skips_working``: the tuned answer has under ``MIN_WORKING`` characters of working;
 * ``format``: the answer has the format the prompt demands (GSM8K: ``#### <number>``; ARC: it
   opens with a choice letter), where a source demands one;
@@ -18,13 +23,18 @@ answers are cached and shared with the drift measure), and per item we record:
   the *base*. A changed opening counts in full here, where the teacher-forced drift averages it
   with hundreds of unchanged positions of the base's own answer. It leans toward methods that
   sharpen the base's own choices (STM trains only tokens the base already finds likely);
+* on IFEval (``ifeval``): each instruction checked strict and loose (:mod:`forgetless.eval.tasks.ifeval`); the
+  primary is ``prompt_level_strict_acc`` per prompt, beside ``prompt_level_loose_acc`` and the instruction-level
+  ``inst_level_strict_acc`` / ``inst_level_loose_acc`` (their items are the instructions, ``<key>/<j>``);
 * on a target set with tests (``mbpp-*``): ``asserts`` (the share of the item's asserts that
   pass, each run on its own in the sandbox), ``defines`` (the code runs and defines the
   requested function) and ``pass@1``. These favour no training recipe by construction: no
   recipe trains on the tests.
 
-Records are named ``gen:<source>`` (the primary: ``working_kept``, or ``asserts`` on a target
-set) and ``gen:<source>:<metric>``.
+Records are named ``gen:<source>`` (the primary: ``did_what_asked`` on GSM8K, ``prompt_level_strict_acc`` on IFEval,
+``asserts`` on a target set, else ``working_kept``) and ``gen:<source>:<metric>``. Every record's settings give the
+token budget (``max_new_tokens``) and the share of answers that stopped on their own within it, the base's
+(``base_finish_rate``) and the model's (``finish_rate``): a measure is read at a budget where the base finishes.
 """
 
 from __future__ import annotations
@@ -45,6 +55,7 @@ logger = logging.getLogger(__name__)
 
 MIN_WORKING = 40  # characters: less than a sentence of working counts as skipping it
 _GSM8K_FORMAT = re.compile(r"####\s*\$?\s*-?\d")
+_NUMBER_FIRST = re.compile(r"\s*\$?\s*-?\d")
 _ARC_OPENING = re.compile(r"^\W*(?:the\s+answer\s+is\s*:?\s*)?\(?([A-E])\b", re.IGNORECASE)
 
 
@@ -57,12 +68,25 @@ class Profile:
     correct: Callable[[str, dict], float] | None = None
     chance: float | None = None
     graded: bool = False  # answers are code graded by the source's tests (MBPP)
+    asked: Callable[[str], bool] | None = None  # did what the prompt asked (the primary where given)
+    instructions: bool = False  # IFEval: every instruction of the prompt checked (forgetless.eval.tasks.ifeval)
 
 
 def _gsm8k_correct(text: str, record: dict) -> float:
     from forgetless.eval.tasks.gsm8k import extract_answer, gold_answer, numbers_equal
 
     return numbers_equal(extract_answer(text), gold_answer(record["answer"]))
+
+
+def gsm8k_did_what_asked(text: str) -> bool:
+    """At least ``MIN_WORKING`` characters of working and a final ``#### <number>`` (the last ``####``).
+
+    >>> gsm8k_did_what_asked("She has 3 + 2 = 5 apples, so the answer is 5.\n#### 5"), gsm8k_did_what_asked("#### 12")
+    (True, False)
+    """
+    if working_chars(text, r"####") < MIN_WORKING or "####" not in text:
+        return False
+    return _NUMBER_FIRST.match(text.rsplit("####", 1)[1]) is not None
 
 
 def _math_correct(text: str, record: dict) -> float:
@@ -81,7 +105,10 @@ def profile_for(source: str) -> Profile:
     """The reading of a source's answers, by its name (unknown sources: length and surprise only)."""
     name = source.split(":")[-1].lower()
     if name.startswith("gsm8k"):
-        return Profile(marker=r"####", format=lambda t: bool(_GSM8K_FORMAT.search(t)), correct=_gsm8k_correct, chance=0.0)
+        return Profile(marker=r"####", format=lambda t: bool(_GSM8K_FORMAT.search(t)), correct=_gsm8k_correct, chance=0.0,
+                       asked=gsm8k_did_what_asked)
+    if name.startswith("ifeval"):
+        return Profile(instructions=True)
     if name.startswith("math"):
         return Profile(correct=_math_correct, chance=0.0)
     if name.startswith("arc"):
@@ -108,6 +135,7 @@ def answer_features(text: str, profile: Profile, record: dict) -> dict[str, floa
     work = working_chars(text, profile.marker)
     return {"chars": len(text.strip()), "working_chars": work, "skips_working": float(work < MIN_WORKING),
             "format": float(profile.format(text)) if profile.format else None,
+            "did_what_asked": float(profile.asked(text)) if profile.asked else None,
             "accuracy": float(profile.correct(text, record)) if profile.correct else None}
 
 
@@ -153,22 +181,25 @@ def answer_surprise(base_model_view, tokenizer, prompts: list[list[int]], answer
 # metric -> (higher is better, binary)
 METRICS = {"working_kept": (True, False), "skips_working": (False, True), "format": (True, True),
            "accuracy": (True, True), "surprise": (False, False), "asserts": (True, False),
-           "defines": (True, True), "pass@1": (True, True)}
+           "defines": (True, True), "pass@1": (True, True), "did_what_asked": (True, True),
+           **{m: (True, True) for m in ("prompt_level_strict_acc", "prompt_level_loose_acc", "inst_level_strict_acc",
+                                        "inst_level_loose_acc")}}
 
 
 def evaluate_behaviour(model, tokenizer, base_model=None, source: str = "gsm8k", limit: int | None = 40,
                        cache_dir=None, out_dir=None, max_new_tokens: int = 192, base_id: str | None = None,
-                       is_base: bool = False) -> dict[str, dict]:
+                       is_base: bool = False, exclude: frozenset[int] = frozenset()) -> dict[str, dict]:
     """Greedy answers of ``model`` on ``source`` against the base's, one record per metric.
 
     ``base_model=None`` uses the PEFT adapter-disabled view of ``model``; ``is_base`` says the
-    model is its own base (its answers are the cached base answers: nothing is generated twice).
+    model is its own base (its answers are the cached base answers: nothing is generated twice). ``exclude``: MBPP
+    task ids left out of the prompts (the tasks the model was trained on).
     """
     from forgetless.retention.basecache import base_view
     from forgetless.retention.records import make_record, write_task
 
     profile = profile_for(source)
-    ref = base_answers(model, tokenizer, base_model, source, limit, cache_dir, max_new_tokens, base_id)
+    ref = base_answers(model, tokenizer, base_model, source, limit, cache_dir, max_new_tokens, base_id, exclude)
     if is_base:
         answers, stops = ref["answers"], ref["stops"]
     else:
@@ -186,30 +217,55 @@ def evaluate_behaviour(model, tokenizer, base_model=None, source: str = "gsm8k",
                 "min_working_chars": MIN_WORKING, "median_chars": _median([r["chars"] for r in rows]),
                 "median_working_chars": _median([r["working_chars"] for r in rows]),
                 "base_median_working_chars": _median([r["base_working_chars"] for r in rows]),
-                "cut_at_limit": sum(not r["finished"] for r in rows)}
+                "cut_at_limit": sum(not r["finished"] for r in rows), **finish_rates(stops, ref["stops"])}
     records = {}
     for metric in metrics:
         higher, binary = METRICS[metric]
         name = f"gen:{source}" if metric == primary else f"gen:{source}:{metric}"
-        scored = [r for r in rows if r.get(metric) is not None and not math.isnan(r[metric])]
-        records[name] = make_record(name, metric, [r[metric] for r in scored], higher_is_better=higher, binary=binary,
+        items = metric_items(rows, metric)
+        records[name] = make_record(name, metric, [it["score"] for it in items], higher_is_better=higher, binary=binary,
                                     chance=profile.chance if metric == "accuracy" else None,
                                     bounded=metric in ("working_kept", "asserts"), settings=settings)
         if out_dir is not None:
-            write_task(out_dir, records[name], [{**r, "score": r[metric]} for r in scored])
+            write_task(out_dir, records[name], items)
     return records
+
+
+def finish_rates(stops: list, base_stops: list) -> dict[str, float | None]:
+    """The share of answers that stopped on their own within the budget: the model's and the base's.
+
+    >>> finish_rates([1, None], [1, 1, 1, None])
+    {'finish_rate': 0.5, 'base_finish_rate': 0.75}
+    """
+    share = lambda xs: sum(x is not None for x in xs) / len(xs) if xs else None  # noqa: E731
+    return {"finish_rate": share(stops), "base_finish_rate": share(base_stops)}
+
+
+def metric_items(rows: list[dict], metric: str) -> list[dict]:
+    """The items of one metric's record: a prompt each, or an instruction each for IFEval's ``inst_level_*``
+    (id ``<key>/<j>``, so two models pair instruction by instruction); prompts without a value are left out."""
+    if metric.startswith("inst_level_"):
+        kind = metric.split("_")[2]  # strict | loose
+        return [{"id": f"{r['id']}/{j}", "instruction": o["instruction"], "score": float(o[kind])}
+                for r in rows for j, o in enumerate(r["instructions"])]
+    return [{**r, "score": r[metric]} for r in rows if r.get(metric) is not None and not math.isnan(r[metric])]
 
 
 def metric_names(profile: Profile) -> tuple[str, list[str]]:
     """(primary metric, every metric recorded) for a source read by ``profile``."""
     if profile.graded:
         return "asserts", ["asserts", "defines", "pass@1", "surprise"]
+    if profile.instructions:
+        return "prompt_level_strict_acc", ["prompt_level_strict_acc", "prompt_level_loose_acc", "inst_level_strict_acc",
+                                           "inst_level_loose_acc", "surprise"]
     optional = (["format"] if profile.format else []) + (["accuracy"] if profile.correct else [])
+    if profile.asked:
+        return "did_what_asked", ["did_what_asked", "working_kept", "skips_working", *optional, "surprise"]
     return "working_kept", ["working_kept", "skips_working", *optional, "surprise"]
 
 
 # Details left out of the report's main table (shown in its behaviour section).
-_SECTION_ONLY = ("accuracy", "pass@1")
+_SECTION_ONLY = ("accuracy", "pass@1", "prompt_level_loose_acc", "inst_level_loose_acc")
 
 
 def table_tasks(source: str) -> list[str]:
@@ -233,6 +289,12 @@ def answer_rows(profile: Profile, ref: dict, texts: list[str], base_texts: list[
     if profile.graded:
         for row, grade in zip(rows, grade_shared(texts, ref["records"])):
             row.update({"asserts": grade["asserts"], "defines": grade["defines"], "pass@1": grade["passed"]})
+    if profile.instructions:
+        from forgetless.eval.tasks.ifeval import check_response, prompt_scores
+
+        for row, text, record in zip(rows, texts, ref["records"]):
+            row["instructions"] = check_response(text, record)
+            row.update(prompt_scores(row["instructions"]))
     return rows
 
 

@@ -93,9 +93,10 @@ def summarize_run(base_dir: str | Path, run_dir: str | Path, target_task: str | 
         summary["drift"][name]["sources"] = [r["task"] for r in found]
     summary["target"] = _target_columns(run_dir, run_tasks, base_dir, target_task)
     summary["behaviour"] = _behaviour_columns(base_dir, run_dir, sorted(base_tasks & run_tasks))
-    kept = [c for t, c in summary["behaviour"].items() if c["metric"] == "working_kept" and t != target_task]
-    summary["working_kept"] = _triple(average_of_differences([(c["tuned"], *c["tuned_ci95"]) for c in kept])) if kept \
-        else _triple((math.nan,) * 3)
+    for metric in ("working_kept", "did_what_asked"):  # mean over the non-target sources measuring it
+        found = [c for t, c in summary["behaviour"].items() if c["metric"] == metric and t != target_task]
+        summary[metric] = _triple(average_of_differences([(c["tuned"], *c["tuned_ci95"]) for c in found])) if found \
+            else _triple((math.nan,) * 3)
     return summary
 
 
@@ -111,7 +112,9 @@ def _behaviour_columns(base_dir, run_dir, tasks: list[str]) -> dict:
         out[task] = {"metric": run_rec["metric"], "higher_is_better": run_rec["higher_is_better"],
                      "base": base_rec["score"], "tuned": run_rec["score"], "tuned_ci95": run_rec["ci95"],
                      "score": m, "ci95": [lo, hi], "n": n, "chance": run_rec.get("chance"),
-                     "base_above_floor": above_chance(base_rec) if run_rec["metric"] == "accuracy" else None}
+                     "base_above_floor": above_chance(base_rec) if run_rec["metric"] == "accuracy" else None,
+                     **{k: base_rec.get("settings", {}).get(k) for k in ("max_new_tokens", "base_finish_rate")},
+                     "finish_rate": run_rec.get("settings", {}).get("finish_rate")}
     return out
 
 

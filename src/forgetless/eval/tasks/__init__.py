@@ -9,7 +9,6 @@ can run items in parallel; the default scores one item at a time with ``score``.
 from __future__ import annotations
 
 import hashlib
-import inspect
 import json
 import random
 from dataclasses import dataclass, field
@@ -49,6 +48,10 @@ class Task:
     version: str = "1"
     score_batch: Callable[[list[str], list[Item]], list[Scored]] | None = None
     definition: dict[str, Any] = field(default_factory=dict)  # what a user's file said, for the hash
+    # Further metrics of the whole set beside ``metric`` (IFEval's four): name -> {"score", "n", "ci95"}.
+    metrics: Callable[[list[Scored]], dict[str, dict[str, Any]]] | None = None
+    # Installed packages that read or score answers (their versions are part of the hash), e.g. IFEval's verifier.
+    packages: tuple[str, ...] = ()
 
     def evaluate(self, outputs: list[str], items: list[Item]) -> list[Scored]:
         if len(outputs) != len(items):
@@ -61,14 +64,28 @@ class Task:
             scored.append(Scored(extracted, float(self.score(extracted, item))))
         return scored
 
+    def code_modules(self) -> tuple[str, ...]:
+        """The modules that define this task's functions (lambdas included: their module is where they are written)."""
+        fns = (self.extract, self.score, self.score_batch, self.load, self.metrics)
+        return tuple(sorted({fn.__module__ for fn in fns if fn is not None and getattr(fn, "__module__", None)}))
+
     def definition_hash(self) -> str:
-        """Changes when the prompt/extraction/metric code or the user's definition changes."""
-        parts = [self.name, self.metric, self.version, str(self.max_new_tokens), json.dumps(self.definition, sort_keys=True, default=str)]
-        for fn in (self.extract, self.score, self.score_batch, self.load):
+        """Changes when the code that loads, reads or scores the items changes: the source files of the task's
+        modules and every ``forgetless.eval`` module they import (answer-reading helpers, the sandbox), the
+        versions of ``packages``, or the user's definition (:mod:`forgetless.lm.codehash`)."""
+        from importlib import metadata
+
+        from forgetless.lm.codehash import code_digest
+
+        versions = []
+        for package in self.packages:
             try:
-                parts.append(inspect.getsource(fn) if fn is not None else "")
-            except (OSError, TypeError):
-                parts.append(getattr(fn, "__qualname__", repr(fn)))
+                versions.append(f"{package}=={metadata.version(package)}")
+            except metadata.PackageNotFoundError:
+                versions.append(f"{package} missing")
+        parts = [self.name, self.metric, self.version, str(self.max_new_tokens),
+                 json.dumps(self.definition, sort_keys=True, default=str),
+                 code_digest(self.code_modules(), within=("forgetless.eval",)), *versions]
         return hashlib.sha256("\x00".join(parts).encode()).hexdigest()[:16]
 
 
@@ -104,7 +121,7 @@ def first_human_turn(record: dict[str, Any]) -> list[dict[str, str]]:
 
 # The paper tasks follow the authors' own evaluation scripts (forgetless.eval.tasks.paper).
 PAPER = ("gsm8k-test", "math-paper", "arc_challenge-paper", "mbpp-test", "mbpp-test-plus")
-BUILTIN = ("mbpp", "gsm8k", "math", "arc_challenge", *PAPER)
+BUILTIN = ("mbpp", "gsm8k", "math", "arc_challenge", "ifeval", *PAPER)
 
 
 def get_task(spec: str) -> Task:
@@ -121,6 +138,10 @@ def get_task(spec: str) -> Task:
         from forgetless.eval.tasks.math import math_task
 
         return math_task()
+    if spec == "ifeval":
+        from forgetless.eval.tasks.ifeval import ifeval_task
+
+        return ifeval_task()
     if spec in PAPER:
         from forgetless.eval.tasks.paper import paper_task
 
