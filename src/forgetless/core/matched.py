@@ -89,7 +89,7 @@ def classify_matched(row: dict, higher: bool, cfg: VerdictConfig) -> tuple[str, 
     """wins / loses / equivalent / not resolved at g*; never a verdict where a curve misses g* on the full sample."""
     if math.isnan(row["diff"]):
         return "not resolved", f"a curve does not reach gain {row['gain']:g} on the measured models"
-    reach = f"both curves reach g* in {100 * row['reached_both']:.0f}% of replicates"
+    reach = f"both curves reach g* in {100 * row['reached_both']:.1f}% of replicates"
     if row["p_holm"] < cfg.alpha:
         return ("wins" if (row["diff"] > 0) == higher else "loses"), f"Holm p {p_text(row['p_holm'], cfg.n_boot)}; {reach}"
     if row["p_tost_holm"] < cfg.alpha:
