@@ -109,3 +109,64 @@ def test_report_html_renders_in_headless_chromium(report_dir):
     red = int(((r > 150) & (g < 90) & (b < 90)).sum())
     assert non_white > 0.01 * r.size, "blank page"
     assert red > 500, f"no token shading rendered ({red} red pixels)"
+
+
+WIDE_HEAD = ["run"] + [f"gen:mbpp-validation:defines-with-a-long-internal-name-{i}" for i in range(17)]
+
+
+@pytest.fixture
+def verdict_dir(tmp_path):
+    """A report directory as the report stage writes it with verdicts: verdicts.md, then report.md opening with the
+    same block, the frontier plot, and a 17-column detail table of long names."""
+    from pathlib import Path
+
+    fixture = Path(__file__).parent / "fixtures" / "verdicts-small" / "verdicts.md"
+    opening = fixture.read_text()
+    (tmp_path / "verdicts.md").write_text(opening)
+    block = opening.partition("\n## ")[0]
+    table = "| " + " | ".join(WIDE_HEAD) + " |\n|" + "---|" * len(WIDE_HEAD) + "\n| sft | " + " | ".join(
+        ["0.500 [0.42, 0.58] n=150"] * (len(WIDE_HEAD) - 1)) + " |\n"
+    (tmp_path / "report.md").write_text(block + "\n![frontier](frontier.png)\n\n# Forgetting report\n\n" + table)
+    plot_ppl_distribution({"gt": write_data(tmp_path / "d.parquet")}, tmp_path / "frontier.png")
+    write_html(tmp_path)
+    return tmp_path
+
+
+def test_report_html_opens_with_the_verdicts_then_the_frontier_plot(verdict_dir):
+    page = (verdict_dir / "report.html").read_text()
+    body = page.split("<body>", 1)[1]
+    assert body.lstrip().startswith('<section id="verdicts">')
+    verdicts, plot, table = body.index("wins against"), body.index("data:image/png"), body.index("<table>")
+    assert verdicts < plot < table
+    assert body.count("stm@lr0.0003 wins against sft@lr0.0003") == 1  # the block is not repeated from report.md
+    assert page.count("data:image/png;base64,") == 1 and 'id="plots"' not in page  # the one plot is shown inline
+
+
+MEASURE = """<script>
+const root = document.documentElement, v = document.getElementById('verdicts');
+const shown = [...document.body.children].filter(e => e.offsetHeight > 0);
+document.body.setAttribute('data-scroll-width', root.scrollWidth);
+document.body.setAttribute('data-client-width', root.clientWidth);
+document.body.setAttribute('data-first', shown[0].id);
+document.body.setAttribute('data-verdicts-top', v.getBoundingClientRect().top);
+</script>"""
+
+
+def test_report_html_in_a_1400_px_window_overflows_nothing_and_shows_the_verdicts_first(verdict_dir):
+    import re
+
+    browser = find_browser()
+    if browser is None:
+        if os.environ.get("FORGETLESS_REQUIRE_BROWSER"):
+            pytest.fail("FORGETLESS_REQUIRE_BROWSER is set but no chromium is installed")
+        pytest.skip("no chromium on this machine (CI installs Debian's)")
+    probe = verdict_dir / "probe.html"
+    probe.write_text((verdict_dir / "report.html").read_text().replace("</body>", MEASURE + "</body>"))
+    done = subprocess.run([browser, "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                           "--hide-scrollbars", f"--user-data-dir={verdict_dir / 'profile'}", "--window-size=1400,1000",
+                           "--virtual-time-budget=5000", "--dump-dom", probe.as_uri()],
+                          check=True, capture_output=True, text=True, timeout=120)
+    attrs = dict(re.findall(r'data-([a-z-]+)="([^"]*)"', done.stdout.split("<body", 1)[1].split(">", 1)[0]))
+    assert attrs["first"] == "verdicts"
+    assert float(attrs["verdicts-top"]) < 100
+    assert int(attrs["scroll-width"]) <= int(attrs["client-width"]) <= 1400, attrs

@@ -297,7 +297,11 @@ def render_markdown(data: dict) -> str:
     lines = ["# Learning–forgetting frontier", "",
              f"Target gain: `{gain}` ({GAIN_LEANS.get(gain, gain)}; higher = learned more). Retention: `{ret}` "
              "(1 = nothing lost: the base's above-chance MC skill, or the base's working on non-target prompts). "
-             "Intervals are 95%.", ""]
+             "Intervals are 95%.", "",
+             "Descriptive only: the verdicts are in `verdicts.md` (the opening of report.md: same-dose comparisons, "
+             "Holm-corrected, and matched gain on each recipe's hull of real models). The matched-gain rows below "
+             "interpolate outcomes between a model and the base (a random mixture of the two, not a model trained to "
+             "that gain), are not corrected for multiplicity, and rank nothing.", ""]
     lines += reference_section(data)
     lines += [
              "## Points (one per method × learning rate or WiSE-FT α; the base is gain 0)", "",

@@ -97,32 +97,57 @@ def embedded_image(path: Path) -> str:
 
 
 STYLE = """
-body { font-family: system-ui, sans-serif; margin: 2em; color: #222; max-width: 1400px; }
-table { border-collapse: collapse; font-size: 12px; margin: 1em 0; }
+* { box-sizing: border-box; }
+body { font-family: system-ui, sans-serif; margin: 2em; color: #222; max-width: 1400px; overflow-wrap: anywhere; }
+table { border-collapse: collapse; font-size: 12px; margin: 1em 0; display: block; max-width: 100%; overflow-x: auto; }
 th, td { border: 1px solid #ccc; padding: 3px 6px; text-align: left; }
 th { background: #f0f0f0; }
-figure { display: inline-block; margin: 0.5em; vertical-align: top; }
-figure img { max-width: 560px; border: 1px solid #ddd; }
+#verdicts { border: 2px solid #444; padding: 0.5em 1em; margin-bottom: 1em; }
+#verdicts li { margin: 0.3em 0; }
+figure { display: inline-block; margin: 0.5em; vertical-align: top; max-width: 100%; }
+figure img, p img { max-width: min(560px, 100%); border: 1px solid #ddd; }
 pre.tokens { white-space: pre-wrap; font-size: 13px; line-height: 1.6; border: 1px solid #ddd; padding: 0.5em; }
 .tok { border-radius: 2px; }
 s.masked { text-decoration: line-through; text-decoration-thickness: 2px; color: #555; }
 """
 
 
+def inline_images(page: str, report_dir: Path) -> tuple[str, set[str]]:
+    """``<img src="x.png">`` of a PNG in ``report_dir`` embedded as a data URI; returns the page and the names."""
+    used = set()
+    for png in sorted(report_dir.glob("*.png")):
+        needle = f'src="{png.name}"'
+        if needle in page:
+            data = base64.b64encode(png.read_bytes()).decode("ascii")
+            page = page.replace(needle, f'src="data:image/png;base64,{data}"')
+            used.add(png.name)
+    return page, used
+
+
 def write_html(report_dir: str | Path, token_examples: dict[str, list[TokenRow]] | None = None,
                token_caption: str = "") -> Path:
-    """``report_dir/report.html`` from its ``report.md``, ``frontier.md`` and PNG plots (and the token view)."""
+    """``report_dir/report.html``: the verdicts (``verdicts.md``) first when there are any, then ``report.md`` (without
+    the verdict block it opens with), ``frontier.md``, the PNG plots not shown yet, and the token view."""
     report_dir = Path(report_dir)
     body = []
+    verdicts = report_dir / "verdicts.md"
+    opening = verdicts.read_text(encoding="utf-8") if verdicts.is_file() else ""
+    if opening:
+        block, _, _ = opening.partition("\n## ")  # the verdict lines; their detail tables follow in report.md
+        body.append(f'<section id="verdicts">{markdown_to_html(block)}</section>')
     for name in ("report.md", "frontier.md"):
         if (report_dir / name).is_file():
-            body.append(markdown_to_html((report_dir / name).read_text(encoding="utf-8")))
-    images = sorted(report_dir.glob("*.png"))
+            text = (report_dir / name).read_text(encoding="utf-8")
+            if opening and text.startswith(block):
+                text = text[len(block):]
+            body.append(markdown_to_html(text))
+    page, shown = inline_images("\n".join(body), report_dir)
+    images = [p for p in sorted(report_dir.glob("*.png")) if p.name not in shown]
     if images:
-        body.append('<section id="plots"><h2>Plots</h2>' + "".join(embedded_image(p) for p in images) + "</section>")
+        page += '\n<section id="plots"><h2>Plots</h2>' + "".join(embedded_image(p) for p in images) + "</section>"
     if token_examples:
-        body.append(token_view(token_examples, token_caption))
+        page += "\n" + token_view(token_examples, token_caption)
     page = ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\"><title>forgetless report</title>"
-            f"<style>{STYLE}</style></head><body>\n" + "\n".join(body) + "\n</body></html>\n")
+            f"<style>{STYLE}</style></head><body>\n" + page + "\n</body></html>\n")
     write_text(report_dir / "report.html", page)
     return report_dir / "report.html"

@@ -26,6 +26,7 @@ from forgetless.core.intervals import average_of_differences, paired_difference
 from forgetless.report.behaviour import lean
 from forgetless.report.frontier import build_frontier, write_frontier
 from forgetless.report.sections import retention_section, train_extras
+from forgetless.report.verdicts import plain_name, verdict_section
 from forgetless.report.html import PPL_DARKEST, read_token_examples, write_html
 from forgetless.report.plots import can_plot, plot_delta_w, plot_loss_curves, plot_masked_fraction, plot_ppl_distribution, save_figure
 
@@ -169,6 +170,16 @@ def _fmt(x: float | None, digits: int = 3, percent: bool = False) -> str:
     return f"{100 * x:+.1f}%" if percent else f"{x:.{digits}f}"
 
 
+def _with_interval(v: tuple | None, percent: bool, n: int | None = None) -> str:
+    """A TI / BWT cell: the value, its paired 95% interval when there is one, and n (the target's items)."""
+    if v is None or v[0] is None:
+        return "—" if v is None else "n/a"
+    text = _fmt(v[0], percent=percent)
+    if not math.isnan(v[1]):
+        text += " [" + ", ".join(f"{100 * x:+.1f}%" if percent else f"{x:+.3f}" for x in v[1:]) + "]"
+    return text + (f" n={n}" if n else "")
+
+
 def _cell(record: dict | None) -> str:
     if record is None or record.get("score") is None:
         return "—"
@@ -218,7 +229,9 @@ def _public(record: dict | None) -> dict | None:
 
 def render_markdown(report: dict[str, Any]) -> str:
     tasks = report["tasks"]
-    head = ["run", *[f"{t}{' (target)' if t == report['target'] else ''}" for t in tasks],
+    base = next(r for r in report["rows"] if r["is_base"])["tasks"]
+    plain = {t: plain_name(t, (base.get(t) or {}).get("metric")) for t in tasks}
+    head = ["run", *[f"{plain[t]}{' (target)' if t == report['target'] else ''}" for t in tasks],
             "TI", "TI abs", "BWT", "BWT abs", "masked frac", "τ", "‖ΔW‖", "train time"]
     lines = [f"# Forgetting report (target: {report['target']}, base: {report['base']})", "",
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -226,9 +239,12 @@ def render_markdown(report: dict[str, Any]) -> str:
     for row in report["rows"]:
         m = row.get("metrics", {})
         ex = row["extras"]
+        ti, bwt = point_intervals(row, report, True) if m else (None, None)
+        ti_abs, bwt_abs = point_intervals(row, report, False) if m else (None, None)
+        n_target = (row.get("paired", {}).get(report["target"]) or {}).get("n")
         cells = [row["label"], *[_cell(row["tasks"].get(t)) for t in tasks],
-                 _fmt(m.get("TI"), percent=True) if m else "—", _fmt(m.get("TI_abs")) if m else "—",
-                 _fmt(m.get("BWT"), percent=True) if m else "—", _fmt(m.get("BWT_abs")) if m else "—",
+                 _with_interval(ti, True, n_target), _with_interval(ti_abs, False, n_target),
+                 _with_interval(bwt, True), _with_interval(bwt_abs, False),
                  _fmt(ex["masked_fraction"]), _fmt(ex["tau"], 2), _fmt(ex["delta_w_norm"], 4),
                  "n/a" if ex.get("train_time_s") is None else f"{ex['train_time_s']:.0f} s"]
         lines.append("| " + " | ".join(cells) + " |")
@@ -236,7 +252,7 @@ def render_markdown(report: dict[str, Any]) -> str:
     paired = [r for r in report["rows"] if r.get("paired")]
     if paired:
         lines += ["", "Change vs base on the same items (mean difference, paired bootstrap 95% interval):", "",
-                  "| run | " + " | ".join(tasks) + " |", "|" + "---|" * (len(tasks) + 1)]
+                  "| run | " + " | ".join(plain[t] for t in tasks) + " |", "|" + "---|" * (len(tasks) + 1)]
         for row in paired:
             cells = []
             for t in tasks:
@@ -251,7 +267,8 @@ def render_markdown(report: dict[str, Any]) -> str:
     subs = [t for t in tasks if is_sub_measure(t) and t not in report["lower_is_better"]]
     if subs:
         lines.append(f"Details of a behaviour set, shown but not in BWT: {', '.join(subs)}.")
-    lines += ["", "Which way each measure leans:"] + [f"- {t}: {report.get('leans', {}).get(t) or lean(t)}" for t in tasks]
+    lines += ["", "Which way each measure leans:"] + [f"- {plain[t]} (`{t}`): {report.get('leans', {}).get(t) or lean(t)}"
+                                                     for t in tasks]
     lines += [f"- {n}" for n in notes]
     return "\n".join(lines) + "\n"
 
@@ -319,9 +336,13 @@ def run_report(cfg: ReportConfig, frontier_grid: dict | None = None) -> Path:
     groups: dict[str, list[str]] = {}
     for label, path in map(parse_labelled, cfg.runs):
         groups.setdefault(label, []).append(path)
-    markdown = render_markdown(report) + retention_section(out, groups, report["base"], cfg.target)
+    opening = ""
     if frontier_grid is not None:
-        write_frontier(out, build_frontier(**frontier_grid, target=cfg.target))
+        frontier = dict(frontier_grid)
+        verdicts = frontier.pop("verdicts", {})  # a run's `frontier: {verdicts: {...}}` (VerdictConfig's fields)
+        write_frontier(out, build_frontier(**frontier, target=cfg.target))
+        opening = verdict_section(out, frontier["grid"], Path(frontier["base_dir"]), cfg.target, verdicts)
+    markdown = opening + render_markdown(report) + retention_section(out, groups, report["base"], cfg.target)
     for name, text in (("report.md", markdown), ("report.json", json.dumps(report, indent=2, default=str) + "\n"),
                        ("config.json", json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")):
         write_text(out / name, text)

@@ -1,0 +1,46 @@
+"""benchmarks/rederive.py recomputes every number of a committed result from its per-item records."""
+
+import gzip
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+FIXTURE = ROOT / "tests" / "fixtures" / "verdicts-small"
+
+
+def rederive(result_dir):
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src") + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    return subprocess.run([sys.executable, str(ROOT / "benchmarks" / "rederive.py"), str(result_dir)],
+                          capture_output=True, text=True, env=env, timeout=300)
+
+
+def test_the_committed_fixture_rederives():
+    done = rederive(FIXTURE)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "every number re-derived" in done.stdout
+    text = (FIXTURE / "verdicts.md").read_text()
+    assert text.startswith("# Verdicts") and "stm@lr0.0003 wins against sft@lr0.0003" in text
+
+
+def test_a_changed_item_is_caught(tmp_path):
+    result = tmp_path / "result"
+    shutil.copytree(FIXTURE, result)
+    with gzip.open(result / "items.jsonl.gz", "rt") as f:
+        rows = [json.loads(line) for line in f]
+    flipped = next(r for r in rows if r["model"] == "sft@lr0.0003" and r["measure"] == "gen:gsm8k:asked")
+    flipped["score"] = 1.0 - flipped["score"]
+    with gzip.open(result / "items.jsonl.gz", "wt") as f:
+        f.writelines(json.dumps(r) + "\n" for r in rows)
+    done = rederive(result)
+    assert done.returncode == 1 and "same_dose differs" in done.stdout
+
+
+@pytest.mark.parametrize("name", ["items.jsonl.gz", "verdicts.json", "verdicts.md"])
+def test_the_fixture_is_small_and_complete(name):
+    assert (FIXTURE / name).stat().st_size < 200_000

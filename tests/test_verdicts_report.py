@@ -1,0 +1,60 @@
+"""The report's verdict block from a frontier grid's retention directories: plain names, WiSE-FT models on their
+recipe's curve, seeds as draws, and the records written beside it re-derive."""
+
+import random
+import sys
+from pathlib import Path
+
+from forgetless.report.verdicts import (ITEMS_FILE, grid_rows, plain_name, read_items, verdict_section)
+from forgetless.retention.records import make_record, write_task
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+from rederive import rederive  # noqa: E402
+
+
+def test_plain_names():
+    assert plain_name("gen:mbpp-validation:defines") == "MBPP validation: defines the function"
+    assert plain_name("heldout:mbpp-validation:kept") == "MBPP validation: held-out NLL, kept tokens"
+    assert plain_name("gen:gsm8k", "working_kept") == "GSM8K: working kept"
+    assert plain_name("ifeval") == "IFEval" and plain_name("piqa") == "piqa"
+
+
+def write_dir(d, chances, rng, seeds=1, n=100):
+    """Records of a model: task -> chance; with seeds > 1 each item carries per-seed scores (a pooled record)."""
+    for task, (chance, metric) in chances.items():
+        items = []
+        for i in range(n):
+            scores = [float(rng.random() < chance) for _ in range(seeds)]
+            items.append({"id": f"{task}/{i}", "score": sum(scores) / seeds, **({"seeds": scores} if seeds > 1 else {})})
+        write_task(d, make_record(task, metric, [it["score"] for it in items], higher_is_better=True), items)
+    return d
+
+
+def test_verdict_section_from_a_grid(tmp_path):
+    rng = random.Random(0)
+    task = lambda t, r, w: {"gen:mbpp": (t, "pass@1"), "ifeval": (r, "acc"), "gen:gsm8k": (w, "working_kept")}  # noqa: E731
+    base = write_dir(tmp_path / "base", task(0.2, 0.9, 1.0), rng)
+    stm = write_dir(tmp_path / "stm@lr0.001", task(0.65, 0.85, 0.6), rng, seeds=2)
+    sft = write_dir(tmp_path / "sft@lr0.001", task(0.45, 0.3, 0.9), rng, seeds=2)
+    half = write_dir(tmp_path / "sft@lr0.001@a0.5", task(0.35, 0.6, 0.95), rng)
+    grid = [{"label": "stm@lr0.001", "method": "stm", "lr": 0.001, "alpha": None, "retention_dir": stm},
+            {"label": "sft@lr0.001", "method": "sft", "lr": 0.001, "alpha": None, "retention_dir": sft},
+            {"label": "sft@lr0.001@a0.5", "method": "WiSE-FT sft@lr0.001", "lr": None, "alpha": 0.5,
+             "retention_dir": half},
+            {"label": "sft@lr0.001@a1", "method": "WiSE-FT sft@lr0.001", "lr": None, "alpha": 1.0,
+             "retention_dir": sft}]
+    rows = grid_rows(grid, base)
+    models = {(r["model"], r["recipe"], r["dose"], r["alpha"]) for r in rows}
+    assert models == {("base", "base", None, 1.0), ("stm@lr0.001", "stm", "lr0.001", 1.0),
+                      ("sft@lr0.001", "sft", "lr0.001", 1.0), ("sft@lr0.001@a0.5", "sft", "lr0.001", 0.5)}
+    assert {r["draw"] for r in rows if r["model"] == "stm@lr0.001"} == {0, 1}
+    out = tmp_path / "report"
+    text = verdict_section(out, grid, base, "gen:mbpp", {"n_boot": 300, "matched_gain": 0.1})
+    assert text.startswith("# Verdicts")
+    first = text.split("\n- ", 1)[1].splitlines()[0]
+    assert first.startswith("stm@lr0.001 wins against sft@lr0.001 on IFEval at dose lr0.001")
+    assert "GSM8K: working kept" in text and "does not headline: a length measure" in text
+    assert "gen:gsm8k" not in text.split("## Same-dose")[0]   # no internal names in the verdict block
+    assert "![frontier](frontier.png)" in text
+    assert len(read_items(out / ITEMS_FILE)) == len(rows)
+    assert rederive(out) == []
