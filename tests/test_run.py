@@ -39,7 +39,7 @@ def test_run_writes_report_and_resumes(tiny_run_config, capsys, caplog):
     # Behaviour columns in the main table, its own section with the methods compared pairwise.
     # plain names, not internal ones, head the columns
     assert "gen:gsm8k (" not in report
-    assert "| run | GSM8K (target) | arc_easy | GSM8K: KL drift | GSM8K: working kept | GSM8K: skips the working" in report
+    assert "| run | GSM8K (target) | arc_easy | GSM8K: KL drift | GSM8K: did what was asked | GSM8K: working kept | GSM8K: skips the working" in report
     assert "## Behaviour: what each model writes" in report and "| sft vs auto-tau-q0.3 |" in report
     assert "### mbpp-validation" in report and "asserts passed" in report
     assert (out / "report" / "masked_fraction_vs_tau.png").stat().st_size > 1000

@@ -124,7 +124,8 @@ retention: {{mc_tasks: [], drift_sources: [], behaviour_sources: [], device: cpu
     base = next(r for r in report["rows"] if r["is_base"])
     assert base["tasks"]["holdout"]["n"] == 4 and 0 <= base["tasks"]["holdout"]["score"] <= 1
     markdown = (out / "report" / "report.md").read_text()
-    assert "- holdout: neutral" in markdown and f"- heldout:{heldout}:kept: favours STM by construction" in markdown
+    assert "- holdout (`holdout`): neutral" in markdown
+    assert f"held-out NLL, kept tokens (`heldout:{heldout}:kept`): favours STM by construction" in markdown
     lines = capsys.readouterr().out.strip().splitlines()
     assert lines[-3].startswith("sft: target (holdout) ") and lines[-2].startswith("stm: target (holdout) ")
     assert lines[-1] == f"report: {out / 'report' / 'report.html'}"

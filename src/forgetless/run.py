@@ -243,11 +243,13 @@ def check_settings(config: RunConfig) -> None:
     if repeated:
         raise ConfigError(f"train runs would overwrite each other on the hub ({', '.join(repeated)}): give each "
                           f"method its own hub_model_id (methods: - train: {{hub_model_id: ...}})")
+    written = {str(holdout_paths(Path(config.out_dir))["task"])} if holds_out(config) else set()
     for cfg, _, _ in measure_stages(config, "base", config.model, None):
-        if hasattr(cfg, "tasks"):  # the eval stage: every task name must resolve
-            from forgetless.eval.stage import check_tasks
+        if hasattr(cfg, "tasks"):  # the eval stage: every task name must resolve (but the one this run writes)
+            from forgetless.eval.stage import resolve_task
 
-            check_tasks(cfg)
+            for task in (t for t in cfg.tasks if str(t) not in written):
+                resolve_task(task, cfg)
 
 
 def note_tau_share(config: RunConfig, scores: Path) -> None:

@@ -41,7 +41,10 @@ ONE_SIDED = {"working_kept": "a length measure: it counts the working an answer 
              "base's own top choice, which STM does most"}
 METRICS = {"working_kept": "working kept", "skips_working": "skips the working", "format": "format followed",
            "surprise": "surprise to the base", "defines": "defines the function", "kept": "held-out NLL, kept tokens",
-           "masked": "held-out NLL, masked tokens", "all": "held-out NLL, all tokens", "kl_base_tuned": "KL drift"}
+           "masked": "held-out NLL, masked tokens", "all": "held-out NLL, all tokens", "kl_base_tuned": "KL drift",
+           "did_what_asked": "did what was asked", "prompt_level_strict_acc": "prompt-level strict accuracy",
+           "prompt_level_loose_acc": "prompt-level loose accuracy", "inst_level_strict_acc": "instruction-level strict "
+           "accuracy", "inst_level_loose_acc": "instruction-level loose accuracy", "asserts": "asserts passed"}
 
 
 def plain_name(task: str, metric: str | None = None) -> str:

@@ -93,7 +93,10 @@ def check_sources(settings: MeasureSettings) -> None:
         [("drift_sources", s) for s in settings.drift_sources] + \
         ([("heldout_source", settings.heldout_source)] if settings.heldout_source else [])
     known = set(bundled_names()) | set(PROMPT_SETS) | {"mbpp-test"}
-    bad = [f"{where}: {s!r}" for where, s in named if s not in known and not s.startswith("hf:") and not Path(s).exists()]
+    # A data-file name that does not exist yet may be one the run writes first (the held-out share of the user's data).
+    files = (".jsonl", ".json", ".parquet", ".jsonl.gz", ".json.gz")
+    bad = [f"{where}: {s!r}" for where, s in named
+           if s not in known and not s.startswith("hf:") and not Path(s).exists() and not s.endswith(files)]
     if bad:
         raise ValueError(f"unknown prompt set {', '.join(bad)}: use a bundled split ({', '.join(sorted(known))}), "
                          "a file or directory, or hf:<name>")
