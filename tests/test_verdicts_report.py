@@ -58,3 +58,12 @@ def test_verdict_section_from_a_grid(tmp_path):
     assert "![frontier](frontier.png)" in text
     assert len(read_items(out / ITEMS_FILE)) == len(rows)
     assert rederive(out) == []
+
+
+def test_lean_list_marks_length_and_format_measures_one_sided():
+    from forgetless.report.behaviour import lean
+
+    for task in ("gen:gsm8k:working_kept", "gen:gsm8k:skips_working", "gen:gsm8k:format"):
+        assert lean(task).startswith("one-sided, never the headline"), task
+    assert lean("gen:gsm8k").startswith("neutral")  # did what was asked
+    assert lean("gen:gsm8k:surprise").startswith("leans toward")

@@ -36,8 +36,13 @@ def lean(task: str, recipe_sources: tuple[str, ...] = ()) -> str:
     recipe trains on) adds, for a measure drawn from such a source, that it favours that recipe."""
     from forgetless.retention.olmo_tasks import VARIANTS
 
+    from forgetless.report.verdicts import ONE_SIDED  # the one table of measures that lean by construction
+
+    metric = task.rsplit(":", 1)[-1] if task.count(":") >= 2 else ""
     if task.startswith("heldout:"):
         text = LEANS[f"heldout:*:{task.rsplit(':', 1)[-1]}"]
+    elif task.startswith("gen:") and metric in ONE_SIDED and metric != "surprise":
+        text = f"one-sided, never the headline: {ONE_SIDED[metric]}"
     elif task.endswith(":surprise"):
         text = LEANS["surprise"]
     elif task.startswith(("gen:", "drift:")):
