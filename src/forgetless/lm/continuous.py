@@ -135,8 +135,10 @@ class Row:
     next_token: int = -1
 
 
-def neg_mask(allowed: torch.Tensor, dtype) -> torch.Tensor:
-    """An additive attention mask: 0 where ``allowed``, the dtype's lowest value elsewhere."""
+def visible_mask(positions: torch.Tensor, span: int, dtype) -> torch.Tensor:
+    """Additive mask ``(len(positions), span)``: a query at position p sees keys 0..p (0), nothing after (the
+    dtype's lowest value). The one mask of prefill (a suffix's positions) and decode (each row's position)."""
+    allowed = torch.arange(span, device=positions.device)[None, :] <= positions[:, None]
     return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill_(~allowed, torch.finfo(dtype).min)
 
 
@@ -205,8 +207,7 @@ class SlotDecoder:
             ids[r, : len(s)] = torch.tensor(s)
         positions = torch.arange(start, start + width, device=self.device)
         self.cache.for_prefill(slots, start, width)
-        allowed = torch.arange(start + width, device=self.device)[None, :] <= positions[:, None]  # (T, start + T)
-        mask = neg_mask(allowed, self.dtype)[None, None].expand(len(suffixes), 1, -1, -1)
+        mask = visible_mask(positions, start + width, self.dtype)[None, None].expand(len(suffixes), 1, -1, -1)
         hidden = self.decoder(input_ids=ids.to(self.device), position_ids=positions[None].expand(len(suffixes), -1),
                               attention_mask=mask, past_key_values=self.cache, use_cache=True).last_hidden_state
         last = torch.tensor([len(s) - 1 for s in suffixes], device=self.device)
@@ -217,9 +218,9 @@ class SlotDecoder:
         n = len(self.live)
         positions = torch.tensor([row.length for row in self.live], device=self.device)
         self.cache.for_decode(positions)
-        allowed = torch.arange(self.cache._span, device=self.device)[None, :] <= positions[:, None]  # (n, span)
+        mask = visible_mask(positions, self.cache.get_seq_length(), self.dtype)[:, None, None]  # (n, 1, 1, span)
         ids = torch.tensor([[row.next_token] for row in self.live], device=self.device)
-        hidden = self.decoder(input_ids=ids, position_ids=positions[:, None], attention_mask=neg_mask(allowed, self.dtype)[:, None, None],
+        hidden = self.decoder(input_ids=ids, position_ids=positions[:, None], attention_mask=mask,
                               past_key_values=self.cache, use_cache=True).last_hidden_state  # (n, 1, H)
         self.steps += 1
         self.row_steps += n
