@@ -182,6 +182,13 @@ def test_grid_labels_seeds_and_interpolations(tmp_path):
     assert measured["sft@lr0.001@s1@a0.5"].adapter == str(dirs["sft@lr0.001@s1"] / "adapter")
     assert groups(measured)["sft@lr0.001@a0.5"] == ["sft@lr0.001@s0@a0.5", "sft@lr0.001@s1@a0.5"]
     assert [p.label for p in train_points([MethodSpec("sft")], [], [])] == ["sft"]
+    # a recipe's own learning rates replace the grid's for it alone
+    own = train_points([MethodSpec("stm", learning_rates=(1e-3, 3e-4)), MethodSpec("dft")], [1e-3], [])
+    assert [(p.label, p.lr, p.group) for p in own] == [("stm-tau2.5@lr0.001", 1e-3, "stm-tau2.5@lr0.001"),
+                                                       ("stm-tau2.5@lr0.0003", 3e-4, "stm-tau2.5@lr0.0003"),
+                                                       ("dft@lr0.001", 1e-3, "dft@lr0.001")]
+    with pytest.raises(ValueError, match="positive"):
+        MethodSpec("stm", learning_rates=(0.0,))
 
 
 def test_items_at_gain_interpolates_each_item():

@@ -7,28 +7,6 @@ import pytest
 from forgetless.cli import main
 
 
-@pytest.fixture
-def tiny_run_config(tmp_path, tiny_model_dir):
-    config = tmp_path / "run.yaml"
-    config.write_text(f"""
-out_dir: {tmp_path / 'out'}
-model: {tiny_model_dir}
-data: mbpp-train
-limit: 4
-max_length: 1024
-methods:
-  - {{method: sft}}
-  - {{method: auto-tau, fraction: 0.3}}
-train: {{max_steps: 1, batch_size: 2, device: cpu}}
-eval: {{tasks: [gsm8k], limit: 2, max_new_tokens: 4, device: cpu, cache: false}}
-retention: {{mc_tasks: [arc_easy], mc_limit: 3, drift_sources: [gsm8k], drift_limit: 2, max_new_tokens: 4,
-             behaviour_limit: 2, heldout_limit: 2, device: cpu, cache_dir: {tmp_path / 'cache'}}}
-target: gsm8k
-other_target: true  # measured on GSM8K after training on MBPP, on purpose
-""")
-    return config, tmp_path / "out"
-
-
 def test_run_writes_report_and_resumes(tiny_run_config, capsys, caplog):
     config, out = tiny_run_config
     assert main(["run", str(config)]) == 0

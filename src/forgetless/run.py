@@ -30,7 +30,8 @@ from forgetless.train.probe import probe_callbacks
 from forgetless.lm.modeling import EMBEDDED
 from forgetless.lm.stamps import STAMP, run_once
 from forgetless.verdict import fill_model_cards
-from forgetless.target import HOLDOUT, check_target, default_target, holdout_paths, own_data, split_holdout, tau_share_note
+from forgetless.target import (HOLDOUT, check_draw_size, check_target, default_target, draw_path, holdout_paths,
+                               own_data, split_holdout, tau_share_note, write_draw)
 from forgetless.score.stage import SCORES_FILE, ScoreConfig, run_score
 
 logger = logging.getLogger(__name__)
@@ -49,9 +50,10 @@ class RunConfig:
     data: str = field(default="mbpp-train", metadata={"help": "target-task training data"})
     limit: int | None = field(default=None, metadata={"help": "first N training examples"})
     max_length: int = field(default=1024, metadata={"help": "tokens per training example"})
-    methods: tuple[MethodSpec, ...] = field(default=(MethodSpec("sft"), MethodSpec("stm")), metadata={"help": "the recipes, each {method: sft|stm|auto-tau|random-mask|inverse-mask|soft|dft|kl|weight-decay|replay|self-output|rephrase, tau, interpolate: [WiSE-FT alphas], replay_fraction, replay_source, name, train: {...}} (forgetless.grid.MethodSpec)"})
+    methods: tuple[MethodSpec, ...] = field(default=(MethodSpec("sft"), MethodSpec("stm")), metadata={"help": "the recipes, each {method: sft|stm|auto-tau|random-mask|inverse-mask|soft|dft|kl|weight-decay|replay|self-output|rephrase, tau, learning_rates: [its own axis], interpolate: [WiSE-FT alphas], replay_fraction, replay_source, name, train: {...}} (forgetless.grid.MethodSpec)"})
     learning_rates: tuple[float, ...] = field(default=(), metadata={"help": "learning-rate axis: every method at each (empty: train.learning_rate)"})
     seeds: tuple[int, ...] = field(default=(), metadata={"help": "training-seed axis: every run at each seed, pooled item by item in the report (empty: train.seed)"})
+    draw_size: int | None = field(default=None, metadata={"help": "training draws: with `seeds`, the run at seed s trains on its own seeded draw of this many of the training examples (the same draw for every recipe at that seed), so the examples drawn vary and not only the seed (default: every run trains on all of them)"})
     score: dict[str, Any] = field(default_factory=dict, metadata={"help": "ScoreConfig overrides (batch_tokens, device, ...)"})
     train: dict[str, Any] = field(default_factory=dict, metadata={"help": "TrainConfig overrides shared by every method"})
     generate: dict[str, Any] = field(default_factory=dict, metadata={"help": "GenerateConfig overrides for self-output/rephrase without data (samples, batch_size, device, ...)"})
@@ -74,6 +76,8 @@ class RunConfig:
             raise ValueError(f"seeds repeat: {list(self.seeds)}")
         if "model" in self.score:
             raise ValueError("set the scoring model with score_model, not score.model")
+        if self.draw_size is not None and (self.draw_size < 1 or not self.seeds):
+            raise ValueError(f"draw_size {self.draw_size}: a draw size is >= 1 and needs `seeds` (one draw per seed)")
         if not 0 < self.holdout < 1:
             raise ValueError(f"holdout is a share in (0, 1), got {self.holdout}")
 
@@ -150,17 +154,19 @@ def generates(method: MethodSpec) -> bool:
     return method.data is None and method.method in GENERATED
 
 
-def method_data(config: RunConfig, method: MethodSpec, out: Path) -> str:
-    """The training data of ``method``: its own ``data``, the generated set, the replay mix, or the target data."""
+def method_data(config: RunConfig, method: MethodSpec, out: Path, seed: int | None = None) -> str:
+    """The training data of ``method`` at ``seed``: its own ``data``, the generated set, the replay mix, or the
+    target data (a run with ``draw_size``: the seed's draw of it, and the generated set or mix made from that)."""
+    draw = f"-s{seed}" if drawn(config, seed) else ""
     if method.method == "replay":
         from forgetless.replay.stage import DATA_FILE
 
-        return str(out / "replay" / f"{method.replay_source}-f{method.replay_fraction:g}" / DATA_FILE)
+        return str(out / "replay" / f"{method.replay_source}-f{method.replay_fraction:g}{draw}" / DATA_FILE)
     if generates(method):
         from forgetless.generate.stage import DATA_FILE
 
-        return str(out / "generate" / method.method / DATA_FILE)
-    return method.data or training_data(config)
+        return str(out / "generate" / f"{method.method}{draw}" / DATA_FILE)
+    return method.data or training_data(config, seed)
 
 
 def holds_out(config: RunConfig) -> bool:
@@ -168,9 +174,28 @@ def holds_out(config: RunConfig) -> bool:
     return config.target is None and own_data(config.data)
 
 
-def training_data(config: RunConfig) -> str:
-    """The target-task training data: ``data``, less its held-out share when that is the target."""
+def training_data(config: RunConfig, seed: int | None = None) -> str:
+    """The target-task training data: ``data``, less its held-out share when that is the target; with
+    ``draw_size``, the draw of the run at ``seed`` (:func:`forgetless.target.write_draw`)."""
+    if drawn(config, seed):
+        return str(draw_path(config.out_dir, seed))
     return str(holdout_paths(config.out_dir)["train"]) if holds_out(config) else config.data
+
+
+def drawn(config: RunConfig, seed: int | None) -> bool:
+    """True when the run at ``seed`` trains on a draw of the training data (``draw_size`` set)."""
+    return config.draw_size is not None and seed is not None
+
+
+def write_draws(config: RunConfig) -> None:
+    """Each seed's training draw, from the (held-out-less) training data as ``limit`` takes it."""
+    if config.draw_size is None:
+        return
+    source = training_data(config)
+    for seed in config.seeds:
+        write_draw(source, config.draw_size, seed, config.out_dir, config.limit)
+    logger.info("training draws: %d of %s per seed (%s) in %s", config.draw_size, source,
+                ", ".join(map(str, config.seeds)), Path(config.out_dir) / "draws")
 
 
 def run_target(config: RunConfig) -> str:
@@ -181,12 +206,13 @@ def run_target(config: RunConfig) -> str:
     return default_target(config.data, sources)
 
 
-def generate_config(config: RunConfig, method: MethodSpec, out: Path):
+def generate_config(config: RunConfig, method: MethodSpec, out: Path, seed: int | None = None):
     """The generate stage of a self-output/rephrase method: the base model answers the target data's prompts."""
     from forgetless.generate.stage import GenerateConfig
 
-    values = {"model": config.model, "data": training_data(config), "limit": config.limit, "max_length": config.max_length,
-              **config.generate, "method": GENERATED[method.method], "out_dir": str(out / "generate" / method.method)}
+    values = {"model": config.model, "data": training_data(config, seed), "limit": data_limit(config, seed),
+              "max_length": config.max_length, **config.generate, "method": GENERATED[method.method],
+              "out_dir": str(Path(method_data(config, method, out, seed)).parent)}
     return make(GenerateConfig, values, f"generate ({method.method})")
 
 
@@ -210,16 +236,22 @@ def measured_prompts(config: RunConfig, source: str) -> tuple[int, tuple[str, ..
     return len(ids), tuple(prompt_text(m) for m in messages)
 
 
-def replay_config(config: RunConfig, method: MethodSpec, out: Path):
+def data_limit(config: RunConfig, seed: int | None) -> int | None:
+    """``limit`` of the stages that read the training data: none on a draw (``limit`` already made it)."""
+    return None if drawn(config, seed) else config.limit
+
+
+def replay_config(config: RunConfig, method: MethodSpec, out: Path, seed: int | None = None):
     """The replay stage of a replay method: the target data plus the base's answers to unmeasured prompts."""
     from forgetless.replay.stage import ReplayConfig, candidates
 
     count, texts = measured_prompts(config, method.replay_source)
     skip = count if method.replay_skip is None else method.replay_skip
     candidates(method.replay_source, skip, set(texts))  # refuses an overlap before any work
-    return make(ReplayConfig, {"model": config.model, "data": training_data(config), "limit": config.limit,
-                               "source": method.replay_source, "fraction": method.replay_fraction, "skip": skip,
-                               "measured": texts, "out_dir": str(Path(method_data(config, method, out)).parent)},
+    return make(ReplayConfig, {"model": config.model, "data": training_data(config, seed),
+                               "limit": data_limit(config, seed), "source": method.replay_source,
+                               "fraction": method.replay_fraction, "skip": skip, "measured": texts,
+                               "out_dir": str(Path(method_data(config, method, out, seed)).parent)},
                 f"replay ({method.label})")
 
 
@@ -228,15 +260,19 @@ def check_settings(config: RunConfig) -> None:
     check_target(config.target, config.data, config.other_target)
     make(ScoreConfig, score_settings(config, training_data(config), "-"), "score")
     check_score_model(config)
+    if config.draw_size is not None:
+        from forgetless.lm.data import load_examples
+
+        check_draw_size(config.draw_size, len(load_examples(training_data(config), config.limit)), config.data)
     pushed = []
     for label, method, lr, seed, _ in train_runs(config):
         method.mask_config(Path("-"), Path("-"))
         cfg = train_config(config, label, method, lr, "-", seed)
         pushed.append(cfg.hub_model_id)
         if generates(method):
-            generate_config(config, method, Path("-"))
+            generate_config(config, method, Path("-"), seed)
         if method.method == "replay":
-            replay_config(config, method, Path("-"))
+            replay_config(config, method, Path("-"), seed)
         if method.interpolate and cfg.adapter == "dora":
             raise ConfigError(f"{method.label}: interpolate: a DoRA adapter does not interpolate linearly; use lora, or full")
     repeated = sorted({h for h in pushed if h and pushed.count(h) > 1})
@@ -282,9 +318,10 @@ def check_score_model(config: RunConfig) -> None:
                           f"({', '.join(differ)} differ): one model's scores cannot mask the other's tokens")
 
 
-def score_settings(config: RunConfig, data: str, out_dir: str, mixed: bool = False) -> dict:
-    """A replay mix (``mixed``) is scored whole: ``limit`` already chose its target rows."""
-    return {"model": config.score_model or config.model, "limit": None if mixed else config.limit, "max_length": config.max_length, **config.score, "data": data, "out_dir": out_dir}
+def score_settings(config: RunConfig, data: str, out_dir: str, whole: bool = False) -> dict:
+    """A replay mix or a training draw (``whole``) is scored whole: ``limit`` already chose its target rows."""
+    return {"model": config.score_model or config.model, "limit": None if whole else config.limit,
+            "max_length": config.max_length, **config.score, "data": data, "out_dir": out_dir}
 
 
 def run_experiment(config: RunConfig) -> Path:
@@ -306,22 +343,24 @@ def run_experiment(config: RunConfig) -> Path:
             paths = split_holdout(config.data, config.holdout, config.holdout_seed, out)
             logger.info("target: the held-out share of %s in %s, scored by chrF of greedy answers", config.data,
                         paths["target"])
+        write_draws(config)
     distributed.barrier()
     layout, scored = run_layout(config, out), set()
     for label, method, lr, seed, _ in train_runs(config):
-        data = method_data(config, method, out)
+        data = method_data(config, method, out, seed)
         scores = layout["scores"][data]
         if data not in scored and generates(method):
-            cfg = generate_config(config, method, out)
+            cfg = generate_config(config, method, out, seed)
             run_once(Path(cfg.out_dir), dataclasses.asdict(cfg), lambda c=cfg: run_generate(c), f"generate {method.method}")
         if data not in scored and method.method == "replay":
-            cfg = replay_config(config, method, out)
+            cfg = replay_config(config, method, out, seed)
             run_once(Path(cfg.out_dir), dataclasses.asdict(cfg), lambda c=cfg: distributed.on_main(run_replay, c),
                      f"replay {method.label}")
         if data not in scored:  # the score stage itself reuses an output made from the same inputs
-            run_score(make(ScoreConfig, score_settings(config, data, str(scores), method.method == "replay"), "score"))
+            whole = method.method == "replay" or drawn(config, seed)
+            run_score(make(ScoreConfig, score_settings(config, data, str(scores), whole), "score"))
             scored.add(data)
-            if data == training_data(config) and distributed.is_main():
+            if data == training_data(config, seed) and distributed.is_main():
                 note_tau_share(config, scores)
         masks = distributed.on_main(run_mask, method.mask_config(scores, layout["masks"][label]))
         cfg = train_config(config, label, method, lr, str(masks / MASKED_FILE), seed)
@@ -398,7 +437,8 @@ def report_inputs(run_dir: str | Path, output_dir: str | None = None):
                        scores=tuple(f"{label}={d / SCORES_FILE}" for label, d in layout["ppl_sources"].items()),
                        token_view=str(layout["token_view"] / MASKED_FILE), recipe_sources=recipe_sources(config))
     grid = None
-    curves = config.probe or len(config.learning_rates) > 1 or any(m.interpolate for m in config.methods)
+    curves = config.probe or len(config.learning_rates) > 1 or any(len(m.learning_rates) > 1 or m.interpolate
+                                                                    for m in config.methods)
     if config.retention is not None and curves:
         grid = {"grid": frontier_grid(points, measured, lambda group: out / "retention" / group, layout["train"],
                                       config.train.get("learning_rate")),
@@ -421,15 +461,16 @@ def recipe_sources(config: RunConfig) -> tuple[str, ...]:
 def run_layout(config: RunConfig, out: Path) -> dict:
     """Where each stage of ``config`` writes under ``out`` (the one place the layout is decided)."""
     scores, masks, train, first_mask = {}, {}, {}, {}
-    for label, method, _, _, _ in train_runs(config):
-        data = method_data(config, method, out)
+    targets = {training_data(config, seed) for _, _, _, seed, _ in train_runs(config)} | {training_data(config)}
+    for label, method, _, seed, _ in train_runs(config):
+        data = method_data(config, method, out, seed)
         scores[data] = out / "scores" / data_name(config, data)
         masks[label] = out / "masks" / f"{scores[data].name}-{method.label}"
         first_mask.setdefault(method.method, masks[label])
         train[label] = out / "train" / label
     # The token view shows what STM drops; without an STM method, the first method's mask.
     view = first_mask.get("stm") or first_mask.get("auto-tau") or next(iter(first_mask.values()))
-    ppl_sources = {("ground truth" if data == training_data(config) else data_name(config, data)): d for data, d in scores.items()}
+    ppl_sources = {("ground truth" if data in targets else data_name(config, data)): d for data, d in scores.items()}
     return {"scores": scores, "masks": masks, "train": train, "token_view": view, "ppl_sources": ppl_sources}
 
 

@@ -110,6 +110,32 @@ def split_holdout(data: str, share: float, seed: int, out_dir: str | Path, max_n
     return paths
 
 
+def draw_path(out_dir: str | Path, seed: int) -> Path:
+    """Where training draw ``seed`` of a run is written."""
+    return Path(out_dir) / "draws" / f"draw-s{seed}.jsonl"
+
+
+def write_draw(data: str, size: int, seed: int, out_dir: str | Path, limit: int | None = None) -> Path:
+    """Training draw ``seed``: ``size`` of the first ``limit`` examples of ``data``, chosen by a shuffle seeded with
+    ``seed``, in file order, as ``{"id", "messages"}`` JSONL. Every recipe of the run trains on the same draw at the
+    same seed, so which examples were drawn varies between draws and not between recipes. Rewritten only when its
+    content changes, so a resumed run reuses its stages."""
+    examples = load_examples(data, limit)
+    check_draw_size(size, len(examples), data)
+    order = list(range(len(examples)))
+    random.Random(seed).shuffle(order)
+    path = draw_path(out_dir, seed)
+    _write_if_changed(path, "".join(json.dumps({"id": examples[i].id, "messages": examples[i].messages},
+                                               ensure_ascii=False) + "\n" for i in sorted(order[:size])))
+    return path
+
+
+def check_draw_size(size: int, available: int, data: str) -> None:
+    if not 1 <= size <= available:
+        raise ConfigError(f"draw_size {size}: {data} has {available} examples to draw from (draw_size is in "
+                          f"[1, {available}])")
+
+
 def _write_if_changed(path: Path, text: str) -> None:
     if path.is_file() and path.read_text(encoding="utf-8") == text:
         return
