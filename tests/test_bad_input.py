@@ -182,3 +182,48 @@ def test_partly_masked_table_trains_and_counts(world, tiny_model_dir, tmp_path, 
     assert summary["table"]["examples_without_trained_tokens"] == 1 and summary["table"]["examples"] == 4
     assert "1 of 4 examples have every response token masked" in caplog.text
     assert math.isfinite(summary["train_loss"]) and (out / "manifest.json").is_file()
+
+
+def test_a_bug_keeps_its_traceback_and_a_user_error_is_one_line(monkeypatch, capsys):
+    """A ForgetlessError (something the user can fix) is one line; anything else (here a plain RuntimeError inside
+    the stage, as a bug or an out-of-memory error would be) shows its traceback and how to report it."""
+    import forgetless.cli as cli
+    from forgetless.core.errors import DataError
+
+    def broken(config):
+        """Score, with a bug."""
+        raise RuntimeError("CUDA out of memory, or a bug")
+
+    monkeypatch.setitem(cli.COMMANDS, "score", (cli.COMMANDS["score"][0], broken, cli.COMMANDS["score"][2]))
+    assert cli.main(["score", "data=mbpp-train"]) == 1
+    err = capsys.readouterr().err
+    assert "Traceback (most recent call last)" in err and "RuntimeError: CUDA out of memory, or a bug" in err
+    assert "unexpected error" in err and "report it" in err
+
+    def bad_data(config):
+        """Score, on data with a problem."""
+        raise DataError("data.jsonl:3: no assistant turn")
+
+    monkeypatch.setitem(cli.COMMANDS, "score", (cli.COMMANDS["score"][0], bad_data, cli.COMMANDS["score"][2]))
+    assert cli.main(["score", "data=mbpp-train"]) == 2
+    err = capsys.readouterr().err
+    assert err.strip() == "forgetless score: error: data.jsonl:3: no assistant turn"
+
+
+def test_every_error_class_of_forgetless_is_a_forgetless_error():
+    import inspect
+    import pkgutil
+    import importlib
+
+    import forgetless
+    from forgetless.core.errors import ForgetlessError
+
+    found = []
+    for mod in pkgutil.walk_packages(forgetless.__path__, "forgetless."):
+        if mod.name.endswith(("vllm_backend", "cli")) or ".tasks." in mod.name:
+            continue
+        module = importlib.import_module(mod.name)
+        found += [obj for _, obj in inspect.getmembers(module, inspect.isclass)
+                  if issubclass(obj, Exception) and obj.__module__ == module.__name__]
+    assert len(found) >= 10
+    assert all(issubclass(cls, ForgetlessError) for cls in found), [c for c in found if not issubclass(c, ForgetlessError)]

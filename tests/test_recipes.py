@@ -189,6 +189,14 @@ def test_grid_labels_seeds_and_interpolations(tmp_path):
                                                        ("dft@lr0.001", 1e-3, "dft@lr0.001")]
     with pytest.raises(ValueError, match="positive"):
         MethodSpec("stm", learning_rates=(0.0,))
+    # one recipe twice, on different learning rates (WiSE-FT at one of them only): allowed; on one rate: refused
+    from forgetless.config import build
+    from forgetless.run import RunConfig
+
+    twice = [{"method": "sft", "learning_rates": [1e-3], "interpolate": [0.5]}, {"method": "sft", "learning_rates": [3e-4]}]
+    assert len(build(RunConfig, {"methods": twice}).methods) == 2
+    with pytest.raises(ValueError, match=r"share a label: \['sft@lr0.001'\]"):
+        build(RunConfig, {"methods": twice, "learning_rates": [1e-3]} | {"methods": [twice[0], {"method": "sft"}]})
 
 
 def test_items_at_gain_interpolates_each_item():

@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 
+from forgetless.core.errors import ConfigError
 from forgetless.core.masking import PAPER_TAU, POLICIES, REFERENCE_POLICIES
 from forgetless.lm.data import DataError, Example, load_examples, normalize_record
 
@@ -100,11 +101,11 @@ def mask_dataset(dataset, policy: str = "threshold", *, tau: float = PAPER_TAU, 
     from forgetless.mask.stage import apply_weights, flatten_response_nll
 
     if policy in REFERENCE_POLICIES or policy not in POLICIES:
-        raise ValueError(f"mask_dataset takes one of {', '.join(p for p in POLICIES if p not in REFERENCE_POLICIES)}; "
+        raise ConfigError(f"mask_dataset takes one of {', '.join(p for p in POLICIES if p not in REFERENCE_POLICIES)}; "
                          f"got {policy!r} (reference policies need a second scoring: use `forgetless mask`)")
     missing = {"input_ids", "response_mask", "nll"} - set(dataset.column_names)
     if missing:
-        raise ValueError(f"mask_dataset needs a scored table; missing columns {sorted(missing)} (score_dataset adds nll)")
+        raise ConfigError(f"mask_dataset needs a scored table; missing columns {sorted(missing)} (score_dataset adds nll)")
     table = pa.table({c: dataset[c] for c in ("input_ids", "response_mask", "nll")})
     nll, sizes, positions = flatten_response_nll(table)
     weights, info = weights_for_policy(nll, policy, tau=tau, fraction=fraction, seed=seed,

@@ -11,12 +11,14 @@ import argparse
 import difflib
 import logging
 import sys
+import traceback
 from importlib import resources
 from pathlib import Path
 from typing import Callable
 
 from forgetless import __version__
 from forgetless.config import REQUIRED, ConfigError, field_help, load_config
+from forgetless.core.errors import ForgetlessError
 from forgetless.lm import distributed
 from forgetless.eval.stage import EvalConfig, print_eval_summary, run_eval
 from forgetless.generate.stage import GenerateConfig, print_generate_summary, run_generate
@@ -68,6 +70,8 @@ EXAMPLES = {
 }
 # Flag spellings that differ from the field name: (config field, flag) for one output directory everywhere and an
 # adapter *kind* that is not confused with the adapter *directory* of eval/retention.
+# Errors shown as one line: forgetless's own (a setting, a file, a data set to fix) and a path that does not exist.
+USER_ERRORS = (ForgetlessError, FileNotFoundError, NotADirectoryError, IsADirectoryError)
 FLAG_NAMES = {"out_dir": "output-dir", "output_dir": "output-dir"}
 TRAIN_FLAG_NAMES = {"adapter": "adapter-type"}
 DEPRECATED = {"--out-dir": "--output-dir"}
@@ -160,11 +164,17 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted; finished outputs are kept, re-run to continue", file=sys.stderr)
         return 130
-    except Exception as e:  # one line for the user; --debug for the traceback
-        if args.debug or not isinstance(e, (ConfigError, ValueError, OSError, RuntimeError)):
+    except USER_ERRORS as e:  # what the user can fix from the message: one line (--debug: the traceback)
+        if args.debug:
             raise
         print(f"forgetless {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except Exception:  # a bug, or a resource that ran out (memory, disk): the traceback, and where to send it
+        traceback.print_exc()
+        print(f"forgetless {args.command}: unexpected error (forgetless {__version__}): a bug, or a resource such as "
+              f"memory that ran out. If it is not the latter, please report it to the forgetless maintainers with the "
+              f"traceback above and the command that ran.", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -15,9 +15,7 @@ from typing import Any
 
 import yaml
 
-
-class ConfigError(ValueError):
-    """A config file or override cannot be applied."""
+from forgetless.core.errors import ConfigError  # noqa: F401  (raised here; imported from here by the stages)
 
 
 REQUIRED = object()  # field_help's default of a field that has none

@@ -67,9 +67,11 @@ class RunConfig:
     frontier: dict[str, Any] = field(default_factory=dict, metadata={"help": "frontier report: gain (gain_all, gain_kept...), retention (mc_retention, top1_agreement...)"})
 
     def __post_init__(self):
-        labels = [m.label for m in self.methods]
+        # one recipe may come twice on different learning rates (e.g. WiSE-FT at one of them only), not twice on one
+        labels = [p.label for p in train_points(self.methods, self.learning_rates, self.seeds)]
         if len(set(labels)) != len(labels):
-            raise ValueError(f"two methods share a label: {labels}; give them distinct `name`s")
+            raise ValueError(f"two methods share a label: {sorted({x for x in labels if labels.count(x) > 1})}; "
+                             f"give them distinct `name`s or learning rates")
         if any(lr <= 0 for lr in self.learning_rates):
             raise ValueError("learning rates must be positive")
         if len(set(self.seeds)) != len(self.seeds):
@@ -327,13 +329,11 @@ def score_settings(config: RunConfig, data: str, out_dir: str, whole: bool = Fal
 def run_experiment(config: RunConfig) -> Path:
     """Run every stage of the comparison; return the report directory.
 
-    Under a launcher (``torchrun`` / ``accelerate launch``) every process runs the same stages in the same order:
+    The base is measured first, then draw by draw (seed by seed) every run of the draw is trained and measured, so
+    an interrupted run keeps whole draws. Under a launcher (``torchrun`` / ``accelerate launch``) every process runs
+    the same stages in the same order:
     score, generate, train, eval and retention share their work; mask and report run on the first process alone.
     """
-    from forgetless.generate.stage import run_generate
-    from forgetless.replay.stage import run_replay
-    from forgetless.train.stage import run_train
-
     check_settings(config)
     distributed.start()
     out = Path(config.out_dir)
@@ -345,35 +345,14 @@ def run_experiment(config: RunConfig) -> Path:
                         paths["target"])
         write_draws(config)
     distributed.barrier()
-    layout, scored = run_layout(config, out), set()
-    for label, method, lr, seed, _ in train_runs(config):
-        data = method_data(config, method, out, seed)
-        scores = layout["scores"][data]
-        if data not in scored and generates(method):
-            cfg = generate_config(config, method, out, seed)
-            run_once(Path(cfg.out_dir), dataclasses.asdict(cfg), lambda c=cfg: run_generate(c), f"generate {method.method}")
-        if data not in scored and method.method == "replay":
-            cfg = replay_config(config, method, out, seed)
-            run_once(Path(cfg.out_dir), dataclasses.asdict(cfg), lambda c=cfg: distributed.on_main(run_replay, c),
-                     f"replay {method.label}")
-        if data not in scored:  # the score stage itself reuses an output made from the same inputs
-            whole = method.method == "replay" or drawn(config, seed)
-            run_score(make(ScoreConfig, score_settings(config, data, str(scores), whole), "score"))
-            scored.add(data)
-            if data == training_data(config, seed) and distributed.is_main():
-                note_tau_share(config, scores)
-        masks = distributed.on_main(run_mask, method.mask_config(scores, layout["masks"][label]))
-        cfg = train_config(config, label, method, lr, str(masks / MASKED_FILE), seed)
-        settings = {**dataclasses.asdict(cfg), **({"probe": config.probe} if config.probe else {}),
-                    "data_digest": artifacts.file_digest(masks / MASKED_FILE)}
-        run_once(Path(cfg.output_dir), settings, lambda c=cfg: run_train(c, callbacks=probe_callbacks(config.probe, config.model, c, out / "probe_cache")),
-                 f"train {label}")
+    layout, scored, points = run_layout(config, out), set(), train_runs(config)
+    measure_models(config, layout, ["base"])
+    for seed in dict.fromkeys(p.seed for p in points):  # draw by draw: a draw's models are measured once it is trained
+        ours = {p.label: p for p in points if p.seed == seed}
+        for point in ours.values():
+            train_point(config, layout, point, scored)
+        measure_models(config, layout, [lab for lab, m in models_of(config, layout["train"]).items() if m.run in ours])
     measured = models_of(config, layout["train"])
-    for label, m in measured.items():
-        trained = artifacts.file_digest(layout["train"][m.run] / STAMP) if m.run else None
-        for cfg, fn, what in measure_stages(config, label, m.model, m.adapter, m.alpha):
-            run_once(Path(cfg.output_dir), {**dataclasses.asdict(cfg), "trained_digest": trained, "code": stage_code(cfg)},
-                     lambda c=cfg, f=fn: f(c), what)
     if distributed.is_main():
         pool_seeds(config, out, measured)
     distributed.barrier()
@@ -381,6 +360,51 @@ def run_experiment(config: RunConfig) -> Path:
     if distributed.is_main():
         fill_model_cards(report_dir, layout["train"])
     return report_dir
+
+
+def train_point(config: RunConfig, layout: dict, point: TrainPoint, scored: set) -> None:
+    """One training run of the grid, after the stages its data needs (generate or replay, score once per data set,
+    mask); each stage skipped when its output exists and was made from the same settings."""
+    from forgetless.generate.stage import run_generate
+    from forgetless.replay.stage import run_replay
+    from forgetless.train.stage import run_train
+
+    label, method, lr, seed, _ = point
+    out = Path(config.out_dir)
+    data = method_data(config, method, out, seed)
+    scores = layout["scores"][data]
+    if data not in scored and generates(method):
+        cfg = generate_config(config, method, out, seed)
+        run_once(Path(cfg.out_dir), dataclasses.asdict(cfg), lambda c=cfg: run_generate(c), f"generate {method.method}")
+    if data not in scored and method.method == "replay":
+        cfg = replay_config(config, method, out, seed)
+        run_once(Path(cfg.out_dir), dataclasses.asdict(cfg), lambda c=cfg: distributed.on_main(run_replay, c),
+                 f"replay {method.label}")
+    if data not in scored:  # the score stage itself reuses an output made from the same inputs
+        whole = method.method == "replay" or drawn(config, seed)
+        run_score(make(ScoreConfig, score_settings(config, data, str(scores), whole), "score"))
+        scored.add(data)
+        if data == training_data(config, seed) and distributed.is_main():
+            note_tau_share(config, scores)
+    masks = distributed.on_main(run_mask, method.mask_config(scores, layout["masks"][label]))
+    cfg = train_config(config, label, method, lr, str(masks / MASKED_FILE), seed)
+    settings = {**dataclasses.asdict(cfg), **({"probe": config.probe} if config.probe else {}),
+                "data_digest": artifacts.file_digest(masks / MASKED_FILE)}
+    def train(c):  # the checkpoint probe is set up (and earlier probes cleared) only when the run trains
+        return run_train(c, callbacks=probe_callbacks(config.probe, config.model, c, out / "probe_cache"))
+
+    run_once(Path(cfg.output_dir), settings, lambda c=cfg: train(c), f"train {label}")
+
+
+def measure_models(config: RunConfig, layout: dict, labels: list[str]) -> None:
+    """Every measure stage of the trained models ``labels`` (of :func:`models_of`), each skipped when done."""
+    measured = models_of(config, layout["train"])  # after training: a run's adapter directory decides its model
+    for label in labels:
+        m = measured[label]
+        trained = artifacts.file_digest(layout["train"][m.run] / STAMP) if m.run else None
+        for cfg, fn, what in measure_stages(config, label, m.model, m.adapter, m.alpha):
+            run_once(Path(cfg.output_dir), {**dataclasses.asdict(cfg), "trained_digest": trained, "code": stage_code(cfg)},
+                     lambda c=cfg, f=fn: f(c), what)
 
 
 def report_run(cfg) -> Path:

@@ -31,6 +31,8 @@ import math
 import numpy as np
 import torch
 
+from forgetless.core.errors import ConfigError, DataError
+
 HARD_POLICIES = ("none", "threshold", "fraction", "auto-tau", "random", "inverse", "reference-diff", "dpf", "dpf+stm")
 REFERENCE_POLICIES = ("reference-diff", "dpf", "dpf+stm")  # need a second scoring of the same tokens
 SOFT_POLICIES = ("inverse-ppl",)
@@ -41,19 +43,19 @@ PAPER_TAU = 2.5  # the paper's STM threshold (perplexity units)
 
 def check_tau(tau: float) -> None:
     if not isinstance(tau, (int, float)) or math.isnan(tau) or tau <= 0:
-        raise ValueError(f"tau is a perplexity threshold and must be > 0 (inf masks nothing); got {tau!r}")
+        raise ConfigError(f"tau is a perplexity threshold and must be > 0 (inf masks nothing); got {tau!r}")
 
 
 def check_fraction(q: float) -> None:
     if not isinstance(q, (int, float)) or math.isnan(q) or not 0 <= q < 1:
-        raise ValueError(f"a masked fraction must be in [0, 1); got {q!r}")
+        raise ConfigError(f"a masked fraction must be in [0, 1); got {q!r}")
 
 
 def check_finite(nll: np.ndarray) -> None:
     """NaN scores are never silently masked or kept (inf is a real score: probability 0)."""
     bad = int(np.isnan(nll).sum())
     if bad:
-        raise ValueError(f"{bad} response tokens have a NaN score; re-score the data (is the model producing NaN?)")
+        raise DataError(f"{bad} response tokens have a NaN score; re-score the data (is the model producing NaN?)")
 
 
 def above_tau(nll, tau: float):
@@ -99,7 +101,7 @@ def fraction_mask(nll: np.ndarray, q: float, sizes: list[int] | None = None) -> 
 def tau_for_fraction(nll: np.ndarray, q: float) -> float:
     """The tau whose threshold mask (ppl > tau) masks the most tokens without exceeding fraction q."""
     if nll.size == 0:
-        raise ValueError("no tokens to choose a threshold from")
+        raise ConfigError("no tokens to choose a threshold from")
     k = fraction_count(nll.size, q)  # < nll.size because q < 1
     ordered = np.sort(nll)[::-1]
     # Mask exactly the tokens strictly above the (k+1)-th largest NLL (ties stay unmasked).
@@ -176,14 +178,14 @@ def weights_for_policy(
     elif policy == "inverse-ppl":
         return np.exp(-nll), info
     else:
-        raise ValueError(f"unknown masking policy {policy!r}; choose one of {', '.join(POLICIES)}")
+        raise ConfigError(f"unknown masking policy {policy!r}; choose one of {', '.join(POLICIES)}")
     return (~masked).astype(np.float64), info
 
 
 def _reference(reference_nll, nll: np.ndarray, policy: str) -> np.ndarray:
     """The second scoring (float64, checked finite-or-inf) of the same tokens as ``nll``."""
     if reference_nll is None or np.shape(reference_nll) != nll.shape:
-        raise ValueError(f"{policy} needs reference scores of the same tokens (same data and tokenizer)")
+        raise ConfigError(f"{policy} needs reference scores of the same tokens (same data and tokenizer)")
     reference_nll = np.asarray(reference_nll, dtype=np.float64)
     check_finite(reference_nll)
     return reference_nll
@@ -191,7 +193,7 @@ def _reference(reference_nll, nll: np.ndarray, policy: str) -> np.ndarray:
 
 def _need(fraction: float | None, policy: str) -> float:
     if fraction is None:
-        raise ValueError(f"policy {policy!r} needs a target fraction (fraction=q, 0 <= q < 1)")
+        raise ConfigError(f"policy {policy!r} needs a target fraction (fraction=q, 0 <= q < 1)")
     check_fraction(fraction)
     return fraction
 

@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+from forgetless.core.errors import ConfigError, DataError
 from forgetless.lm import distributed
 from forgetless.lm.artifacts import write_json, write_manifest, write_text
 from forgetless.lm.data import iter_jsonl
@@ -154,7 +155,7 @@ def read_predictions(path: str) -> dict[tuple[str | None, str], str]:
     preds = {}
     for n, r in iter_jsonl(path):
         if "id" not in r or "output" not in r:
-            raise ValueError(f"{path}:{n}: a prediction needs 'id' and 'output'")
+            raise DataError(f"{path}:{n}: a prediction needs 'id' and 'output'")
         preds[(r.get("task"), str(r["id"]))] = r["output"]
     return preds
 
@@ -258,7 +259,7 @@ def evaluate_tasks(tasks: Sequence[str | Task], cfg: EvalConfig, generate_fn: Ge
             items = [it for it, o in found if o is not None]
             outputs = [o for _, o in found if o is not None]
             if not items:
-                raise ValueError(f"{task.name}: the predictions file has no output for any of its items")
+                raise DataError(f"{task.name}: the predictions file has no output for any of its items")
             settings.update(source="predictions", predictions=cfg.predictions, items_fingerprint=items_fingerprint(items))
         else:
             start = time.monotonic()
@@ -356,7 +357,7 @@ def run_eval(cfg: EvalConfig) -> Path:
 
         fingerprint = model_fingerprint(cfg.model, cfg.revision) if not cfg.adapter else None
         if cfg.backend == "vllm" and distributed.launched():
-            raise ValueError("backend=vllm runs in one process (vLLM spreads a model over GPUs itself): "
+            raise ConfigError("backend=vllm runs in one process (vLLM spreads a model over GPUs itself): "
                              "drop the launcher, or use backend=hf to share the prompts among the processes")
         # results record hf or vllm; under a launcher auto is hf (the processes share the prompts)
         cfg = dataclasses.replace(cfg, backend="hf" if distributed.launched() else resolve_backend(cfg.backend))

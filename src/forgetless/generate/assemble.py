@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 import random
 
+from forgetless.core.errors import ConfigError
 from forgetless.generate.paper import choose_answer
 from forgetless.lm.data import Example
 
@@ -49,7 +50,7 @@ def assemble(examples: list[Example], done: dict[str, dict], method: str, choose
 def apply_on_failure(assembled: list[Example], on_failure: str) -> list[Example]:
     """The training set: prompts without a passing answer dropped (``drop``) or kept with their reference (``ground_truth``)."""
     if on_failure not in ON_FAILURE:
-        raise ValueError(f"on_failure must be one of {', '.join(ON_FAILURE)}, got {on_failure!r}")
+        raise ConfigError(f"on_failure must be one of {', '.join(ON_FAILURE)}, got {on_failure!r}")
     return [ex for ex in assembled if on_failure == "ground_truth" or not ex.meta["provenance"]["fallback"]]
 
 

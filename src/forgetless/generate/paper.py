@@ -18,6 +18,7 @@ from __future__ import annotations
 import random
 from pathlib import Path
 
+from forgetless.core.errors import ConfigError
 from forgetless.lm.data import DataError, Example, bundled_dir, load_examples, read_jsonl
 
 KINDS = {"self_output": ("self-output", 32), "rephrase": ("rephrase", 1)}
@@ -62,7 +63,7 @@ def choose_answer(answers: list[dict], choose: str, rng: random.Random) -> int:
     1
     """
     if choose not in CHOICES:
-        raise ValueError(f"unknown choice rule {choose!r}; choose {', '.join(CHOICES)}")
+        raise ConfigError(f"unknown choice rule {choose!r}; choose {', '.join(CHOICES)}")
     if choose == "random":
         return rng.randrange(len(answers))
     if choose == "lowest-ppl":

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
+from forgetless.core.errors import DataError
 from forgetless.core.tokenstats import scored_response_nll
 from forgetless.generate.config import GenerateConfig
 from forgetless.generate.verify import Verifier
@@ -173,7 +174,7 @@ def check_samples_key(out: Path, sampling: dict) -> None:
     if path.is_file() and sample_files(out):
         changed = artifacts.stale_fields(artifacts.read_json(path), sampling)
         if changed:
-            raise ValueError(f"{out / SAMPLES_FILE} was sampled with other settings ({', '.join(changed)} changed): "
+            raise DataError(f"{out / SAMPLES_FILE} was sampled with other settings ({', '.join(changed)} changed): "
                              "use another out_dir or delete it to start over")
         return
     if distributed.is_main():

@@ -20,6 +20,7 @@ import logging
 from dataclasses import dataclass
 from typing import Any, Callable
 
+from forgetless.core.errors import ConfigError, DataError
 from forgetless.eval.tasks import Item, get_task
 from forgetless.eval.tasks import gsm8k as gsm8k_eval
 from forgetless.eval.tasks import math as math_eval
@@ -66,7 +67,7 @@ def mbpp_program(example: Example, answer: str) -> str:
     """The program the sandbox runs: imports, the answer's code, the task's asserts."""
     meta = example.meta
     if not meta.get("test_list"):
-        raise ValueError(f"example {example.id} has no 'test_list': cannot verify it as MBPP")
+        raise DataError(f"example {example.id} has no 'test_list': cannot verify it as MBPP")
     return build_program(extract_code(answer), meta)
 
 
@@ -131,7 +132,7 @@ def detect_task(data: str, example: Example) -> str:
 def make_verifier(task: str, data: str, example: Example, timeout_s: float = 10.0) -> Verifier:
     """The verifier for ``task`` (``auto``: detected from ``data`` and ``example``)."""
     if task not in TASKS:
-        raise ValueError(f"unknown task {task!r}; choose {', '.join(TASKS)}")
+        raise ConfigError(f"unknown task {task!r}; choose {', '.join(TASKS)}")
     if task == "auto":
         task = detect_task(data, example)
         logger.info("verifying answers as task %r", task)

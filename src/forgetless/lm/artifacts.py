@@ -18,6 +18,8 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from forgetless.core.errors import DataError
+
 logger = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
@@ -66,6 +68,19 @@ def write_npz(path: Path, arrays: dict) -> None:
             np.savez(f, **arrays)
 
     _atomic(Path(path), save)
+
+
+def read_parquet(path: str | Path, columns: list[str] | None = None):
+    """A parquet table; a file that is not one is a :class:`DataError` naming it (not a pyarrow traceback)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        return pq.read_table(path, columns=columns)
+    except (pa.ArrowException, OSError) as e:
+        if isinstance(e, FileNotFoundError):
+            raise
+        raise DataError(f"{path}: not a readable parquet table ({e})") from None
 
 
 def read_json(path: Path) -> Any:

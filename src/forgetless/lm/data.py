@@ -23,6 +23,8 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
+from forgetless.core.errors import DataError  # noqa: F401  (raised here; imported from here by the stages)
+
 ROLE_ALIASES = {
     "system": "system",
     "user": "user",
@@ -33,8 +35,6 @@ ROLE_ALIASES = {
 }
 
 
-class DataError(ValueError):
-    """A data set cannot be used as given; the message names the file and the example."""
 
 
 @dataclass

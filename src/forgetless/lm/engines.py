@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from forgetless.core.errors import ConfigError
 from forgetless.lm.decode import DecodingSettings, Sampled, sample_batch
 from forgetless.lm.scoring import SharedPrefix, score_encoded, use_padding_free
 from forgetless.lm.templates import Encoded
@@ -43,7 +44,7 @@ def open_engine(config):
     from forgetless.lm import distributed
 
     if distributed.launched() and config.backend == "vllm":
-        raise ValueError("backend=vllm runs in one process (vLLM spreads a model over GPUs itself): "
+        raise ConfigError("backend=vllm runs in one process (vLLM spreads a model over GPUs itself): "
                          "drop the launcher, or use backend=hf to share the work among the processes")
     if resolve_backend(config.backend) == "vllm" and not distributed.launched():
         from forgetless.lm.vllm_backend import VllmEngine

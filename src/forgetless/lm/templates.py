@@ -21,6 +21,8 @@ import hashlib
 import logging
 from dataclasses import dataclass
 
+from forgetless.core.errors import ForgetlessError
+
 logger = logging.getLogger(__name__)
 
 # Used only when the tokenizer has no chat template. Documented in the README.
@@ -34,7 +36,7 @@ PLAIN_TEMPLATE = (
 )
 
 
-class TemplateError(ValueError):
+class TemplateError(ForgetlessError, ValueError):
     """The chat template does not render a conversation the way forgetless needs."""
 
 

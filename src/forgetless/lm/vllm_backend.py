@@ -31,6 +31,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from forgetless.core.errors import ConfigError, ForgetlessError
 from forgetless.lm.decode import DecodingSettings, Sampled, cut_at_stop, stop_token_ids
 from forgetless.lm.templates import Encoded, encode_prompt
 
@@ -41,7 +42,7 @@ BACKENDS = ("auto", "hf", "vllm")
 LORA_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)
 
 
-class BackendError(RuntimeError):
+class BackendError(ForgetlessError, RuntimeError):
     """The vLLM backend cannot run here, or cannot serve this adapter; the message says why."""
 
 
@@ -49,13 +50,13 @@ def check_backend_settings(backend: str, tensor_parallel_size: int, gpu_memory_u
                            max_model_len: int | None) -> None:
     """The checks of the backend fields every stage config carries (called from their ``__post_init__``)."""
     if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
+        raise ConfigError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
     if tensor_parallel_size < 1:
-        raise ValueError(f"tensor_parallel_size must be >= 1, got {tensor_parallel_size}")
+        raise ConfigError(f"tensor_parallel_size must be >= 1, got {tensor_parallel_size}")
     if not 0 < gpu_memory_utilization <= 1:
-        raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {gpu_memory_utilization}")
+        raise ConfigError(f"gpu_memory_utilization must be in (0, 1], got {gpu_memory_utilization}")
     if max_model_len is not None and max_model_len < 2:
-        raise ValueError(f"max_model_len must be >= 2 (or null: the model's own), got {max_model_len}")
+        raise ConfigError(f"max_model_len must be >= 2 (or null: the model's own), got {max_model_len}")
 
 
 def _missing_for_vllm() -> str | None:

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
+from forgetless.core.errors import DataError
 from forgetless.lm import artifacts
 from forgetless.core.masking import IGNORE_INDEX, POLICIES, REFERENCE_POLICIES, check_fraction, check_tau, weights_for_policy
 from forgetless.score.stage import SCORES_FILE
@@ -101,13 +101,13 @@ def run_mask(config: MaskConfig) -> Path:
     if artifacts.is_fresh(out, key, MASKED_FILE):
         logger.info("reusing masks in %s", out)
         return out
-    table = pq.read_table(scores_dir / SCORES_FILE)
+    table = artifacts.read_parquet(scores_dir / SCORES_FILE)
     nll, sizes, positions = flatten_response_nll(table)
     reference = None
     if config.reference_scores:
-        ref_table = pq.read_table(Path(config.reference_scores) / SCORES_FILE)
+        ref_table = artifacts.read_parquet(Path(config.reference_scores) / SCORES_FILE)
         if ref_table.column("input_ids").to_pylist() != table.column("input_ids").to_pylist():
-            raise ValueError("reference scores are of different tokens: score the same data with the same tokenizer")
+            raise DataError("reference scores are of different tokens: score the same data with the same tokenizer")
         reference = flatten_response_nll(ref_table)[0]
     weights, info = weights_for_policy(
         nll, config.policy, tau=config.tau, fraction=config.fraction, sizes=sizes if config.per_example else None,

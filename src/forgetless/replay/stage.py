@@ -24,6 +24,7 @@ import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from forgetless.core.errors import ConfigError, DataError, ForgetlessError
 from forgetless.lm import artifacts
 
 logger = logging.getLogger(__name__)
@@ -31,7 +32,7 @@ logger = logging.getLogger(__name__)
 DATA_FILE = "data.jsonl"
 
 
-class ReplayOverlapError(ValueError):
+class ReplayOverlapError(ForgetlessError, ValueError):
     """A replay prompt is one the retention measures read."""
 
 
@@ -59,7 +60,7 @@ class ReplayConfig:
 
 def check_fraction(fraction: float | None, where: str = "replay fraction") -> None:
     if fraction is None or not 0.0 < fraction < 1.0:
-        raise ValueError(f"{where} must be in (0, 1) (the share of replay rows in the mix), got {fraction}")
+        raise ConfigError(f"{where} must be in (0, 1) (the share of replay rows in the mix), got {fraction}")
 
 
 def replay_count(n_target: int, fraction: float) -> int:
@@ -104,7 +105,7 @@ def run_replay(config: ReplayConfig) -> Path:
     want = replay_count(len(target), config.fraction)
     pool = candidates(config.source, config.skip, set(config.measured))
     if len(pool) < want:
-        raise ValueError(f"replay: {config.source} has {len(pool)} prompts from item {config.skip} on, "
+        raise DataError(f"replay: {config.source} has {len(pool)} prompts from item {config.skip} on, "
                          f"{want} are needed for fraction {config.fraction}")
     model, tokenizer = load_model_and_tokenizer(config.model)
     fingerprint = model_fingerprint(config.model)
@@ -128,7 +129,7 @@ def run_replay(config: ReplayConfig) -> Path:
                                             "max_new_tokens": config.max_new_tokens,
                                             "finished": stop is not None}})
     if len(rows) < want:
-        raise ValueError(f"replay: only {len(rows)} of {want} base answers to {config.source} finished within "
+        raise DataError(f"replay: only {len(rows)} of {want} base answers to {config.source} finished within "
                          f"{config.max_new_tokens} tokens; raise replay max_new_tokens")
     lines = [json.dumps({"id": ex.id, "messages": ex.messages, **{k: v for k, v in ex.meta.items() if k != "id"}},
                         ensure_ascii=False) for ex in target]

@@ -14,6 +14,7 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
+from forgetless.lm import artifacts
 from forgetless.lm.artifacts import write_text
 
 PPL_DARKEST = 100.0
@@ -73,9 +74,7 @@ def token_view(examples: dict[str, list[TokenRow]], caption: str) -> str:
 
 def read_token_examples(data_file: str | Path, decode, limit: int = 3) -> dict[str, list[TokenRow]]:
     """The first ``limit`` examples of a mask stage's ``data.parquet`` (or a score stage's ``scores.parquet``)."""
-    import pyarrow.parquet as pq
-
-    table = pq.read_table(data_file)
+    table = artifacts.read_parquet(data_file)
     has_labels = "labels" in table.column_names
     examples = {}
     for record in table.slice(0, limit).to_pylist():

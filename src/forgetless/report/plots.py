@@ -15,6 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
+from forgetless.lm import artifacts
+
 PPL_AXIS_MAX = 1e4
 
 
@@ -37,9 +39,7 @@ def read_loss_curve(train_dir: str | Path) -> tuple[list[int], list[float]]:
 
 def response_ppl(scores_file: str | Path) -> np.ndarray:
     """Per-token perplexity exp(nll) of every scored response token in a ``scores.parquet`` (NaN rows dropped)."""
-    import pyarrow.parquet as pq
-
-    table = pq.read_table(scores_file, columns=["nll", "response_mask"])
+    table = artifacts.read_parquet(scores_file, columns=["nll", "response_mask"])
     values = []
     for nll, mask in zip(table.column("nll").to_pylist(), table.column("response_mask").to_pylist()):
         values += [v for v, m in zip(nll, mask) if m and v is not None and not math.isnan(v)]

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from forgetless.core.errors import ConfigError
 from forgetless.lm.artifacts import write_text
 from forgetless.core.intervals import average_of_differences, paired_difference
 from forgetless.report.behaviour import lean
@@ -328,7 +329,7 @@ def run_report(cfg: ReportConfig, frontier_grid: dict | None = None) -> Path:
     arguments), report.json, the plots and report.html into ``cfg.output_dir``. A ``run_dir`` is read by the layer
     that knows a run's layout: :func:`forgetless.run.report_run` (``forgetless report RUN_DIR``)."""
     if cfg.run_dir:
-        raise ValueError(f"run_dir={cfg.run_dir}: a run directory is reported by forgetless.run.report_run "
+        raise ConfigError(f"run_dir={cfg.run_dir}: a run directory is reported by forgetless.run.report_run "
                          "(`forgetless report RUN_DIR`), which reads its layout")
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -383,7 +384,7 @@ def write_report_html(cfg: ReportConfig) -> Path:
         data_file = Path(cfg.token_view)
         model = cfg.tokenizer or _manifest_model(data_file)
         if model is None:
-            raise ValueError(f"token_view: no tokenizer given and none named in {data_file.parent / 'manifest.json'}")
+            raise ConfigError(f"token_view: no tokenizer given and none named in {data_file.parent / 'manifest.json'}")
         from forgetless.lm.modeling import load_tokenizer
 
         tokenizer = load_tokenizer(model)

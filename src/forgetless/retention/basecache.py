@@ -20,6 +20,8 @@ from typing import Any
 
 import torch
 
+from forgetless.core.errors import ConfigError
+
 
 def is_peft(model) -> bool:
     return hasattr(model, "disable_adapter") and hasattr(model, "get_base_model")
@@ -34,7 +36,7 @@ def base_view(model, base_model=None):
         with model.disable_adapter():
             yield model
     else:
-        raise ValueError("the base distribution needs base_model (or a PEFT model whose adapter can be disabled)")
+        raise ConfigError("the base distribution needs base_model (or a PEFT model whose adapter can be disabled)")
 
 
 def _is_adapter_param(name: str) -> bool:

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 
 import torch
 
+from forgetless.core.errors import DataError
 from forgetless.core.logits import rows_nll, split_causal_lm, token_nll
 from forgetless.lm import distributed
 from forgetless.lm.batching import length_buckets
@@ -69,7 +70,7 @@ def choice_ids(tokenizer, item: MCItem) -> list[tuple[list[int], list[int]]]:
         ctx = bos + tokenizer(context, add_special_tokens=False)["input_ids"]
         cont = tokenizer(continuation, add_special_tokens=False)["input_ids"]
         if not ctx or not cont:
-            raise ValueError(f"item {item.id}: empty context or continuation after tokenization")
+            raise DataError(f"item {item.id}: empty context or continuation after tokenization")
         out.append((ctx, cont))
     return out
 

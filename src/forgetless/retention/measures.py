@@ -10,6 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from forgetless.core.errors import ConfigError
+
 # Above chance on SmolLM2-135M-Instruct (docs/retention.md); HellaSwag and BoolQ contexts are
 # long, so they cost most of the time.
 DEFAULT_MC = ("arc_easy", "arc_challenge", "piqa", "sciq", "hellaswag")
@@ -98,7 +100,7 @@ def check_sources(settings: MeasureSettings) -> None:
     bad = [f"{where}: {s!r}" for where, s in named
            if s not in known and not s.startswith("hf:") and not Path(s).exists() and not s.endswith(files)]
     if bad:
-        raise ValueError(f"unknown prompt set {', '.join(bad)}: use a bundled split ({', '.join(sorted(known))}), "
+        raise ConfigError(f"unknown prompt set {', '.join(bad)}: use a bundled split ({', '.join(sorted(known))}), "
                          "a file or directory, or hf:<name>")
 
 

@@ -17,6 +17,7 @@ from typing import Callable
 import numpy as np
 import pyarrow as pa
 
+from forgetless.core.errors import DataError
 from forgetless.lm import artifacts, distributed
 from forgetless.lm.data import Example, fingerprint_examples, load_examples
 from forgetless.lm.modeling import EMBEDDED, load_tokenizer, model_fingerprint
@@ -121,7 +122,7 @@ def run_score(config: ScoreConfig) -> Path:
         return out
     kept, counts = encode_examples(tokenizer_only, examples, config.max_length, config.overlong)
     if not kept:
-        raise ValueError(f"no example of {config.data} has a response token within max_length={config.max_length}")
+        raise DataError(f"no example of {config.data} has a response token within max_length={config.max_length}")
     encoded = [enc for _, enc in kept]
     engine = open_engine(config)
     try:

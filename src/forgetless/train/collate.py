@@ -11,12 +11,13 @@ unscored). The masking stage writes it as Parquet; :func:`build_sft_table` build
 from __future__ import annotations
 
 import math
-import os
 from pathlib import Path
 from typing import Iterable
 
 import torch
 
+from forgetless.core.errors import ForgetlessError
+from forgetless.lm import artifacts
 from forgetless.core.packing import flatten, restart_positions
 from forgetless.lm.templates import encode_conversation
 
@@ -24,7 +25,7 @@ IGNORE = -100
 COLUMNS = ("id", "input_ids", "response_mask", "labels", "loss_weight")
 
 
-class TableError(ValueError):
+class TableError(ForgetlessError, ValueError):
     """A training table is malformed; the message names the row."""
 
 
@@ -60,23 +61,16 @@ def check_row(row: dict, index: int) -> None:
 
 
 def write_table(rows: list[dict], path: str | Path) -> Path:
-    """Write rows as Parquet (to a temp name, then renamed)."""
+    """Write rows as Parquet (atomically: :func:`forgetless.lm.artifacts.write_parquet`)."""
     import pyarrow as pa
-    import pyarrow.parquet as pq
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    pq.write_table(pa.Table.from_pylist(rows), tmp)
-    os.replace(tmp, path)
-    return path
+    artifacts.write_parquet(Path(path), pa.Table.from_pylist(rows))
+    return Path(path)
 
 
 def read_table(path: str | Path) -> list[dict]:
     """Rows of a training table, checked with :func:`check_row`."""
-    import pyarrow.parquet as pq
-
-    rows = pq.read_table(path).to_pylist()
+    rows = artifacts.read_parquet(path).to_pylist()
     if not rows:
         raise TableError(f"{path}: the training table is empty")
     for i, row in enumerate(rows):

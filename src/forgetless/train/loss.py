@@ -39,6 +39,7 @@ import logging
 import torch
 import torch.nn.functional as F
 
+from forgetless.core.errors import ConfigError, ForgetlessError
 from forgetless.core.logits import chunk_rows, head_logits, head_rows, split_causal_lm, target_nll
 from forgetless.train.parallel import any_process, call_inside_forward, gather_rows, unwrap
 
@@ -134,7 +135,7 @@ def base_hidden(model, reference, **model_inputs) -> torch.Tensor:
             return decoder(**model_inputs, use_cache=False).last_hidden_state
         inner = unwrap(model)
         if not hasattr(inner, "disable_adapter"):
-            raise ValueError("KL to the base needs a PEFT model (adapter disabled = base) or a reference model")
+            raise ConfigError("KL to the base needs a PEFT model (adapter disabled = base) or a reference model")
         with inner.disable_adapter():
             decoder = split_causal_lm(inner)[0]
             return decoder(**model_inputs, use_cache=False).last_hidden_state
@@ -246,14 +247,14 @@ def compute_masked_loss(model, inputs: dict, num_items=None, kl_coef: float = 0.
     """
     model_inputs = {k: inputs[k] for k in ("input_ids", "attention_mask", "position_ids") if inputs.get(k) is not None}
     if loss_type not in LOSS_TYPES:
-        raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {loss_type!r}")
+        raise ConfigError(f"loss_type must be one of {LOSS_TYPES}, got {loss_type!r}")
     out = call_inside_forward(model, _loss_in_forward, inputs, num_items, kl_coef, reference, loss_type, **model_inputs)
     stats = {"nll_sum": out["nll_sum"], "kl_sum": out["kl_sum"] if kl_coef > 0 else None,
              "trained_tokens": out["trained_tokens"]}
     return out["loss"], stats
 
 
-class NonFiniteLossError(RuntimeError):
+class NonFiniteLossError(ForgetlessError, RuntimeError):
     """The training loss became NaN or infinite; the step is not applied."""
 
 

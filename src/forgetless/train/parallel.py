@@ -21,12 +21,13 @@ import os
 
 import torch
 
+from forgetless.core.errors import ForgetlessError
 from forgetless.lm.distributed import barrier, initialized, launch_device, world_size  # noqa: F401  (re-exported)
 
 logger = logging.getLogger(__name__)
 
 
-class DataParallelError(RuntimeError):
+class DataParallelError(ForgetlessError, RuntimeError):
     """One process sees several GPUs: the Trainer would use ``nn.DataParallel``, which this loss does not support."""
 
 

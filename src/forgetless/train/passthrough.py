@@ -23,6 +23,8 @@ import importlib.util
 import logging
 from pathlib import Path
 
+from forgetless.core.errors import ConfigError, ForgetlessError
+
 logger = logging.getLogger(__name__)
 
 # Liger's kernel switches (liger_kernel_config): the loss stays forgetless's, the rest is Liger's default.
@@ -32,7 +34,7 @@ LIGER_KERNELS = {"fused_linear_cross_entropy": False, "cross_entropy": False}
 _TRACKERS = {"wandb": ("is_wandb_available", "wandb"), "tensorboard": ("is_tensorboard_available", "tensorboard")}
 
 
-class PushError(RuntimeError):
+class PushError(ForgetlessError, RuntimeError):
     """The upload to the hub failed after the run was complete and saved."""
 
 
@@ -45,9 +47,9 @@ def check_options(config, device: str) -> None:
     """Raise ``ValueError`` (one line) for a pass-through option this machine cannot honour."""
     if config.use_liger_kernel:
         if importlib.util.find_spec("liger_kernel") is None:
-            raise ValueError("use_liger_kernel needs the package 'liger_kernel' (pip install liger-kernel)")
+            raise ConfigError("use_liger_kernel needs the package 'liger_kernel' (pip install liger-kernel)")
         if not device.startswith("cuda"):
-            raise ValueError(f"use_liger_kernel needs a CUDA device (Liger's kernels are Triton GPU kernels); "
+            raise ConfigError(f"use_liger_kernel needs a CUDA device (Liger's kernels are Triton GPU kernels); "
                              f"this run is on {device}")
     names = trackers(config.report_to)
     if not names:
@@ -59,7 +61,7 @@ def check_options(config, device: str) -> None:
     for name in names:
         test, package = _TRACKERS.get(name, (None, None))
         if test and not getattr(integrations, test)():
-            raise ValueError(f"report_to={name} needs the package '{package}' (pip install {package})")
+            raise ConfigError(f"report_to={name} needs the package '{package}' (pip install {package})")
 
 
 def check_padding_free(config, model, sharded: bool) -> None:
@@ -74,7 +76,7 @@ def check_padding_free(config, model, sharded: bool) -> None:
                        "attention %s", attention)
         return
     if not packing_isolates(model):
-        raise ValueError(f"padding_free needs attention that keeps packed examples apart (position_ids restarting "
+        raise ConfigError(f"padding_free needs attention that keeps packed examples apart (position_ids restarting "
                          f"at 0), and attn_implementation={attention} lets them see each other here; use "
                          f"attn_implementation=sdpa, eager or flash_attention_2, or padding_free=false")
 

@@ -159,7 +159,7 @@ class ProbeCallback(TrainerCallback):
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         if args.world_size > 1:
             # Every process would evaluate (FSDP / ZeRO-3 shards would deadlock) and append to one probes.jsonl.
-            raise ValueError(f"training probes run in one process, not across {args.world_size}: drop `probe:` "
+            raise ConfigError(f"training probes run in one process, not across {args.world_size}: drop `probe:` "
                              "for a multi-process launch, or probe on one process")
         if self.at_start and state.global_step == 0 and model is not None:
             self._guard(self.evaluate(model, 0), model, state, control)

@@ -21,6 +21,8 @@ import shutil
 from pathlib import Path
 from typing import Callable
 
+from forgetless.core.errors import ConfigError, DataError
+
 logger = logging.getLogger(__name__)
 
 KEEP = ("last", "best-epoch")
@@ -34,15 +36,15 @@ Measure = Callable[[object], dict]  # in-memory model -> a record with "score", 
 def check_selection(config) -> None:
     """Refuse best-epoch settings that cannot work, when the config is built (not after an epoch of training)."""
     if config.keep not in KEEP:
-        raise ValueError(f"keep must be one of {KEEP}, got {config.keep!r}")
+        raise ConfigError(f"keep must be one of {KEEP}, got {config.keep!r}")
     if config.keep == "last":
         return
     if config.adapter == "full":
-        raise ValueError("keep=best-epoch keeps an adapter per epoch; with adapter=full use keep=last")
+        raise ConfigError("keep=best-epoch keeps an adapter per epoch; with adapter=full use keep=last")
     if config.max_steps > 0 or not float(config.epochs).is_integer():
-        raise ValueError("keep=best-epoch chooses among whole epochs: set a whole number of epochs and max_steps=-1")
+        raise ConfigError("keep=best-epoch chooses among whole epochs: set a whole number of epochs and max_steps=-1")
     if config.select_limit is not None and config.select_limit < 1:
-        raise ValueError(f"select_limit must be >= 1 or none, got {config.select_limit}")
+        raise ConfigError(f"select_limit must be >= 1 or none, got {config.select_limit}")
     if config.select_on.startswith("gen:"):
         from forgetless.retention.behaviour import metric_names, profile_for
 
@@ -50,7 +52,7 @@ def check_selection(config) -> None:
         primary, metrics = metric_names(profile_for(source))
         records = [f"gen:{source}"] + [f"gen:{source}:{m}" for m in metrics if m != primary]
         if config.select_on not in records:
-            raise ValueError(f"select_on {config.select_on!r}: source {source!r} records {', '.join(records)}")
+            raise ConfigError(f"select_on {config.select_on!r}: source {source!r} records {', '.join(records)}")
     else:
         from forgetless.eval.tasks import get_task
 
@@ -86,7 +88,7 @@ def best_epoch(rows: list[dict]) -> int:
     """
     scored = [r for r in rows if r["score"] is not None and not math.isnan(r["score"])]
     if not scored:
-        raise ValueError(f"no epoch has a score to select on ({len(rows)} measured)")
+        raise DataError(f"no epoch has a score to select on ({len(rows)} measured)")
     sign = 1.0 if scored[0]["higher_is_better"] else -1.0
     return max(scored, key=lambda r: (sign * r["score"], -r["epoch"]))["epoch"]
 
@@ -132,7 +134,7 @@ def best_epoch_callback(out: Path, measure: Measure, select_on: str, fresh: bool
 
         def on_train_begin(self, args, state, control, **kwargs):
             if args.world_size > 1:
-                raise ValueError(f"keep=best-epoch measures each epoch in one process, not across {args.world_size}: "
+                raise ConfigError(f"keep=best-epoch measures each epoch in one process, not across {args.world_size}: "
                                  "use keep=last for a multi-process launch")
 
         def on_step_begin(self, args, state, control, **kwargs):

@@ -27,6 +27,7 @@ from pathlib import Path
 
 import torch
 
+from forgetless.core.errors import ConfigError
 from forgetless import __version__
 from forgetless.train.card import card_text, mask_facts, write_card
 from forgetless.train.collate import FlatBatchCollator, MaskedBatchCollator, TableError, read_table, table_counts
@@ -187,16 +188,16 @@ def reference_copy(config: TrainConfig, model, engine: str | None, device):
         return None
     advice = "use adapter=lora or dora (their base is the model with the adapter disabled: no copy)"
     if engine == "zero3":
-        raise ValueError(f"KL to the base with full fine-tuning needs a whole reference copy, which ZeRO-3 cannot "
+        raise ConfigError(f"KL to the base with full fine-tuning needs a whole reference copy, which ZeRO-3 cannot "
                          f"give; {advice}, or ZeRO-2 / FSDP / DDP")
     if any(p.is_meta for p in model.parameters()):
-        raise ValueError(f"KL to the base with full fine-tuning needs a whole reference copy, but this process "
+        raise ConfigError(f"KL to the base with full fine-tuning needs a whole reference copy, but this process "
                          f"loaded no weights (FSDP cpu_ram_efficient_loading); {advice}, or turn that option off")
     size = sum(p.numel() * p.element_size() for p in model.parameters())
     if torch.device(device).type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
         if size > free:
-            raise ValueError(f"KL reference model ({size / 2**30:.1f} GiB, whole on every device) does not fit "
+            raise ConfigError(f"KL reference model ({size / 2**30:.1f} GiB, whole on every device) does not fit "
                              f"on {device} ({free / 2**30:.1f} GiB free); {advice}")
     logger.warning("KL reference: a whole frozen copy of the model (%.2f GiB) on every device, not sharded",
                    size / 2**30)

@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+from forgetless.core.errors import ConfigError, DataError
+
 
 @dataclass(frozen=True)
 class Item:
@@ -116,7 +118,7 @@ def first_human_turn(record: dict[str, Any]) -> list[dict[str, str]]:
     for turn in record["conversations"]:
         if turn.get("from") in ("human", "user"):
             return [{"role": "user", "content": turn["value"]}]
-    raise ValueError("record has no human turn in 'conversations'")
+    raise DataError("record has no human turn in 'conversations'")
 
 
 # The paper tasks follow the authors' own evaluation scripts (forgetless.eval.tasks.paper).
@@ -155,4 +157,4 @@ def get_task(spec: str) -> Task:
 
         return load_task_file(spec)
     hint = " (text-to-SQL needs a definition file with 'type: sql': see forgetless.eval.tasks.sql)" if spec == "sql" else ""
-    raise ValueError(f"unknown task {spec!r}: use one of {', '.join(BUILTIN)} or a .yaml/.json task definition{hint}")
+    raise ConfigError(f"unknown task {spec!r}: use one of {', '.join(BUILTIN)} or a .yaml/.json task definition{hint}")

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import yaml
 
+from forgetless.core.errors import ConfigError, DataError
 from forgetless.lm.data import load_records, normalize_record
 from forgetless.eval.tasks import Item, Task, stable_id
 
@@ -55,7 +56,7 @@ def score_metric(metric: str, pred, gold) -> float:
         from sacrebleu.metrics import CHRF
 
         return CHRF().sentence_score(str(pred).strip(), [str(gold).strip()]).score / 100
-    raise ValueError(f"unknown metric {metric!r}; choose one of {', '.join(METRICS)}")
+    raise ConfigError(f"unknown metric {metric!r}; choose one of {', '.join(METRICS)}")
 
 
 def _extract(definition: dict, output: str, item: Item):
@@ -85,7 +86,7 @@ def _load(definition: dict) -> list[Item]:
         else:
             messages = normalize_record(r, f"{origin}: record {i}")[:-1]
         if definition["gold"] not in r:
-            raise ValueError(f"{origin}: record {i} has no gold field {definition['gold']!r}")
+            raise DataError(f"{origin}: record {i} has no gold field {definition['gold']!r}")
         id_field = definition.get("id")
         item_id = str(r[id_field]) if id_field and id_field in r else stable_id(definition["name"], json.dumps(messages))
         items.append(Item(id=item_id, messages=messages, gold=r[definition["gold"]], record=r))
@@ -95,12 +96,12 @@ def _load(definition: dict) -> list[Item]:
 def task_from_definition(definition: dict, base_dir: Path = Path(".")) -> Task:
     unknown = set(definition) - _KEYS
     if unknown:
-        raise ValueError(f"task definition: unknown keys {sorted(unknown)} (known: {sorted(_KEYS)})")
+        raise ConfigError(f"task definition: unknown keys {sorted(unknown)} (known: {sorted(_KEYS)})")
     missing = [k for k in ("name", "data", "metric") if k not in definition]
     if missing:
-        raise ValueError(f"task definition: missing {missing}")
+        raise ConfigError(f"task definition: missing {missing}")
     if definition["metric"] not in METRICS:
-        raise ValueError(f"task definition: metric {definition['metric']!r} not one of {', '.join(METRICS)}")
+        raise ConfigError(f"task definition: metric {definition['metric']!r} not one of {', '.join(METRICS)}")
     definition = dict(definition)
     for key in ("data", "db_root"):
         if key in definition and not Path(definition[key]).is_absolute() and (base_dir / definition[key]).exists():
@@ -109,11 +110,11 @@ def task_from_definition(definition: dict, base_dir: Path = Path(".")) -> Task:
         from forgetless.eval.tasks.sql import sql_task
 
         if "db_root" not in definition:
-            raise ValueError("task definition: metric 'sql' needs db_root")
+            raise ConfigError("task definition: metric 'sql' needs db_root")
         return sql_task(definition["data"], definition["db_root"], name=definition["name"],
                         max_new_tokens=int(definition.get("max_new_tokens", 256)))
     if "gold" not in definition:
-        raise ValueError("task definition: missing 'gold' (the field holding the answer)")
+        raise ConfigError("task definition: missing 'gold' (the field holding the answer)")
     return Task(name=definition["name"], metric=definition["metric"], load=lambda: _load(definition),
                 extract=lambda o, it: _extract(definition, o, it),
                 score=lambda pred, it: score_metric(definition["metric"], pred, it.gold),
@@ -126,5 +127,5 @@ def load_task_file(path: str | Path) -> Task:
     text = path.read_text(encoding="utf-8")
     definition = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
     if not isinstance(definition, dict):
-        raise ValueError(f"{path}: a task definition is a mapping of keys to values")
+        raise ConfigError(f"{path}: a task definition is a mapping of keys to values")
     return task_from_definition(definition, path.parent)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import re
 
+from forgetless.core.errors import DataError
 from forgetless.lm.data import load_records
 from forgetless.eval.tasks import Item, Task, first_human_turn, stable_id
 
@@ -42,7 +43,7 @@ def extract_answer(output: str) -> float | None:
 def gold_answer(answer: str) -> float:
     value = parse_number(answer.rsplit("####", 1)[1])
     if value is None:
-        raise ValueError(f"GSM8K gold has no number after '####': {answer[-80:]!r}")
+        raise DataError(f"GSM8K gold has no number after '####': {answer[-80:]!r}")
     return value
 
 

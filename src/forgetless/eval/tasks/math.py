@@ -6,6 +6,7 @@ the authors' evaluation prompt and reads their 'Answer:' line."""
 
 from __future__ import annotations
 
+from forgetless.core.errors import DataError
 from forgetless.lm.data import load_records
 from forgetless.eval.tasks import Item, Task, first_human_turn, stable_id
 
@@ -57,7 +58,7 @@ def load_math(source: str = "math-test") -> list[Item]:
     for r in records:
         gold = last_boxed(r["solution"])
         if gold is None:
-            raise ValueError(f"MATH record without \\boxed answer: {r['problem'][:80]!r}")
+            raise DataError(f"MATH record without \\boxed answer: {r['problem'][:80]!r}")
         items.append(Item(id=stable_id("math", r["problem"]), messages=first_human_turn(r), gold=gold, record=r))
     return items
 

@@ -28,6 +28,7 @@ import logging
 import re
 from typing import Callable
 
+from forgetless.core.errors import ConfigError
 from forgetless.eval.sandbox import SandboxLimits, run_programs
 from forgetless.eval.tasks import PAPER, Item, Scored, Task, stable_id
 from forgetless.eval.tasks.math import answers_equivalent, last_boxed, load_math
@@ -252,4 +253,4 @@ def paper_task(name: str) -> Task:
         return mbpp_test_task()
     if name == "mbpp-test-plus":
         return mbpp_test_plus_task()
-    raise ValueError(f"unknown paper task {name!r}; choose one of {', '.join(PAPER)}")
+    raise ConfigError(f"unknown paper task {name!r}; choose one of {', '.join(PAPER)}")

@@ -14,6 +14,7 @@ import sqlite3
 import time
 from pathlib import Path
 
+from forgetless.core.errors import DataError
 from forgetless.lm.data import load_records
 from forgetless.eval.tasks import Item, Scored, Task, stable_id
 
@@ -84,7 +85,7 @@ def load_sql(data: str, db_root: str, prompt: str = PROMPT) -> list[Item]:
     for r in records:
         gold = r.get("SQL", r.get("query", r.get("sql")))
         if gold is None or "question" not in r or "db_id" not in r:
-            raise ValueError(f"{data}: a text-to-SQL record needs 'question', 'db_id' and 'SQL' (or 'query')")
+            raise DataError(f"{data}: a text-to-SQL record needs 'question', 'db_id' and 'SQL' (or 'query')")
         path = find_database(db_root, r["db_id"])
         if r["db_id"] not in schemas:
             schemas[r["db_id"]] = schema_text(path)
