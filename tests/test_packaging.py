@@ -102,3 +102,14 @@ def test_wheel_holds_the_data_and_configs(tmp_path):
     assert data and not [d for d in data if d not in names]
     assert any(n.endswith("licenses/LICENSE") for n in names)
     assert wheel.name.startswith(f"forgetless-{__version__}-")
+
+
+def test_python_dash_m_forgetless_is_the_cli():
+    from conftest import SRC
+
+    out = subprocess.run([sys.executable, "-m", "forgetless", "--version"], env={"PYTHONPATH": SRC},
+                         capture_output=True, text=True)
+    assert out.returncode == 0 and out.stdout.strip() == f"forgetless {__version__}"
+    out = subprocess.run([sys.executable, "-m", "forgetless", "run", "--help"], env={"PYTHONPATH": SRC},
+                         capture_output=True, text=True)
+    assert out.returncode == 0 and out.stdout.startswith("usage: forgetless run")
