@@ -44,3 +44,16 @@ def test_a_changed_item_is_caught(tmp_path):
 @pytest.mark.parametrize("name", ["items.jsonl.gz", "verdicts.json", "verdicts.md"])
 def test_the_fixture_is_small_and_complete(name):
     assert (FIXTURE / name).stat().st_size < 200_000
+
+
+def test_the_run_ends_with_the_grids_verdict_sentences():
+    """`forgetless run` prints the verdict block's sentences of a grid report (each with its interval and n), the
+    same ones report.md opens with."""
+    from forgetless.verdict import grid_verdict_lines
+
+    lines = grid_verdict_lines(FIXTURE)
+    md = (FIXTURE / "verdicts.md").read_text()
+    assert lines and all(line in md for line in lines)
+    assert lines[0].startswith("- stm@lr0.0003 wins against sft@lr0.0003") and "[+0.362, +0.688]" in lines[0]
+    assert all("n = " in line and "[" in line for line in lines)
+    assert grid_verdict_lines(FIXTURE / "nowhere") == []

@@ -30,8 +30,25 @@ def verdict_lines(report: dict) -> list[str]:
     return lines
 
 
+def grid_verdict_lines(out: Path) -> list[str]:
+    """The verdict sentences of a grid's report (``verdicts.json``: wins / loses / equivalent / not resolved, each
+    with its difference, interval and n), same dose first; none when the report has no verdict block."""
+    from forgetless.report.verdicts import VERDICTS_FILE, render_verdicts
+
+    path = Path(out) / VERDICTS_FILE
+    if not path.is_file():
+        return []
+    return [line for line in render_verdicts(artifacts.read_json(path)).splitlines() if line.startswith("- ")]
+
+
 def print_verdict(out: Path) -> None:
-    """``forgetless run``'s last lines: the verdict per recipe and where the whole report is."""
+    """``forgetless run``'s last lines: the grid's verdicts (when it has them), the change of each recipe against
+    the base, and where the whole report is."""
+    verdicts = grid_verdict_lines(out)
+    if verdicts:
+        print("verdicts (reference against each rival; report.md explains the tests):")
+        for line in verdicts:
+            print(line)
     report = artifacts.read_json(Path(out) / "report.json")
     print(f"vs base {report['base']} (change, paired 95% interval):")
     for line in verdict_lines(report):
