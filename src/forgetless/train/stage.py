@@ -135,7 +135,7 @@ def training_arguments(config: TrainConfig, out: Path, device: str, dtype: torch
         liger_kernel_config=dict(LIGER_KERNELS) if config.use_liger_kernel else None,
         hub_model_id=config.hub_model_id,  # push_to_hub stays False: push_final uploads once, at the end
         remove_unused_columns=False, label_names=["labels"], use_cpu=device == "cpu",
-        bf16=dtype == torch.bfloat16, activation_checkpointing=config.gradient_checkpointing,
+        bf16=dtype == torch.bfloat16, **checkpointing_argument(config.gradient_checkpointing),
         deepspeed=config.deepspeed, dataloader_num_workers=0,
         # The normalisation needs the trained tokens of every process (transformers 5.23 default; stated, not assumed).
         average_tokens_across_devices=True,
@@ -143,6 +143,15 @@ def training_arguments(config: TrainConfig, out: Path, device: str, dtype: torch
         # DDP need not search the graph for unused ones (the Trainer's default for a PEFT model).
         ddp_find_unused_parameters=False,
     )
+
+
+def checkpointing_argument(on: bool) -> dict:
+    """Activation checkpointing under the name the installed transformers takes: ``activation_checkpointing`` since
+    it was renamed in the 5.x line, ``gradient_checkpointing`` before (the lowest version declared, 5.12.1)."""
+    from transformers import TrainingArguments
+
+    names = {f.name for f in dataclasses.fields(TrainingArguments)}
+    return {"activation_checkpointing" if "activation_checkpointing" in names else "gradient_checkpointing": on}
 
 
 def last_checkpoint(out: Path) -> str | None:
@@ -309,7 +318,8 @@ def run_train(config: TrainConfig, callbacks: list | None = None, select_measure
 
 
 def end_processes(trainer, keep_group: bool = False) -> None:
-    """Wait for every process, then take the process group down (``Trainer.end``; nothing in one process).
+    """Wait for every process, then take the process group down (``Accelerator.end_training``; nothing in one
+    process).
 
     Processes that exit one by one, with the group still up, can abort at exit (seen with gloo:
     "terminate called without an active exception"); a later ``run_train`` in the same processes starts a new group.
@@ -321,4 +331,4 @@ def end_processes(trainer, keep_group: bool = False) -> None:
         for tracker in trainer.accelerator.trackers:
             tracker.finish()
     else:
-        trainer.end()
+        trainer.accelerator.end_training()  # what Trainer.end does (transformers 5.12 has no Trainer.end)
