@@ -257,7 +257,7 @@ def test_a_replay_mix_is_scored_whole_and_a_rewritten_input_reruns_its_stage(tmp
 
     config = RunConfig(out_dir=str(tmp_path), limit=6)
     assert score_settings(config, "target.jsonl", "-")["limit"] == 6
-    assert score_settings(config, "mix.jsonl", "-", mixed=True)["limit"] is None
+    assert score_settings(config, "mix.jsonl", "-", whole=True)["limit"] is None
     data, calls = tmp_path / "data.parquet", []
     data.write_bytes(b"rows v1")
     settings = lambda: {"lr": 1e-3, "data_digest": file_digest(data)}  # noqa: E731
