@@ -170,3 +170,52 @@ def test_embedded_greedy_equals_one_prompt_at_a_time(embedded):
     settings = DecodingSettings(max_new_tokens=40)
     reference = one_at_a_time(model, tokenizer, prompts, settings)
     assert decode_ids(model, tokenizer, prompts, settings, batch_size=3, show_progress=False) == reference
+
+
+def lora_model(tok, **lora):
+    """A tiny Llama with a LoRA adapter whose B is not zero (the adapter changes the answers)."""
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(5)
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"], init_lora_weights=False,
+                        **lora)
+    return get_peft_model(build_model(len(tok), seed=3), config).eval()
+
+
+def test_lora_decodes_merged_with_the_unmerged_answers_and_weights_restored(tok, monkeypatch):
+    from peft.tuners.lora import LoraLayer
+
+    from forgetless.lm.modeling import merged_lora
+
+    model = lora_model(tok)
+    prompts, settings = prompts_of(tok), DecodingSettings(max_new_tokens=12)
+    unmerged = one_at_a_time(model, tok, prompts, settings)  # PEFT's wrapped layers, adapter applied per forward
+    with model.disable_adapter():
+        assert one_at_a_time(model, tok, prompts, settings) != unmerged  # the adapter matters
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    merged_during = []
+    original = decode.SlotDecoder.run
+    monkeypatch.setattr(decode.SlotDecoder, "run", lambda self, *a: (
+        merged_during.append(all(m.merged for m in model.modules() if isinstance(m, LoraLayer))), original(self, *a)))
+    assert decode_ids(model, tok, prompts, settings, batch_size=3, show_progress=False) == unmerged
+    assert merged_during == [True]
+    assert not any(m.merged for m in model.modules() if isinstance(m, LoraLayer))  # unmerged on the way out
+    after = model.state_dict()
+    assert max((after[k] - before[k]).abs().max().item() for k in before) < 1e-6
+    with model.disable_adapter(), merged_lora(model) as m:  # the adapter-disabled base view stays the base
+        assert not any(x.merged for x in m.modules() if isinstance(x, LoraLayer))
+
+
+def test_dora_and_plain_models_are_left_unmerged(tok):
+    from peft.tuners.lora import LoraLayer
+
+    from forgetless.lm.modeling import merged_lora
+
+    dora = lora_model(tok, use_dora=True)
+    with merged_lora(dora):
+        assert not any(m.merged for m in dora.modules() if isinstance(m, LoraLayer))
+    plain = build_model(len(tok), seed=3)
+    weights = {k: v.clone() for k, v in plain.state_dict().items()}
+    with merged_lora(plain) as m:
+        assert m is plain
+    assert all(torch.equal(weights[k], v) for k, v in plain.state_dict().items())

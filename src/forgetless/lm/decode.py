@@ -20,6 +20,7 @@ import torch
 from forgetless.lm import distributed
 from forgetless.lm.batching import left_pad, right_pad  # noqa: F401  (right_pad: also imported from here)
 from forgetless.lm.continuous import SlotDecoder, supports_slots
+from forgetless.lm.modeling import merged_lora
 from forgetless.lm.progress import counter
 from forgetless.lm.templates import encode_prompt
 
@@ -141,20 +142,28 @@ def decode_ids(model, tokenizer, prompts: list[list[int]], settings: DecodingSet
             bar.update(1)
 
         why = supports_slots(model)
-        if why is None:
-            device = next(model.parameters()).device
-            decoder = SlotDecoder(model, rows, set(stop_token_ids(tokenizer)), settings.max_new_tokens,
-                                  pick_tokens(settings), done)
-            decoder.run([prompts[entries[e][0]] for e in mine], mine,
-                        [None if settings.greedy else _generator(batch_seed(settings.seed, e), device) for e in mine])
-        else:
-            logger.info("%s: decoding in padded generate() batches (%s)", description, why)
-            _decode_padded(model, tokenizer, [prompts[entries[e][0]] for e in mine], mine, settings, rows, done)
+        with merged_lora(model):
+            _decode(model, tokenizer, prompts, entries, mine, settings, rows, why, description, done)
     elapsed = time.monotonic() - start
     new_tokens = sum(len(new) + (stop is not None) for new, stop in results.values())
     logger.info("%s: %d answers, %d new tokens in %.1f s (%.1f tokens/s)", description, len(results), new_tokens,
                 elapsed, new_tokens / max(elapsed, 1e-9))
     return distributed.gather(results, len(entries)) if shared else [results[e] for e in range(len(entries))]
+
+
+def _decode(model, tokenizer, prompts, entries, mine, settings: DecodingSettings, rows: int, why: str | None,
+            description: str, done) -> None:
+    """Decode the entries ``mine`` by continuous batching, or by padded ``generate`` batches where ``why`` says the
+    slot decoder cannot run the model."""
+    if why is None:
+        device = next(model.parameters()).device
+        decoder = SlotDecoder(model, rows, set(stop_token_ids(tokenizer)), settings.max_new_tokens,
+                              pick_tokens(settings), done)
+        decoder.run([prompts[entries[e][0]] for e in mine], mine,
+                    [None if settings.greedy else _generator(batch_seed(settings.seed, e), device) for e in mine])
+    else:
+        logger.info("%s: decoding in padded generate() batches (%s)", description, why)
+        _decode_padded(model, tokenizer, [prompts[entries[e][0]] for e in mine], mine, settings, rows, done)
 
 
 def _decode_padded(model, tokenizer, prompts: list[list[int]], items: list[int], settings: DecodingSettings,
