@@ -69,10 +69,10 @@ def run_plain(model, tok, encoded, batch_tokens, packed=False):
         chosen = [encoded[i] for i in batch]
         if packed:
             ids, positions, _ = flat_batch(chosen)
-            model(input_ids=ids, position_ids=positions).logits
+            model(input_ids=ids, position_ids=positions)
         else:
             ids, attention, _ = pad_batch(chosen, tok.pad_token_id)
-            model(input_ids=ids, attention_mask=attention).logits
+            model(input_ids=ids, attention_mask=attention)
 
 
 @torch.no_grad()

@@ -113,10 +113,11 @@ def check_scoring(model_dir: str, tokenizer, encoded, args, peak: float | None) 
     for dtype in ("float32", "bfloat16"):
         model = load_model(model_dir, dtype=dtype, device=args.device)
         n_params = sum(p.numel() for p in model.parameters())
-        seconds, scores[dtype] = timed(lambda: score_encoded(model, encoded, tokenizer.pad_token_id, args.batch_tokens),
+        seconds, scores[dtype] = timed(lambda model=model: score_encoded(model, encoded, tokenizer.pad_token_id,
+                                                                         args.batch_tokens),
                                        args.device, args.repeats)
         results[f"tokens_per_s_{dtype}"] = tokens / seconds
-        model = None  # the closure holds it too
+        model = None  # the last reference, before empty_cache
         empty_cache()
     results["parameters"] = n_params
     results["bf16_vs_fp32"] = compare_scores(scores["float32"], scores["bfloat16"])

@@ -91,10 +91,12 @@ def test_missing_required_field_is_named_in_one_line(capsys):
 
 
 def test_verdict_lines_from_a_report():
-    row = lambda label, base: {"label": label, "is_base": base, "tasks": {"t": {"score": 0.5}, "o": {"score": 0.4}},
-                               "metrics": {"TI_abs": 0.1, "BWT_abs": -0.02, "TI": 0.2, "BWT": -0.05, "bwt_tasks": ["o"]},
-                               "paired": {"t": {"mean": 0.1, "ci95": [0.05, 0.15], "n": 10},
-                                          "o": {"mean": -0.02, "ci95": [-0.04, 0.0], "n": 10}}}
+    def row(label, base):
+        return {"label": label, "is_base": base, "tasks": {"t": {"score": 0.5}, "o": {"score": 0.4}},
+                "metrics": {"TI_abs": 0.1, "BWT_abs": -0.02, "TI": 0.2, "BWT": -0.05, "bwt_tasks": ["o"]},
+                "paired": {"t": {"mean": 0.1, "ci95": [0.05, 0.15], "n": 10},
+                           "o": {"mean": -0.02, "ci95": [-0.04, 0.0], "n": 10}}}
+
     report = {"base": "base", "target": "t", "lower_is_better": [], "rows": [row("base", True), row("stm", False)]}
     assert verdict_lines(report) == ["stm: target (t) +0.100 [+0.050, +0.150], other measures (BWT) -0.020 "
                                      "[-0.040, +0.000]"]

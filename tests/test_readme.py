@@ -40,7 +40,7 @@ def fenced(text: str, lang: str) -> list[str]:
 
 def forgetless_commands(text: str) -> list[list[str]]:
     """Each `forgetless <subcommand> ...` of the bash blocks and inline code, as argv from the subcommand on."""
-    lines = [l for block in fenced(text, "bash") for l in block.replace("\\\n", " ").splitlines()]
+    lines = [line for block in fenced(text, "bash") for line in block.replace("\\\n", " ").splitlines()]
     lines += re.findall(r"`((?:\.venv/bin/)?forgetless [^`]+)`", without_fences(text))
     commands = []
     for line in lines:

@@ -24,7 +24,7 @@ from forgetless.lm import artifacts, distributed
 from forgetless.config import ConfigError, build
 from forgetless.grid import (METHOD_POLICIES, MethodSpec, TrainPoint, frontier_grid, groups, measured_models,  # noqa: F401
                              train_points, tuned_model)
-from forgetless.mask.stage import MASKED_FILE, MaskConfig, run_mask
+from forgetless.mask.stage import MASKED_FILE, run_mask
 from forgetless.report.stage import ReportConfig, run_report
 from forgetless.train.probe import probe_callbacks
 from forgetless.lm.modeling import EMBEDDED

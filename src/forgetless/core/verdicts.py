@@ -31,7 +31,6 @@ import numpy as np
 
 from forgetless.core.bootstrap import (Resample, draw_resample, holm, holm_levels, p_tost, p_two_sided,
                                        percentile_interval, replicate_means)
-from forgetless.core.hull import retention_at_gain
 
 BASE = "base"
 

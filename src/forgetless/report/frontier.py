@@ -307,7 +307,7 @@ def render_markdown(data: dict) -> str:
              "## Points (one per method × learning rate or WiSE-FT α; the base is gain 0)", "",
              "| run | lr / α | gain | gain kept (favours STM) | gain masked (favours GT) | MC retention | did what was asked "
              "| working kept | top-1 agree | KL(base‖tuned) | KL(tuned‖base) | Δ entropy | ‖ΔW‖_F |", "|" + "---|" * 13]
-    for method, pts in data["curves"].items():
+    for pts in data["curves"].values():
         for p in pts[1:]:
             knob = f"α {p['alpha']:g}" if p.get("alpha") is not None else (p.get("lr") or "—")
             lines.append(f"| {p['label']} | {knob} | {_fmt(p['gain'], p.get('gain_ci95'))} | {_fmt(p.get('gain_kept'))} "
