@@ -105,7 +105,8 @@ def mask_dataset(dataset, policy: str = "threshold", *, tau: float = PAPER_TAU, 
                          f"got {policy!r} (reference policies need a second scoring: use `forgetless mask`)")
     missing = {"input_ids", "response_mask", "nll"} - set(dataset.column_names)
     if missing:
-        raise ConfigError(f"mask_dataset needs a scored table; missing columns {sorted(missing)} (score_dataset adds nll)")
+        raise ConfigError(f"mask_dataset needs a scored table; missing columns {sorted(missing)} "
+                          "(score_dataset adds nll)")
     table = pa.table({c: dataset[c] for c in ("input_ids", "response_mask", "nll")})
     nll, sizes, positions = flatten_response_nll(table)
     weights, info = weights_for_policy(nll, policy, tau=tau, fraction=fraction, seed=seed,

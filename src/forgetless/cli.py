@@ -64,7 +64,8 @@ EXAMPLES = {
     "train": "forgetless train --data runs/mine/masks/data.parquet --adapter-type lora --learning-rate 1e-4 "
              "--output-dir runs/mine/train",
     "eval": "forgetless eval --tasks gsm8k --limit 20 --adapter runs/mine/train/adapter --output-dir runs/mine/eval",
-    "retention": "forgetless retention --mc-tasks arc_easy --adapter runs/mine/train/adapter --output-dir runs/mine/ret",
+    "retention": "forgetless retention --mc-tasks arc_easy --adapter runs/mine/train/adapter "
+                 "--output-dir runs/mine/ret",
     "report": "forgetless report runs/demo",
     "run": "forgetless run demo data=my.jsonl --output-dir runs/mine",
 }
@@ -102,7 +103,8 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument(f"--{flag}", dest=f"set_{field_name}", metavar="VALUE", help=f"{help_text} ({shown})",
                            default=argparse.SUPPRESS)
         p.add_argument("overrides", nargs="*", metavar="[CONFIG] key=value",
-                       help="a config file or shipped config name, then key=value overrides (key.sub=value for sections)")
+                       help="a config file or shipped config name, then key=value overrides "
+                            "(key.sub=value for sections)")
     return parser
 
 
@@ -144,7 +146,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"forgetless {args.command}: error: {unknown_flag_error(parser, args.command, unknown)}", file=sys.stderr)
         return 2
     args.overrides = list(args.overrides) + extra
-    logging.basicConfig(level=logging.DEBUG if args.debug else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=logging.DEBUG if args.debug else logging.INFO,
+                        format="%(levelname)s %(name)s: %(message)s")
     for noisy in ("httpx", "urllib3", "filelock"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     cls, stage, show = COMMANDS[args.command]

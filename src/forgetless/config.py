@@ -111,7 +111,8 @@ def coerce(hint: Any, value: Any, where: str) -> Any:
     return value
 
 
-def load_config(cls: type, path: str | Path | None = None, overrides: list[str] = (), defaults: dict | None = None) -> Any:
+def load_config(cls: type, path: str | Path | None = None, overrides: list[str] = (),
+                defaults: dict | None = None) -> Any:
     """``cls`` from ``defaults``, then the YAML file at ``path``, then ``overrides`` (last wins)."""
     values: dict[str, Any] = dict(defaults or {})
     if path is not None:

@@ -46,25 +46,55 @@ class RunConfig:
 
     out_dir: str = field(default="runs/demo", metadata={"help": "where every stage writes"})
     model: str = field(default=EMBEDDED, metadata={"help": "base model"})
-    score_model: str | None = field(default=None, metadata={"help": "model whose token perplexities decide the masks (default: `model`), e.g. a larger one of the same family; it must have the same tokenizer"})
+    score_model: str | None = field(default=None, metadata={"help": "model whose token perplexities decide the masks "
+                                                                    "(default: `model`), e.g. a larger one of the same "
+                                                                    "family; it must have the same tokenizer"})
     data: str = field(default="mbpp-train", metadata={"help": "target-task training data"})
     limit: int | None = field(default=None, metadata={"help": "first N training examples"})
     max_length: int = field(default=1024, metadata={"help": "tokens per training example"})
-    methods: tuple[MethodSpec, ...] = field(default=(MethodSpec("sft"), MethodSpec("stm")), metadata={"help": "the recipes, each {method: sft|stm|auto-tau|random-mask|inverse-mask|soft|dft|kl|weight-decay|replay|self-output|rephrase, tau, learning_rates: [its own axis], interpolate: [WiSE-FT alphas], replay_fraction, replay_source, name, train: {...}} (forgetless.grid.MethodSpec)"})
-    learning_rates: tuple[float, ...] = field(default=(), metadata={"help": "learning-rate axis: every method at each (empty: train.learning_rate)"})
-    seeds: tuple[int, ...] = field(default=(), metadata={"help": "training-seed axis: every run at each seed, pooled item by item in the report (empty: train.seed)"})
-    draw_size: int | None = field(default=None, metadata={"help": "training draws: with `seeds`, the run at seed s trains on its own seeded draw of this many of the training examples (the same draw for every recipe at that seed), so the examples drawn vary and not only the seed (default: every run trains on all of them)"})
-    score: dict[str, Any] = field(default_factory=dict, metadata={"help": "ScoreConfig overrides (batch_tokens, device, ...)"})
-    train: dict[str, Any] = field(default_factory=dict, metadata={"help": "TrainConfig overrides shared by every method"})
-    generate: dict[str, Any] = field(default_factory=dict, metadata={"help": "GenerateConfig overrides for self-output/rephrase without data (samples, batch_size, device, ...)"})
-    eval: dict[str, Any] | None = field(default_factory=dict, metadata={"help": "EvalConfig overrides (tasks, limit, ...); null skips generative evaluation"})
-    retention: dict[str, Any] | None = field(default=None, metadata={"help": "RetentionConfig overrides (mc_tasks, drift_sources, ...); null skips them"})
-    target: str | None = field(default=None, metadata={"help": "the target task in the report (a task name, or your task file: forgetless.eval.tasks.custom); every other task is non-target. Default: with your own data, a held-out share of it (see holdout); with a bundled split, its task"})
-    holdout: float = field(default=0.1, metadata={"help": "your own data without a target: the seeded share held out as the target set (at least 4 examples), scored by chrF of greedy answers against the references"})
+    methods: tuple[MethodSpec, ...] = field(default=(MethodSpec("sft"), MethodSpec("stm")), metadata={
+        "help": "the recipes, each {method: "
+                "sft|stm|auto-tau|random-mask|inverse-mask|soft|dft|kl|weight-decay|replay|self-output|rephrase, tau, "
+                "learning_rates: [its own axis], interpolate: [WiSE-FT alphas], replay_fraction, replay_source, name, "
+                "train: {...}} (forgetless.grid.MethodSpec)"})
+    learning_rates: tuple[float, ...] = field(default=(), metadata={"help": "learning-rate axis: every method at each "
+                                                                            "(empty: train.learning_rate)"})
+    seeds: tuple[int, ...] = field(default=(), metadata={"help": "training-seed axis: every run at each seed, pooled "
+                                                                 "item by item in the report (empty: train.seed)"})
+    draw_size: int | None = field(default=None, metadata={"help": "training draws: with `seeds`, the run at seed s "
+                                                                  "trains on its own seeded draw of this many of the "
+                                                                  "training examples (the same draw for every recipe "
+                                                                  "at that seed), so the examples drawn vary and not "
+                                                                  "only the seed (default: every run "
+                                                                  "trains on all of them)"})
+    score: dict[str, Any] = field(default_factory=dict,
+                                  metadata={"help": "ScoreConfig overrides (batch_tokens, device, ...)"})
+    train: dict[str, Any] = field(default_factory=dict,
+                                  metadata={"help": "TrainConfig overrides shared by every method"})
+    generate: dict[str, Any] = field(default_factory=dict, metadata={"help": "GenerateConfig overrides for "
+                                                                             "self-output/rephrase without data "
+                                                                             "(samples, batch_size, device, ...)"})
+    eval: dict[str, Any] | None = field(default_factory=dict, metadata={"help": "EvalConfig overrides (tasks, limit, "
+                                                                                "...); null skips "
+                                                                                "generative evaluation"})
+    retention: dict[str, Any] | None = field(default=None, metadata={"help": "RetentionConfig overrides (mc_tasks, "
+                                                                             "drift_sources, ...); null skips them"})
+    target: str | None = field(default=None, metadata={"help": "the target task in the report (a task name, or your "
+                                                               "task file: forgetless.eval.tasks.custom); every other "
+                                                               "task is non-target. Default: with your own data, a "
+                                                               "held-out share of it (see holdout); with a "
+                                                               "bundled split, its task"})
+    holdout: float = field(default=0.1, metadata={"help": "your own data without a target: the seeded share held out "
+                                                          "as the target set (at least 4 examples), scored by chrF of "
+                                                          "greedy answers against the references"})
     holdout_seed: int = field(default=0, metadata={"help": "seed of the held-out split"})
-    other_target: bool = field(default=False, metadata={"help": "allow a target on another data set than data (refused otherwise)"})
-    probe: dict[str, Any] | None = field(default=None, metadata={"help": "ProbeConfig settings: evaluate a probe every N steps of each run (null: none)"})
-    frontier: dict[str, Any] = field(default_factory=dict, metadata={"help": "frontier report: gain (gain_all, gain_kept...), retention (mc_retention, top1_agreement...)"})
+    other_target: bool = field(default=False,
+                               metadata={"help": "allow a target on another data set than data (refused otherwise)"})
+    probe: dict[str, Any] | None = field(default=None, metadata={"help": "ProbeConfig settings: evaluate a probe every "
+                                                                         "N steps of each run (null: none)"})
+    frontier: dict[str, Any] = field(default_factory=dict, metadata={"help": "frontier report: gain (gain_all, "
+                                                                             "gain_kept...), retention "
+                                                                             "(mc_retention, top1_agreement...)"})
 
     def __post_init__(self):
         # one recipe may come twice on different learning rates (e.g. WiSE-FT at one of them only), not twice on one
@@ -97,7 +127,8 @@ def train_runs(config: RunConfig) -> list[TrainPoint]:
     return train_points(config.methods, config.learning_rates, config.seeds)
 
 
-def train_config(config: RunConfig, label: str, method: MethodSpec, lr: float | None, data: str, seed: int | None = None):
+def train_config(config: RunConfig, label: str, method: MethodSpec, lr: float | None, data: str,
+                 seed: int | None = None):
     from forgetless.train.stage import TrainConfig
 
     implied = METHOD_POLICIES[method.method][1]
@@ -276,7 +307,8 @@ def check_settings(config: RunConfig) -> None:
         if method.method == "replay":
             replay_config(config, method, Path("-"), seed)
         if method.interpolate and cfg.adapter == "dora":
-            raise ConfigError(f"{method.label}: interpolate: a DoRA adapter does not interpolate linearly; use lora, or full")
+            raise ConfigError(f"{method.label}: interpolate: a DoRA adapter does not interpolate "
+                              "linearly; use lora, or full")
     repeated = sorted({h for h in pushed if h and pushed.count(h) > 1})
     if repeated:
         raise ConfigError(f"train runs would overwrite each other on the hub ({', '.join(repeated)}): give each "
@@ -403,7 +435,8 @@ def measure_models(config: RunConfig, layout: dict, labels: list[str]) -> None:
         m = measured[label]
         trained = artifacts.file_digest(layout["train"][m.run] / STAMP) if m.run else None
         for cfg, fn, what in measure_stages(config, label, m.model, m.adapter, m.alpha):
-            run_once(Path(cfg.output_dir), {**dataclasses.asdict(cfg), "trained_digest": trained, "code": stage_code(cfg)},
+            run_once(Path(cfg.output_dir),
+                     {**dataclasses.asdict(cfg), "trained_digest": trained, "code": stage_code(cfg)},
                      lambda c=cfg, f=fn: f(c), what)
 
 

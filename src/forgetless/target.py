@@ -85,7 +85,8 @@ def holdout_paths(out_dir: str | Path) -> dict[str, Path]:
     return {"train": root / "train.jsonl", "target": root / "target.jsonl", "task": root / "task.yaml"}
 
 
-def split_holdout(data: str, share: float, seed: int, out_dir: str | Path, max_new_tokens: int = 256) -> dict[str, Path]:
+def split_holdout(data: str, share: float, seed: int, out_dir: str | Path,
+                  max_new_tokens: int = 256) -> dict[str, Path]:
     """Write a seeded split of ``data``: ``share`` of its examples (at least :data:`MIN_HELDOUT`) as the target set,
     the rest as training data, and the task file that scores greedy answers on the target set by chrF.
     Rewritten only when its content changes, so a resumed run reuses its stages."""

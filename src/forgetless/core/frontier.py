@@ -54,8 +54,8 @@ def matched_gain_table(curves: dict[str, list[dict]], gains: Sequence[float]) ->
     ``curves``: method -> points ``{"gain", "retention", "ci95": [lo, hi] (optional),
     "lr": float (optional)}``. A point's interval bounds are interpolated like the value
     (an approximation: the bounds of neighbouring points, weighted by distance); the learning
-    rate is interpolated on a log scale among the points that have one. Returns method -> gain -> ``{"retention", "ci95",
-    "lr"}`` or None where the curve does not reach that gain.
+    rate is interpolated on a log scale among the points that have one. Returns method -> gain -> ``{"retention",
+    "ci95", "lr"}`` or None where the curve does not reach that gain.
     """
     table: dict[str, dict[float, dict | None]] = {}
     for method, points in curves.items():
@@ -104,7 +104,8 @@ def resolved(result: dict) -> bool | None:
 
 
 def verdict(a: str, b: str, measure: str, result: dict, higher_is_better: bool = True, digits: int = 3) -> str:
-    """A plain sentence on the paired difference ``a - b`` in ``measure`` (from :func:`forgetless.core.intervals.paired_difference`)."""
+    """A plain sentence on the paired difference ``a - b`` in ``measure`` (from
+    :func:`forgetless.core.intervals.paired_difference`)."""
     ok = resolved(result)
     if not result.get("n") or result.get("ci95") is None:
         return f"{measure}: {a} and {b} share no items; no comparison."

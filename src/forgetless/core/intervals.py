@@ -45,7 +45,8 @@ def _percentile(sorted_values: Sequence[float], q: float) -> float:
     return sorted_values[lo] + (sorted_values[hi] - sorted_values[lo]) * (pos - lo)
 
 
-def bootstrap_interval(values: Sequence[float], n_boot: int = 2000, seed: int = 0, level: float = 0.95) -> tuple[float, float]:
+def bootstrap_interval(values: Sequence[float], n_boot: int = 2000, seed: int = 0,
+                       level: float = 0.95) -> tuple[float, float]:
     """Percentile bootstrap interval of the mean; (nan, nan) for no values."""
     if not values:
         return float("nan"), float("nan")

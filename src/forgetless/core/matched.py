@@ -91,7 +91,10 @@ def classify_matched(row: dict, higher: bool, cfg: VerdictConfig) -> tuple[str, 
         return "not resolved", f"a curve does not reach gain {row['gain']:g} on the measured models"
     reach = f"both curves reach g* in {100 * row['reached_both']:.1f}% of replicates"
     if row["p_holm"] < cfg.alpha:
-        return ("wins" if (row["diff"] > 0) == higher else "loses"), f"Holm p {p_text(row['p_holm'], cfg.n_boot)}; {reach}"
+        return (("wins" if (row["diff"] > 0) == higher else "loses"),
+                f"Holm p {p_text(row['p_holm'], cfg.n_boot)}; {reach}")
     if row["p_tost_holm"] < cfg.alpha:
-        return "equivalent", f"TOST within ±{row['margin']:g} passes (Holm p {p_text(row['p_tost_holm'], cfg.n_boot)}); {reach}"
-    return "not resolved", f"Holm p {p_text(row['p_holm'], cfg.n_boot)}, TOST Holm p {p_text(row['p_tost_holm'], cfg.n_boot)}; {reach}"
+        return "equivalent", (f"TOST within ±{row['margin']:g} passes "
+                              f"(Holm p {p_text(row['p_tost_holm'], cfg.n_boot)}); {reach}")
+    return "not resolved", (f"Holm p {p_text(row['p_holm'], cfg.n_boot)}, "
+                            f"TOST Holm p {p_text(row['p_tost_holm'], cfg.n_boot)}; {reach}")

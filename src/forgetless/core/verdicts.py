@@ -45,8 +45,9 @@ class VerdictConfig:
                                                                  "the target difference's lower bound above -margin"})
     equivalence_margin: float = field(default=0.05, metadata={"help": "±m of 'equivalent within ±m' (TOST) on a "
                                                                       "retention measure"})
-    matched_gain: float | None = field(default=0.05, metadata={"help": "g*: the one target gain the curves are compared "
-                                                                       "at (None: no matched-gain comparison)"})
+    matched_gain: float | None = field(default=0.05, metadata={"help": "g*: the one target gain the curves are "
+                                                                       "compared at (None: no "
+                                                                       "matched-gain comparison)"})
     n_boot: int = field(default=2000, metadata={"help": "bootstrap replicates"})
     alpha: float = field(default=0.05, metadata={"help": "family-wise error rate (Holm) of each family of tests"})
     seed: int = field(default=0, metadata={"help": "seed of the bootstrap"})
@@ -210,4 +211,5 @@ def classify(row: dict, target: dict | None, higher: bool, target_higher: bool,
         why = f"Holm p {p_text(row['p_holm'], cfg.n_boot)} ≥ {cfg.alpha:g}"
     if row["p_tost_holm"] < cfg.alpha:
         return "equivalent", f"TOST within ±{row['margin']:g} passes (Holm p {p_text(row['p_tost_holm'], cfg.n_boot)})"
-    return "not resolved", why + f"; TOST within ±{row['margin']:g} does not pass (Holm p {p_text(row['p_tost_holm'], cfg.n_boot)})"
+    return "not resolved", why + (f"; TOST within ±{row['margin']:g} does not pass "
+                                  f"(Holm p {p_text(row['p_tost_holm'], cfg.n_boot)})")

@@ -290,7 +290,8 @@ def _read_capped(path: Path, cap: int) -> str:
         return f.read(cap).decode("utf-8", errors="replace")
 
 
-def run_programs(sources: Sequence[str], limits: SandboxLimits = SandboxLimits(), workers: int | None = None) -> list[SandboxResult]:
+def run_programs(sources: Sequence[str], limits: SandboxLimits = SandboxLimits(),
+                 workers: int | None = None) -> list[SandboxResult]:
     """Run many programs, ``workers`` at a time (default: CPU count), results in input order."""
     workers = workers or max(1, min(len(sources), os.cpu_count() or 1))
     if workers == 1:

@@ -47,26 +47,33 @@ GenerateFn = Callable[[list[list[dict[str, str]]], DecodingSettings], list[str]]
 @dataclass(frozen=True)
 class EvalConfig:
     output_dir: str = field(default="runs/eval", metadata={"help": "directory for results (created)"})
-    model: str = field(default="embedded", metadata={"help": "'embedded', a local model dir (base or merged) or a hub name"})
+    model: str = field(default="embedded",
+                       metadata={"help": "'embedded', a local model dir (base or merged) or a hub name"})
     adapter: str | None = field(default=None, metadata={"help": "PEFT adapter dir to load on top of model"})
     revision: str | None = field(default=None, metadata={"help": "hub revision of model"})
     tasks: tuple[str, ...] = field(default=("mbpp", "gsm8k", "math", "arc_challenge"),
                                    metadata={"help": "built-in task names or .yaml/.json task definition files"})
     limit: int | None = field(default=None, metadata={"help": "evaluate at most this many items per task"})
-    seed: int | None = field(default=0, metadata={"help": "seed of the random subset when limit is set (None: first items)"})
-    batch_size: int | None = field(default=None, metadata={"help": "live rows of continuous-batching generation (default: "
-                                                                 "forgetless.lm.decode.DEFAULT_ROWS, from a measured sweep)"})
+    seed: int | None = field(default=0,
+                             metadata={"help": "seed of the random subset when limit is set (None: first items)"})
+    batch_size: int | None = field(default=None, metadata={"help": "live rows of continuous-batching generation "
+                                                                   "(default: forgetless.lm.decode.DEFAULT_ROWS, "
+                                                                   "from a measured sweep)"})
     max_new_tokens: int | None = field(default=None, metadata={"help": "override every task's own max new tokens"})
     greedy: bool = field(default=True, metadata={"help": "greedy decoding (deterministic); false samples"})
     temperature: float = field(default=1.0, metadata={"help": "sampling temperature (greedy=false only)"})
     top_p: float = field(default=1.0, metadata={"help": "nucleus sampling mass (greedy=false only)"})
-    predictions: str | None = field(default=None, metadata={"help": "JSONL of {task, id, output}: score these, load no model"})
+    predictions: str | None = field(default=None,
+                                    metadata={"help": "JSONL of {task, id, output}: score these, load no model"})
     cache: bool = field(default=True, metadata={"help": "reuse/store results of models without adapter"})
     cache_dir: str | None = field(default=None, metadata={"help": "result cache (default $FORGETLESS_CACHE/eval)"})
-    backend: str = field(default="auto", metadata={"help": "hf | vllm | auto (vllm when installed and CUDA present, else hf)"})
+    backend: str = field(default="auto",
+                         metadata={"help": "hf | vllm | auto (vllm when installed and CUDA present, else hf)"})
     tensor_parallel_size: int = field(default=1, metadata={"help": "vLLM: GPUs one model is split across"})
-    gpu_memory_utilization: float = field(default=0.9, metadata={"help": "vLLM: share of GPU memory it may take (weights + KV cache)"})
-    max_model_len: int | None = field(default=None, metadata={"help": "vLLM: longest prompt + answer in tokens (null: the model's own)"})
+    gpu_memory_utilization: float = field(default=0.9, metadata={"help": "vLLM: share of GPU memory it may take "
+                                                                         "(weights + KV cache)"})
+    max_model_len: int | None = field(default=None, metadata={"help": "vLLM: longest prompt + answer in tokens "
+                                                                      "(null: the model's own)"})
     device: str | None = field(default=None, metadata={"help": "cuda/cpu (default: cuda when available)"})
     dtype: str = field(default="auto", metadata={"help": "auto | float32 | bfloat16 | float16"})
     sandbox_timeout_s: float = field(default=10.0, metadata={"help": "wall-time limit per MBPP program"})
@@ -85,7 +92,8 @@ class EvalConfig:
         check_backend_settings(self.backend, self.tensor_parallel_size, self.gpu_memory_utilization, self.max_model_len)
         if self.predictions is not None and not Path(self.predictions).is_file():
             raise ValueError(f"predictions file {self.predictions} does not exist")
-        DecodingSettings(max_new_tokens=self.max_new_tokens or 1, greedy=self.greedy, temperature=self.temperature, top_p=self.top_p)
+        DecodingSettings(max_new_tokens=self.max_new_tokens or 1, greedy=self.greedy, temperature=self.temperature,
+                         top_p=self.top_p)
 
 
 def check_tasks(cfg: EvalConfig) -> None:
@@ -146,7 +154,8 @@ def score_task(task: Task, items: list[Item], outputs: list[str], settings: dict
 
 def write_task_results(out: Path, summary: dict, records: list[dict]) -> None:
     name = summary["task"]
-    write_text(out / f"{name}.items.jsonl", "".join(json.dumps(r, ensure_ascii=False, default=str) + "\n" for r in records))
+    write_text(out / f"{name}.items.jsonl",
+               "".join(json.dumps(r, ensure_ascii=False, default=str) + "\n" for r in records))
     write_json(out / f"{name}.json", summary)
 
 
@@ -186,7 +195,8 @@ def _why_cache_missed(cache_root: Path, parts: dict) -> str | None:
         changed = sorted(k for k in parts if old.get(k) != parts[k])
         if best is None or len(changed) < len(best):
             best = changed
-    names = {"model": "model files (weights, config, tokenizer or chat template)", "items": "items (task data or subset)",
+    names = {"model": "model files (weights, config, tokenizer or chat template)",
+             "items": "items (task data or subset)",
              "decoding": "decoding settings", "task_definition": "task definition", "backend": "backend (hf / vllm)"}
     return ", ".join(names.get(k, k) for k in best) if best else None
 
@@ -239,7 +249,8 @@ def evaluate_tasks(tasks: Sequence[str | Task], cfg: EvalConfig, generate_fn: Ge
             results[task.name] = done
             continue
         settings["resume_key"] = resume_key
-        key = _cache_key(fingerprint, task, items, decoding, cfg.backend) if fingerprint and cfg.cache and predictions is None else None
+        key = (_cache_key(fingerprint, task, items, decoding, cfg.backend)
+               if fingerprint and cfg.cache and predictions is None else None)
         cached = cache_root / key if key else None
         if cached is not None and not (cached / f"{task.name}.json").is_file():
             why = _why_cache_missed(cache_root, _cache_parts(fingerprint, task, items, decoding, cfg.backend))
@@ -260,7 +271,8 @@ def evaluate_tasks(tasks: Sequence[str | Task], cfg: EvalConfig, generate_fn: Ge
             outputs = [o for _, o in found if o is not None]
             if not items:
                 raise DataError(f"{task.name}: the predictions file has no output for any of its items")
-            settings.update(source="predictions", predictions=cfg.predictions, items_fingerprint=items_fingerprint(items))
+            settings.update(source="predictions", predictions=cfg.predictions,
+                            items_fingerprint=items_fingerprint(items))
         else:
             start = time.monotonic()
             outputs = generate_fn([it.messages for it in items], decoding)
@@ -268,7 +280,8 @@ def evaluate_tasks(tasks: Sequence[str | Task], cfg: EvalConfig, generate_fn: Ge
         if not distributed.is_main():  # the first process scores (MBPP runs code) and writes
             continue
         summary, records = score_task(task, items, outputs, settings)
-        logger.info("%s: %s = %.4f (n=%d, 95%% CI %.3f-%.3f)", task.name, task.metric, summary["score"], summary["n"], *summary["ci95"])
+        logger.info("%s: %s = %.4f (n=%d, 95%% CI %.3f-%.3f)", task.name, task.metric, summary["score"], summary["n"],
+                    *summary["ci95"])
         results[task.name] = summary
         if out is not None:
             write_task_results(out, summary, records)
@@ -376,8 +389,9 @@ def write_eval_outputs(out: Path, cfg: EvalConfig, results: dict[str, dict], fin
                        started: float) -> None:
     """``scores.json``, then the manifest (last: it marks the stage complete)."""
     write_json(out / "scores.json", results)
-    key = {"stage": "eval", "model": cfg.model, "revision": cfg.revision, "adapter": cfg.adapter, "fingerprint": fingerprint,
-           "tasks": {t: r["settings"].get("task_hash") for t, r in results.items()}, "predictions": cfg.predictions}
+    key = {"stage": "eval", "model": cfg.model, "revision": cfg.revision, "adapter": cfg.adapter,
+           "fingerprint": fingerprint, "tasks": {t: r["settings"].get("task_hash") for t, r in results.items()},
+           "predictions": cfg.predictions}
     logger.info("eval finished in %.1f s: %s", time.time() - started, out)
     write_manifest(out, key, cfg)
 

@@ -20,7 +20,8 @@ ON_FAILURE = ("drop", "ground_truth")
 
 
 def select_answer(record: dict, choose: str, seed: int) -> dict | None:
-    """The kept sample of one prompt: among the verified ones (all non-empty ones when nothing is checked), by ``choose``."""
+    """The kept sample of one prompt: among the verified ones (all non-empty ones when nothing is
+    checked), by ``choose``."""
     rows = [r for r in record["samples"] if r["mean_nll"] is not None]
     candidates = [r for r in rows if r["verified"] is True] or [r for r in rows if r["verified"] is None]
     if not candidates:
@@ -38,17 +39,21 @@ def assemble(examples: list[Example], done: dict[str, dict], method: str, choose
         n_ok = sum(r["verified"] is True for r in record["samples"])
         if pick is None:
             answer = ex.response
-            provenance = {"source": "ground_truth", "sample_index": None, "verified": record["ground_truth_verified"], "fallback": True}
+            provenance = {"source": "ground_truth", "sample_index": None, "verified": record["ground_truth_verified"],
+                          "fallback": True}
         else:
             answer = pick["text"]
-            provenance = {"source": method, "sample_index": pick["index"], "verified": pick["verified"], "fallback": False}
+            provenance = {"source": method, "sample_index": pick["index"], "verified": pick["verified"],
+                          "fallback": False}
         provenance.update(samples=len(record["samples"]), verified_samples=n_ok)
-        out.append(Example(ex.id, [*ex.prompt_messages, {"role": "assistant", "content": answer}], {**ex.meta, "provenance": provenance}))
+        out.append(Example(ex.id, [*ex.prompt_messages, {"role": "assistant", "content": answer}],
+                           {**ex.meta, "provenance": provenance}))
     return out
 
 
 def apply_on_failure(assembled: list[Example], on_failure: str) -> list[Example]:
-    """The training set: prompts without a passing answer dropped (``drop``) or kept with their reference (``ground_truth``)."""
+    """The training set: prompts without a passing answer dropped (``drop``) or kept with their
+    reference (``ground_truth``)."""
     if on_failure not in ON_FAILURE:
         raise ConfigError(f"on_failure must be one of {', '.join(ON_FAILURE)}, got {on_failure!r}")
     return [ex for ex in assembled if on_failure == "ground_truth" or not ex.meta["provenance"]["fallback"]]

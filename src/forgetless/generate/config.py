@@ -30,28 +30,38 @@ class GenerateConfig:
     method: str = field(default="self_output", metadata={"help": f"one of {', '.join(METHODS)}"})
     model: str = field(default=EMBEDDED, metadata={"help": "base model: 'embedded', a local directory or a hub name"})
     revision: str | None = field(default=None, metadata={"help": "hub revision (commit, tag or branch)"})
-    data: str = field(default="mbpp-train", metadata={"help": "ground-truth training set (paper_* methods: mbpp-train or mbpp-validation)"})
+    data: str = field(default="mbpp-train",
+                      metadata={"help": "ground-truth training set (paper_* methods: mbpp-train or mbpp-validation)"})
     limit: int | None = field(default=None, metadata={"help": "use only the first N prompts"})
     task: str = field(default="auto", metadata={"help": f"verifier: {', '.join(TASKS)} (auto: from the data set)"})
-    samples: int | None = field(default=None, metadata={"help": "answers sampled per prompt (default: the authors' 32 for self_output, 1 for rephrase)"})
+    samples: int | None = field(default=None, metadata={"help": "answers sampled per prompt (default: the authors' 32 "
+                                                                "for self_output, 1 for rephrase)"})
     temperature: float = field(default=0.7, metadata={"help": "sampling temperature (the authors': 0.7)"})
     top_p: float = field(default=0.95, metadata={"help": "nucleus sampling mass (the authors': 0.95)"})
-    max_new_tokens: int = field(default=512, metadata={"help": "tokens per sampled answer (the authors': 512); longer ones are cut (and usually fail)"})
+    max_new_tokens: int = field(default=512, metadata={"help": "tokens per sampled answer (the authors': 512); longer "
+                                                               "ones are cut (and usually fail)"})
     choose: str = field(default="lowest-ppl", metadata={"help": f"which correct answer to keep: {', '.join(CHOICES)}"})
-    on_failure: str = field(default="drop", metadata={"help": "a prompt without a passing answer: drop (the authors') or ground_truth (keep its reference)"})
-    rephrase_template: str = field(default=DEFAULT_REPHRASE_TEMPLATE, metadata={"help": "rephrase prompt; {instruction} and {reference} are filled in"})
-    batch_size: int = field(default=4, metadata={"help": "prompts per generation batch (each gives 'samples' sequences)"})
+    on_failure: str = field(default="drop", metadata={"help": "a prompt without a passing answer: drop (the authors') "
+                                                              "or ground_truth (keep its reference)"})
+    rephrase_template: str = field(default=DEFAULT_REPHRASE_TEMPLATE,
+                                   metadata={"help": "rephrase prompt; {instruction} and {reference} are filled in"})
+    batch_size: int = field(default=4,
+                            metadata={"help": "prompts per generation batch (each gives 'samples' sequences)"})
     seed: int = field(default=0, metadata={"help": "seed of sampling (per batch) and of choose=random"})
     sandbox_timeout_s: float = field(default=10.0, metadata={"help": "seconds per MBPP test run"})
     max_length: int = field(default=2048, metadata={"help": "tokens per example when scoring answers"})
     batch_tokens: int = field(default=8192, metadata={"help": "padded tokens per scoring batch"})
-    compare: tuple[str, ...] = field(default=(), metadata={"help": "other generate output dirs whose answers join the ppl comparison"})
+    compare: tuple[str, ...] = field(default=(), metadata={"help": "other generate output dirs whose answers "
+                                                                   "join the ppl comparison"})
     dtype: str = field(default="auto", metadata={"help": "auto (bf16 on CUDA, else fp32), float32, bfloat16, float16"})
     device: str | None = field(default=None, metadata={"help": "cuda or cpu (default: cuda when available)"})
-    backend: str = field(default="auto", metadata={"help": "hf | vllm (k samples in one request) | auto (vllm when installed and CUDA present)"})
+    backend: str = field(default="auto", metadata={"help": "hf | vllm (k samples in one request) | auto (vllm when "
+                                                           "installed and CUDA present)"})
     tensor_parallel_size: int = field(default=1, metadata={"help": "vLLM: GPUs one model is split across"})
-    gpu_memory_utilization: float = field(default=0.9, metadata={"help": "vLLM: share of GPU memory it may take (weights + KV cache)"})
-    max_model_len: int | None = field(default=None, metadata={"help": "vLLM: longest sequence in tokens (null: the model's own)"})
+    gpu_memory_utilization: float = field(default=0.9, metadata={"help": "vLLM: share of GPU memory it may take "
+                                                                         "(weights + KV cache)"})
+    max_model_len: int | None = field(default=None,
+                                      metadata={"help": "vLLM: longest sequence in tokens (null: the model's own)"})
     out_dir: str = field(default="runs/default/generate", metadata={"help": "output directory"})
 
     def __post_init__(self):

@@ -101,34 +101,39 @@ def response_nlls(engine, prompts: list[list[dict]], answers: list[str], config:
 
 
 def process_batch(engine, examples: list[Example], config: GenerateConfig, verifier: Verifier, seed: int) -> list[dict]:
-    """Sample (seeded ``seed``), verify and score one batch (this process's own: nothing shared); one record per example."""
+    """Sample (seeded ``seed``), verify and score one batch (this process's own: nothing shared);
+    one record per example."""
     prompt_ids = [encode_prompt(engine.tokenizer, generation_prompt(config, ex)) for ex in examples]
     settings = DecodingSettings(config.max_new_tokens, greedy=False, temperature=config.temperature, top_p=config.top_p)
     sampled = engine.sample(prompt_ids, config.samples, settings, seed)
     pairs = [(i, s) for i, row in enumerate(sampled) for s, one in enumerate(row) if one.text.strip()]
     # The ground truth goes through the same verifier: its pass rate checks the verifier.
-    checks = verifier.many([examples[i] for i, _ in pairs] + examples, [sampled[i][s].text for i, s in pairs] + [ex.response for ex in examples])
-    nlls = response_nlls(engine, [examples[i].prompt_messages for i, _ in pairs], [sampled[i][s].text for i, s in pairs], config)
+    checks = verifier.many([examples[i] for i, _ in pairs] + examples,
+                           [sampled[i][s].text for i, s in pairs] + [ex.response for ex in examples])
+    nlls = response_nlls(engine, [examples[i].prompt_messages for i, _ in pairs],
+                         [sampled[i][s].text for i, s in pairs], config)
     found = {pair: (ok, nll) for pair, ok, nll in zip(pairs, checks, nlls)}
     records = []
     for i, ex in enumerate(examples):
         rows = []
         for s, one in enumerate(sampled[i]):
             ok, nll = found.get((i, s), (False, None))
-            rows.append({"index": s, "text": one.text, "finished": one.finished, "new_tokens": one.new_tokens, "verified": ok,
-                         "mean_nll": None if nll is None or not len(nll) else float(nll.mean()),
+            rows.append({"index": s, "text": one.text, "finished": one.finished, "new_tokens": one.new_tokens,
+                         "verified": ok, "mean_nll": None if nll is None or not len(nll) else float(nll.mean()),
                          "token_nll": None if nll is None else [round(float(x), 4) for x in nll]})
         records.append({"id": ex.id, "ground_truth_verified": checks[len(pairs) + i], "samples": rows})
     return records
 
 
-def generate_samples(engine, examples: list[Example], config: GenerateConfig, verifier: Verifier, out: Path) -> dict[str, dict]:
+def generate_samples(engine, examples: list[Example], config: GenerateConfig, verifier: Verifier,
+                     out: Path) -> dict[str, dict]:
     """Run every batch not yet in a samples file, appending its records as it finishes; every record of
     ``examples`` (on every process)."""
     out.mkdir(parents=True, exist_ok=True)
     done = read_all_done(out)
     distributed.barrier()  # every process reads the same records before any appends (else their shares differ)
-    batches = [list(range(b, min(b + config.batch_size, len(examples)))) for b in range(0, len(examples), config.batch_size)]
+    batches = [list(range(b, min(b + config.batch_size, len(examples))))
+               for b in range(0, len(examples), config.batch_size)]
     todo = [b for b, rows in enumerate(batches) if any(examples[i].id not in done for i in rows)]
     if done:
         logger.info("resuming: %d of %d prompts already sampled", sum(ex.id in done for ex in examples), len(examples))
@@ -139,7 +144,8 @@ def generate_samples(engine, examples: list[Example], config: GenerateConfig, ve
         for b in progress(mine, f"generating ({config.method})", total_items=sum(len(batches[b]) for b in mine),
                           count=lambda b: len(batches[b])):
             tic = time.monotonic()
-            records = process_batch(engine, [examples[i] for i in batches[b]], config, verifier, batch_seed(config.seed, b))
+            records = process_batch(engine, [examples[i] for i in batches[b]], config, verifier,
+                                    batch_seed(config.seed, b))
             for i, record in zip(batches[b], records):
                 if record["id"] not in done:  # a partly written batch is re-sampled identically; keep the first copy
                     f.write(json.dumps(record, ensure_ascii=False) + "\n")

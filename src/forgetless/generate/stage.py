@@ -62,10 +62,13 @@ def load_compared(path: str) -> tuple[str, dict[str, Example]]:
     return name, {ex.id: ex for ex in load_examples(str(p))}
 
 
-def mechanism(engine, examples: list[Example], final: list[Example], done: dict[str, dict], config: GenerateConfig) -> tuple[dict, dict[str, np.ndarray]]:
-    """Ground truth vs this run's answers (and any ``compare`` sets) under the base model; also each final answer's NLLs."""
+def mechanism(engine, examples: list[Example], final: list[Example], done: dict[str, dict],
+              config: GenerateConfig) -> tuple[dict, dict[str, np.ndarray]]:
+    """Ground truth vs this run's answers (and any ``compare`` sets) under the base model; also
+    each final answer's NLLs."""
     def score(exs: list[Example]) -> dict[str, np.ndarray]:
-        return dict(zip([e.id for e in exs], response_nlls(engine, [e.prompt_messages for e in exs], [e.response for e in exs], config)))
+        return dict(zip([e.id for e in exs],
+                        response_nlls(engine, [e.prompt_messages for e in exs], [e.response for e in exs], config)))
 
     gt = score(examples)
     final_nll = {}
@@ -117,7 +120,8 @@ def write_data(path: Path, final: list[Example], final_nll: dict[str, np.ndarray
         provenance = {**ex.meta["provenance"], "base_mean_nll": float(np.mean(nll)) if ok else None,
                       "base_ppl": float(np.exp(np.mean(nll))) if ok else None}
         meta = {k: v for k, v in ex.meta.items() if k not in ("id", "provenance", *_REPLACED_FIELDS)}
-        lines.append(json.dumps({"id": ex.id, "messages": ex.messages, **meta, "provenance": provenance}, ensure_ascii=False))
+        lines.append(json.dumps({"id": ex.id, "messages": ex.messages, **meta, "provenance": provenance},
+                                ensure_ascii=False))
     artifacts.write_text(path, "\n".join(lines) + "\n")
 
 
@@ -129,13 +133,15 @@ def run_generate(config: GenerateConfig) -> Path:
     examples = load_examples(config.data, config.limit)
     sampling = {k: getattr(config, k) for k in ("method", "task", "samples", "temperature", "top_p", "max_new_tokens",
                                                  "rephrase_template", "batch_size", "seed", "max_length", "dtype")}
-    sampling.update(model=model_fingerprint(config.model, config.revision), template=template_hash(load_tokenizer(config.model, config.revision)))
+    sampling.update(model=model_fingerprint(config.model, config.revision),
+                    template=template_hash(load_tokenizer(config.model, config.revision)))
     if resolve_backend(config.backend) == "vllm":  # absent for hf, so that outputs made before vLLM existed stay fresh
         sampling["backend"] = "vllm"
     else:  # HF samples draw from a generator per sample since continuous batching: older samples do not mix in
         sampling["sampler"] = "per-sample"
-    key = {"stage": "generate", "format": 1, **sampling, "data": fingerprint_examples(examples), "choose": config.choose,
-           "on_failure": config.on_failure, "compare": [fingerprint_examples(load_compared(p)[1].values()) for p in config.compare]}
+    key = {"stage": "generate", "format": 1, **sampling, "data": fingerprint_examples(examples),
+           "choose": config.choose, "on_failure": config.on_failure,
+           "compare": [fingerprint_examples(load_compared(p)[1].values()) for p in config.compare]}
     if artifacts.is_fresh(out, key, DATA_FILE):
         logger.info("reusing generated data in %s (inputs unchanged)", out)
         return out
@@ -144,7 +150,8 @@ def run_generate(config: GenerateConfig) -> Path:
         start, done = time.monotonic(), {}
         if config.method.startswith("paper_"):
             split = config.data.removeprefix("mbpp-")
-            assembled = load_paper_generations(config.method.removeprefix("paper_"), split, config.choose, config.seed)[: len(examples)]
+            assembled = load_paper_generations(config.method.removeprefix("paper_"), split, config.choose,
+                                               config.seed)[: len(examples)]
             final = apply_on_failure(assembled, config.on_failure)
             stats = paper_statistics(assembled, final)
         else:
@@ -158,8 +165,9 @@ def run_generate(config: GenerateConfig) -> Path:
             logger.info("generation: %s", json.dumps(stats))
             artifacts.write_json(out / "generation_stats.json", stats)
         if not final:
-            raise DataError(f"{config.method} on {config.data}: no prompt of {len(assembled)} has an answer that passed, so "
-                            "there is nothing to train on (on_failure=ground_truth keeps their reference answers)")
+            raise DataError(f"{config.method} on {config.data}: no prompt of {len(assembled)} has an answer that "
+                            "passed, so there is nothing to train on (on_failure=ground_truth keeps "
+                            "their reference answers)")
         mech, final_nll = mechanism(engine, examples, final, done, config)
     finally:
         engine.close()

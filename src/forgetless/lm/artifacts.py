@@ -23,8 +23,8 @@ from forgetless.core.errors import DataError
 logger = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
-_VERSIONED = ("forgetless", "torch", "transformers", "tokenizers", "peft", "trl", "datasets", "accelerate", "if-verifiable",
-              "nltk")
+_VERSIONED = ("forgetless", "torch", "transformers", "tokenizers", "peft", "trl", "datasets", "accelerate",
+              "if-verifiable", "nltk")
 
 
 def _umask() -> int:

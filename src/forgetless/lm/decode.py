@@ -174,7 +174,8 @@ def _decode_padded(model, tokenizer, prompts: list[list[int]], items: list[int],
     for b in range(0, len(prompts), batch_size):
         if not settings.greedy:
             torch.manual_seed(batch_seed(settings.seed, items[b]))
-        for item, (new, stop) in zip(items[b:b + batch_size], _generate_batch(model, tokenizer, prompts[b:b + batch_size], config)):
+        for item, (new, stop) in zip(items[b:b + batch_size],
+                                     _generate_batch(model, tokenizer, prompts[b:b + batch_size], config)):
             done(item, new, stop)
 
 
@@ -212,7 +213,8 @@ def sample_batch(model, tokenizer, prompts: list[list[int]], k: int, settings: D
         raise ValueError("sample_batch samples: give settings with greedy=False")
     decoded = decode_ids(model, tokenizer, prompts, dataclasses.replace(settings, seed=seed), batch_size,
                          show_progress=False, description="sampling", samples=k, shared=False)
-    texts = [Sampled(tokenizer.decode(ids, skip_special_tokens=True), stop is not None, len(ids)) for ids, stop in decoded]
+    texts = [Sampled(tokenizer.decode(ids, skip_special_tokens=True), stop is not None, len(ids))
+             for ids, stop in decoded]
     return [texts[p * k:(p + 1) * k] for p in range(len(prompts))]
 
 

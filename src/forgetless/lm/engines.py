@@ -23,7 +23,8 @@ class HfEngine:
 
     def __init__(self, model, tokenizer, batch_tokens: int = 8192, padding_free: bool = False):
         self.model, self.tokenizer, self.batch_tokens = model, tokenizer, batch_tokens
-        # Decided once here: the score stage calls score() once per batch, and the check and its warning need not repeat.
+        # Decided once here: the score stage calls score() once per batch, and the check and its warning
+        # need not repeat.
         self.padding_free = use_padding_free(model, padding_free)
         self.prefix = SharedPrefix()  # the prompt prefix the examples share, computed once for all score() calls
 

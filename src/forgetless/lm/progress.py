@@ -11,7 +11,8 @@ from tqdm.auto import tqdm
 T = TypeVar("T")
 
 
-def progress(items: Iterable[T], description: str, total_items: int, count: Callable[[T], int] = lambda _: 1) -> Iterator[T]:
+def progress(items: Iterable[T], description: str, total_items: int,
+             count: Callable[[T], int] = lambda _: 1) -> Iterator[T]:
     """Yield ``items`` while a bar counts ``count(item)`` units each, showing units/s.
 
     Off with ``FORGETLESS_PROGRESS=0``; into a log (stderr not a terminal) one update a minute at most, so a

@@ -115,7 +115,8 @@ def flat_batch(encoded: list[Encoded]) -> tuple[torch.Tensor, torch.Tensor, torc
 
 
 def use_padding_free(model, wanted: bool) -> bool:
-    """``wanted``, under a varlen attention kernel that keeps packed examples apart; otherwise a warning, and padding."""
+    """``wanted``, under a varlen attention kernel that keeps packed examples apart; otherwise a
+    warning, and padding."""
     if not wanted:
         return False
     implementation = getattr(model.config, "_attn_implementation", None) or "this model's"

@@ -27,7 +27,8 @@ def print_score_summary(out_dir: Path) -> None:
         table.add_row(tau, f"{fraction:.3f}", str(round(fraction * stats["response_tokens"])))
     console.print(table)
     spikes = ", ".join(f"ppl {k}: {v}" for k, v in stats["spike_tokens"].items())
-    console.print(f"ppl spikes (tokens) {spikes}; examples with a token over ppl 100: {stats['examples_with_spike_over_100']}")
+    console.print(f"ppl spikes (tokens) {spikes}; examples with a "
+                  f"token over ppl 100: {stats['examples_with_spike_over_100']}")
 
 
 def print_mask_summary(out_dir: Path) -> None:

@@ -74,7 +74,8 @@ def vllm_available() -> bool:
 
 
 def resolve_backend(backend: str) -> str:
-    """``hf`` or ``vllm``: the engine a stage runs on. ``vllm`` requested where it cannot run raises :class:`BackendError`."""
+    """``hf`` or ``vllm``: the engine a stage runs on. ``vllm`` requested where it cannot run raises
+    :class:`BackendError`."""
     if backend == "hf":
         return "hf"
     missing = _missing_for_vllm()
@@ -96,7 +97,8 @@ def lora_rank(adapter: str) -> int:
         raise BackendError(f"adapter {adapter} is a DoRA adapter (use_dora), which vLLM cannot load: "
                            "use backend=hf, or merge the adapter into the model and evaluate the merged model")
     if config.get("peft_type", "LORA") != "LORA":
-        raise BackendError(f"adapter {adapter} is a {config['peft_type']} adapter; vLLM serves LoRA adapters only: use backend=hf")
+        raise BackendError(f"adapter {adapter} is a {config['peft_type']} adapter; vLLM serves LoRA adapters "
+                           "only: use backend=hf")
     return int(config.get("r", 16))
 
 
@@ -185,7 +187,8 @@ class VllmEngine:
     def _params(self, settings: DecodingSettings, n: int = 1, seed: int | None = None):
         from vllm import SamplingParams
 
-        sampling = {"temperature": 0.0} if settings.greedy else {"temperature": settings.temperature, "top_p": settings.top_p}
+        sampling = ({"temperature": 0.0} if settings.greedy
+                    else {"temperature": settings.temperature, "top_p": settings.top_p})
         return SamplingParams(n=n, max_tokens=settings.max_new_tokens, stop_token_ids=self.stops, seed=seed,
                               detokenize=False, **sampling)
 
@@ -201,7 +204,8 @@ class VllmEngine:
         return [self._cut(out.outputs[0]) for out in self._run(prompts, params)]
 
     def generate(self, prompts: list[list[dict[str, str]]], settings: DecodingSettings) -> list[str]:
-        """One completion per chat prompt, decoded as :func:`forgetless.lm.decode.generate` decodes (eval's GenerateFn)."""
+        """One completion per chat prompt, decoded as :func:`forgetless.lm.decode.generate`
+        decodes (eval's GenerateFn)."""
         ids = [encode_prompt(self.tokenizer, messages) for messages in prompts]
         return [self.tokenizer.decode(new, skip_special_tokens=True) for new, _ in self.decode_ids(ids, settings)]
 
@@ -214,7 +218,8 @@ class VllmEngine:
                  for ids, finished in map(self._cut, out.outputs)] for out in self._run(prompts, params)]
 
     def score(self, encoded: list[Encoded]) -> list[np.ndarray]:
-        """Per-token NLL (NaN off the response) of each encoded example, as :func:`forgetless.lm.scoring.score_encoded`."""
+        """Per-token NLL (NaN off the response) of each encoded example, as
+        :func:`forgetless.lm.scoring.score_encoded`."""
         from vllm import SamplingParams
 
         # temperature 1: the logprobs are the model's own distribution whichever vLLM version processes them.
@@ -234,7 +239,8 @@ class VllmEngine:
 
 
 def vllm_dtype(dtype: str) -> str:
-    """vLLM's dtype name for a forgetless ``dtype`` setting: ``auto`` is what the HF path loads on a GPU (bf16 where supported)."""
+    """vLLM's dtype name for a forgetless ``dtype`` setting: ``auto`` is what the HF path loads on a GPU
+    (bf16 where supported)."""
     from forgetless.lm.modeling import pick_dtype
 
     return str(pick_dtype(dtype, "cuda")).removeprefix("torch.")

@@ -17,7 +17,8 @@ import pyarrow as pa
 
 from forgetless.core.errors import DataError
 from forgetless.lm import artifacts
-from forgetless.core.masking import IGNORE_INDEX, POLICIES, REFERENCE_POLICIES, check_fraction, check_tau, weights_for_policy
+from forgetless.core.masking import (IGNORE_INDEX, POLICIES, REFERENCE_POLICIES, check_fraction, check_tau,
+                                     weights_for_policy)
 from forgetless.score.stage import SCORES_FILE
 
 logger = logging.getLogger(__name__)
@@ -31,12 +32,20 @@ class MaskConfig:
 
     scores: str = field(default="runs/default/scores", metadata={"help": "directory written by `forgetless score`"})
     policy: str = field(default="threshold", metadata={"help": f"one of {', '.join(POLICIES)}"})
-    tau: float = field(default=2.5, metadata={"help": "perplexity threshold: mask tokens with ppl > tau (threshold, dpf+stm; count to match for random/inverse; dpf: the margin of ppl_tuned - ppl_base)"})
-    fraction: float | None = field(default=None, metadata={"help": "target masked fraction in [0, 1) (fraction, auto-tau, reference-diff; overrides tau's count for random/inverse)"})
-    per_example: bool = field(default=False, metadata={"help": "fraction policy: take the fraction within each example instead of over the data set"})
+    tau: float = field(default=2.5, metadata={"help": "perplexity threshold: mask tokens with ppl > tau (threshold, "
+                                                      "dpf+stm; count to match for random/inverse; dpf: the margin of "
+                                                      "ppl_tuned - ppl_base)"})
+    fraction: float | None = field(default=None, metadata={"help": "target masked fraction in [0, 1) (fraction, "
+                                                                   "auto-tau, reference-diff; overrides tau's "
+                                                                   "count for random/inverse)"})
+    per_example: bool = field(default=False, metadata={"help": "fraction policy: take the fraction within each example "
+                                                               "instead of over the data set"})
     seed: int = field(default=0, metadata={"help": "seed of the random-mask control"})
-    reference_scores: str | None = field(default=None, metadata={"help": "reference-diff, dpf, dpf+stm: scores directory of the second model, same data (dpf: the model fine-tuned on it)"})
-    mask_highest: bool = field(default=True, metadata={"help": "reference-diff: mask the largest (nll - reference nll) (else the smallest)"})
+    reference_scores: str | None = field(default=None, metadata={"help": "reference-diff, dpf, dpf+stm: scores "
+                                                                         "directory of the second model, same data "
+                                                                         "(dpf: the model fine-tuned on it)"})
+    mask_highest: bool = field(default=True, metadata={"help": "reference-diff: mask the largest (nll - reference "
+                                                               "nll) (else the smallest)"})
     out_dir: str = field(default="runs/default/masks/threshold", metadata={"help": "output directory"})
 
     def __post_init__(self):
@@ -44,8 +53,9 @@ class MaskConfig:
             raise ValueError(f"unknown policy {self.policy!r}; choose one of {', '.join(POLICIES)}")
         check_tau(self.tau)
         if self.policy in REFERENCE_POLICIES and not self.reference_scores:
-            raise ValueError(f"policy {self.policy!r} needs reference_scores: a `forgetless score` directory of the same data "
-                             f"under the second model{' (the fine-tuned one)' if self.policy != 'reference-diff' else ''}")
+            raise ValueError(f"policy {self.policy!r} needs reference_scores: a `forgetless score` directory of the "
+                             "same data under the second model"
+                             f"{' (the fine-tuned one)' if self.policy != 'reference-diff' else ''}")
         if self.fraction is not None:
             check_fraction(self.fraction)
 
@@ -62,7 +72,8 @@ def flatten_response_nll(table: pa.Table) -> tuple[np.ndarray, list[int], list[n
     return np.concatenate(flats), sizes, positions
 
 
-def apply_weights(table: pa.Table, weights: np.ndarray, sizes: list[int], positions: list[np.ndarray]) -> tuple[pa.Table, dict]:
+def apply_weights(table: pa.Table, weights: np.ndarray, sizes: list[int],
+                  positions: list[np.ndarray]) -> tuple[pa.Table, dict]:
     """Add ``labels``, ``loss_weight`` and ``masked_fraction`` columns; return the table and its statistics."""
     labels, loss_weight, fractions = [], [], []
     per_example = np.split(weights, np.cumsum(sizes)[:-1])
@@ -83,7 +94,8 @@ def apply_weights(table: pa.Table, weights: np.ndarray, sizes: list[int], positi
         "masked_tokens": int(np.sum(weights == 0)),
         "masked_fraction": float(np.mean(weights == 0)),
         "mean_weight": float(np.mean(weights)),
-        "per_example_masked_fraction": {"mean": float(np.mean(fractions)), "min": float(np.min(fractions)), "max": float(np.max(fractions))},
+        "per_example_masked_fraction": {"mean": float(np.mean(fractions)), "min": float(np.min(fractions)),
+                                        "max": float(np.max(fractions))},
         "examples": len(sizes),
         "examples_without_trained_tokens": int(sum(1 for w in per_example if not np.any(w > 0))),
     }
@@ -95,7 +107,8 @@ def run_mask(config: MaskConfig) -> Path:
     scores_dir, out = Path(config.scores), Path(config.out_dir)
     if not (scores_dir / artifacts.MANIFEST).is_file():
         raise FileNotFoundError(f"{scores_dir} holds no finished scores: run `forgetless score` first")
-    key = {"stage": "mask", "format": 1, "scores": artifacts.read_json(scores_dir / artifacts.MANIFEST)["key"], "config": _policy_key(config)}
+    key = {"stage": "mask", "format": 1, "scores": artifacts.read_json(scores_dir / artifacts.MANIFEST)["key"],
+           "config": _policy_key(config)}
     if config.reference_scores:
         key["reference"] = artifacts.read_json(Path(config.reference_scores) / artifacts.MANIFEST)["key"]
     if artifacts.is_fresh(out, key, MASKED_FILE):
@@ -116,7 +129,8 @@ def run_mask(config: MaskConfig) -> Path:
     table, stats = apply_weights(table, weights, sizes, positions)
     stats.update(info)
     if stats["examples_without_trained_tokens"]:
-        logger.warning("%d examples have no trained token left; they contribute nothing to the loss", stats["examples_without_trained_tokens"])
+        logger.warning("%d examples have no trained token left; they contribute nothing to the loss",
+                       stats["examples_without_trained_tokens"])
     artifacts.write_parquet(out / MASKED_FILE, table)
     artifacts.write_json(out / "mask_stats.json", stats)
     # The τ this mask stands for (threshold, auto-tau, dpf+stm: the τ applied; random/inverse: the τ

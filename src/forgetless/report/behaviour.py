@@ -108,7 +108,8 @@ def budget_line(summaries: dict[str, dict], source: str) -> str:
     rate, budget = first.get("base_finish_rate"), first.get("max_new_tokens")
     if rate is None or budget is None:
         return ""
-    short = " — under 90%: the budget cuts the base, so a measure that needs a finished answer reads low" if rate < 0.9 else ""
+    short = (" — under 90%: the budget cuts the base, so a measure that needs a finished answer reads low"
+             if rate < 0.9 else "")
     return f"Budget {budget} new tokens; the base finished {rate:.0%} of its answers within it{short}."
 
 
@@ -118,12 +119,14 @@ def against_base_table(summaries: dict[str, dict], source: str) -> list[str]:
     if b(first, None) and b(first, None)["metric"] == "prompt_level_strict_acc":
         return _ifeval_table(summaries, b)
     if b(first, None) and b(first, None)["metric"] == "asserts":
-        head = ["method", "asserts passed (tuned)", "Δ asserts vs base", "defines the function", "pass@1", "Δ surprise (nats/token)"]
+        head = ["method", "asserts passed (tuned)", "Δ asserts vs base", "defines the function", "pass@1",
+                "Δ surprise (nats/token)"]
         rows = []
         for name, s in summaries.items():
             a, d, p, sur = b(s, None), b(s, "defines"), b(s, "pass@1"), b(s, "surprise")
             rows.append([name, _cell(a["tuned"], a["tuned_ci95"]), _cell(a["score"], a["ci95"], signed=True),
-                         _cell(d and d["tuned"]), _cell(p and p["tuned"]), _cell(sur and sur["score"], sur and sur["ci95"], signed=True)])
+                         _cell(d and d["tuned"]), _cell(p and p["tuned"]),
+                         _cell(sur and sur["score"], sur and sur["ci95"], signed=True)])
         base_row = ["base", _cell(a["base"]), "0", _cell(d and d["base"]), _cell(p and p["base"]), "0"]
     else:
         asked = b(first, None) and b(first, None)["metric"] == "did_what_asked"
@@ -136,7 +139,8 @@ def against_base_table(summaries: dict[str, dict], source: str) -> list[str]:
                                                      "accuracy", "surprise"))
             floor = " (base at floor)" if acc and acc.get("base_above_floor") is False else ""
             a = b(s, None)
-            did = [f"{_cell(a['tuned'])} / {_cell(a['base'])}", _cell(a["score"], a["ci95"], signed=True)] if asked else []
+            did = [f"{_cell(a['tuned'])} / {_cell(a['base'])}",
+                   _cell(a["score"], a["ci95"], signed=True)] if asked else []
             rows.append([name, *did, _cell(k and k["tuned"], k and k["tuned_ci95"]),
                          f"{_cell(sk and sk['tuned'])} / {_cell(sk and sk['base'])}",
                          f"{_cell(f and f['tuned'])} / {_cell(f and f['base'])}",
@@ -157,11 +161,13 @@ def _table(head: list[str], base_row: list[str] | None, rows: list[list[str]]) -
 def _ifeval_table(summaries: dict[str, dict], b) -> list[str]:
     """IFEval against the base: the four lm-eval metrics (tuned / base) and the paired change of the prompt-level
     strict accuracy (per prompt) and instruction-level strict accuracy (per instruction)."""
-    head = ["method", "prompt-level strict (tuned / base)", "Δ prompt-level strict", "prompt-level loose (tuned / base)",
+    head = ["method", "prompt-level strict (tuned / base)", "Δ prompt-level strict",
+            "prompt-level loose (tuned / base)",
             "inst-level strict (tuned / base)", "Δ inst-level strict", "inst-level loose (tuned / base)"]
     rows = []
     for name, s in summaries.items():
-        ps, pl, ins, il = (b(s, m) for m in (None, "prompt_level_loose_acc", "inst_level_strict_acc", "inst_level_loose_acc"))
+        ps, pl, ins, il = (b(s, m)
+                           for m in (None, "prompt_level_loose_acc", "inst_level_strict_acc", "inst_level_loose_acc"))
         pair = lambda r: f"{_cell(r and r['tuned'], digits=3)} / {_cell(r and r['base'], digits=3)}"  # noqa: E731
         rows.append([name, pair(ps), _cell(ps["score"], ps["ci95"], digits=3, signed=True), pair(pl), pair(ins),
                      _cell(ins and ins["score"], ins and ins["ci95"], digits=3, signed=True), pair(il)])
@@ -174,8 +180,8 @@ def between_methods(run_dirs: dict[str, Path], source: str, labels: list[str]) -
     non-target set, passing every test on a target set."""
     primary = read_task(run_dirs[labels[0]], f"gen:{source}")[0]["metric"]
     binary = {"asserts": "pass@1", "working_kept": "skips_working"}.get(primary)  # else the primary is yes/no itself
-    lines = [f"| a vs b | {primary.replace('_', ' ')}, a − b [95%] | prompts where only a / only b {(binary or primary).replace('_', ' ')} "
-             "| exact McNemar p |", "|---|---|---|---|"]
+    lines = [f"| a vs b | {primary.replace('_', ' ')}, a − b [95%] | prompts where only a / only b "
+             f"{(binary or primary).replace('_', ' ')} | exact McNemar p |", "|---|---|---|---|"]
     for a, b in itertools.combinations(labels, 2):
         try:
             ka, kb = (read_task(run_dirs[x], f"gen:{source}")[1] for x in (a, b))
@@ -187,7 +193,8 @@ def between_methods(run_dirs: dict[str, Path], source: str, labels: list[str]) -
         only_a = sum(1 for i in ids if sa[i]["score"] > sb[i]["score"])
         only_b = sum(1 for i in ids if sb[i]["score"] > sa[i]["score"])
         diff = _cell(d["mean"], d["ci95"], signed=True) if d["n"] else "—"
-        lines.append(f"| {a} vs {b} | {diff} (n={d['n']}) | {only_a} / {only_b} | {mcnemar_exact(only_a, only_b):.3g} |")
+        lines.append(f"| {a} vs {b} | {diff} (n={d['n']}) | {only_a} / {only_b} "
+                     f"| {mcnemar_exact(only_a, only_b):.3g} |")
     return lines
 
 
@@ -199,14 +206,15 @@ def behaviour_markdown(summaries: dict[str, dict], run_dirs: dict[str, Path]) ->
     lines = ["", "## Behaviour: what each model writes, greedy, on the same prompts as the base", "",
              "Did what was asked (GSM8K, the headline): at least 40 characters of working and a final `#### <number>`. "
              "Working kept: the share of the base's working (characters before the final-answer marker, e.g. GSM8K's "
-             "`####`) left in the tuned answer, on prompts where the base wrote at least a sentence (1 = all of it); it "
-             "counts length, is one-sided and favours answers that never finish, so it is a secondary measure. "
+             "`####`) left in the tuned answer, on prompts where the base wrote at least a sentence (1 = all of it); "
+             "it counts length, is one-sided and favours answers that never finish, so it is a secondary measure. "
              "IFEval: lm-eval's four metrics, each instruction checked by deterministic code. "
-             "Surprise: mean NLL per token of the tuned model's answer under the base (Δ against the base's own answer); "
-             "it sees a changed opening in full, where teacher-forced drift dilutes it. Asserts passed: the share of each "
-             "target item's tests its code passes, run in the sandbox. Which recipe a measure favours (one that trains "
-             "on its prompt source) is in the report's list of leans. Brackets: 95% intervals, paired on the same prompts. "
-             "Under each table: the token budget and the share of answers the base finished within it."]
+             "Surprise: mean NLL per token of the tuned model's answer under the base (Δ against the base's own "
+             "answer); it sees a changed opening in full, where teacher-forced drift dilutes it. Asserts passed: the "
+             "share of each target item's tests its code passes, run in the sandbox. Which recipe a measure favours "
+             "(one that trains on its prompt source) is in the report's list of leans. Brackets: 95% intervals, paired "
+             "on the same prompts. Under each table: the token budget and the share of answers the "
+             "base finished within it."]
     labels = [k for k in summaries]
     for source in found:
         lines += ["", f"### {source}", ""] + against_base_table(summaries, source)

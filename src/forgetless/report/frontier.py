@@ -180,7 +180,8 @@ def base_point(base_dir: Path | None = None, target: str | None = None) -> dict:
         v = 1.0 if name in ("mc_retention", "working_kept", "top1_agreement") else 0.0
         point[name], point[f"{name}_ci95"] = v, [v, v]
     if base_dir is not None:
-        point["did_what_asked"], point["did_what_asked_ci95"] = _cell(summarize_run(base_dir, base_dir, target)["did_what_asked"])
+        point["did_what_asked"], point["did_what_asked_ci95"] = _cell(
+            summarize_run(base_dir, base_dir, target)["did_what_asked"])
     else:
         point["did_what_asked"], point["did_what_asked_ci95"] = NAN, None
     return point
@@ -194,7 +195,8 @@ def build_frontier(grid: list[dict], base_dir: Path, gain: str = "gain_all", ret
     labels: dict[tuple[str, int], str] = {}
     dirs = {"base": base_dir}
     for g in grid:
-        pts = curves.setdefault(g["method"], [{**base_point(base_dir, target), "items": retention_items(base_dir, retention, target)}])
+        pts = curves.setdefault(g["method"], [{**base_point(base_dir, target),
+                                               "items": retention_items(base_dir, retention, target)}])
         if g.get("retention_dir") and Path(g["retention_dir"]).is_dir():
             p = {"label": g["label"], "lr": g["lr"], "alpha": g.get("alpha"),
                  **final_point(base_dir, Path(g["retention_dir"]), gain, g.get("train_dir"), target),
@@ -207,7 +209,8 @@ def build_frontier(grid: list[dict], base_dir: Path, gain: str = "gain_all", ret
             probes[g["label"]] = probe_points(Path(g["train_dir"]), gain)
     for m in curves:
         curves[m] = [p for p in curves[m] if not math.isnan(p["gain"])]
-    ret_curves = {m: [{"gain": p["gain"], "retention": p[retention], "ci95": p.get(f"{retention}_ci95"), "lr": p.get("lr")}
+    ret_curves = {m: [{"gain": p["gain"], "retention": p[retention], "ci95": p.get(f"{retention}_ci95"),
+                       "lr": p.get("lr")}
                       for p in pts if not math.isnan(p[retention])] for m, pts in curves.items()}
     gains = [x for x in common_gains({m: c for m, c in ret_curves.items() if len(c) > 1}, n_gains) if x > 0]
     table = matched_gain_table(ret_curves, gains)
@@ -270,10 +273,11 @@ def reference_section(data: dict) -> list[str]:
     lines = [f"## {data['retention']} of every recipe at {ref}'s target gains (paired against {ref})", "",
              f"Each column is a recipe's {data['retention']} (the mean over items) interpolated item by item along its "
              f"curve (base, then its points by gain) at the gain of one {ref} point, or at a gain every curve reaches "
-             f"({ref}'s own curve interpolated there too), then recipe − {ref} over the same items, paired bootstrap 95%. "
-             "— : the recipe's curve does not reach that gain (never extrapolated). The gain itself carries its own "
-             "interval: where it is wide, the match is loose.", "",
-             f"| {ref} point | target gain | {ref} | " + " | ".join(methods) + " |", "|---|---|---|" + "---|" * len(methods)]
+             f"({ref}'s own curve interpolated there too), then recipe − {ref} over the same items, paired bootstrap "
+             "95%. — : the recipe's curve does not reach that gain (never extrapolated). The gain itself carries its "
+             "own interval: where it is wide, the match is loose.", "",
+             f"| {ref} point | target gain | {ref} | " + " | ".join(methods) + " |",
+             "|---|---|---|" + "---|" * len(methods)]
     verdicts = []
     for row in rows:
         cells = []
@@ -287,8 +291,8 @@ def reference_section(data: dict) -> list[str]:
             tag = {True: "resolved", False: "not resolved", None: "too few items"}[c.get("resolved")]
             verdicts.append(f"At {row['reference']}'s gain {row['gain']:+.3f}: {m} − {ref} = {_fmt(c['mean'], ci)} "
                             f"over {c.get('n', 0)} items ({tag}).")
-        lines.append(f"| {row['reference']} | {_fmt(row['gain'], row.get('gain_ci95'))} | {row['reference_retention']:.3f} | "
-                     + " | ".join(cells) + " |")
+        lines.append(f"| {row['reference']} | {_fmt(row['gain'], row.get('gain_ci95'))} "
+                     f"| {row['reference_retention']:.3f} | " + " | ".join(cells) + " |")
     return lines + [""] + [f"- {v}" for v in verdicts] + [""]
 
 
@@ -305,13 +309,15 @@ def render_markdown(data: dict) -> str:
     lines += reference_section(data)
     lines += [
              "## Points (one per method × learning rate or WiSE-FT α; the base is gain 0)", "",
-             "| run | lr / α | gain | gain kept (favours STM) | gain masked (favours GT) | MC retention | did what was asked "
-             "| working kept | top-1 agree | KL(base‖tuned) | KL(tuned‖base) | Δ entropy | ‖ΔW‖_F |", "|" + "---|" * 13]
+             "| run | lr / α | gain | gain kept (favours STM) | gain masked (favours GT) | MC retention "
+             "| did what was asked | working kept | top-1 agree | KL(base‖tuned) | KL(tuned‖base) | Δ entropy "
+             "| ‖ΔW‖_F |", "|" + "---|" * 13]
     for pts in data["curves"].values():
         for p in pts[1:]:
             knob = f"α {p['alpha']:g}" if p.get("alpha") is not None else (p.get("lr") or "—")
-            lines.append(f"| {p['label']} | {knob} | {_fmt(p['gain'], p.get('gain_ci95'))} | {_fmt(p.get('gain_kept'))} "
-                         f"| {_fmt(p.get('gain_masked'))} | {_fmt(p['mc_retention'], p.get('mc_retention_ci95'))} "
+            lines.append(f"| {p['label']} | {knob} | {_fmt(p['gain'], p.get('gain_ci95'))} "
+                         f"| {_fmt(p.get('gain_kept'))} | {_fmt(p.get('gain_masked'))} "
+                         f"| {_fmt(p['mc_retention'], p.get('mc_retention_ci95'))} "
                          f"| {_fmt(p.get('did_what_asked', NAN), p.get('did_what_asked_ci95'))} "
                          f"| {_fmt(p['working_kept'], p.get('working_kept_ci95'))} "
                          f"| {_fmt(p['top1_agreement'], p.get('top1_agreement_ci95'))} "
@@ -336,12 +342,13 @@ def render_markdown(data: dict) -> str:
     lines += ["", "## Mechanism: ‖ΔW‖_F of the adapter at each learning rate", ""]
     lines += [f"- {s}" for s in mechanism_sentences(data)]
     if any(data["probes"].values()):
-        lines += ["", "## Probe points along each run", "", "| run | step | gain | MC retention | top-1 agree | KL(base‖tuned) | ‖ΔW‖_F |",
-                  "|" + "---|" * 7]
+        lines += ["", "## Probe points along each run", "",
+                  "| run | step | gain | MC retention | top-1 agree | KL(base‖tuned) | ‖ΔW‖_F |", "|" + "---|" * 7]
         for label, pts in data["probes"].items():
             for p in pts:
                 lines.append(f"| {label} | {p['step']} | {_fmt(p['gain'])} | {_fmt(p['mc_retention'])} | "
-                             f"{_fmt(p['top1_agreement'])} | {_fmt(p['kl_base_tuned'])} | {_fmt(p['dw_frobenius'], d=2)} |")
+                             f"{_fmt(p['top1_agreement'])} | {_fmt(p['kl_base_tuned'])} | "
+                             f"{_fmt(p['dw_frobenius'], d=2)} |")
     lines += ["", "## Paired differences (same items, paired bootstrap 95%)", ""]
     resolved_n = sum(1 for r in data["paired"] if resolved(r))
     lines.append(f"{resolved_n} of {len(data['paired'])} paired differences are resolved by the item count "

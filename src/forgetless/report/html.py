@@ -92,7 +92,8 @@ def markdown_to_html(text: str) -> str:
 def embedded_image(path: Path) -> str:
     data = base64.b64encode(path.read_bytes()).decode("ascii")
     caption = html.escape(path.stem.replace("_", " "))
-    return f'<figure><img alt="{caption}" src="data:image/png;base64,{data}"><figcaption>{caption}</figcaption></figure>'
+    return (f'<figure><img alt="{caption}" src="data:image/png;base64,{data}">'
+            f'<figcaption>{caption}</figcaption></figure>')
 
 
 STYLE = """

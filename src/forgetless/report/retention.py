@@ -31,7 +31,8 @@ def markdown_table(summaries: dict[str, dict]) -> str:
         lines.append("| " + " | ".join([
             name, _fmt(t.get("gain_target", missing)), _fmt(s.get("working_kept", missing)), _fmt(s["bwt"]),
             _fmt(s["mc_retention"]), _fmt(s["drift"]["kl_base_tuned"]), _fmt(s["drift"]["kl_tuned_base"]),
-            _fmt(s["drift"]["top1_agreement"]), _fmt(t.get("gain_kept", missing)), _fmt(t.get("gain_masked", missing))]) + " |")
+            _fmt(s["drift"]["top1_agreement"]), _fmt(t.get("gain_kept", missing)),
+            _fmt(t.get("gain_masked", missing))]) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -55,7 +56,8 @@ def plot_drift_vs_gain(summaries: dict[str, dict], path: str | Path, gain: str =
         ax.errorbar(g["score"], d["score"], xerr=[[g["score"] - g["ci95"][0]], [g["ci95"][1] - g["score"]]],
                     yerr=[[d["score"] - d["ci95"][0]], [d["ci95"][1] - d["score"]]], fmt="o", capsize=3)
         ax.annotate(name, (g["score"], d["score"]), textcoords="offset points", xytext=(5, 5))
-    target = next((s["target"]["gain_target"]["task"] for s in summaries.values() if "gain_target" in s["target"]), None)
+    target = next((s["target"]["gain_target"]["task"] for s in summaries.values() if "gain_target" in s["target"]),
+                  None)
     ax.set_xlabel(f"target gain (paired change of {target})" if target else f"target gain ({gain}: −Δ held-out NLL)")
     ax.set_ylabel("drift: mean KL(base‖tuned), non-target")
     ax.grid(alpha=0.3)

@@ -29,30 +29,42 @@ from forgetless.report.frontier import build_frontier, write_frontier
 from forgetless.report.sections import retention_section, train_extras
 from forgetless.report.verdicts import plain_name, verdict_section
 from forgetless.report.html import PPL_DARKEST, read_token_examples, write_html
-from forgetless.report.plots import can_plot, plot_delta_w, plot_loss_curves, plot_masked_fraction, plot_ppl_distribution, save_figure
+from forgetless.report.plots import (can_plot, plot_delta_w, plot_loss_curves, plot_masked_fraction,
+                                     plot_ppl_distribution, save_figure)
 
 logger = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class ReportConfig:
-    run_dir: str | None = field(default=None, metadata={"help": "a `forgetless run` output directory: its whole report, exactly as "
-                                                               "`forgetless run` writes it (the other fields are read from its run_config.json)"})
+    run_dir: str | None = field(default=None, metadata={"help": "a `forgetless run` output directory: its whole "
+                                                                "report, exactly as `forgetless run` writes it (the "
+                                                                "other fields are read from its run_config.json)"})
     runs: tuple[str, ...] = field(default=(), metadata={"help": "label=eval_dir entries; the base run among them; "
-                                                                "a repeated label merges its dirs' tasks (eval + retention)"})
-    output_dir: str | None = field(default=None, metadata={"help": "directory for report.md/json and plots (default: RUN_DIR/report, or runs/report)"})
-    base: str | None = field(default=None, metadata={"help": "label of the base run (default: 'base' if present, else the first)"})
-    target: str = field(default="mbpp", metadata={"help": "the fine-tuning target task; every other task is non-target"})
-    train_dirs: tuple[str, ...] = field(default=(), metadata={"help": "label=train_dir entries with train_summary/diagnostics json"})
-    tasks: tuple[str, ...] = field(default=(), metadata={"help": "tasks to show, in order; BWT averages these (default: all found)"})
-    scores: tuple[str, ...] = field(default=(), metadata={"help": "label=scores.parquet entries (e.g. ground truth, self-output) "
-                                                                  "for the per-token ppl distribution plot"})
+                                                                "a repeated label merges its dirs' "
+                                                                "tasks (eval + retention)"})
+    output_dir: str | None = field(default=None, metadata={"help": "directory for report.md/json and plots (default: "
+                                                                   "RUN_DIR/report, or runs/report)"})
+    base: str | None = field(default=None,
+                             metadata={"help": "label of the base run (default: 'base' if present, else the first)"})
+    target: str = field(default="mbpp",
+                        metadata={"help": "the fine-tuning target task; every other task is non-target"})
+    train_dirs: tuple[str, ...] = field(default=(), metadata={"help": "label=train_dir entries with "
+                                                                      "train_summary/diagnostics json"})
+    tasks: tuple[str, ...] = field(default=(), metadata={"help": "tasks to show, in order; BWT averages these "
+                                                                 "(default: all found)"})
+    scores: tuple[str, ...] = field(default=(), metadata={"help": "label=scores.parquet entries (e.g. ground truth, "
+                                                                  "self-output) for the per-token "
+                                                                  "ppl distribution plot"})
     token_view: str | None = field(default=None, metadata={"help": "a mask stage's data.parquet (or a scores.parquet): "
-                                                                   "its first examples shown token by token in report.html"})
+                                                                   "its first examples shown token by "
+                                                                   "token in report.html"})
     token_view_examples: int = field(default=3, metadata={"help": "examples in the token view"})
     tokenizer: str | None = field(default=None, metadata={"help": "model whose tokenizer decodes the token view "
                                                                   "(default: the model in the scores' manifest)"})
     recipe_sources: tuple[str, ...] = field(default=(), metadata={"help": "label=source: the prompt source a recipe "
-                                                                          "trains on (replay's, Self-Output's); a measure drawn from it is labelled as favouring that recipe"})
+                                                                          "trains on (replay's, Self-Output's); a "
+                                                                          "measure drawn from it is labelled as "
+                                                                          "favouring that recipe"})
 
     def __post_init__(self):
         for name in ("runs", "train_dirs", "tasks", "scores", "recipe_sources"):
@@ -60,9 +72,11 @@ class ReportConfig:
             if isinstance(value, (str, list)):
                 object.__setattr__(self, name, tuple([value] if isinstance(value, str) else value))
         if self.run_dir is None and len(self.runs) < 1:
-            raise ValueError("runs: give at least the base run as label=eval_dir (or a run directory: forgetless report RUN_DIR)")
+            raise ValueError("runs: give at least the base run as label=eval_dir (or a run directory: "
+                             "forgetless report RUN_DIR)")
         if self.output_dir is None:
-            object.__setattr__(self, "output_dir", str(Path(self.run_dir) / "report") if self.run_dir else "runs/report")
+            object.__setattr__(self, "output_dir",
+                               str(Path(self.run_dir) / "report") if self.run_dir else "runs/report")
         labels = [parse_labelled(r)[0] for r in self.runs]
         if self.base is not None and self.base not in labels:
             raise ValueError(f"base {self.base!r} is not one of the run labels {labels}")
@@ -110,7 +124,8 @@ def forgetting_metrics(base: dict[str, float], tuned: dict[str, float], target: 
     defined = [t for t in others if rel[t] is not None]
     undefined = [t for t in others if rel[t] is None]
     if undefined:
-        notes.append(f"BWT averages {len(defined)} of {len(others)} non-target tasks: base score 0 on {', '.join(undefined)}")
+        notes.append(f"BWT averages {len(defined)} of {len(others)} non-target "
+                     f"tasks: base score 0 on {', '.join(undefined)}")
     bwt = sum(rel[t] for t in defined) / len(defined) if defined else None
     bwt_abs = sum(tuned[t] - base[t] for t in others) / len(others) if others else None
     return {"TI": ti, "TI_abs": ti_abs, "BWT": bwt, "BWT_abs": bwt_abs, "bwt_tasks": defined,
@@ -147,7 +162,8 @@ def load_item_scores(path: str | Path, task: str) -> dict[str, float] | None:
     for directory in (Path(path), Path(path) / "eval"):
         f = directory / f"{task}.items.jsonl"
         if f.is_file():
-            return {r["id"]: float(r["score"]) for r in map(json.loads, f.read_text().splitlines()) if r.get("score") is not None}
+            return {r["id"]: float(r["score"]) for r in map(json.loads, f.read_text().splitlines())
+                    if r.get("score") is not None}
     return None
 
 
@@ -219,9 +235,12 @@ def build_report(cfg: ReportConfig) -> dict[str, Any]:
         rows.append(row)
     return {"base": base_label, "target": cfg.target, "tasks": tasks, "lower_is_better": sorted(lower), "rows": rows,
             "leans": {t: lean(t, cfg.recipe_sources) for t in tasks},
-            "definitions": {"TI": "(tuned - base) / base on the target task", "BWT": "mean over non-target tasks of (tuned - base) / base",
-                            "TI_abs/BWT_abs": "the same as absolute differences", "ci95": "Wilson (accuracy) or bootstrap 95% interval",
-                            "paired": "mean per-item difference tuned - base on shared item ids, paired bootstrap 95% interval"}}
+            "definitions": {"TI": "(tuned - base) / base on the target task",
+                            "BWT": "mean over non-target tasks of (tuned - base) / base",
+                            "TI_abs/BWT_abs": "the same as absolute differences",
+                            "ci95": "Wilson (accuracy) or bootstrap 95% interval",
+                            "paired": "mean per-item difference tuned - base on shared item ids, paired "
+                                      "bootstrap 95% interval"}}
 
 
 def _public(record: dict | None) -> dict | None:
@@ -258,7 +277,8 @@ def render_markdown(report: dict[str, Any]) -> str:
             cells = []
             for t in tasks:
                 d = row["paired"].get(t)
-                cells.append(f"{d['mean']:+.3f} [{d['ci95'][0]:+.2f}, {d['ci95'][1]:+.2f}] n={d['n']}" if d and d["n"] else "—")
+                cells.append(f"{d['mean']:+.3f} [{d['ci95'][0]:+.2f}, {d['ci95'][1]:+.2f}] n={d['n']}" if d and d["n"]
+                             else "—")
             lines.append(f"| {row['label']} | " + " | ".join(cells) + " |")
     lines += ["", "Cells: score [95% interval] n=items. TI = (tuned − base)/base on the target; BWT = mean over "
               "non-target tasks of (tuned − base)/base; 'abs' = absolute differences. ARC-Challenge here is generative "
@@ -268,7 +288,8 @@ def render_markdown(report: dict[str, Any]) -> str:
     subs = [t for t in tasks if is_sub_measure(t) and t not in report["lower_is_better"]]
     if subs:
         lines.append(f"Details of a behaviour set, shown but not in BWT: {', '.join(subs)}.")
-    lines += ["", "Which way each measure leans:"] + [f"- {plain[t]} (`{t}`): {report.get('leans', {}).get(t) or lean(t)}"
+    lines += ["", "Which way each measure leans:"] + [f"- {plain[t]} (`{t}`): "
+                                                      f"{report.get('leans', {}).get(t) or lean(t)}"
                                                      for t in tasks]
     lines += [f"- {n}" for n in notes]
     return "\n".join(lines) + "\n"
@@ -358,11 +379,13 @@ def plot_training(cfg: ReportConfig, report: dict[str, Any], out: Path) -> None:
     """Loss curves and ‖ΔW‖ of the train runs, and the ppl distribution of each scored data set."""
     train = dict(parse_labelled(t) for t in cfg.train_dirs)
     plot_loss_curves(train, out / "training_loss.png")
-    plot_delta_w({r["label"]: r["extras"]["delta_w_norm"] for r in report["rows"] if not r["is_base"]}, out / "delta_w.png")
+    plot_delta_w({r["label"]: r["extras"]["delta_w_norm"] for r in report["rows"] if not r["is_base"]},
+                 out / "delta_w.png")
     taus = [r["extras"]["tau"] for r in report["rows"] if r["extras"]["tau"] is not None]
     plot_ppl_distribution(dict(parse_labelled(s) for s in cfg.scores), out / "token_ppl_distribution.png", taus)
     if cfg.scores:  # the first scored data set is the training data the masks were drawn from
-        points = {r["label"]: (r["extras"]["tau"], r["extras"]["masked_fraction"]) for r in report["rows"] if not r["is_base"]}
+        points = {r["label"]: (r["extras"]["tau"], r["extras"]["masked_fraction"]) for r in report["rows"]
+                  if not r["is_base"]}
         plot_masked_fraction(parse_labelled(cfg.scores[0])[1], points, out / "masked_fraction_vs_tau.png")
 
 

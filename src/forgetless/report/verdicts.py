@@ -61,7 +61,8 @@ def measure_of(task: str, record: dict, target: str) -> Measure:
     """The :class:`Measure` of a retention record: the target, a one-sided measure, or a headline one."""
     metric = task.split(":")[2] if task.count(":") >= 2 else record.get("metric", "")
     if task == target:
-        return Measure(task, plain_name(task, "pass rate") + " (target)", "target", record.get("higher_is_better", True))
+        return Measure(task, plain_name(task, "pass rate") + " (target)", "target",
+                       record.get("higher_is_better", True))
     lean = ONE_SIDED.get(metric) or (ONE_SIDED["kl_base_tuned"] if task.startswith("drift:") else None)
     if lean is None and target.startswith("gen:") and task.startswith(target + ":"):
         lean = "a detail of the target task"
@@ -82,8 +83,8 @@ def grid_rows(grid: list[dict], base_dir: Path) -> list[dict]:
         label, alpha = g["label"], g.get("alpha")
         trained = label.split("@a")[0]
         # a WiSE-FT model (the trained adapter scaled by alpha) is a point of its trained recipe's own curve
-        head = {"model": label, "recipe": method.get(trained, g["method"]), "dose": dose.get(label) or dose.get(trained),
-                "alpha": 1.0 if alpha is None else float(alpha)}
+        head = {"model": label, "recipe": method.get(trained, g["method"]),
+                "dose": dose.get(label) or dose.get(trained), "alpha": 1.0 if alpha is None else float(alpha)}
         for task in list_tasks(d):
             for item_id, item in read_task(d, task)[1].items():
                 scores = item.get("seeds") or [item["score"]]
@@ -125,11 +126,11 @@ def render_verdicts(data: dict) -> str:
     head = [r for r in data["same_dose"] if r["headline"]]
     lines = ["# Verdicts", "",
              f"Each recipe against **{data['reference']}** at the same learning rate, steps, adapter and training data "
-             f"(reference − rival; 95% percentile intervals of one joint bootstrap over items and training draws, "
+             "(reference − rival; 95% percentile intervals of one joint bootstrap over items and training draws, "
              f"{cfg['n_boot']} replicates, seed {cfg['seed']}). A win needs the retention difference resolved after "
              f"Holm's correction at α = {cfg['alpha']:g} *and* the target non-inferior (its lower bound above "
-             f"−{cfg['target_margin']:g}); 'equivalent' needs both one-sided tests within ±{cfg['equivalence_margin']:g} "
-             f"(TOST, Holm-adjusted); anything else is not resolved.", "",
+             f"−{cfg['target_margin']:g}); 'equivalent' needs both one-sided tests within "
+             f"±{cfg['equivalence_margin']:g} (TOST, Holm-adjusted); anything else is not resolved.", "",
              f"Holm family: {family_text(head, data)}.", ""]
     lines += [f"- {verdict_sentence(r, _plain(data, r['measure']), len(head))}" for r in head] or \
         ["- No retention measure here can headline (each one leans toward a kind of recipe): see the details."]
@@ -156,8 +157,8 @@ def render_details(data: dict) -> str:
                      f"| {p_text(r['p'], b)} | {holm_p} | {tag} |")
     if data["matched_gain"]:
         lines += ["", f"## At matched gain {data['config']['matched_gain']:g}", "",
-                  "| rival | measure | reference − rival [95%] | n | share of replicates reaching g*: reference, rival, "
-                  "both | verdict |", "|" + "---|" * 6]
+                  "| rival | measure | reference − rival [95%] | n | share of replicates reaching g*: reference, "
+                  "rival, both | verdict |", "|" + "---|" * 6]
         for r in data["matched_gain"]:
             lines.append(f"| {r['rival']} | {_plain(data, r['measure'])} | {interval_text(r)} | {n_text(r)[4:]} "
                          f"| {r['reached_reference']:.2f}, {r['reached_rival']:.2f}, {r['reached_both']:.2f} "

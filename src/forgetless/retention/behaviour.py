@@ -105,8 +105,8 @@ def profile_for(source: str) -> Profile:
     """The reading of a source's answers, by its name (unknown sources: length and surprise only)."""
     name = source.split(":")[-1].lower()
     if name.startswith("gsm8k"):
-        return Profile(marker=r"####", format=lambda t: bool(_GSM8K_FORMAT.search(t)), correct=_gsm8k_correct, chance=0.0,
-                       asked=gsm8k_did_what_asked)
+        return Profile(marker=r"####", format=lambda t: bool(_GSM8K_FORMAT.search(t)), correct=_gsm8k_correct,
+                       chance=0.0, asked=gsm8k_did_what_asked)
     if name.startswith("ifeval"):
         return Profile(instructions=True)
     if name.startswith("math"):
@@ -273,7 +273,8 @@ def table_tasks(source: str) -> list[str]:
     compares at a glance (the graded target's surprise and pass@1, and accuracy, stay in the section)."""
     profile = profile_for(source)
     primary, metrics = metric_names(profile)
-    details = [m for m in metrics if m != primary and m not in _SECTION_ONLY and not (profile.graded and m == "surprise")]
+    details = [m for m in metrics
+               if m != primary and m not in _SECTION_ONLY and not (profile.graded and m == "surprise")]
     return [f"gen:{source}"] + [f"gen:{source}:{m}" for m in details]
 
 

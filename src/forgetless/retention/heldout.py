@@ -9,8 +9,8 @@ by design. Here each held-out response token is classed by the *base* model's pe
 and the tuned model's mean NLL is reported on each kind separately, with the base's value and
 the paired change. Per item the value is the mean over its tokens of that kind (items without
 any are left out of that kind); a task's score is the mean over items with a normal 95%
-interval, the paired change tuned − base has a paired bootstrap interval. The base NLL is cached (key: base fingerprint, token ids), so a tuned model costs
-one forward per item.
+interval, the paired change tuned − base has a paired bootstrap interval. The base NLL is cached (key: base fingerprint,
+token ids), so a tuned model costs one forward per item.
 """
 
 from __future__ import annotations
@@ -84,7 +84,8 @@ def evaluate_heldout(model, tokenizer, base_model=None, source: str = "mbpp-vali
         change = mean_difference([r[f"{kind}_tuned"] - r[f"{kind}_base"] for r in have])
         settings = {"source": source, "limit": limit, "tau": tau, "kind": kind, "base": key["base"],
                     "base_score": mean_interval([r[f"{kind}_base"] for r in have])[0],
-                    "change": change["mean"] if have else math.nan, "change_ci95": change["ci95"] or [math.nan, math.nan],
+                    "change": change["mean"] if have else math.nan,
+                    "change_ci95": change["ci95"] or [math.nan, math.nan],
                     "masked_fraction": sum(r["n_masked"] for r in rows) / max(n_tokens, 1),
                     "tokens": sum(r[f"n_{kind}"] for r in rows)}
         records[name] = make_record(name, "nll", [r[f"{kind}_tuned"] for r in have],

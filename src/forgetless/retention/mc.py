@@ -165,7 +165,8 @@ def can_pack(model) -> bool:
     return impl in _PACKABLE_ATTN
 
 
-def score_items(model, tokenizer, items: list[MCItem], batch_tokens: int = 2048, progress=None) -> list[list[tuple[float, int]]]:
+def score_items(model, tokenizer, items: list[MCItem], batch_tokens: int = 2048,
+                progress=None) -> list[list[tuple[float, int]]]:
     """Choice scores of every item (input order); packed and batched when the model allows it. Under a launcher
     the batches are shared among the processes (:mod:`forgetless.lm.distributed`)."""
     if not can_pack(model):

@@ -33,16 +33,32 @@ class MeasureSettings:
     mc_limit: int | None = field(default=150, metadata={"help": "first N items of each MC task (none: all)"})
     drift_sources: tuple[str, ...] = field(default=DEFAULT_DRIFT, metadata={"help": "non-target prompt sets for drift"})
     drift_limit: int | None = field(default=20, metadata={"help": "prompts per drift source"})
-    behaviour_sources: tuple[str, ...] = field(default=DEFAULT_BEHAVIOUR, metadata={"help": "prompt sets answered greedily by base and tuned model: working kept, format, accuracy, surprise; a set with tests (mbpp-*) is graded by them"})
+    behaviour_sources: tuple[str, ...] = field(default=DEFAULT_BEHAVIOUR,
+                                               metadata={"help": "prompt sets answered greedily by base and tuned "
+                                                                 "model: working kept, format, accuracy, surprise; a "
+                                                                 "set with tests (mbpp-*) is graded by them"})
     behaviour_limit: int | None = field(default=40, metadata={"help": "prompts per behaviour source"})
-    behaviour_limits: dict[str, int] = field(default_factory=dict, metadata={"help": "prompts of one behaviour source where behaviour_limit is not enough ({source: n}), e.g. a target set large enough to resolve a gain"})
-    behaviour_exclude: tuple[str, ...] = field(default=(), metadata={"help": "data whose MBPP tasks no behaviour source reads: a source, or source:N for its first N (forgetless run passes its training data)"})
-    max_new_tokens: int = field(default=192, metadata={"help": "length limit of every greedy answer (base and tuned; drift and behaviour)"})
-    behaviour_max_new_tokens: dict[str, int] = field(default_factory=lambda: dict(DEFAULT_BUDGETS), metadata={"help": "token budget of a behaviour source where max_new_tokens would cut the base's answers ({source: tokens}); each record reports the base's finish rate at its budget"})
+    behaviour_limits: dict[str, int] = field(default_factory=dict, metadata={"help": "prompts of one behaviour source "
+                                                                                     "where behaviour_limit is not "
+                                                                                     "enough ({source: n}), e.g. a "
+                                                                                     "target set large "
+                                                                                     "enough to resolve a gain"})
+    behaviour_exclude: tuple[str, ...] = field(default=(), metadata={"help": "data whose MBPP tasks no behaviour "
+                                                                             "source reads: a source, or source:N for "
+                                                                             "its first N (forgetless run "
+                                                                             "passes its training data)"})
+    max_new_tokens: int = field(default=192, metadata={"help": "length limit of every greedy answer (base and tuned; "
+                                                               "drift and behaviour)"})
+    behaviour_max_new_tokens: dict[str, int] = field(default_factory=lambda: dict(DEFAULT_BUDGETS),
+                                                     metadata={"help": "token budget of a behaviour source where "
+                                                                       "max_new_tokens would cut the base's answers "
+                                                                       "({source: tokens}); each record reports the "
+                                                                       "base's finish rate at its budget"})
     top_k: int = field(default=128, metadata={"help": "base tokens kept per position for KL (the rest lumped)"})
     heldout_source: str | None = field(default="mbpp-validation", metadata={"help": "held-out target set (none: skip)"})
     heldout_limit: int | None = field(default=None, metadata={"help": "first N held-out examples"})
-    tau: float = field(default=2.5, metadata={"help": "perplexity threshold splitting held-out tokens into kept/masked kinds"})
+    tau: float = field(default=2.5,
+                       metadata={"help": "perplexity threshold splitting held-out tokens into kept/masked kinds"})
     batch_tokens: int = field(default=2048, metadata={"help": "tokens per MC forward batch"})
 
     def __post_init__(self):
@@ -60,7 +76,8 @@ class MeasureSettings:
         if self.max_new_tokens < 1 or self.top_k < 1 or self.batch_tokens < 16:
             raise ValueError("max_new_tokens and top_k must be >= 1, batch_tokens >= 16")
         if any(not isinstance(v, int) or v < 1 for v in self.behaviour_max_new_tokens.values()):
-            raise ValueError(f"behaviour_max_new_tokens: budgets must be whole numbers >= 1, got {self.behaviour_max_new_tokens}")
+            raise ValueError("behaviour_max_new_tokens: budgets must be "
+                             f"whole numbers >= 1, got {self.behaviour_max_new_tokens}")
         if any(not isinstance(v, int) or v < 1 for v in self.behaviour_limits.values()):
             raise ValueError(f"behaviour_limits: limits must be whole numbers >= 1, got {self.behaviour_limits}")
         check_sources(self)

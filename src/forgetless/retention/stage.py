@@ -29,15 +29,20 @@ class RetentionConfig(MeasureSettings):
     """The model to measure and where to write; what to measure is :class:`MeasureSettings`."""
 
     model: str = field(default="embedded", metadata={"help": "tuned model: 'embedded', a local dir or a hub name"})
-    adapter: str | None = field(default=None, metadata={"help": "PEFT adapter dir applied on `model`; its base is `model` with the adapter disabled"})
-    base_model: str | None = field(default=None, metadata={"help": "separate base model for drift/held-out (full fine-tunes); none: adapter-disabled view, or `model` itself"})
-    adapter_scale: float = field(default=1.0, metadata={"help": "WiSE-FT interpolation alpha in [0, 1]: base + alpha * (tuned - base); "
-                                                              "a LoRA adapter's scale, or a full fine-tune blended with base_model"})
+    adapter: str | None = field(default=None, metadata={"help": "PEFT adapter dir applied on `model`; its base is "
+                                                                "`model` with the adapter disabled"})
+    base_model: str | None = field(default=None, metadata={"help": "separate base model for drift/held-out (full "
+                                                                   "fine-tunes); none: adapter-disabled "
+                                                                   "view, or `model` itself"})
+    adapter_scale: float = field(default=1.0, metadata={"help": "WiSE-FT interpolation alpha in [0, 1]: base + alpha * "
+                                                                "(tuned - base); a LoRA adapter's scale, or a full "
+                                                                "fine-tune blended with base_model"})
     revision: str | None = field(default=None, metadata={"help": "hub revision of `model`"})
     dtype: str = field(default="auto", metadata={"help": "auto, float32, bfloat16 or float16"})
     device: str | None = field(default=None, metadata={"help": "cpu or cuda (default: cuda when present)"})
     output_dir: str = field(default="runs/retention", metadata={"help": "where the records are written"})
-    cache_dir: str | None = field(default=None, metadata={"help": "cache of base answers/statistics (default: $FORGETLESS_CACHE/retention)"})
+    cache_dir: str | None = field(default=None, metadata={"help": "cache of base answers/statistics (default: "
+                                                                  "$FORGETLESS_CACHE/retention)"})
 
     def __post_init__(self):
         super().__post_init__()
@@ -92,7 +97,8 @@ def run_retention(config: RetentionConfig) -> Path:
     tasks = list(measure_retention(model, tokenizer, base, config, out, cache, base_id))
     if distributed.is_main():
         artifacts.write_json(out / "manifest.json", {
-            "stage": "retention", "model": config.model, "adapter": config.adapter, "adapter_scale": config.adapter_scale, "base": base_id,
+            "stage": "retention", "model": config.model, "adapter": config.adapter,
+            "adapter_scale": config.adapter_scale, "base": base_id,
             "tasks": tasks, "seconds": round(time.time() - started, 1), "versions": artifacts.versions()})
     distributed.barrier()
     return out

@@ -39,19 +39,27 @@ class ScoreConfig:
 
     model: str = field(default=EMBEDDED, metadata={"help": "base model: 'embedded', a local directory or a hub name"})
     revision: str | None = field(default=None, metadata={"help": "hub revision (commit, tag or branch)"})
-    adapter: str | None = field(default=None, metadata={"help": "PEFT adapter dir applied on `model`: score under the tuned model (DPF's second scoring)"})
-    data: str = field(default="mbpp-train", metadata={"help": "bundled split name, JSONL file, saved dataset dir, or hf:<name>[:split]"})
+    adapter: str | None = field(default=None, metadata={"help": "PEFT adapter dir applied on `model`: score under the "
+                                                                "tuned model (DPF's second scoring)"})
+    data: str = field(default="mbpp-train",
+                      metadata={"help": "bundled split name, JSONL file, saved dataset dir, or hf:<name>[:split]"})
     limit: int | None = field(default=None, metadata={"help": "score only the first N examples"})
-    max_length: int = field(default=1024, metadata={"help": "tokens per example; longer ones are handled by 'overlong'"})
-    overlong: str = field(default="truncate", metadata={"help": "'truncate' (cut from the right) or 'skip' examples over max_length; both are counted"})
+    max_length: int = field(default=1024,
+                            metadata={"help": "tokens per example; longer ones are handled by 'overlong'"})
+    overlong: str = field(default="truncate", metadata={"help": "'truncate' (cut from the right) or 'skip' examples "
+                                                                "over max_length; both are counted"})
     batch_tokens: int = field(default=8192, metadata={"help": "padded tokens per forward batch (length-bucketed)"})
-    part_size: int = field(default=256, metadata={"help": "examples per saved part: a crash loses at most one part's work"})
+    part_size: int = field(default=256,
+                           metadata={"help": "examples per saved part: a crash loses at most one part's work"})
     dtype: str = field(default="auto", metadata={"help": "auto (bf16 on CUDA, else fp32), float32, bfloat16, float16"})
     device: str | None = field(default=None, metadata={"help": "cuda or cpu (default: cuda when available)"})
-    backend: str = field(default="auto", metadata={"help": "hf | vllm (prompt_logprobs) | auto (vllm when installed and CUDA present, else hf)"})
+    backend: str = field(default="auto", metadata={"help": "hf | vllm (prompt_logprobs) | auto (vllm when installed "
+                                                           "and CUDA present, else hf)"})
     tensor_parallel_size: int = field(default=1, metadata={"help": "vLLM: GPUs one model is split across"})
-    gpu_memory_utilization: float = field(default=0.9, metadata={"help": "vLLM: share of GPU memory it may take (weights + KV cache)"})
-    max_model_len: int | None = field(default=None, metadata={"help": "vLLM: longest sequence in tokens, > max_length (null: the model's own)"})
+    gpu_memory_utilization: float = field(default=0.9, metadata={"help": "vLLM: share of GPU memory it may take "
+                                                                         "(weights + KV cache)"})
+    max_model_len: int | None = field(default=None, metadata={"help": "vLLM: longest sequence in tokens, > max_length "
+                                                                      "(null: the model's own)"})
     attn_implementation: str | None = field(default=None, metadata={
         "help": "transformers attention: sdpa, eager, flash_attention_2, ... (default: transformers' choice)"})
     padding_free: bool = field(default=False, metadata={
@@ -74,7 +82,8 @@ class ScoreConfig:
             raise ValueError(f"limit must be positive, got {self.limit}")
         check_backend_settings(self.backend, self.tensor_parallel_size, self.gpu_memory_utilization, self.max_model_len)
         if self.max_model_len is not None and self.max_model_len <= self.max_length:
-            raise ValueError(f"max_model_len ({self.max_model_len}) must exceed max_length ({self.max_length}): vLLM scores a prompt while generating one token")
+            raise ValueError(f"max_model_len ({self.max_model_len}) must exceed max_length ({self.max_length}): vLLM "
+                             "scores a prompt while generating one token")
 
 
 def encode_examples(tokenizer, examples: list[Example], max_length: int, overlong: str):
@@ -142,7 +151,8 @@ def write_scores(out: Path, kept: list, nlls: list[np.ndarray], counts: dict, n_
     n_inf = int(sum(np.sum(np.isinf(n)) for n in nlls))
     n_nan = int(sum(np.sum(np.isnan(n[1:][np.asarray(e.response_mask[1:], bool)])) for n, e in zip(nlls, encoded)))
     if n_inf or n_nan:
-        logger.warning("non-finite scores: %d response tokens with NLL inf (probability 0), %d NaN (masking will refuse them)", n_inf, n_nan)
+        logger.warning("non-finite scores: %d response tokens with NLL inf (probability 0), %d NaN "
+                       "(masking will refuse them)", n_inf, n_nan)
     table = pa.table({
         "id": [ex.id for ex, _ in kept],
         "input_ids": [e.input_ids for e in encoded],

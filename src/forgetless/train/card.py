@@ -28,7 +28,8 @@ def card_text(config, manifest: dict, counts: dict, facts: dict) -> str:
     rows = [("base model", config.model), ("recipe", f"{config.method} (masking policy: {facts.get('policy', 'n/a')})"),
             ("τ (perplexity threshold)", "n/a" if tau is None else f"{tau:g}"),
             ("masked fraction of response tokens", "n/a" if fraction is None else f"{fraction:.1%}"),
-            ("adapter", config.adapter), ("learning rate", f"{config.learning_rate:g}"), ("epochs", f"{config.epochs:g}"),
+            ("adapter", config.adapter), ("learning rate", f"{config.learning_rate:g}"),
+            ("epochs", f"{config.epochs:g}"),
             ("training examples", counts.get("examples", "n/a")), ("data fingerprint", manifest["data_fingerprint"]),
             ("forgetless", manifest["forgetless"])]
     lines = ["---", "library_name: peft" if config.adapter != "full" else "library_name: transformers",

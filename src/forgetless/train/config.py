@@ -22,7 +22,8 @@ class TrainConfig:
                                                           "'kl' needs kl_coef > 0"})
     kl_coef: float = field(default=0.0, metadata={"help": "beta of beta * KL(tuned || base) on trained tokens"})
     loss_type: str = field(default="nll", metadata={"help": "nll, or dft: each token's loss times its own detached "
-                                                            "probability under the current model (TRL's loss_type='dft')"})
+                                                            "probability under the current model "
+                                                            "(TRL's loss_type='dft')"})
     adapter: str = field(default="lora", metadata={"help": "lora, dora or full (fine-tune every weight)"})
     lora_r: int = field(default=16, metadata={"help": "adapter rank"})
     lora_alpha: float = field(default=32.0, metadata={"help": "adapter alpha (scaling = alpha / r)"})
@@ -31,7 +32,8 @@ class TrainConfig:
         "help": "'all-linear' (every linear layer but the LM head) or comma-separated module names"})
     learning_rate: float = field(default=2e-4, metadata={"help": "peak learning rate"})
     lr_scheduler: str = field(default="linear", metadata={"help": "HF scheduler name: linear, cosine, constant..."})
-    warmup_ratio: float = field(default=0.0, metadata={"help": "linear warm-up: a fraction of the steps if < 1, else a number of steps"})
+    warmup_ratio: float = field(default=0.0, metadata={"help": "linear warm-up: a fraction of the steps if < 1, "
+                                                               "else a number of steps"})
     epochs: float = field(default=1.0, metadata={"help": "passes over the table (ignored when max_steps > 0)"})
     max_steps: int = field(default=-1, metadata={"help": "optimizer steps; -1 = use epochs"})
     batch_size: int = field(default=4, metadata={"help": "examples per micro-batch per device"})
@@ -49,9 +51,14 @@ class TrainConfig:
     gradient_checkpointing: bool = field(default=False, metadata={"help": "trade compute for activation memory"})
     deepspeed: str | None = field(default=None, metadata={"help": "DeepSpeed JSON config file (run under torchrun / "
                                                                   "accelerate launch; or use an accelerate config)"})
-    keep: str = field(default="last", metadata={"help": "the weights a run keeps: last, or best-epoch (the epoch best on select_on; ties: the earlier)"})
-    select_on: str = field(default="gen:mbpp-validation", metadata={"help": "best-epoch: an eval task (mbpp: pass@1) or a behaviour record gen:<source>[:<metric>] (gen:mbpp-validation: asserts passed)"})
-    select_limit: int | None = field(default=None, metadata={"help": "best-epoch: first N items of select_on (none: all)"})
+    keep: str = field(default="last", metadata={"help": "the weights a run keeps: last, or best-epoch (the epoch best "
+                                                        "on select_on; ties: the earlier)"})
+    select_on: str = field(default="gen:mbpp-validation", metadata={"help": "best-epoch: an eval task (mbpp: pass@1) "
+                                                                            "or a behaviour record "
+                                                                            "gen:<source>[:<metric>] "
+                                                                            "(gen:mbpp-validation: asserts passed)"})
+    select_limit: int | None = field(default=None,
+                                     metadata={"help": "best-epoch: first N items of select_on (none: all)"})
     logging_steps: int = field(default=1, metadata={"help": "optimizer steps per loss.jsonl line"})
     attn_implementation: str | None = field(default=None, metadata={
         "help": "transformers attention: sdpa, eager, flash_attention_2, ... (default: transformers' choice)"})

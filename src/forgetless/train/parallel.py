@@ -42,7 +42,8 @@ def refuse_data_parallel(args) -> None:
 
 def sharding_engine(args) -> str | None:
     """``"fsdp"``, ``"zero3"`` when the weights will be sharded across processes, else None (one process, DDP,
-    ZeRO-1/2). Read from the TrainingArguments (``deepspeed=`` / ``fsdp=``) and the accelerate launcher's environment."""
+    ZeRO-1/2). Read from the TrainingArguments (``deepspeed=`` / ``fsdp=``) and the accelerate
+    launcher's environment."""
     from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
 
     if is_deepspeed_zero3_enabled():

@@ -50,12 +50,15 @@ class ProbeConfig(MeasureSettings):
     behaviour_sources: tuple[str, ...] = default("behaviour_sources", ())
     max_new_tokens: int = default("max_new_tokens", 32)
     heldout_limit: int | None = default("heldout_limit", 12)
-    every: int = field(default=4, metadata={"help": "evaluate every N optimizer steps (and at step 0 and the last step)"})
-    guard_metric: str | None = field(default=None, metadata={"help": "measure watched by the guard (e.g. mc_retention, top1_agreement); none: no guard"})
+    every: int = field(default=4,
+                       metadata={"help": "evaluate every N optimizer steps (and at step 0 and the last step)"})
+    guard_metric: str | None = field(default=None, metadata={"help": "measure watched by the guard (e.g. mc_retention, "
+                                                                     "top1_agreement); none: no guard"})
     guard_min: float | None = field(default=None, metadata={"help": "stop training when guard_metric falls below this"})
-    guard_restore: bool = field(default=True, metadata={"help": "on a stop, put back the weights of the last probe that passed, "
-                                                                "so the saved model is within the limit (keeps a CPU copy of "
-                                                                "the trainable weights: small for LoRA, the whole model for full)"})
+    guard_restore: bool = field(default=True, metadata={"help": "on a stop, put back the weights of the last probe "
+                                                                "that passed, so the saved model is within the limit "
+                                                                "(keeps a CPU copy of the trainable weights: small for "
+                                                                "LoRA, the whole model for full)"})
 
     def __post_init__(self):
         super().__post_init__()
@@ -146,7 +149,8 @@ class ProbeCallback(TrainerCallback):
         if not self.guard_restore:
             return
         if self._passed is None:
-            logger.warning("forgetting guard: no probe passed in this process; keeping the step-%d weights", state.global_step)
+            logger.warning("forgetting guard: no probe passed in this process; keeping the step-%d weights",
+                           state.global_step)
             return
         step, weights = self._passed
         with torch.no_grad():

@@ -82,7 +82,8 @@ def selection_measure(config, tokenizer) -> Measure:
 def best_epoch(rows: list[dict]) -> int:
     """The epoch with the best score (highest, or lowest where lower is better); ties go to the earlier epoch.
 
-    >>> best_epoch([{"epoch": 1, "score": 0.4, "higher_is_better": True}, {"epoch": 2, "score": 0.6, "higher_is_better": True},
+    >>> best_epoch([{"epoch": 1, "score": 0.4, "higher_is_better": True},
+    ...             {"epoch": 2, "score": 0.6, "higher_is_better": True},
     ...             {"epoch": 3, "score": 0.6, "higher_is_better": True}])
     2
     """

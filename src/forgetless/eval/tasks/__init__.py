@@ -37,7 +37,8 @@ class Scored:
 
 @dataclass(frozen=True)
 class Task:
-    """A benchmark. ``extract(output, item)`` pulls the answer out of a generation; ``score(extracted, item)`` in [0, 1]."""
+    """A benchmark. ``extract(output, item)`` pulls the answer out of a generation;
+    ``score(extracted, item)`` in [0, 1]."""
 
     name: str
     metric: str
@@ -156,5 +157,6 @@ def get_task(spec: str) -> Task:
         from forgetless.eval.tasks.custom import load_task_file
 
         return load_task_file(spec)
-    hint = " (text-to-SQL needs a definition file with 'type: sql': see forgetless.eval.tasks.sql)" if spec == "sql" else ""
+    hint = (" (text-to-SQL needs a definition file with 'type: sql': see forgetless.eval.tasks.sql)"
+            if spec == "sql" else "")
     raise ConfigError(f"unknown task {spec!r}: use one of {', '.join(BUILTIN)} or a .yaml/.json task definition{hint}")

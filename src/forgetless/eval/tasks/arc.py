@@ -16,7 +16,8 @@ PROMPT = ("Answer the following multiple-choice science question. Reply with the
 
 
 def format_prompt(record: dict) -> str:
-    choices = "\n".join(f"{label}. {text}" for label, text in zip(record["choices"]["label"], record["choices"]["text"]))
+    choices = "\n".join(f"{label}. {text}"
+                        for label, text in zip(record["choices"]["label"], record["choices"]["text"]))
     return PROMPT.format(question=record["question"], choices=choices)
 
 
@@ -37,7 +38,8 @@ def extract_letter(output: str, labels: list[str]) -> str | None:
 
 def load_arc(source: str = "arc_challenge-test") -> list[Item]:
     records, _ = load_records(source)
-    return [Item(id=str(r["id"]), messages=[{"role": "user", "content": format_prompt(r)}], gold=r["answerKey"], record=r)
+    return [Item(id=str(r["id"]), messages=[{"role": "user", "content": format_prompt(r)}], gold=r["answerKey"],
+                 record=r)
             for r in records]
 
 

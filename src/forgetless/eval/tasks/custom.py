@@ -26,7 +26,8 @@ from forgetless.lm.data import load_records, normalize_record
 from forgetless.eval.tasks import Item, Task, stable_id
 
 METRICS = ("exact_match", "contains", "numeric", "math_verify", "choice", "sql", "chrf")
-_KEYS = {"name", "data", "prompt", "gold", "metric", "extract", "max_new_tokens", "id", "db_root", "system", "chance", "choices"}
+_KEYS = {"name", "data", "prompt", "gold", "metric", "extract", "max_new_tokens", "id", "db_root", "system", "chance",
+         "choices"}
 
 
 def normalize_text(text: str) -> str:
@@ -88,7 +89,8 @@ def _load(definition: dict) -> list[Item]:
         if definition["gold"] not in r:
             raise DataError(f"{origin}: record {i} has no gold field {definition['gold']!r}")
         id_field = definition.get("id")
-        item_id = str(r[id_field]) if id_field and id_field in r else stable_id(definition["name"], json.dumps(messages))
+        item_id = (str(r[id_field]) if id_field and id_field in r
+                   else stable_id(definition["name"], json.dumps(messages)))
         items.append(Item(id=item_id, messages=messages, gold=r[definition["gold"]], record=r))
     return items
 

@@ -53,7 +53,8 @@ def numbers_equal(pred: float | None, gold: float) -> float:
 
 def load_gsm8k(source: str = "gsm8k") -> list[Item]:
     records, _ = load_records(source)
-    return [Item(id=stable_id("gsm8k", r["question"]), messages=first_human_turn(r), gold=gold_answer(r["answer"]), record=r)
+    return [Item(id=stable_id("gsm8k", r["question"]), messages=first_human_turn(r), gold=gold_answer(r["answer"]),
+                 record=r)
             for r in records]
 
 

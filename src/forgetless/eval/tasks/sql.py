@@ -52,7 +52,8 @@ def execute(path: Path, query: str, timeout_s: float = 5.0) -> list[tuple]:
 def schema_text(path: Path) -> str:
     conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
     try:
-        rows = conn.execute("SELECT sql FROM sqlite_master WHERE type='table' AND sql IS NOT NULL ORDER BY name").fetchall()
+        rows = conn.execute("SELECT sql FROM sqlite_master WHERE type='table' AND sql IS NOT NULL "
+                            "ORDER BY name").fetchall()
     finally:
         conn.close()
     return "\n".join(r[0].strip() + ";" for r in rows)
