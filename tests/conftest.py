@@ -20,7 +20,8 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-os.environ.setdefault("FORGETLESS_PROGRESS", "0")  # no progress lines in captured output (tests/test_progress.py sets its own)
+# no progress lines in captured output (tests/test_progress.py sets its own)
+os.environ.setdefault("FORGETLESS_PROGRESS", "0")
 SRC = str(Path(__file__).resolve().parents[1] / "src")
 
 CHATML = (

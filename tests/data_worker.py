@@ -1,7 +1,8 @@
 """Run by tests/test_data_distributed.py under torchrun (2 CPU processes, gloo): the data stages across processes.
 
 ``stages ROOT OUT``: score, eval, retention and generate on the tiny models and data of ``ROOT`` (see
-:func:`make_world`), each into ``OUT/<stage>``; every process writes ``OUT/world-<rank>.json`` (the launch's size, and per sharing loop its batches and all).
+:func:`make_world`), each into ``OUT/<stage>``; every process writes ``OUT/world-<rank>.json`` (the launch's size,
+and per sharing loop its batches and all).
 ``score ROOT OUT``: score alone; every process writes how many examples it scored to ``OUT/scored-<rank>.json``.
 ``score-kill ROOT OUT``: score, with rank 1 killing itself (SIGKILL) right after saving its second part.
 
@@ -30,15 +31,17 @@ def make_world(root: Path) -> Path:
     save_tiny_model(root / "base", tok, seed=1, max_position_embeddings=2048)
     answers = ["def add(a, b):\n    return a + b\n", "print('hello world')", "The quick brown fox jumps."]
     (root / "score.jsonl").write_text("".join(
-        json.dumps({"id": f"s{i}", "prompt": f"Write a python function number {i}.", "response": answers[i % 3] * (1 + i % 4)}) + "\n"
+        json.dumps({"id": f"s{i}", "prompt": f"Write a python function number {i}.",
+                    "response": answers[i % 3] * (1 + i % 4)}) + "\n"
         for i in range(22)))
     (root / "prompts.jsonl").write_text("".join(
         json.dumps({"id": f"e{i}", "prompt": f"Write a python function number {i}.", "response": answers[i % 3]}) + "\n"
         for i in range(7)))
-    (root / "echo.jsonl").write_text("".join(json.dumps({"id": f"q{i}", "q": f"say {i}" + " please" * (i % 3), "a": str(i)}) + "\n"
+    (root / "echo.jsonl").write_text("".join(json.dumps({"id": f"q{i}", "q": f"say {i}" + " please" * (i % 3),
+                                                         "a": str(i)}) + "\n"
                                              for i in range(7)))
-    (root / "echo.json").write_text(json.dumps({"name": "echo", "data": str(root / "echo.jsonl"), "prompt": "{q}", "gold": "a",
-                                                "metric": "numeric", "max_new_tokens": 5}))
+    (root / "echo.json").write_text(json.dumps({"name": "echo", "data": str(root / "echo.jsonl"), "prompt": "{q}",
+                                                "gold": "a", "metric": "numeric", "max_new_tokens": 5}))
     for name, source in (("gsm8k-tiny.jsonl", "gsm8k.jsonl.gz"), ("mbpp-tiny.jsonl", "mbpp-validation.jsonl.gz")):
         with gzip.open(DATASETS / source, "rt", encoding="utf-8") as f:
             (root / name).write_text("".join(next(f) for _ in range(5)))

@@ -1,8 +1,8 @@
 """Run by tests/test_train_distributed.py under torchrun (CPU processes, gloo).
 
-``fsdp OUT.json``: the masked loss under FSDP2. Each process builds the same tiny model, shards it the way accelerate's FSDP2 does (``fully_shard`` on every
-decoder layer, then on the root), computes the masked loss of its half of a batch through
-:func:`forgetless.train.loss.compute_masked_loss` and runs backward. The loss summed over processes and the
+``fsdp OUT.json``: the masked loss under FSDP2. Each process builds the same tiny model, shards it the way accelerate's
+FSDP2 does (``fully_shard`` on every decoder layer, then on the root), computes the masked loss of its half of a batch
+through :func:`forgetless.train.loss.compute_masked_loss` and runs backward. The loss summed over processes and the
 gathered gradients must equal those of one unsharded model on the whole batch. Rank 0 writes the differences to the
 JSON file named on the command line.
 
@@ -76,7 +76,8 @@ def run_case(make, vocab: int, kl_coef: float, with_reference: bool, full_batch:
     half = full_batch["input_ids"].shape[0] // world
     mine = {k: v[rank * half : (rank + 1) * half] for k, v in full_batch.items()}
     loss_module._FALLBACK_LOGGED.clear()
-    loss, stats = loss_module.compute_masked_loss(model, mine, num_items, kl_coef, copy.deepcopy(base) if base else None)
+    loss, stats = loss_module.compute_masked_loss(model, mine, num_items, kl_coef,
+                                                  copy.deepcopy(base) if base else None)
     (loss * world).backward()  # FSDP averages gradients over processes, as the Trainer mixin expects
     total = loss.detach().clone()
     dist.all_reduce(total)

@@ -29,12 +29,14 @@ def world(tmp_path_factory):
     rows = [{"id": f"ex{i}", "prompt": f"Write a python function number {i}.",
              "response": "def add(a, b):\n    return a + b" + " + 0" * (3 * i)} for i in range(4)]
     (root / "data.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    (root / "echo.jsonl").write_text("".join(json.dumps({"id": f"i{i}", "q": f"say {i}", "a": str(i)}) + "\n" for i in range(3)))
+    (root / "echo.jsonl").write_text("".join(json.dumps({"id": f"i{i}", "q": f"say {i}", "a": str(i)}) + "\n"
+                                             for i in range(3)))
     (root / "echo.json").write_text(json.dumps({"name": "echo", "data": str(root / "echo.jsonl"), "prompt": "{q}",
                                                 "gold": "a", "metric": "numeric", "max_new_tokens": 2}))
     # An adapter trained for another base: hidden size 48 instead of 32.
     other = build_model(len(tok), hidden_size=48, intermediate_size=96)
-    get_peft_model(other, LoraConfig(r=2, target_modules="all-linear", task_type="CAUSAL_LM")).save_pretrained(root / "foreign")
+    get_peft_model(other, LoraConfig(r=2, target_modules="all-linear", task_type="CAUSAL_LM")).save_pretrained(
+        root / "foreign")
     (root / "not-an-adapter").mkdir()
     table = build_sft_table(load_examples(str(root / "data.jsonl")), tok)
     write_table(table, root / "sft.parquet")
@@ -60,7 +62,9 @@ GOOD = json.dumps({"prompt": "Q", "response": "A"}) + "\n"
 DATA_CASES = {  # file content -> what the error line must say
     "malformed": (GOOD + '{"messages": [\n', ":2: malformed JSON"),
     "missing-fields": (GOOD + json.dumps({"text": "hi"}) + "\n", "no 'messages'"),
-    "unknown-role": (json.dumps({"messages": [{"role": "narrator", "content": "x"}, {"role": "assistant", "content": "y"}]}) + "\n", "unknown role 'narrator'"),
+    "unknown-role": (json.dumps({"messages": [{"role": "narrator", "content": "x"},
+                                              {"role": "assistant", "content": "y"}]}) + "\n",
+                     "unknown role 'narrator'"),
     "blank-response": (GOOD + json.dumps({"prompt": "Q", "response": " \n\t"}) + "\n", "response is empty"),
     "no-assistant": (json.dumps({"messages": [{"role": "user", "content": "Q"}]}) + "\n", "assistant turn"),
     "non-utf8": (b'{"prompt": "caf\xe9", "response": "x"}\n', "not UTF-8"),
@@ -88,13 +92,14 @@ def test_bad_data_file_through_score(world, tiny_model_dir, tmp_path, capsys, ca
     content, problem = DATA_CASES[case]
     path = record_file(tmp_path, f"{case}.jsonl", content)
     out = tmp_path / "scores"
-    expect_error(capsys, ["score", "--model", str(tiny_model_dir), "--data", path, "--output-dir", str(out), "device=cpu"],
+    expect_error(capsys,
+                 ["score", "--model", str(tiny_model_dir), "--data", path, "--output-dir", str(out), "device=cpu"],
                  out, path, problem)
 
 
 @pytest.mark.parametrize("override, problem", [
-    ("tau=nan", "tau"), ("tau=0", "tau"), ("tau=-1", "tau"), ("fraction=1.0", "fraction"), ("fraction=-0.1", "fraction"),
-    ("tua=3", "did you mean 'tau'"),
+    ("tau=nan", "tau"), ("tau=0", "tau"), ("tau=-1", "tau"), ("fraction=1.0", "fraction"),
+    ("fraction=-0.1", "fraction"), ("tua=3", "did you mean 'tau'"),
 ])
 def test_bad_mask_settings(world, tmp_path, capsys, override, problem):
     out = tmp_path / "m"
@@ -148,7 +153,8 @@ def test_adapter_dir_without_adapter_config(world, tiny_model_dir, tmp_path, cap
 def test_unknown_model_offline_in_eval(world, tmp_path, capsys):
     out = tmp_path / "o"
     expect_error(capsys, ["eval", "--model", "no-such-org/no-such-model", "--output-dir", str(out),
-                          f"tasks=[{world / 'echo.json'}]", "cache=false"], out, "no-such-org/no-such-model", "embedded")
+                          f"tasks=[{world / 'echo.json'}]", "cache=false"], out, "no-such-org/no-such-model",
+                 "embedded")
 
 
 @pytest.mark.parametrize("content, problem", [
@@ -164,12 +170,13 @@ def test_bad_predictions_file(world, tmp_path, capsys, content, problem):
 
 
 @pytest.mark.parametrize("table, problem", [
-    ("all-masked.parquet", "nothing to train on"), ("garbage.parquet", "garbage.parquet"), ("missing.parquet", "missing.parquet"),
+    ("all-masked.parquet", "nothing to train on"), ("garbage.parquet", "garbage.parquet"),
+    ("missing.parquet", "missing.parquet"),
 ])
 def test_bad_training_table(world, tiny_model_dir, tmp_path, capsys, table, problem):
     out = tmp_path / "run"
-    expect_error(capsys, ["train", "--data", str(world / table), "--output-dir", str(out), "--model", str(tiny_model_dir),
-                          "max_steps=1", "device=cpu"], out, problem)
+    expect_error(capsys, ["train", "--data", str(world / table), "--output-dir", str(out), "--model",
+                          str(tiny_model_dir), "max_steps=1", "device=cpu"], out, problem)
     assert not (out / "adapter").exists()
 
 
@@ -226,4 +233,5 @@ def test_every_error_class_of_forgetless_is_a_forgetless_error():
         found += [obj for _, obj in inspect.getmembers(module, inspect.isclass)
                   if issubclass(obj, Exception) and obj.__module__ == module.__name__]
     assert len(found) >= 10
-    assert all(issubclass(cls, ForgetlessError) for cls in found), [c for c in found if not issubclass(c, ForgetlessError)]
+    assert all(issubclass(cls, ForgetlessError) for cls in found), \
+        [c for c in found if not issubclass(c, ForgetlessError)]

@@ -23,10 +23,12 @@ def test_gsm8k_features_by_hand():
     assert f["working_chars"] == 62 and f["skips_working"] == 0.0
     assert f["format"] == 1.0 and f["accuracy"] == 1.0
     bare = answer_features("#### 12", profile, GSM8K_RECORD)
-    assert bare["working_chars"] == 0 and bare["skips_working"] == 1.0 and bare["format"] == 1.0 and bare["accuracy"] == 0.0
+    assert (bare["working_chars"] == 0 and bare["skips_working"] == 1.0 and bare["format"] == 1.0
+            and bare["accuracy"] == 0.0)
     # No marker: the whole answer is working, the format is missing; the last number is the answer.
     loose = answer_features("So the answer is 5.", profile, GSM8K_RECORD)
-    assert loose["working_chars"] == 19 and loose["skips_working"] == 1.0 and loose["format"] == 0.0 and loose["accuracy"] == 1.0
+    assert (loose["working_chars"] == 19 and loose["skips_working"] == 1.0 and loose["format"] == 0.0
+            and loose["accuracy"] == 1.0)
     assert answer_features("#### twelve", profile, GSM8K_RECORD)["format"] == 0.0
 
 
@@ -102,9 +104,11 @@ def test_behaviour_of_the_base_against_itself_and_of_a_changed_model(tokenizer, 
     assert same["gen:gsm8k"]["metric"] == "did_what_asked"
     # Random tiny weights write no marker: never what was asked; the whole answer is working, kept in full.
     assert same["gen:gsm8k"]["score"] == 0.0 and same["gen:gsm8k"]["n"] == 3
-    assert all(v == 1.0 for v in (it["score"] for it in read_task(tmp_path / "base", "gen:gsm8k:working_kept")[1].values()))
+    assert all(v == 1.0
+               for v in (it["score"] for it in read_task(tmp_path / "base", "gen:gsm8k:working_kept")[1].values()))
     # 24 random tokens never stop: the base finished none of its answers within the budget, and it says so.
-    assert same["gen:gsm8k"]["settings"]["base_finish_rate"] == 0.0 and same["gen:gsm8k"]["settings"]["max_new_tokens"] == 24
+    assert (same["gen:gsm8k"]["settings"]["base_finish_rate"] == 0.0
+            and same["gen:gsm8k"]["settings"]["max_new_tokens"] == 24)
     # The same weights answering as a "tuned" model reproduce the base: nothing changed.
     again = evaluate_behaviour(tuned, tokenizer, base, out_dir=tmp_path / "same", **kw)
     assert again["gen:gsm8k:surprise"]["score"] == pytest.approx(same["gen:gsm8k:surprise"]["score"], abs=1e-5)
@@ -160,22 +164,27 @@ def test_gsm8k_did_what_was_asked_by_hand():
     assert not gsm8k_did_what_asked(working + "\n#### five")            # no number after the marker
     assert not gsm8k_did_what_asked("Short: 3+2.\n#### 5")               # 11 characters: under MIN_WORKING
     assert not gsm8k_did_what_asked(working + "\n#### 5\nThen again #### ?")  # the final marker has no number
-    assert gsm8k_did_what_asked("x" * MIN_WORKING + "#### -3") and not gsm8k_did_what_asked("x" * (MIN_WORKING - 1) + "#### 3")
+    assert (gsm8k_did_what_asked("x" * MIN_WORKING + "#### -3")
+            and not gsm8k_did_what_asked("x" * (MIN_WORKING - 1) + "#### 3"))
     assert answer_features(working + "\n#### 5", profile_for("gsm8k"), GSM8K_RECORD)["did_what_asked"] == 1.0
     assert answer_features("#### 5", profile_for("math-test"), {})["did_what_asked"] is None
 
 
 def test_finish_rates_by_hand():
     # stops: an id where the answer stopped on its own, None where the budget cut it.
-    assert finish_rates([2, None, None, 2], [2, 2, 2, 2, 2, None, 2, 2, 2, 2]) == {"finish_rate": 0.5, "base_finish_rate": 0.9}
+    assert finish_rates([2, None, None, 2], [2, 2, 2, 2, 2, None, 2, 2, 2, 2]) == {"finish_rate": 0.5,
+                                                                                   "base_finish_rate": 0.9}
     assert finish_rates([], []) == {"finish_rate": None, "base_finish_rate": None}
 
 
 def test_ifeval_items_are_prompts_or_instructions():
-    rows = [{"id": "7", "prompt_level_strict_acc": 0.0, "instructions": [{"instruction": "a", "strict": False, "loose": True},
-                                                                       {"instruction": "b", "strict": True, "loose": True}]},
-            {"id": "9", "prompt_level_strict_acc": 1.0, "instructions": [{"instruction": "a", "strict": True, "loose": True}]}]
-    assert [(i["id"], i["score"]) for i in metric_items(rows, "inst_level_strict_acc")] == [("7/0", 0.0), ("7/1", 1.0), ("9/0", 1.0)]
+    rows = [{"id": "7", "prompt_level_strict_acc": 0.0,
+             "instructions": [{"instruction": "a", "strict": False, "loose": True},
+                              {"instruction": "b", "strict": True, "loose": True}]},
+            {"id": "9", "prompt_level_strict_acc": 1.0,
+             "instructions": [{"instruction": "a", "strict": True, "loose": True}]}]
+    assert [(i["id"], i["score"]) for i in metric_items(rows, "inst_level_strict_acc")] == [("7/0", 0.0), ("7/1", 1.0),
+                                                                                            ("9/0", 1.0)]
     assert [i["score"] for i in metric_items(rows, "inst_level_loose_acc")] == [1.0, 1.0, 1.0]
     assert [(i["id"], i["score"]) for i in metric_items(rows, "prompt_level_strict_acc")] == [("7", 0.0), ("9", 1.0)]
 

@@ -60,7 +60,8 @@ def test_best_epoch_lower_is_better_and_nan_never_wins():
     ({"adapter": "full"}, "adapter=full"),
     ({"max_steps": 3}, "whole epochs"),
     ({"max_steps": -1, "epochs": 1.5}, "whole epochs"),
-    ({"max_steps": -1, "select_on": "gen:mbpp-validation:accuracy"}, "records gen:mbpp-validation, gen:mbpp-validation:defines"),
+    ({"max_steps": -1, "select_on": "gen:mbpp-validation:accuracy"},
+     "records gen:mbpp-validation, gen:mbpp-validation:defines"),
     ({"max_steps": -1, "select_on": "mbbp"}, "unknown task 'mbbp'"),
 ])
 def test_best_epoch_settings_are_checked_when_built(train_world, overrides, message):
@@ -73,7 +74,8 @@ def test_select_on_the_mbpp_eval_task_measures_pass_at_1(train_world):
                        select_on="mbpp", select_limit=1)
     out = run_train(cfg)
     rows = json.loads((out / "train_summary.json").read_text())["epochs"]
-    assert [(r["epoch"], r["metric"], r["n"], r["score"]) for r in rows] == [(1, "pass@1", 1, 0.0), (2, "pass@1", 1, 0.0)]
+    assert [(r["epoch"], r["metric"], r["n"], r["score"]) for r in rows] == [(1, "pass@1", 1, 0.0),
+                                                                             (2, "pass@1", 1, 0.0)]
     assert json.loads((out / "train_summary.json").read_text())["kept_epoch"] == 1  # a tie: the earlier epoch
 
 

@@ -133,7 +133,8 @@ def test_model_card_of_a_trained_adapter(tmp_path):
 
 
 def test_readme_your_data_command_builds_its_config(tmp_path, monkeypatch):
-    """README.md's "Your model, your data" command, as written, makes a valid run config targeting the held-out share."""
+    """README.md's "Your model, your data" command, as written, makes a valid run config
+    targeting the held-out share."""
     from forgetless.run import run_target, training_data
 
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")

@@ -28,7 +28,8 @@ def test_a_task_is_keyed_on_its_module_and_the_helpers_it_imports_not_on_other_t
     assert sorted(closure) == ["forgetless.eval.tasks", "forgetless.eval.tasks.gsm8k"]
     # mbpp-test reads with the sandbox and the offline MBPP loader: both are keyed.
     closure = codehash.code_closure(get_task("mbpp-test").code_modules(), ("forgetless.eval",))
-    assert {"forgetless.eval.sandbox", "forgetless.eval.tasks.mbpp_offline", "forgetless.eval.tasks.paper"} <= set(closure)
+    assert {"forgetless.eval.sandbox", "forgetless.eval.tasks.mbpp_offline",
+            "forgetless.eval.tasks.paper"} <= set(closure)
 
 
 def test_an_edit_to_the_answer_reading_module_changes_the_task_hash(edited):
@@ -57,7 +58,8 @@ def test_base_cache_reused_unchanged_and_recomputed_after_an_edit(tmp_path, edit
         calls.append(len(prompts))
         return ["#### 1"] * len(prompts)
 
-    cfg = EvalConfig(output_dir=str(tmp_path), tasks=("gsm8k",), limit=3, cache_dir=str(tmp_path / "cache"), progress=False)
+    cfg = EvalConfig(output_dir=str(tmp_path), tasks=("gsm8k",), limit=3, cache_dir=str(tmp_path / "cache"),
+                     progress=False)
     for run in ("a", "b"):
         (tmp_path / run).mkdir()
         evaluate_tasks(["gsm8k"], cfg, fake_generate, tmp_path / run, fingerprint="model-x")

@@ -87,9 +87,11 @@ def test_cli_score_then_mask_on_tiny_model(tmp_path, capsys):
     save_tiny_model(tmp_path / "m", tokenizer=build_tokenizer("llama3"))  # a template with BOS, unlike tiny_model_dir's
     data = tmp_path / "d.jsonl"
     data.write_text("".join(json.dumps({"prompt": f"add {i}", "response": "return a + b"}) + "\n" for i in range(3)))
-    assert main(["score", "--model", str(tmp_path / "m"), "--data", str(data), "--output-dir", str(tmp_path / "s"), "device=cpu"]) == 0
+    assert main(["score", "--model", str(tmp_path / "m"), "--data", str(data), "--output-dir", str(tmp_path / "s"),
+                 "device=cpu"]) == 0
     assert "Masked fraction vs tau" in capsys.readouterr().out
-    assert main(["mask", "--scores", str(tmp_path / "s"), "--policy", "random", "--output-dir", str(tmp_path / "r")]) == 0
+    assert main(["mask", "--scores", str(tmp_path / "s"), "--policy", "random", "--output-dir",
+                 str(tmp_path / "r")]) == 0
     assert "policy random" in capsys.readouterr().out
 
 

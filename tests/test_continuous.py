@@ -77,7 +77,8 @@ def test_budget_and_stop_rule(tok, monkeypatch):
     """An answer cut at the budget has exactly max_new_tokens tokens and no stop; a stop ends it, not kept."""
     model = build_model(len(tok), seed=3)
     prompts = prompts_of(tok)[:3]
-    (new, _), *_ = decode_ids(model, tok, prompts, DecodingSettings(max_new_tokens=6), batch_size=2, show_progress=False)
+    (new, _), *_ = decode_ids(model, tok, prompts, DecodingSettings(max_new_tokens=6), batch_size=2,
+                              show_progress=False)
     monkeypatch.setattr(decode, "stop_token_ids", lambda _: [new[3]])  # the 4th token of answer 0 becomes a stop
     cut = decode_ids(model, tok, prompts, DecodingSettings(max_new_tokens=6), batch_size=2, show_progress=False)
     assert cut[0] == (new[: new.index(new[3])], new[3])

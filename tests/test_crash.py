@@ -21,10 +21,12 @@ from forgetless.train.stage import TrainConfig, last_checkpoint, run_train
 def world(tmp_path_factory, tiny_model_dir):
     """An SFT table of 8 examples for the shared tiny model (``world / "model"`` links to it)."""
     root = tmp_path_factory.mktemp("crash")
-    rows = [{"prompt": f"Write a python function number {i}.", "response": "def add(a, b):\n    return a + b" + " + 0" * i}
+    rows = [{"prompt": f"Write a python function number {i}.",
+             "response": "def add(a, b):\n    return a + b" + " + 0" * i}
             for i in range(8)]
     (root / "data.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    write_table(build_sft_table(load_examples(str(root / "data.jsonl")), build_tokenizer("chatml")), root / "sft.parquet")
+    write_table(build_sft_table(load_examples(str(root / "data.jsonl")), build_tokenizer("chatml")),
+                root / "sft.parquet")
     (root / "model").symlink_to(tiny_model_dir, target_is_directory=True)
     return root
 
@@ -85,8 +87,9 @@ def test_kill_9_during_training_then_resume_equals_uninterrupted(world):
     cfg = train_config(world, "killed", max_steps=5)
     reference = run_train(train_config(world, "uncut", max_steps=5))
     out = Path(cfg.output_dir)
-    cmd = cli("train", "--data", cfg.data, "--output-dir", str(out), "--model", cfg.model, "--device", "cpu", "max_steps=5",
-              "batch_size=2", "learning_rate=0.02", "lora_dropout=0.1", "save_steps=1", "save_total_limit=2", "resume=true")
+    cmd = cli("train", "--data", cfg.data, "--output-dir", str(out), "--model", cfg.model, "--device", "cpu",
+              "max_steps=5", "batch_size=2", "learning_rate=0.02", "lora_dropout=0.1", "save_steps=1",
+              "save_total_limit=2", "resume=true")
     kill_mid_run(cmd, out, trigger=out / "checkpoints" / "checkpoint-2" / "trainer_state.json",
                  too_late=[out / "checkpoints" / "checkpoint-5", out / "adapter", out / "manifest.json"])
     # Killed mid-run: a resumable checkpoint before the last step (1 if the kill cut checkpoint-2 short), no results.
@@ -112,9 +115,10 @@ def test_kill_9_during_evaluation_then_rerun_keeps_finished_tasks(world, tmp_pat
     tasks = []
     for name, n in (("first", 3), ("second", 30)):
         data = tmp_path / f"{name}.jsonl"
-        data.write_text("".join(json.dumps({"id": f"{name}{i}", "q": f"say {i}", "a": str(i)}) + "\n" for i in range(n)))
-        (tmp_path / f"{name}.json").write_text(json.dumps({"name": name, "data": str(data), "prompt": "{q}", "gold": "a",
-                                                           "metric": "numeric", "max_new_tokens": 6}))
+        data.write_text("".join(json.dumps({"id": f"{name}{i}", "q": f"say {i}", "a": str(i)}) + "\n"
+                                for i in range(n)))
+        (tmp_path / f"{name}.json").write_text(json.dumps({"name": name, "data": str(data), "prompt": "{q}",
+                                                           "gold": "a", "metric": "numeric", "max_new_tokens": 6}))
         tasks.append(str(tmp_path / f"{name}.json"))
     settings = ["batch_size=1", "cache=false", "progress=false", "device=cpu", f"tasks=[{','.join(tasks)}]"]
     out = tmp_path / "killed"

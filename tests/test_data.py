@@ -36,7 +36,8 @@ def test_bundled_splits_load():
 @pytest.mark.parametrize("record, message", [
     ('{"messages": [', "d.jsonl:2: malformed JSON"),
     ({"text": "hi"}, "no 'messages', 'conversations' or 'prompt'\\+'response'"),
-    ({"messages": [{"role": "narrator", "content": "x"}, {"role": "assistant", "content": "y"}]}, "unknown role 'narrator'"),
+    ({"messages": [{"role": "narrator", "content": "x"}, {"role": "assistant", "content": "y"}]},
+     "unknown role 'narrator'"),
     ({"prompt": "Q", "response": "   \n"}, "response is empty"),
     ({"messages": [{"role": "user", "content": "Q"}]}, "does not end with an assistant turn"),
     ({"messages": [{"role": "user", "content": 3}, {"role": "assistant", "content": "y"}]}, "content is int"),
@@ -80,7 +81,8 @@ def test_hub_source_without_a_split_takes_train_else_the_only_split(monkeypatch)
 
     hub = {"only-test": {"test": [{"x": 1}]}, "both": {"train": [{"x": 2}], "test": [{"x": 3}]},
            "neither": {"a": [{"x": 4}], "b": [{"x": 5}]}}
-    monkeypatch.setattr(datasets, "load_dataset", lambda name, split=None: hub[name] if split is None else hub[name][split])
+    monkeypatch.setattr(datasets, "load_dataset",
+                        lambda name, split=None: hub[name] if split is None else hub[name][split])
     assert load_records("hf:only-test")[0] == [{"x": 1}]
     assert load_records("hf:both")[0] == [{"x": 2}]
     assert load_records("hf:both:test")[0] == [{"x": 3}]

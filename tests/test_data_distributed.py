@@ -1,4 +1,5 @@
-"""The data stages (score, eval, retention, generate) across 2 CPU processes (torchrun, gloo) write what 1 process writes.
+"""The data stages (score, eval, retention, generate) across 2 CPU processes (torchrun, gloo) write what 1 process
+writes.
 
 Each process takes whole batches of the one-process batching (:mod:`forgetless.lm.distributed`), so the same
 examples share a forward pass however the work is split, and a sampled batch has the same seed: the records are
@@ -24,7 +25,8 @@ import data_worker as w
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def launch(mode: str, world: Path, out: Path, expect_ok: bool = True, cmd: list[str] | None = None) -> subprocess.CompletedProcess:
+def launch(mode: str, world: Path, out: Path, expect_ok: bool = True,
+           cmd: list[str] | None = None) -> subprocess.CompletedProcess:
     """``data_worker.py MODE WORLD OUT`` (or ``cmd``) under torchrun, 2 processes."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            *(cmd or [str(ROOT / "tests" / "data_worker.py"), mode, str(world), str(out)])]
@@ -143,7 +145,8 @@ def test_score_resumes_after_one_process_is_killed(world):
     one = pq.read_table(one_dir / "scores.parquet")
     assert resumed.column("id").to_pylist() == one.column("id").to_pylist()
     a, b = (np.concatenate([np.asarray(x, np.float64) for x in t.column("nll").to_pylist()]) for t in (resumed, one))
-    print(f"score after a kill: {saved} of 22 examples kept, {scored} scored on resume, max |dnll| {np.nanmax(np.abs(a - b)):.2e}")
+    print(f"score after a kill: {saved} of 22 examples kept, {scored} scored on "
+          f"resume, max |dnll| {np.nanmax(np.abs(a - b)):.2e}")
     assert np.allclose(a, b, atol=1e-5, equal_nan=True)
 
 

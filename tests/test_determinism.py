@@ -29,8 +29,8 @@ def world(tmp_path, tiny_model_copy):
 
 
 def score(world, **kw):
-    return run_score(ScoreConfig(model=str(world / "model"), data=str(world / "data.jsonl"), out_dir=str(world / "scores"),
-                                 device="cpu", **kw))
+    return run_score(ScoreConfig(model=str(world / "model"), data=str(world / "data.jsonl"),
+                                 out_dir=str(world / "scores"), device="cpu", **kw))
 
 
 def test_same_seed_same_masks(world):
@@ -65,8 +65,9 @@ def test_same_seed_same_data_order_and_loss_curve(world, monkeypatch):
 
     def run(name, seed):
         seen.clear()
-        out = run_train(TrainConfig(data=str(world / "sft.parquet"), output_dir=str(world / name), model=str(world / "model"),
-                                    device="cpu", max_steps=4, batch_size=2, learning_rate=2e-2, lora_dropout=0.1, seed=seed))
+        out = run_train(TrainConfig(data=str(world / "sft.parquet"), output_dir=str(world / name),
+                                    model=str(world / "model"), device="cpu", max_steps=4, batch_size=2,
+                                    learning_rate=2e-2, lora_dropout=0.1, seed=seed))
         return list(seen), (out / "loss.jsonl").read_text()
 
     order_a, curve_a = run("a", 0)

@@ -33,7 +33,8 @@ def test_lowrank_singular_values_match_full_svd():
     a, b = torch.randn(4, 10), torch.randn(7, 4)
     delta = lora_delta(a, b, 2.0)
     torch.testing.assert_close(delta, 2.0 * b @ a, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(lowrank_singular_values(a, b, 2.0), torch.linalg.svdvals(delta)[:4], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(lowrank_singular_values(a, b, 2.0), torch.linalg.svdvals(delta)[:4], rtol=1e-4,
+                               atol=1e-4)
 
 
 @pytest.mark.parametrize("use_dora", [False, True])

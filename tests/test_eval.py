@@ -77,8 +77,10 @@ def _write_predictions(path, task, pairs):
 def test_predictions_mode_scores_without_a_model(tmp_path):
     items = load_gsm8k()[:3]
     preds = tmp_path / "preds.jsonl"
-    _write_predictions(preds, "gsm8k", [(items[0].id, "... #### 5"), (items[1].id, f"#### {items[1].gold:g}"), (items[2].id, "#### -1")])
-    out = run_eval(EvalConfig(output_dir=str(tmp_path / "ev"), tasks=("gsm8k",), predictions=str(preds), progress=False))
+    _write_predictions(preds, "gsm8k", [(items[0].id, "... #### 5"), (items[1].id, f"#### {items[1].gold:g}"),
+                                        (items[2].id, "#### -1")])
+    out = run_eval(EvalConfig(output_dir=str(tmp_path / "ev"), tasks=("gsm8k",), predictions=str(preds),
+                              progress=False))
     summary = json.loads((out / "gsm8k.json").read_text())
     assert set(summary) == TASK_KEYS
     assert summary["n"] == 3 and summary["score"] == pytest.approx(2 / 3)
@@ -92,7 +94,8 @@ def test_predictions_mode_scores_without_a_model(tmp_path):
 
 
 def _echo_task(tmp_path):
-    (tmp_path / "d.jsonl").write_text("".join(json.dumps({"id": f"i{i}", "q": f"say {i}", "a": str(i)}) + "\n" for i in range(4)))
+    (tmp_path / "d.jsonl").write_text("".join(json.dumps({"id": f"i{i}", "q": f"say {i}", "a": str(i)}) + "\n"
+                                              for i in range(4)))
     return task_from_definition({"name": "echo", "data": str(tmp_path / "d.jsonl"), "prompt": "{q}", "gold": "a",
                                  "metric": "numeric", "max_new_tokens": 4})
 
@@ -114,7 +117,8 @@ def test_base_results_are_cached_and_reused(tmp_path):
     assert json.loads((tmp_path / "b" / "echo.json").read_text())["settings"]["source"] == "cache"
     assert (tmp_path / "b" / "echo.items.jsonl").read_text() == (tmp_path / "a" / "echo.items.jsonl").read_text()
     (tmp_path / "c").mkdir()
-    evaluate_tasks([task], EvalConfig(output_dir=str(tmp_path), tasks=("echo",), cache_dir=str(tmp_path / "cache"), limit=2),
+    evaluate_tasks([task],
+                   EvalConfig(output_dir=str(tmp_path), tasks=("echo",), cache_dir=str(tmp_path / "cache"), limit=2),
                    fake_generate, tmp_path / "c", fingerprint="model-x")
     evaluate_tasks([task], cfg, fake_generate, tmp_path / "c", fingerprint="model-y")
     assert calls == [4, 2, 4]  # another subset, another model: no reuse
@@ -159,11 +163,14 @@ def _sql_definition(root):
 
     (root / "dbs" / "shop").mkdir(parents=True)
     conn = sqlite3.connect(root / "dbs" / "shop" / "shop.sqlite")
-    conn.executescript("CREATE TABLE items (id INTEGER, name TEXT, price REAL); INSERT INTO items VALUES (1, 'pen', 1.5), (2, 'bag', 30);")
+    conn.executescript("CREATE TABLE items (id INTEGER, name TEXT, price REAL); "
+                       "INSERT INTO items VALUES (1, 'pen', 1.5), (2, 'bag', 30);")
     conn.commit()
     conn.close()
-    (root / "dev.json").write_text(json.dumps([{"question_id": "q1", "db_id": "shop", "question": "How many items?", "SQL": "SELECT COUNT(*) FROM items"},
-                                               {"question_id": "q2", "db_id": "shop", "question": "Cheapest item?", "SQL": "SELECT name FROM items ORDER BY price LIMIT 1"}]))
+    (root / "dev.json").write_text(json.dumps([{"question_id": "q1", "db_id": "shop", "question": "How many items?",
+                                                "SQL": "SELECT COUNT(*) FROM items"},
+                                               {"question_id": "q2", "db_id": "shop", "question": "Cheapest item?",
+                                                "SQL": "SELECT name FROM items ORDER BY price LIMIT 1"}]))
     (root / "sql.yaml").write_text(f"name: sql_shop\ndata: {root / 'dev.json'}\ndb_root: {root / 'dbs'}\nmetric: sql\n")
     return str(root / "sql.yaml")
 
@@ -182,7 +189,8 @@ def test_short_real_run_of_the_embedded_model(tmp_path, embedded):
         assert all(isinstance(r["output"], str) and r["output"] for r in records)
         right = [r["score"] for r in records]
         assert summary["n"] == 2 and set(right) <= {0.0, 1.0}, name
-        assert summary["score"] == sum(right) / 2 and summary["ci95"] == pytest.approx(WILSON_N2[int(sum(right))], abs=1e-4)
+        assert summary["score"] == sum(right) / 2 and summary["ci95"] == pytest.approx(WILSON_N2[int(sum(right))],
+                                                                                       abs=1e-4)
     arc = [json.loads(line) for line in (tmp_path / "out" / "arc_challenge.items.jsonl").read_text().splitlines()]
     assert any(r["extracted"] in ("A", "B", "C", "D") for r in arc)  # the model answers with a letter
 

@@ -104,10 +104,12 @@ def test_probe_resume_skips_done_steps(train_world, tmp_path):
     calls = []
     kw = dict(max_steps=5, save_steps=2)
     with pytest.raises(Crash):
-        run_train(train_config(train_world, "probe-resume", **kw), callbacks=[ProbeCallback(out, _probe_recorder(calls), every=1), crash_at(3)])
+        run_train(train_config(train_world, "probe-resume", **kw),
+                  callbacks=[ProbeCallback(out, _probe_recorder(calls), every=1), crash_at(3)])
     assert [s for s, _ in calls] == [0, 1, 2, 3]
     calls.clear()
-    run_train(train_config(train_world, "probe-resume", resume=True, **kw), callbacks=[ProbeCallback(out, _probe_recorder(calls), every=1)])
+    run_train(train_config(train_world, "probe-resume", resume=True, **kw),
+              callbacks=[ProbeCallback(out, _probe_recorder(calls), every=1)])
     assert [s for s, _ in calls] == [4, 5]  # resumed from checkpoint-2: steps 3 is in the file already
     assert [r["step"] for r in read_probes(out)] == [0, 1, 2, 3, 4, 5]
 
@@ -128,7 +130,8 @@ def test_guard_puts_back_the_last_passing_weights(train_world, tmp_path):
     seen = {}
 
     def probe(model, step):
-        seen[step] = {n.replace(".default", ""): p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+        seen[step] = {n.replace(".default", ""): p.detach().clone() for n, p in model.named_parameters()
+                      if p.requires_grad}
         return {"retention": 1.0 - 0.1 * step}
 
     cb = ProbeCallback(tmp_path / "probes.jsonl", probe, every=1, guard_metric="retention", guard_min=0.75)
@@ -146,7 +149,8 @@ def test_probe_keeps_adapter_state():
     from forgetless.train.probe import preserved_state
 
     tok = build_tokenizer("chatml")
-    model = get_peft_model(build_model(len(tok)), LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    model = get_peft_model(build_model(len(tok)),
+                           LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
     model.train()
     ids = torch.tensor([[1, 2, 3, 4]])
     before = {k: v.clone() for k, v in model.state_dict().items()}
@@ -176,7 +180,8 @@ def _records(d, acc_items, kl_items, nll_items, base_nll):
                [{"id": str(i), "score": s} for i, s in enumerate(kl_items)])
     change = sum(nll_items) / len(nll_items) - base_nll
     for kind in ("kept", "masked", "all"):
-        settings = {"kind": kind, "change": change, "change_ci95": [change - 0.01, change + 0.01], "base_score": base_nll}
+        settings = {"kind": kind, "change": change, "change_ci95": [change - 0.01, change + 0.01],
+                    "base_score": base_nll}
         write_task(d, make_record(f"heldout:mbpp-validation:{kind}", "nll", nll_items, higher_is_better=False,
                                   settings=settings), [{"id": str(i), "score": s} for i, s in enumerate(nll_items)])
 
@@ -206,7 +211,8 @@ def test_build_frontier_on_hand_made_records(tmp_path):
     assert sft["ci95"][0] < sft["retention"] < sft["ci95"][1]
     assert stm["retention"] == pytest.approx(1 - 0.05 / 0.35)
     assert stm["lr"] == pytest.approx(1e-3) and sft["lr"] == pytest.approx(10 ** -3.5)
-    same_lr = [r for r in data["paired"] if r["a"] == "stm@lr0.001" and r["b"] == "sft@lr0.001" and r["measure"] == "arc_easy"]
+    same_lr = [r for r in data["paired"]
+               if r["a"] == "stm@lr0.001" and r["b"] == "sft@lr0.001" and r["measure"] == "arc_easy"]
     assert same_lr and same_lr[0]["mean"] == pytest.approx(0.15) and "stm@lr0.001 is better" in same_lr[0]["sentence"]
     md = write_frontier(tmp_path / "report", data)
     text = md.read_text()

@@ -80,7 +80,8 @@ def test_ppl_summary_by_hand():
 def test_compare_sets_views():
     gt = {"a": np.array([2.0]), "b": np.array([2.0]), "c": np.array([2.0])}
     so = {"a": np.array([0.0]), "b": np.array([2.0]), "c": np.array([0.0])}  # b fell back to the ground truth
-    stats = compare_sets({"ground_truth": gt, "self_output": so}, {"self_output": {"a", "c"}}, {"every": [np.array([1.0])]})
+    stats = compare_sets({"ground_truth": gt, "self_output": so}, {"self_output": {"a", "c"}},
+                         {"every": [np.array([1.0])]})
     assert stats["prompts"] == {"all": 3, "generated": 2}
     assert stats["views"]["all"]["self_output"]["mean_nll"] == pytest.approx(2 / 3)
     assert stats["views"]["generated"]["self_output"]["mean_nll"] == 0.0
@@ -110,9 +111,11 @@ def test_defaults_are_the_authors():
 
 
 def test_rephrase_prompt_holds_instruction_and_reference():
-    ex = Example("1", [{"role": "user", "content": "Add two numbers."}, {"role": "assistant", "content": "def add(a, b): return a + b"}])
+    ex = Example("1", [{"role": "user", "content": "Add two numbers."},
+                       {"role": "assistant", "content": "def add(a, b): return a + b"}])
     cfg = gen.GenerateConfig(method="rephrase", rephrase_template="T: {instruction} | R: {reference}")
-    assert gen.generation_prompt(cfg, ex) == [{"role": "user", "content": "T: Add two numbers. | R: def add(a, b): return a + b"}]
+    assert gen.generation_prompt(cfg, ex) == [{"role": "user",
+                                               "content": "T: Add two numbers. | R: def add(a, b): return a + b"}]
     assert gen.generation_prompt(gen.GenerateConfig(), ex) == ex.prompt_messages
     # The authors' PROMPT_TEMPLATE, filled in.
     assert gen.generation_prompt(gen.GenerateConfig(method="rephrase"), ex)[0]["content"] == (
@@ -128,12 +131,15 @@ def tiny_stage(monkeypatch, tokenizer, tiny_model, tmp_path):
     monkeypatch.setattr(gen, "load_tokenizer", lambda *a, **k: tokenizer)
     monkeypatch.setattr(gen, "model_fingerprint", lambda *a, **k: "tiny")
     monkeypatch.setattr(gen, "make_verifier",
-                        lambda *a, **k: Verifier("e0-e3", lambda ex, answer: ex.id in ("e0", "e3") or answer == ex.response))
+                        lambda *a, **k: Verifier("e0-e3",
+                                                 lambda ex, answer: ex.id in ("e0", "e3") or answer == ex.response))
     data = tmp_path / "train.jsonl"
     data.write_text("".join(json.dumps({"id": f"e{i}", "prompt": f"Write a python function number {i}.",
-                                        "response": "def add(a, b):\n    return a + b\n", "test_list": ["assert 1"]}) + "\n"
+                                        "response": "def add(a, b):\n    return a + b\n",
+                                        "test_list": ["assert 1"]}) + "\n"
                             for i in range(5)))
-    defaults = dict(data=str(data), samples=3, max_new_tokens=6, batch_size=2, device="cpu", out_dir=str(tmp_path / "out"))
+    defaults = dict(data=str(data), samples=3, max_new_tokens=6, batch_size=2, device="cpu",
+                    out_dir=str(tmp_path / "out"))
     return lambda **kw: gen.GenerateConfig(**{**defaults, **kw})
 
 
@@ -215,7 +221,8 @@ def test_extract_code_and_math_golds():
     verify = make_verifier("gsm8k", "gsm8k", gsm)
     assert verify(gsm, "... so the answer is 1234.") and not verify(gsm, "the answer is 1233")
     assert verify(gsm, "It costs $1,234.00.\n#### $1,234.00")
-    mth = Example("m", [{"role": "user", "content": "q"}, {"role": "assistant", "content": r"thus $\boxed{\frac{1}{2}}$"}])
+    mth = Example("m",
+                  [{"role": "user", "content": "q"}, {"role": "assistant", "content": r"thus $\boxed{\frac{1}{2}}$"}])
     assert reference_gold("math", mth) == r"\frac{1}{2}"
     assert make_verifier("math", "math", mth)(mth, r"The answer is $\boxed{0.5}$")
 
@@ -251,8 +258,8 @@ def test_embedded_self_output_on_one_mbpp_prompt(embedded, monkeypatch, tmp_path
     """The real model and the real MBPP sandbox: one prompt, two short samples."""
     monkeypatch.setattr(gen, "open_engine", lambda config: HfEngine(*embedded, config.batch_tokens))
     # 24 tokens rarely pass the tests: keep the reference so that the prompt stays.
-    cfg = gen.GenerateConfig(data="mbpp-train", limit=1, samples=2, max_new_tokens=24, device="cpu", on_failure="ground_truth",
-                             out_dir=str(tmp_path / "so"))
+    cfg = gen.GenerateConfig(data="mbpp-train", limit=1, samples=2, max_new_tokens=24, device="cpu",
+                             on_failure="ground_truth", out_dir=str(tmp_path / "so"))
     out = gen.run_generate(cfg)
     stats = json.loads((out / "generation_stats.json").read_text())
     assert stats["prompts"] == 1 and stats["samples"] == 2 and stats["ground_truth_verified"] == 1
@@ -264,7 +271,8 @@ def test_embedded_self_output_on_one_mbpp_prompt(embedded, monkeypatch, tmp_path
 
 def test_paper_method_writes_the_authors_answers(tiny_stage, tmp_path):
     # The bundled file: rows 0 and 1 hold a rephrasing that passed the tests, row 2 only the reference.
-    dropped = gen.run_generate(tiny_stage(method="paper_rephrase", data="mbpp-train", limit=3, out_dir=str(tmp_path / "drop")))
+    dropped = gen.run_generate(tiny_stage(method="paper_rephrase", data="mbpp-train", limit=3,
+                                          out_dir=str(tmp_path / "drop")))
     assert [ex.id for ex in load_examples(str(dropped / gen.DATA_FILE))] == ["601", "602"]
     assert json.loads((dropped / "generation_stats.json").read_text())["dropped"] == 1
     out = gen.run_generate(tiny_stage(method="paper_rephrase", data="mbpp-train", limit=3, on_failure="ground_truth"))

@@ -16,7 +16,8 @@ import forgetless
 
 ROOT = Path(forgetless.__file__).parent
 STAGES = ("score", "mask", "generate", "train", "eval", "retention", "report", "replay")
-LAYER = {"core": 0, "lm": 1, "config": 1, **{s: 2 for s in STAGES}, "grid": 3, "api": 3, "target": 3, "verdict": 3, "run": 4, "cli": 5, "__main__": 6}
+LAYER = {"core": 0, "lm": 1, "config": 1, **{s: 2 for s in STAGES}, "grid": 3, "api": 3, "target": 3, "verdict": 3,
+         "run": 4, "cli": 5, "__main__": 6}
 
 
 def unit(module: str) -> str:
@@ -29,7 +30,8 @@ def imports(path: Path) -> list[tuple[str, int]]:
     """(imported forgetless module, line) of every import in a file, at any depth."""
     found = []
     for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
-        if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module and node.module.startswith("forgetless"):
+        if (isinstance(node, ast.ImportFrom) and node.level == 0 and node.module
+                and node.module.startswith("forgetless")):
             names = [f"forgetless.{a.name}" for a in node.names] if node.module == "forgetless" else [node.module]
             found += [(n, node.lineno) for n in names]
         elif isinstance(node, ast.ImportFrom) and node.level:
@@ -89,7 +91,8 @@ def test_no_two_packages_import_each_other():
     assert not cycles, "\n".join(cycles)
 
 
-@pytest.mark.parametrize("text, expected", [("from forgetless.run import x", "run"), ("import forgetless.lm.data", "lm")])
+@pytest.mark.parametrize("text, expected",
+                         [("from forgetless.run import x", "run"), ("import forgetless.lm.data", "lm")])
 def test_the_walker_sees_imports_inside_functions(tmp_path, text, expected):
     path = tmp_path / "m.py"
     path.write_text(f"def f():\n    {text}\n")

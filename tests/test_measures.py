@@ -98,4 +98,5 @@ def test_probe_and_stage_run_the_same_measures(calls, monkeypatch, tmp_path):
     swap = {step: out, None: "base", "cache": Path("cache")}
     assert [(n, tuple(swap.get(a, a) if not isinstance(a, torch.nn.Module) else a for a in args), kw)
             for n, args, kw in probe_calls] == calls
-    assert json.loads((out / "manifest.json").read_text())["tasks"] == ["mc:piqa", "drift:gsm8k", "heldout:mbpp-validation"]
+    assert json.loads((out / "manifest.json").read_text())["tasks"] == ["mc:piqa", "drift:gsm8k",
+                                                                        "heldout:mbpp-validation"]

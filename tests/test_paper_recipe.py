@@ -57,7 +57,8 @@ def test_paper_fair_gives_every_method_the_stm_recipe():
 def test_embedded_run_changes_only_what_the_cpu_forces(label):
     paper, embedded = trained("paper")[label], trained("paper-embedded")[label]
     differ = {f.name for f in dataclasses.fields(paper)
-              if getattr(paper, f.name) != getattr(embedded, f.name) and f.name not in ("output_dir", "model", "save_steps")}
+              if getattr(paper, f.name) != getattr(embedded, f.name)
+              and f.name not in ("output_dir", "model", "save_steps")}
     assert differ == set(CPU_FORCED)
     assert fields(embedded, CPU_FORCED) == CPU_FORCED
 

@@ -18,7 +18,8 @@ def scores(task, outputs: list[str], item: Item) -> list[float]:
 
 
 def test_limits_are_the_authors():
-    assert {n: get_task(n).max_new_tokens for n in ("gsm8k-test", "math-paper", "arc_challenge-paper", "mbpp-test")} == \
+    assert {n: get_task(n).max_new_tokens
+            for n in ("gsm8k-test", "math-paper", "arc_challenge-paper", "mbpp-test")} == \
         {"gsm8k-test": 512, "math-paper": 512, "arc_challenge-paper": 512, "mbpp-test": 1024}
     assert get_task("mbpp-test").definition["timeout_s"] == 10.0
     # The eval stage passes its sandbox settings on (their default is the authors' 10 s).
@@ -37,7 +38,8 @@ def test_gsm8k_test_is_the_full_split_with_the_authors_prompt():
         "Format requirements : you must first output your reasoning before finalized with the \" #### \" format "
         "followed by the final numeric answerQ: Janet\u2019s ducks lay 16 eggs per day. She eats three for breakfast "
         "every morning and bakes muffins for her friends every day with four. She sells the remainder at the farmers' "
-        "market daily for $2 per fresh duck egg. How much in dollars does she make every day at the farmers' market?\nA:"}]
+        "market daily for $2 per fresh duck egg. How much in dollars does she make every day at "
+        "the farmers' market?\nA:"}]
     assert first.gold == 18  # 16 - 3 - 4 = 9 eggs at $2
     right, wrong = "16 - 3 - 4 = 9 eggs, 9 * 2 = 18 dollars.\n#### 18", "9 + 2 = 11\n#### 11"
     missing = "She makes 18 dollars a day."  # no '####': the last line, 'She makes 18 dollars a day.', is no integer
@@ -63,7 +65,8 @@ def test_math_paper_prompt_and_answer_line():
         "Remember to put your answer on its own line after \"Answer:\", and you do not need to use a \\boxed command.")
     assert first.gold == "3600"  # (3491-60)(3491+60) - 3491^2 = -3600: the solution boxes the decrease
     right = "The area is 3491^2 - 60^2, so it decreases by 3600.\nAnswer: 3600"
-    assert scores(task, [right, "Answer: 3599", "I cannot solve this.", r"so $\boxed{3600}$"], first) == [1.0, 0.0, 0.0, 1.0]
+    assert scores(task, [right, "Answer: 3599", "I cannot solve this.", r"so $\boxed{3600}$"], first) == \
+        [1.0, 0.0, 0.0, 1.0]
     # The first 'Answer:' line wins, in any case; the rest of that line is the answer.
     assert math_paper_answer("answer: 1/2\nAnswer: 3") == "1/2"
     assert math_paper_answer("Final ANSWER:  $\\frac{1}{2}$ \nok") == "$\\frac{1}{2}$ "
@@ -95,7 +98,8 @@ def test_arc_paper_prompt_and_letter():
 MBPP_PLUS_RECORD = {  # MBPP+'s shape: sanitized prompt, the shown asserts, and a test harness of its own
     "task_id": 2, "prompt": "Write a function to find the shared elements from the given two lists.",
     "test_list": ["assert set(similar_elements((3, 4, 5, 6),(5, 7, 4, 10))) == set((4, 5))"],
-    "test": "import numpy as np\n\ndef assertion(out, exp, atol):\n    assert out == exp or np.allclose(out, exp, atol=atol)\n\n"
+    "test": "import numpy as np\n\ndef assertion(out, exp, atol):\n"
+            "    assert out == exp or np.allclose(out, exp, atol=atol)\n\n"
             "inputs = [[(3, 4, 5, 6), (5, 7, 4, 10)], [(1, 2), (3, 4)]]\nresults = [(4, 5), ()]\n"
             "for inp, exp in zip(inputs, results):\n    assertion(tuple(sorted(similar_elements(*inp))), exp, 0)\n",
 }
@@ -114,7 +118,8 @@ def test_mbpp_test_plus_prompt_extraction_and_grading():
     right = "Here:\n```python\ndef similar_elements(a, b):\n    return tuple(set(a) & set(b))\n```\nDone."
     wrong = "```python\ndef similar_elements(a, b):\n    return tuple(a)\n```"
     missing = "I would intersect the two sets."
-    unclosed = "```python\ndef similar_elements(a, b):\n    return tuple(set(a) & set(b))\n"  # the fence stays in the code
+    # the fence stays in the code
+    unclosed = "```python\ndef similar_elements(a, b):\n    return tuple(set(a) & set(b))\n"
     task = mbpp_test_plus_task(SandboxLimits(timeout_s=20))
     assert scores(task, [right, wrong, missing, unclosed], item) == [1.0, 0.0, 0.0, 0.0]
     assert mbpp_paper_code(right) == "def similar_elements(a, b):\n    return tuple(set(a) & set(b))"

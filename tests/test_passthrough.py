@@ -21,7 +21,8 @@ from forgetless.train.loss import compute_masked_loss
 
 # Two examples of unequal length; soft weights; the second has a label at position 0, which no collator may train.
 EXAMPLES = [
-    {"input_ids": [10, 11, 12, 13, 14], "labels": [IGNORE, IGNORE, 12, 13, 14], "loss_weight": [0.0, 0.0, 1.0, 0.5, 0.25]},
+    {"input_ids": [10, 11, 12, 13, 14], "labels": [IGNORE, IGNORE, 12, 13, 14],
+     "loss_weight": [0.0, 0.0, 1.0, 0.5, 0.25]},
     {"input_ids": [20, 21, 22], "labels": [20, 21, 22], "loss_weight": [1.0, 1.0, 0.75]},
     {"input_ids": [30, 31, 32, 33], "labels": [IGNORE, 31, IGNORE, 33]},  # no loss_weight: 1.0 where labelled
 ]
@@ -187,7 +188,8 @@ def test_run_train_refuses_padding_free_with_leaky_attention(train_world, leaky_
 def test_attn_implementation_errors_in_one_line(tiny_model_dir):
     from forgetless.lm.modeling import ModelLoadError, load_model
 
-    assert load_model(str(tiny_model_dir), device="cpu", attn_implementation="eager").config._attn_implementation == "eager"
+    assert load_model(str(tiny_model_dir), device="cpu",
+                      attn_implementation="eager").config._attn_implementation == "eager"
     with pytest.raises(ModelLoadError, match="attn_implementation='bogus' cannot be used") as info:
         load_model(str(tiny_model_dir), device="cpu", attn_implementation="bogus")
     assert "\n" not in str(info.value)

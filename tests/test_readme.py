@@ -217,7 +217,8 @@ def test_relative_links_reach_files_and_headings():
 
 
 def test_docs_links_reach_files_and_headings():
-    bad = {p.name: broken_links(p.read_text(encoding="utf-8"), p.parent, p) for p in sorted((ROOT / "docs").glob("*.md"))}
+    bad = {p.name: broken_links(p.read_text(encoding="utf-8"), p.parent, p)
+           for p in sorted((ROOT / "docs").glob("*.md"))}
     assert {k: v for k, v in bad.items() if v} == {}
 
 

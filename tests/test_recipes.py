@@ -52,7 +52,8 @@ def test_dft_loss_on_a_model_is_probability_weighted_nll(tokenizer, tiny_model):
 def lora_model(model, seed=1, **kw):
     from peft import LoraConfig, get_peft_model
 
-    peft = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], lora_dropout=0.0, **kw))
+    peft = get_peft_model(model,
+                          LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], lora_dropout=0.0, **kw))
     torch.manual_seed(seed)
     for name, p in peft.named_parameters():
         if "lora_B" in name:  # PEFT starts B at 0 (no update): give the adapter a real one
@@ -192,7 +193,8 @@ def test_grid_labels_seeds_and_interpolations(tmp_path):
     from forgetless.config import build
     from forgetless.run import RunConfig
 
-    twice = [{"method": "sft", "learning_rates": [1e-3], "interpolate": [0.5]}, {"method": "sft", "learning_rates": [3e-4]}]
+    twice = [{"method": "sft", "learning_rates": [1e-3], "interpolate": [0.5]},
+             {"method": "sft", "learning_rates": [3e-4]}]
     assert len(build(RunConfig, {"methods": twice}).methods) == 2
     with pytest.raises(ValueError, match=r"share a label: \['sft@lr0.001'\]"):
         build(RunConfig, {"methods": twice, "learning_rates": [1e-3]} | {"methods": [twice[0], {"method": "sft"}]})
@@ -315,7 +317,8 @@ def test_leans_are_per_recipe():
     assert neutral.startswith("neutral")
     # Replay on GSM8K trains on the base's answers to other GSM8K prompts: the GSM8K measures favour it.
     replayed = lean("gen:gsm8k", ("replay-gsm8k0.25=gsm8k",))
-    assert replayed.startswith("favours replay-gsm8k0.25") and lean("gen:gsm8k:working_kept", ("r=gsm8k",)).startswith("favours r")
+    assert (replayed.startswith("favours replay-gsm8k0.25")
+            and lean("gen:gsm8k:working_kept", ("r=gsm8k",)).startswith("favours r"))
     assert lean("gen:gsm8k", ("replay-naturalqs0.25=naturalqs",)) == neutral  # the default source: no measure's
     # Self-Output trains on the target data's prompts: measures drawn from MBPP favour it.
     held = lean("heldout:mbpp-validation:kept", ("self-output=mbpp-train",))
@@ -324,5 +327,6 @@ def test_leans_are_per_recipe():
     frontier = load_config(RunConfig, resolve_config_path("frontier"))
     assert recipe_sources(frontier) == ("replay-naturalqs0.25=naturalqs",)
     with_self_output = load_config(RunConfig, resolve_config_path("frontier"),
-                                   ["methods=[{method: self-output}, {method: replay, replay_fraction: 0.25, replay_source: gsm8k}]"])
+                                   ["methods=[{method: self-output}, {method: replay, replay_fraction: 0.25, "
+                                    "replay_source: gsm8k}]"])
     assert recipe_sources(with_self_output) == ("self-output=mbpp-train", "replay-gsm8k0.25=gsm8k")

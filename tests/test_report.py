@@ -65,8 +65,8 @@ def test_paired_difference_mean_interval_and_average_by_hand():
     # Normal interval of 1, 2, 3: sd 1, half-width z / sqrt(3).
     assert mean_interval([1.0, 2.0, 3.0]) == pytest.approx((2.0, 2.0 - z / math.sqrt(3), 2.0 + z / math.sqrt(3)))
     # Standard errors read back from the intervals (0.03, 0.04): se of the average sqrt(.03² + .04²) / 2 = 0.025.
-    mean, lo, hi = average_of_differences([(0.1, 0.1 - z * 0.03, 0.1 + z * 0.03), (-0.2, -0.2 - z * 0.04, -0.2 + z * 0.04),
-                                           (math.nan, math.nan, math.nan)])
+    mean, lo, hi = average_of_differences([(0.1, 0.1 - z * 0.03, 0.1 + z * 0.03),
+                                           (-0.2, -0.2 - z * 0.04, -0.2 + z * 0.04), (math.nan, math.nan, math.nan)])
     assert (mean, lo, hi) == pytest.approx((-0.05, -0.05 - z * 0.025, -0.05 + z * 0.025))
 
 
@@ -88,7 +88,8 @@ def _fake_run(path, scores: dict[str, float], n: int = 10, items: dict[str, list
     path.mkdir(parents=True)
     records = {}
     for task, score in scores.items():
-        records[task] = {"task": task, "metric": "accuracy", "score": score, "n": n, "ci95": list(wilson_interval(score * n, n)),
+        records[task] = {"task": task, "metric": "accuracy", "score": score, "n": n,
+                         "ci95": list(wilson_interval(score * n, n)),
                          "higher_is_better": True, "chance": None, "settings": {}}
         if items and task in items:
             (path / f"{task}.items.jsonl").write_text("".join(json.dumps({"id": f"{task}-{i}", "score": s}) + "\n"
@@ -103,8 +104,10 @@ def test_report_files_and_table(tmp_path):
     stm = _fake_run(tmp_path / "stm" / "eval", {"mbpp": 0.5, "gsm8k": 0.5, "hellaswag_mc": 0.27},
                     items={"mbpp": [1, 1, 1, 0, 0]})
     gt = _fake_run(tmp_path / "gt" / "eval", {"mbpp": 0.6, "gsm8k": 0.25, "hellaswag_mc": 0.3})
-    trains = (f"stm-2.5={_fake_train(tmp_path, 'stm', 0.31, 2.5, 1.25)}", f"gt={_fake_train(tmp_path, 'gt', 0.0, None)}")
-    cfg = ReportConfig(runs=(f"base={base}", f"stm-2.5={stm}", f"gt={gt}"), train_dirs=trains, output_dir=str(tmp_path / "rep"))
+    trains = (f"stm-2.5={_fake_train(tmp_path, 'stm', 0.31, 2.5, 1.25)}",
+              f"gt={_fake_train(tmp_path, 'gt', 0.0, None)}")
+    cfg = ReportConfig(runs=(f"base={base}", f"stm-2.5={stm}", f"gt={gt}"), train_dirs=trains,
+                       output_dir=str(tmp_path / "rep"))
     out = run_report(cfg)
     report = json.loads((out / "report.json").read_text())
     rows = {r["label"]: r for r in report["rows"]}
@@ -113,9 +116,11 @@ def test_report_files_and_table(tmp_path):
     assert rows["stm-2.5"]["metrics"]["BWT"] == pytest.approx((0.0 - 0.1) / 2)
     assert rows["gt"]["metrics"]["BWT"] == pytest.approx((-0.5 + 0.0) / 2)
     # τ is the mask manifest's own field (not its config's 99.0); ground truth has none.
-    assert rows["stm-2.5"]["extras"] == {"masked_fraction": 0.31, "tau": 2.5, "delta_w_norm": 1.25, "train_time_s": None}
+    assert rows["stm-2.5"]["extras"] == {"masked_fraction": 0.31, "tau": 2.5, "delta_w_norm": 1.25,
+                                         "train_time_s": None}
     assert rows["gt"]["extras"]["tau"] is None and rows["gt"]["extras"]["masked_fraction"] == 0.0
-    assert rows["stm-2.5"]["paired"]["mbpp"]["mean"] == pytest.approx(0.2) and rows["stm-2.5"]["paired"]["mbpp"]["n"] == 5
+    assert (rows["stm-2.5"]["paired"]["mbpp"]["mean"] == pytest.approx(0.2)
+            and rows["stm-2.5"]["paired"]["mbpp"]["n"] == 5)
     markdown = (out / "report.md").read_text()
     assert "| stm-2.5 | 0.500 [" in markdown and "+25.0%" in markdown and "n=10" in markdown
     assert (out / "bwt_vs_ti.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -135,8 +140,8 @@ def test_masked_fraction_curve_from_the_scored_data(tmp_path, monkeypatch):
     pq.write_table(pa.table({"nll": [nll], "response_mask": [[0, 0, 1, 1, 1, 1]]}), tmp_path / "scores.parquet")
     drawn = {}
     monkeypatch.setattr(report_plots, "save_figure", lambda fig, path: drawn.update(fig=fig) or path)
-    report_plots.plot_masked_fraction(tmp_path / "scores.parquet", {"stm": (2.5, 0.5), "random": (2.5, 0.5), "sft": (None, 0.0)},
-                                      tmp_path / "m.png")
+    report_plots.plot_masked_fraction(tmp_path / "scores.parquet",
+                                      {"stm": (2.5, 0.5), "random": (2.5, 0.5), "sft": (None, 0.0)}, tmp_path / "m.png")
     ax = drawn["fig"].axes[0]
     taus, fractions = ax.lines[0].get_data()
     at = lambda t: fractions[abs(taus - t).argmin()]  # noqa: E731
@@ -161,7 +166,8 @@ def test_report_reads_per_task_json_without_scores_json(tmp_path):
     run = tmp_path / "r"
     run.mkdir()
     (run / "arc_easy_mc.json").write_text(json.dumps({"task": "arc_easy_mc", "metric": "acc", "score": 0.5, "n": 150,
-                                                      "ci95": [0.42, 0.58], "higher_is_better": True, "chance": 0.25, "settings": {}}))
+                                                      "ci95": [0.42, 0.58], "higher_is_better": True, "chance": 0.25,
+                                                      "settings": {}}))
     (run / "manifest.json").write_text("{}")
     out = run_report(ReportConfig(runs=(f"base={run}",), target="arc_easy_mc", output_dir=str(tmp_path / "rep")))
     assert "0.500 [0.42, 0.58] n=150" in (out / "report.md").read_text()
@@ -208,9 +214,11 @@ def test_eval_and_report_through_the_cli(tmp_path, monkeypatch, capsys):
     items = load_gsm8k()[:4]
     for label, right in (("base", 1), ("tuned", 3)):
         preds = tmp_path / f"{label}.jsonl"
-        preds.write_text("".join(json.dumps({"task": "gsm8k", "id": it.id, "output": f"#### {it.gold if k < right else -1:g}"}) + "\n"
+        preds.write_text("".join(json.dumps({"task": "gsm8k", "id": it.id,
+                                             "output": f"#### {it.gold if k < right else -1:g}"}) + "\n"
                                  for k, it in enumerate(items)))
-        assert cli.main(["eval", "--predictions", str(preds), "--output-dir", str(tmp_path / label), "tasks=[gsm8k]"]) == 0
+        assert cli.main(["eval", "--predictions", str(preds), "--output-dir", str(tmp_path / label),
+                         "tasks=[gsm8k]"]) == 0
     assert cli.main(["report", f"runs=[base={tmp_path / 'base'}, tuned={tmp_path / 'tuned'}]", "target=gsm8k",
                      "--output-dir", str(tmp_path / "rep")]) == 0
     printed = capsys.readouterr().out

@@ -99,9 +99,10 @@ def test_report_html_renders_in_headless_chromium(report_dir):
     from PIL import Image
 
     shot = report_dir / "shot.png"
-    subprocess.run([browser, "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--hide-scrollbars",
-                    f"--user-data-dir={report_dir / 'profile'}", "--window-size=1000,1400", f"--screenshot={shot}",
-                    (report_dir / "report.html").as_uri()], check=True, capture_output=True, timeout=120)
+    subprocess.run([browser, "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                    "--hide-scrollbars", f"--user-data-dir={report_dir / 'profile'}", "--window-size=1000,1400",
+                    f"--screenshot={shot}", (report_dir / "report.html").as_uri()],
+                   check=True, capture_output=True, timeout=120)
     rgb = np.asarray(Image.open(shot).convert("RGB"), dtype=np.int32)  # (H, W, 3)
     r, g, b = rgb[..., 0], rgb[..., 1], rgb[..., 2]
     non_white = int((r + g + b < 720).sum())

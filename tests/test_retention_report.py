@@ -95,7 +95,8 @@ def test_behaviour_columns_target_gain_sign_and_between_methods(tmp_path):
              settings={"kind": "kept", "change": v - 1.0, "change_ci95": [v - 1.0] * 2, "base_score": 1.0})
     s_nll = summarize_run(base, stm, target_task="heldout:mbpp-validation:kept")
     assert s_nll["target"]["gain_target"]["score"] == pytest.approx(0.13)
-    summaries = {name: summarize_run(base, d, target_task="gen:mbpp-validation") for name, d in (("sft", sft), ("stm", stm))}
+    summaries = {name: summarize_run(base, d, target_task="gen:mbpp-validation")
+                 for name, d in (("sft", sft), ("stm", stm))}
     assert summaries["stm"]["target"]["gain_target"]["score"] == pytest.approx(0.3)
     assert summaries["sft"]["working_kept"]["score"] == pytest.approx(0.2)
     assert summaries["stm"]["working_kept"]["score"] == pytest.approx(0.95)

@@ -17,7 +17,8 @@ def test_run_writes_report_and_resumes(tiny_run_config, capsys, caplog):
     # Behaviour columns in the main table, its own section with the methods compared pairwise.
     # plain names, not internal ones, head the columns
     assert "gen:gsm8k (" not in report
-    assert "| run | GSM8K (target) | arc_easy | GSM8K: KL drift | GSM8K: did what was asked | GSM8K: working kept | GSM8K: skips the working" in report
+    assert ("| run | GSM8K (target) | arc_easy | GSM8K: KL drift | GSM8K: did what was asked | GSM8K: working kept "
+            "| GSM8K: skips the working") in report
     assert "## Behaviour: what each model writes" in report and "| sft vs auto-tau-q0.3 |" in report
     assert "### mbpp-validation" in report and "asserts passed" in report
     assert (out / "report" / "masked_fraction_vs_tau.png").stat().st_size > 1000
@@ -37,7 +38,8 @@ def test_run_writes_report_and_resumes(tiny_run_config, capsys, caplog):
     adapter_mtime = (out / "train" / "auto-tau-q0.3" / "adapter" / "adapter_model.safetensors").stat().st_mtime_ns
     caplog.set_level("INFO")
     assert main(["run", str(config)]) == 0  # everything done already: nothing retrained
-    assert (out / "train" / "auto-tau-q0.3" / "adapter" / "adapter_model.safetensors").stat().st_mtime_ns == adapter_mtime
+    assert ((out / "train" / "auto-tau-q0.3" / "adapter" / "adapter_model.safetensors").stat().st_mtime_ns
+            == adapter_mtime)
     assert "train auto-tau-q0.3: done already" in caplog.text
     # stages whose settings hold tuples (task lists) resume too: their stamps read back as lists
     assert "retention auto-tau-q0.3: done already" in caplog.text and "eval base: done already" in caplog.text
@@ -49,7 +51,8 @@ def check_report_json(data: dict, out) -> None:
     from the rows' own scores (recomputed here); masked fraction and τ are the mask stage's."""
     assert (data["base"], data["target"]) == ("base", "gsm8k") and data["tasks"][0] == "gsm8k"
     rows = {r["label"]: r for r in data["rows"]}
-    assert list(rows) == ["base", "sft", "auto-tau-q0.3"] and [r["is_base"] for r in data["rows"]] == [True, False, False]
+    assert list(rows) == ["base", "sft", "auto-tau-q0.3"] and [r["is_base"] for r in data["rows"]] == [True, False,
+                                                                                                       False]
     limits = {"gsm8k": 2, "arc_easy": 3, "drift:gsm8k": 2, "gen:gsm8k:format": 2, "gen:mbpp-validation": 2}
     for row in data["rows"]:
         assert {t: row["tasks"][t]["n"] for t in limits} == limits  # eval limit 2, mc_limit 3, drift/behaviour 2
@@ -65,7 +68,8 @@ def check_report_json(data: dict, out) -> None:
         assert m["BWT"] == (pytest.approx(sum(rel) / len(rel)) if rel else None)
         both = m["bwt_tasks"] + m["bwt_undefined"]
         assert m["BWT_abs"] == pytest.approx(sum(tuned[t] - base[t] for t in both) / len(both))
-        assert {t: d["n"] for t, d in row["paired"].items() if t in ("gsm8k", "arc_easy")} == {"gsm8k": 2, "arc_easy": 3}
+        assert {t: d["n"] for t, d in row["paired"].items() if t in ("gsm8k", "arc_easy")} == {"gsm8k": 2,
+                                                                                               "arc_easy": 3}
         assert row["extras"]["delta_w_norm"] > 0
     assert rows["sft"]["extras"]["masked_fraction"] == 0.0
     stats = json.loads((out / "masks" / "target-auto-tau-q0.3" / "mask_stats.json").read_text())

@@ -62,7 +62,8 @@ def test_fork_bomb_is_refused():
     assert "os.fork is not allowed" in result.stderr
 
 
-@pytest.mark.skipif(not (IS_ROOT and HAS_NS), reason="needs root and unshare for RLIMIT_NPROC as nobody + a PID namespace")
+@pytest.mark.skipif(not (IS_ROOT and HAS_NS),
+                    reason="needs root and unshare for RLIMIT_NPROC as nobody + a PID namespace")
 def test_fork_bomb_without_audit_hook_is_contained_by_nproc_and_pid_namespace():
     # The hook can be bypassed; the next layers must still hold: RLIMIT_NPROC as 'nobody', the
     # process group kill, and the PID namespace for children that left the group with setsid().
@@ -126,7 +127,8 @@ def test_deleting_files_in_home_and_elsewhere_is_refused(tmp_path):
     program = ("import os, shutil\n"
                f"os.remove({str(canary)!r})\n")
     program2 = f"import shutil\nshutil.rmtree({str(canary.parent)!r})\n"
-    program3 = "import os, shutil\nhome = os.path.expanduser('~')\nopen(os.path.join(home, 'x'), 'w').write('1')\nshutil.rmtree(home)\n"
+    program3 = ("import os, shutil\nhome = os.path.expanduser('~')\nopen(os.path.join(home, 'x'), 'w').write('1')\n"
+                "shutil.rmtree(home)\n")
     results = run_programs([program, program2, program3], LIMITS)
     assert canary.read_text() == "keep me"
     assert [r.passed for r in results[:2]] == [False, False]

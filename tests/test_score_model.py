@@ -16,7 +16,8 @@ from forgetless.score.stage import ScoreConfig, run_score
 
 
 def nll_column(scores_dir) -> np.ndarray:
-    return np.concatenate([np.asarray(x) for x in pq.read_table(scores_dir / "scores.parquet").column("nll").to_pylist()])
+    return np.concatenate([np.asarray(x)
+                           for x in pq.read_table(scores_dir / "scores.parquet").column("nll").to_pylist()])
 
 
 def test_tokenizer_differences_name_what_differs(tokenizer):
@@ -41,8 +42,10 @@ def test_masks_come_from_the_score_model(tiny_model_dir, tmp_path):
                        train={"max_steps": 1, "batch_size": 2, "device": "cpu"}, score={"device": "cpu"})
     run_experiment(config)
     scores = tmp_path / "out" / "scores" / "target"
-    direct = run_score(ScoreConfig(model=str(scorer), data="mbpp-train", limit=2, device="cpu", out_dir=str(tmp_path / "s")))
-    own = run_score(ScoreConfig(model=str(tiny_model_dir), data="mbpp-train", limit=2, device="cpu", out_dir=str(tmp_path / "o")))
+    direct = run_score(ScoreConfig(model=str(scorer), data="mbpp-train", limit=2, device="cpu",
+                                   out_dir=str(tmp_path / "s")))
+    own = run_score(ScoreConfig(model=str(tiny_model_dir), data="mbpp-train", limit=2, device="cpu",
+                                out_dir=str(tmp_path / "o")))
     np.testing.assert_array_equal(nll_column(scores), nll_column(direct))  # NaN off the response on both
     assert not np.allclose(nll_column(scores), nll_column(own), equal_nan=True)
     assert (tmp_path / "out" / "train" / "auto-tau-q0.3" / "adapter" / "adapter_model.safetensors").is_file()

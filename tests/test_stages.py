@@ -18,7 +18,8 @@ from forgetless.score.stage import ScoreConfig, run_score
 def data_file(tmp_path):
     rows = [
         {"id": f"ex{i}", "messages": [{"role": "user", "content": f"Write a python function number {i}."},
-                                      {"role": "assistant", "content": "def add(a, b):\n    return a + b" + " + 0" * i}]}
+                                      {"role": "assistant",
+                                       "content": "def add(a, b):\n    return a + b" + " + 0" * i}]}
         for i in range(6)
     ]
     path = tmp_path / "data.jsonl"
@@ -27,7 +28,8 @@ def data_file(tmp_path):
 
 
 def score(model_dir, data_file, out, **kw):
-    return run_score(ScoreConfig(model=str(model_dir), data=str(data_file), out_dir=str(out), device="cpu", batch_tokens=128, **kw))
+    return run_score(ScoreConfig(model=str(model_dir), data=str(data_file), out_dir=str(out), device="cpu",
+                                 batch_tokens=128, **kw))
 
 
 def flat_nll(table):
@@ -85,11 +87,13 @@ def test_rerun_reuses_and_changes_invalidate(tiny_model_copy, data_file, tmp_pat
 
 
 def test_truncation_and_skip_are_counted(tiny_model_dir, data_file, tmp_path):
-    lengths = [len(r) for r in pq.read_table(score(tiny_model_dir, data_file, tmp_path / "a") / "scores.parquet").column("input_ids").to_pylist()]
+    lengths = [len(r) for r in pq.read_table(score(tiny_model_dir, data_file, tmp_path / "a") / "scores.parquet")
+               .column("input_ids").to_pylist()]
     limit = sorted(lengths)[3]  # the two longest... three longest exceed it or equal
     over = sum(n > limit for n in lengths)
     a = json.loads((score(tiny_model_dir, data_file, tmp_path / "b", max_length=limit) / "stats.json").read_text())
-    b = json.loads((score(tiny_model_dir, data_file, tmp_path / "c", max_length=limit, overlong="skip") / "stats.json").read_text())
+    b = json.loads((score(tiny_model_dir, data_file, tmp_path / "c", max_length=limit, overlong="skip")
+                    / "stats.json").read_text())
     assert a["truncated"] == over and a["scored_examples"] == 6
     assert b["skipped_overlong"] == over and b["scored_examples"] == 6 - over
 
@@ -110,7 +114,9 @@ def test_mask_stage_labels_and_weights(tiny_model_dir, data_file, tmp_path):
     masked = pq.read_table(out / "data.parquet")
     stats = json.loads((out / "mask_stats.json").read_text())
     n_masked = 0
-    for ids, resp, nll, labels, weight in zip(*(masked.column(c).to_pylist() for c in ("input_ids", "response_mask", "nll", "labels", "loss_weight"))):
+    for ids, resp, nll, labels, weight in zip(*(masked.column(c).to_pylist()
+                                                for c in ("input_ids", "response_mask", "nll", "labels",
+                                                          "loss_weight"))):
         for i, (t, r, s, lab, w) in enumerate(zip(ids, resp, nll, labels, weight)):
             trained = bool(r) and i > 0 and s <= math.log(2.5)
             assert lab == (t if trained else -100)
@@ -118,7 +124,9 @@ def test_mask_stage_labels_and_weights(tiny_model_dir, data_file, tmp_path):
             n_masked += bool(r) and i > 0 and not trained
     assert stats["masked_tokens"] == n_masked
     assert stats["masked_fraction"] == pytest.approx(n_masked / stats["response_tokens"])
-    nll_flat = np.concatenate([np.asarray(n)[1:][np.asarray(r[1:], bool)] for n, r in zip(table.column("nll").to_pylist(), table.column("response_mask").to_pylist())])
+    nll_flat = np.concatenate([np.asarray(n)[1:][np.asarray(r[1:], bool)]
+                               for n, r in zip(table.column("nll").to_pylist(),
+                                               table.column("response_mask").to_pylist())])
     assert n_masked == int((nll_flat > math.log(2.5)).sum())
 
 
@@ -136,7 +144,8 @@ def random_adapter(model_dir, out):
 
     torch.manual_seed(1)
     base = AutoModelForCausalLM.from_pretrained(model_dir)
-    get_peft_model(base, LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False)).save_pretrained(out)
+    get_peft_model(base,
+                   LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False)).save_pretrained(out)
     return out
 
 
@@ -148,7 +157,8 @@ def test_dpf_masks_from_the_base_and_the_tuned_scores(tiny_model_dir, data_file,
     assert json.loads((tuned / "manifest.json").read_text())["key"]["adapter"] is not None
     with pytest.raises(ValueError, match="needs reference_scores"):
         MaskConfig(scores=str(base), policy=policy)
-    out = run_mask(MaskConfig(scores=str(base), policy=policy, tau=tau, reference_scores=str(tuned), out_dir=str(tmp_path / "m")))
+    out = run_mask(MaskConfig(scores=str(base), policy=policy, tau=tau, reference_scores=str(tuned),
+                              out_dir=str(tmp_path / "m")))
     columns = ("input_ids", "response_mask", "nll", "labels")
     rows = zip(*(pq.read_table(out / "data.parquet").column(c).to_pylist() for c in columns),
                pq.read_table(tuned / "scores.parquet").column("nll").to_pylist())
@@ -210,7 +220,8 @@ def test_crash_mid_scoring_resumes_and_equals_uninterrupted(tiny_model_dir, data
 def test_kill_9_during_scoring_then_rerun(tiny_model_dir, tmp_path):
     import re
 
-    rows = [{"prompt": f"Write a python function number {i}.", "response": "def add(a, b):\n    return a + b" * (1 + i % 5)} for i in range(60)]
+    rows = [{"prompt": f"Write a python function number {i}.",
+             "response": "def add(a, b):\n    return a + b" * (1 + i % 5)} for i in range(60)]
     data = tmp_path / "many.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
     out = tmp_path / "killed"

@@ -25,7 +25,8 @@ def capitals_jsonl(path):
     """A user's own data set: short question-answer pairs as `messages` JSONL."""
     lines = [json.dumps({"id": f"c{i}", "messages": [
         {"role": "user", "content": f"What is the capital of {country}?"},
-        {"role": "assistant", "content": f"The capital of {country} is {city}."}]}) for i, (country, city) in enumerate(CAPITALS)]
+        {"role": "assistant", "content": f"The capital of {country} is {city}."}]})
+             for i, (country, city) in enumerate(CAPITALS)]
     path.write_text("\n".join(lines) + "\n")
     return path
 
@@ -68,7 +69,8 @@ def test_tau_note_by_hand():
 
 
 def test_target_check_refuses_another_data_set(tmp_path):
-    with pytest.raises(ConfigError, match=r"target gen:mbpp-validation measures mbpp, but the training data is my.jsonl"):
+    with pytest.raises(ConfigError,
+                       match=r"target gen:mbpp-validation measures mbpp, but the training data is my.jsonl"):
         check_target("gen:mbpp-validation", "my.jsonl", other_target=False)
     check_target("gen:mbpp-validation", "my.jsonl", other_target=True)
     check_target("gen:mbpp-validation", "mbpp-train", other_target=False)

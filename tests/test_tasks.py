@@ -204,7 +204,8 @@ def test_custom_yaml_task(tmp_path):
     (tmp_path / "caps.jsonl").write_text('{"id": "fr", "country": "France", "capital": "Paris"}\n'
                                          '{"id": "it", "country": "Italy", "capital": "Rome"}\n')
     (tmp_path / "caps.yaml").write_text('name: capitals\ndata: caps.jsonl\nprompt: "Capital of {country}?"\n'
-                                        'gold: capital\nmetric: exact_match\nextract: "(?i)answer:\\\\s*(\\\\w+)"\nid: id\n')
+                                        'gold: capital\nmetric: exact_match\nextract: '
+                                        '"(?i)answer:\\\\s*(\\\\w+)"\nid: id\n')
     task = get_task(str(tmp_path / "caps.yaml"))
     items = task.load()
     assert [it.id for it in items] == ["fr", "it"] and items[0].messages[0]["content"] == "Capital of France?"
@@ -214,7 +215,8 @@ def test_custom_yaml_task(tmp_path):
 
 def test_custom_sql_definition_and_bad_definitions(tmp_path, sql_fixture):
     root, data, _ = sql_fixture
-    (tmp_path / "bird.json").write_text(json.dumps({"name": "bird_mini", "data": str(data), "db_root": str(root / "dbs"), "metric": "sql"}))
+    (tmp_path / "bird.json").write_text(json.dumps({"name": "bird_mini", "data": str(data),
+                                                    "db_root": str(root / "dbs"), "metric": "sql"}))
     task = load_task_file(tmp_path / "bird.json")
     assert task.name == "bird_mini" and task.metric == "execution_accuracy" and len(task.load()) == 2
     (tmp_path / "bad.json").write_text(json.dumps({"name": "x", "data": "d", "metric": "bleu", "gold": "g"}))

@@ -3,7 +3,8 @@
 import pytest
 
 from conftest import build_tokenizer
-from forgetless.lm.templates import PLAIN_TEMPLATE, TemplateError, encode_conversation, encode_prompt, ensure_chat_template
+from forgetless.lm.templates import (PLAIN_TEMPLATE, TemplateError, encode_conversation, encode_prompt,
+                                     ensure_chat_template)
 
 MESSAGES = [
     {"role": "user", "content": "Write a python function to add two numbers."},

@@ -65,7 +65,8 @@ def test_config_validation(tmp_path):
         TrainConfig(data="x", output_dir=str(tmp_path), adapter="qlora")
 
 
-@pytest.mark.parametrize("adapter,method,table", [("lora", "sft", "sft"), ("dora", "stm", "stm"), ("full", "kl", "sft")])
+@pytest.mark.parametrize("adapter,method,table",
+                         [("lora", "sft", "sft"), ("dora", "stm", "stm"), ("full", "kl", "sft")])
 def test_run_train_outputs(train_world, adapter, method, table):
     cfg = train_config(train_world, f"run-{adapter}", table, adapter=adapter, method=method,
                  kl_coef=0.5 if method == "kl" else 0.0, merge=adapter != "full")
@@ -100,7 +101,8 @@ def test_trainer_accumulation_1x4_equals_4x1(train_world):
     """Through the real Trainer: one SGD step of batch 4 x 1 and of batch 1 x 4 give the same weights."""
     from transformers import AutoModelForCausalLM
 
-    common = dict(table="stm", adapter="full", max_steps=1, optim="sgd", learning_rate=1.0, max_grad_norm=1e9, epochs=1.0)
+    common = dict(table="stm", adapter="full", max_steps=1, optim="sgd", learning_rate=1.0, max_grad_norm=1e9,
+                  epochs=1.0)
     a = run_train(train_config(train_world, "ga-4x1", batch_size=4, grad_accum=1, **common))
     b = run_train(train_config(train_world, "ga-1x4", batch_size=1, grad_accum=4, **common))
     la, lb = (json.loads((d / "loss.jsonl").read_text().splitlines()[0]) for d in (a, b))

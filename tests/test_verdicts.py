@@ -37,7 +37,8 @@ def headline(rows):
 
 def test_two_identical_recipes_never_win():
     recs = records({"stm": {"target": 0.4, "ret": 0.7, "length": 0.7}})
-    rows = [dict(r, model=r["model"].replace("stm", "twin"), recipe="twin") for r in _rows(recs) if r["recipe"] == "stm"]
+    rows = [dict(r, model=r["model"].replace("stm", "twin"), recipe="twin") for r in _rows(recs)
+            if r["recipe"] == "stm"]
     twin = records_from_rows(_rows(recs) + rows, MEASURES)
     row = headline(same_dose(twin, CFG))[("twin@lr1", "ret")]
     assert row["diff"] == 0 and row["verdict"] == "equivalent"   # every replicate is 0: TOST passes
@@ -59,24 +60,28 @@ def _rows(recs):
 
 
 def test_clear_dominance_on_both_axes_wins_and_the_mirror_loses():
-    recs = records({"stm": {"target": 0.7, "ret": 0.9, "length": 0.5}, "sft": {"target": 0.4, "ret": 0.3, "length": 0.9},
+    recs = records({"stm": {"target": 0.7, "ret": 0.9, "length": 0.5},
+                    "sft": {"target": 0.4, "ret": 0.3, "length": 0.9},
                     "replay": {"target": 0.95, "ret": 1.0, "length": 0.5}})
     rows = same_dose(recs, CFG)
     sft = headline(rows)[("sft@lr1", "ret")]
     assert sft["verdict"] == "wins" and sft["ci95"][0] > 0 and sft["p_holm"] < 0.05
     assert headline(rows)[("replay@lr1", "ret")]["verdict"] == "loses"
     sentence = verdict_sentence(sft, "GSM8K did what was asked", 2)
-    assert sentence.startswith("stm@lr1 wins against sft@lr1 on GSM8K did what was asked") and "n = 120 items × 2 draws" in sentence
+    assert (sentence.startswith("stm@lr1 wins against sft@lr1 on GSM8K did what was asked")
+            and "n = 120 items × 2 draws" in sentence)
 
 
 def test_better_retention_with_a_worse_target_is_not_a_win():
-    recs = records({"stm": {"target": 0.2, "ret": 0.9, "length": 0.9}, "sft": {"target": 0.7, "ret": 0.3, "length": 0.9}})
+    recs = records({"stm": {"target": 0.2, "ret": 0.9, "length": 0.9},
+                    "sft": {"target": 0.7, "ret": 0.3, "length": 0.9}})
     row = headline(same_dose(recs, CFG))[("sft@lr1", "ret")]
     assert row["p_holm"] < 0.05 and row["verdict"] == "not resolved" and "non-inferior" in row["reason"]
 
 
 def test_a_one_sided_measure_never_headlines():
-    recs = records({"stm": {"target": 0.6, "ret": 0.7, "length": 1.0}, "sft": {"target": 0.6, "ret": 0.7, "length": 0.0}})
+    recs = records({"stm": {"target": 0.6, "ret": 0.7, "length": 1.0},
+                    "sft": {"target": 0.6, "ret": 0.7, "length": 0.0}})
     rows = same_dose(recs, CFG)
     length = next(r for r in rows if r["measure"] == "length")
     assert length["diff"] == pytest.approx(1.0) and not length["headline"] and "verdict" not in length

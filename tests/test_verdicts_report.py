@@ -25,7 +25,8 @@ def write_dir(d, chances, rng, seeds=1, n=100):
         items = []
         for i in range(n):
             scores = [float(rng.random() < chance) for _ in range(seeds)]
-            items.append({"id": f"{task}/{i}", "score": sum(scores) / seeds, **({"seeds": scores} if seeds > 1 else {})})
+            items.append({"id": f"{task}/{i}", "score": sum(scores) / seeds,
+                          **({"seeds": scores} if seeds > 1 else {})})
         write_task(d, make_record(task, metric, [it["score"] for it in items], higher_is_better=True), items)
     return d
 

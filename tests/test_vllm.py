@@ -51,7 +51,8 @@ class FakeLLM:
         logprobs = None
         if sp.prompt_logprobs is not None:
             values = self.logprob_fn(ids)
-            logprobs = [None] + [{ids[i]: SimpleNamespace(logprob=values[i - 1]), ids[i] + 1: SimpleNamespace(logprob=-0.01)}
+            logprobs = [None] + [{ids[i]: SimpleNamespace(logprob=values[i - 1]),
+                                  ids[i] + 1: SimpleNamespace(logprob=-0.01)}
                                  for i in range(1, len(ids))]
         return SimpleNamespace(prompt_token_ids=list(ids), outputs=completions, prompt_logprobs=logprobs)
 
@@ -65,7 +66,8 @@ class FakeSamplingParams:
 @pytest.fixture
 def fake_vllm(monkeypatch):
     """A ``vllm`` package that imports (LLM, SamplingParams, inputs.TokensPrompt, lora.request.LoRARequest)."""
-    root, inputs, lora, request = (types.ModuleType(n) for n in ("vllm", "vllm.inputs", "vllm.lora", "vllm.lora.request"))
+    root, inputs, lora, request = (types.ModuleType(n)
+                                   for n in ("vllm", "vllm.inputs", "vllm.lora", "vllm.lora.request"))
     root.LLM, root.SamplingParams = FakeLLM, FakeSamplingParams
     inputs.TokensPrompt = lambda **kw: dict(kw)
     request.LoRARequest = lambda name, int_id, path: SimpleNamespace(name=name, int_id=int_id, path=path)
@@ -84,7 +86,8 @@ def gpu_here(fake_vllm, monkeypatch):
 
 
 def llama3_with_bos_post_processor():
-    """The Llama-3-like test tokenizer, made to add BOS to any text tokenised with special tokens, as the real one does."""
+    """The Llama-3-like test tokenizer, made to add BOS to any text tokenised with special tokens,
+    as the real one does."""
     from tokenizers.processors import TemplateProcessing
 
     tok = build_tokenizer("llama3")
@@ -163,9 +166,12 @@ def test_score_stage_on_vllm_equals_hf(gpu_here, tiny_model_dir, tmp_path, monke
     data = tmp_path / "data.jsonl"
     data.write_text("".join(json.dumps({"id": ex.id, "messages": ex.messages}) + "\n" for ex in conversations(5)))
     settings = dict(model=str(tiny_model_dir), data=str(data), device="cpu", dtype="float32", batch_tokens=256)
-    hf = pq.read_table(run_score(ScoreConfig(**settings, backend="hf", out_dir=str(tmp_path / "hf"))) / "scores.parquet")
-    gpu_here.logprob_fn = staticmethod(teacher_forced_logprobs(AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()))
-    monkeypatch.setattr("forgetless.lm.modeling.load_model_and_tokenizer", lambda *a, **k: pytest.fail("loaded the HF model"))
+    hf = pq.read_table(run_score(ScoreConfig(**settings, backend="hf", out_dir=str(tmp_path / "hf")))
+                       / "scores.parquet")
+    gpu_here.logprob_fn = staticmethod(
+        teacher_forced_logprobs(AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()))
+    monkeypatch.setattr("forgetless.lm.modeling.load_model_and_tokenizer",
+                        lambda *a, **k: pytest.fail("loaded the HF model"))
     out = run_score(ScoreConfig(**settings, backend="vllm", out_dir=str(tmp_path / "vllm"), part_size=2))
     vllm = pq.read_table(out / "scores.parquet")
     assert vllm.column("input_ids").to_pylist() == hf.column("input_ids").to_pylist()
@@ -189,7 +195,8 @@ def test_generate_stage_samples_k_in_one_request_per_prompt(gpu_here, tiny_model
     answer = tok.encode("def add(a, b):", add_special_tokens=False)
     gpu_here.reply = staticmethod(lambda ids, j: answer[: 1 + j] + stop_token_ids(tok)[:1])
     gpu_here.logprob_fn = staticmethod(lambda ids: [-0.5] * (len(ids) - 1))
-    monkeypatch.setattr("forgetless.lm.modeling.load_model_and_tokenizer", lambda *a, **k: pytest.fail("loaded the HF model"))
+    monkeypatch.setattr("forgetless.lm.modeling.load_model_and_tokenizer",
+                        lambda *a, **k: pytest.fail("loaded the HF model"))
     cfg = gen.GenerateConfig(method=method, model=str(tiny_model_dir), data=str(data), task="none", samples=4,
                              batch_size=2, backend="vllm", out_dir=str(tmp_path / "out"))
     out = gen.run_generate(cfg)
@@ -219,18 +226,21 @@ def test_eval_with_a_lora_adapter_on_vllm(gpu_here, tiny_model_dir, tmp_path):
     (adapter / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 12, "use_dora": False}))
     tok = load_tokenizer(str(tiny_model_dir))
     gpu_here.reply = staticmethod(lambda ids, j: tok.encode("The answer is 42", add_special_tokens=False))
-    out = run_eval(EvalConfig(model=str(tiny_model_dir), adapter=str(adapter), tasks=("gsm8k",), limit=2, backend="vllm",
-                              max_model_len=1024, gpu_memory_utilization=0.5, progress=False, output_dir=str(tmp_path / "eval")))
+    out = run_eval(EvalConfig(model=str(tiny_model_dir), adapter=str(adapter), tasks=("gsm8k",), limit=2,
+                              backend="vllm", max_model_len=1024, gpu_memory_utilization=0.5, progress=False,
+                              output_dir=str(tmp_path / "eval")))
     (llm,) = gpu_here.made
     assert llm.kwargs["enable_lora"] and llm.kwargs["max_lora_rank"] == 16  # rank 12 rounded up to vLLM's next slot
-    assert (llm.kwargs["max_model_len"], llm.kwargs["gpu_memory_utilization"], llm.kwargs["tensor_parallel_size"]) == (1024, 0.5, 1)
+    assert (llm.kwargs["max_model_len"], llm.kwargs["gpu_memory_utilization"],
+            llm.kwargs["tensor_parallel_size"]) == (1024, 0.5, 1)
     (call,) = llm.calls
     assert call["lora_request"].path == str(adapter.resolve())
     items = select_items(get_task("gsm8k").load(), 2, 0)
     assert [p["prompt_token_ids"] for p in call["prompts"]] == [encode_prompt(tok, it.messages) for it in items]
     summary = json.loads((out / "gsm8k.json").read_text())
     assert summary["settings"]["backend"] == "vllm" and summary["n"] == 2
-    assert all(json.loads(line)["output"] == "The answer is 42" for line in (out / "gsm8k.items.jsonl").read_text().splitlines())
+    assert all(json.loads(line)["output"] == "The answer is 42"
+               for line in (out / "gsm8k.items.jsonl").read_text().splitlines())
 
 
 def test_dora_adapter_is_refused_before_vllm_starts(gpu_here, tiny_model_dir, tmp_path):
@@ -247,7 +257,8 @@ def test_dora_adapter_is_refused_before_vllm_starts(gpu_here, tiny_model_dir, tm
     assert gpu_here.made == []
 
 
-def test_auto_picks_hf_without_cuda_and_vllm_without_it_fails_in_one_line(fake_vllm, monkeypatch, tiny_model_dir, tmp_path, capsys):
+def test_auto_picks_hf_without_cuda_and_vllm_without_it_fails_in_one_line(fake_vllm, monkeypatch, tiny_model_dir,
+                                                                          tmp_path, capsys):
     from forgetless.cli import main
 
     assert not torch.cuda.is_available()
@@ -257,7 +268,8 @@ def test_auto_picks_hf_without_cuda_and_vllm_without_it_fails_in_one_line(fake_v
     monkeypatch.delitem(sys.modules, "vllm")
     with pytest.raises(BackendError, match="needs the vllm package, which is not installed"):
         resolve_backend("vllm")
-    code = main(["eval", f"model={tiny_model_dir}", "backend=vllm", "tasks=[gsm8k]", "limit=1", f"output_dir={tmp_path / 'e'}"])
+    code = main(["eval", f"model={tiny_model_dir}", "backend=vllm", "tasks=[gsm8k]", "limit=1",
+                 f"output_dir={tmp_path / 'e'}"])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and err[-1].startswith("forgetless eval: error: backend=vllm needs the vllm package")
     monkeypatch.setattr(vb, "_missing_for_vllm", lambda: None)
@@ -272,7 +284,8 @@ def test_backend_settings_are_checked():
     for cls in (EvalConfig, GenerateConfig, ScoreConfig):
         assert cls().backend == "auto"
         for bad, match in ((dict(backend="tgi"), "backend"), (dict(tensor_parallel_size=0), "tensor_parallel_size"),
-                           (dict(gpu_memory_utilization=1.5), "gpu_memory_utilization"), (dict(max_model_len=1), "max_model_len")):
+                           (dict(gpu_memory_utilization=1.5), "gpu_memory_utilization"),
+                           (dict(max_model_len=1), "max_model_len")):
             with pytest.raises(ValueError, match=match):
                 cls(**bad)
     with pytest.raises(ValueError, match="max_model_len .* must exceed max_length"):
