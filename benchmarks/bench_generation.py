@@ -109,7 +109,8 @@ def slots(model, tokenizer, ids, settings, rows=None):
     written = sum(len(new) + (stop is not None) for new, stop in results)
     cache = sum(t.numel() * t.element_size() for t in decoder.cache.keys + decoder.cache.values)
     return results, {"decode_steps": decoder.steps, "row_steps": decoder.row_steps, "prefix_tokens": decoder.prefix,
-                     # every token after a row's first (which its prefill gives) is one row-step: none is spent after a stop
+                     # every token after a row's first (which its prefill gives) is one row-step:
+                     # none is spent after a stop
                      "stopped_row_share": round(1 - (written - len(results)) / max(decoder.row_steps, 1), 3),
                      "kv_cache_mib": round(cache / 2**20)}
 
@@ -139,7 +140,8 @@ def bench(model, tokenizer, name, prompts, settings, args) -> dict:
     ids = [encode_prompt(tokenizer, m) for m in prompts]
     rows, reference = [], None
     if not args.skip_single:
-        row, reference = run_variant("single", lambda: (padded(model, tokenizer, ids, settings, 1)[0], {}), tokenizer, None)
+        row, reference = run_variant("single", lambda: (padded(model, tokenizer, ids, settings, 1)[0], {}), tokenizer,
+                                     None)
         rows.append(row)
     variants = [("default", lambda: slots(model, tokenizer, ids, settings))]
     variants += [(f"slots-{r}", lambda r=r: slots(model, tokenizer, ids, settings, r)) for r in args.rows]
@@ -189,8 +191,10 @@ def main() -> None:
                "torch": torch.__version__, "machine": platform.processor() or platform.machine(),
                "default_rows": decode.DEFAULT_ROWS, "workloads": []}
     for name in args.workloads:
-        n, budget = (args.per_source, args.mixed_tokens) if name == "mixed" else (args.uniform_items, args.uniform_tokens)
-        results["workloads"].append(bench(model, tokenizer, name, workload(name, n), DecodingSettings(max_new_tokens=budget), args))
+        n, budget = ((args.per_source, args.mixed_tokens) if name == "mixed"
+                     else (args.uniform_items, args.uniform_tokens))
+        results["workloads"].append(bench(model, tokenizer, name, workload(name, n),
+                                          DecodingSettings(max_new_tokens=budget), args))
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(results, indent=1) + "\n")

@@ -40,7 +40,8 @@ def setup(n_examples: int):
 
 def response_ppl(nlls, encoded) -> torch.Tensor:
     """exp(NLL) of every response token after position 0, in example order."""
-    return torch.cat([torch.from_numpy(n[1:][torch.tensor(e.response_mask[1:], dtype=torch.bool).numpy()]).double().exp()
+    return torch.cat([torch.from_numpy(n[1:][torch.tensor(e.response_mask[1:], dtype=torch.bool).numpy()])
+                      .double().exp()
                       for n, e in zip(nlls, encoded)])
 
 
@@ -115,7 +116,8 @@ def breakdown(model, tok, encoded, batch_tokens) -> dict[str, float]:
         ids, attention, response = pad_batch([Encoded(encoded[i].input_ids[skip:], encoded[i].response_mask[skip:])
                                               for i in batch], tok.pad_token_id)
         full = torch.cat([attention.new_ones(len(batch), skip), attention], dim=1)
-        hidden = decoder(input_ids=ids, attention_mask=full, past_key_values=cache, use_cache=cache is not None).last_hidden_state
+        hidden = decoder(input_ids=ids, attention_mask=full, past_key_values=cache,
+                         use_cache=cache is not None).last_hidden_state
         t1 = time.perf_counter()
         predict = response[:, 1:].bool() & attention[:, 1:].bool()
         rows, targets = hidden[:, :-1][predict], ids[:, 1:][predict]
@@ -140,7 +142,8 @@ def layout(encoded, batch_tokens) -> dict:
     padded = sum(len(b) * len(encoded[b[0]]) for b in batches)
     shared = common_prefix([e.input_ids for e in encoded], [prefix_limit(e) for e in encoded])
     return {"batches": len(batches), "padding_share": 1 - sum(len(e) for e in encoded) / padded,
-            "shared_prefix_tokens": shared, "prefix_share_of_tokens": shared * (len(encoded) - 1) / sum(len(e) for e in encoded)}
+            "shared_prefix_tokens": shared,
+            "prefix_share_of_tokens": shared * (len(encoded) - 1) / sum(len(e) for e in encoded)}
 
 
 def bench(n_examples: int, repeats: int, batch_tokens: int) -> dict:
@@ -184,14 +187,15 @@ def main() -> None:
         r = bench(n, args.repeats, args.batch_tokens)
         results.append(r)
         print(f"\n{n} examples, {r['tokens']} tokens ({r['attn_implementation']} attention, {r['threads']} threads); "
-              f"max relative ppl difference vs reference: " + ", ".join(f"{k} {v:.1e}" for k, v in r["max_rel_ppl_diff_vs_reference"].items()))
+              f"max relative ppl difference vs reference: "
+              + ", ".join(f"{k} {v:.1e}" for k, v in r["max_rel_ppl_diff_vs_reference"].items()))
         print(f"{'method':<20}{'seconds':>9}{'tokens/s':>10}{'vs reference':>14}")
         for m in METHODS:
             print(f"{m:<20}{r['seconds'][m]:>9.2f}{r['tokens_per_s'][m]:>10.0f}{r['speed_vs_reference'][m]:>13.2f}x")
-        print("forgetless vs plain forward: padded {padded:.2f}x, packed {packed:.2f}x, the faster of the two {best:.2f}x"
-              .format(**r["forgetless_vs_plain"]))
-        print("default layout: {batches} batches, {padding_share:.1%} padding, shared prefix {shared_prefix_tokens} tokens "
-              "({prefix_share_of_tokens:.0%} of all tokens computed once)".format(**r["layout"]))
+        print("forgetless vs plain forward: padded {padded:.2f}x, packed {packed:.2f}x, "
+              "the faster of the two {best:.2f}x".format(**r["forgetless_vs_plain"]))
+        print("default layout: {batches} batches, {padding_share:.1%} padding, shared prefix {shared_prefix_tokens} "
+              "tokens ({prefix_share_of_tokens:.0%} of all tokens computed once)".format(**r["layout"]))
         print("share of forgetless's time: " + ", ".join(f"{k} {v:.0%}" for k, v in r["share_of_time"].items()))
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(results, indent=2) + "\n")

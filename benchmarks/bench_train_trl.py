@@ -318,7 +318,8 @@ def report(v: dict, tokens: dict) -> dict:
             if trl in v:
                 ratios[f"{best} / {trl}"] = v[best]["tokens_per_s"] / v[trl]["tokens_per_s"]
     for stm, base in (("forgetless-stm", "forgetless-sft"), ("forgetless-stm-packed", "forgetless-sft-packed"),
-                      ("forgetless-stm-accum2", "forgetless-sft-accum2"), ("forgetless-stm-accum4", "forgetless-sft-accum4"),
+                      ("forgetless-stm-accum2", "forgetless-sft-accum2"),
+                      ("forgetless-stm-accum4", "forgetless-sft-accum4"),
                       ("forgetless-sft-accum2", "forgetless-sft"), ("forgetless-sft-accum4", "forgetless-sft")):
         if stm in v and base in v:
             ratios[f"{stm} / {base}"] = v[stm]["tokens_per_s"] / v[base]["tokens_per_s"]

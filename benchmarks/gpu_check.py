@@ -50,7 +50,8 @@ def peak_tflops(device: str, override: float | None) -> tuple[float | None, str]
         return None, "no GPU: MFU not computed"
     name = torch.cuda.get_device_name()
     found = next((k for k in PEAK_BF16_TFLOPS if k in name), None)
-    return (PEAK_BF16_TFLOPS[found], f"table ({found})") if found else (None, f"{name} not in the table: pass --peak-tflops")
+    return ((PEAK_BF16_TFLOPS[found], f"table ({found})") if found
+            else (None, f"{name} not in the table: pass --peak-tflops"))
 
 
 def sync(device: str) -> None:
@@ -77,7 +78,8 @@ def tiny_model_dir(tokenizer, out: Path) -> str:
 
     torch.manual_seed(0)
     config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=128, intermediate_size=256, num_hidden_layers=2,
-                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=2048, tie_word_embeddings=True)
+                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=2048,
+                         tie_word_embeddings=True)
     LlamaForCausalLM(config).save_pretrained(out)
     tokenizer.save_pretrained(out)
     return str(out)
@@ -93,8 +95,9 @@ def compare_scores(ref: list[np.ndarray], other: list[np.ndarray]) -> dict:
     scored = ~np.isnan(a)
     diff = np.abs(a[scored] - b[scored])
     flips = above_tau(a[scored], TAU) != above_tau(b[scored], TAU)
-    return {"response_tokens": int(scored.sum()), "max_abs_diff_nll": float(diff.max()), "mean_abs_diff_nll": float(diff.mean()),
-            "masked_fraction_ref": float(above_tau(a[scored], TAU).mean()), "masked_fraction_other": float(above_tau(b[scored], TAU).mean()),
+    return {"response_tokens": int(scored.sum()), "max_abs_diff_nll": float(diff.max()),
+            "mean_abs_diff_nll": float(diff.mean()), "masked_fraction_ref": float(above_tau(a[scored], TAU).mean()),
+            "masked_fraction_other": float(above_tau(b[scored], TAU).mean()),
             "mask_flips": int(flips.sum()), "mask_flip_share": float(flips.mean())}
 
 
@@ -145,8 +148,8 @@ def check_training(model_dir: str, tokenizer, args, peak: float | None) -> dict:
     stm = {k: v.to(args.device) for k, v in (stm if loss_labels == "stm" else sft).items()}
     model.train()
     with tempfile.TemporaryDirectory() as tmp:
-        targs = TrainingArguments(output_dir=tmp, report_to=[], use_cpu=args.device == "cpu", remove_unused_columns=False,
-                                  label_names=["labels"])
+        targs = TrainingArguments(output_dir=tmp, report_to=[], use_cpu=args.device == "cpu",
+                                  remove_unused_columns=False, label_names=["labels"])
         trainer = _trainer_class()(model=model, args=targs)
         trained = (stm["labels"][:, 1:] != -100).sum()
 
@@ -161,9 +164,9 @@ def check_training(model_dir: str, tokenizer, args, peak: float | None) -> dict:
     peak_mem = torch.cuda.max_memory_allocated() / 2**30 if args.device.startswith("cuda") else None
     model = trainer = None
     empty_cache()
-    return {"batch": args.train_batch, "length": args.train_length, "labels": loss_labels, "tokens_per_step": tokens, "trained_tokens": int(trained),
-            "step_s": seconds, "tokens_per_s": tokens / seconds, "loss": float(loss), "cuda_peak_gib": peak_mem,
-            "mfu": 6 * n_params * tokens / seconds / (peak * 1e12) if peak else None}
+    return {"batch": args.train_batch, "length": args.train_length, "labels": loss_labels, "tokens_per_step": tokens,
+            "trained_tokens": int(trained), "step_s": seconds, "tokens_per_s": tokens / seconds, "loss": float(loss),
+            "cuda_peak_gib": peak_mem, "mfu": 6 * n_params * tokens / seconds / (peak * 1e12) if peak else None}
 
 
 def check_vllm(model_dir: str, tokenizer, encoded, scores: dict, hf_tokens_per_s: float, args) -> dict:
@@ -188,8 +191,9 @@ def check_vllm(model_dir: str, tokenizer, encoded, scores: dict, hf_tokens_per_s
     tokens = sum(len(e) for e in encoded)
     return {"vllm_version": vllm_version, "startup_s": startup, "tokens_per_s": tokens / seconds,
             "vs_hf_bf16_speed": (tokens / seconds) / hf_tokens_per_s,
-            "vs_hf_fp32": compare_scores(scores["float32"], ours), "vs_hf_bf16": compare_scores(scores["bfloat16"], ours),
-            "gpu_free_gib_before": free_before / 2**30, "gpu_free_gib_after_close": torch.cuda.mem_get_info()[0] / 2**30}
+            "vs_hf_fp32": compare_scores(scores["float32"], ours),
+            "vs_hf_bf16": compare_scores(scores["bfloat16"], ours), "gpu_free_gib_before": free_before / 2**30,
+            "gpu_free_gib_after_close": torch.cuda.mem_get_info()[0] / 2**30}
 
 
 def run_gpu_tests(paths: list[str]) -> dict:
@@ -204,9 +208,11 @@ def run_gpu_tests(paths: list[str]) -> dict:
 
 def environment(args, peak, source) -> dict:
     cuda = args.device.startswith("cuda")
-    return {"dry_run": args.dry_run, "model": "tiny random Llama (embedded tokenizer)" if args.tiny else "embedded (SmolLM2-135M-Instruct)",
+    return {"dry_run": args.dry_run,
+            "model": "tiny random Llama (embedded tokenizer)" if args.tiny else "embedded (SmolLM2-135M-Instruct)",
             "device": torch.cuda.get_device_name() if cuda else platform.processor() or "cpu",
-            "gpus": torch.cuda.device_count() if cuda else 0, "torch": torch.__version__, "python": platform.python_version(),
+            "gpus": torch.cuda.device_count() if cuda else 0, "torch": torch.__version__,
+            "python": platform.python_version(),
             "peak_bf16_tflops": peak, "peak_source": source, "tau": TAU, "time": time.strftime("%Y-%m-%d %H:%M:%S")}
 
 
@@ -223,20 +229,28 @@ def markdown(summary: dict) -> str:
               f"peak bf16 {fmt(env['peak_bf16_tflops'])} TFLOP/s ({env['peak_source']}).", "",
               "| measure | value |", "|---|---|"]
     b = sc["bf16_vs_fp32"]
-    lines += [f"| bf16 vs fp32 scoring, {b['response_tokens']} response tokens of {sc['examples']} MBPP examples: max / mean abs Δnll | "
-              f"{b['max_abs_diff_nll']:.4f} / {b['mean_abs_diff_nll']:.5f} nats |",
-              f"| τ={env['tau']} mask decisions that flip (bf16 vs fp32) | {b['mask_flips']} ({b['mask_flip_share']:.3%}); masked {b['masked_fraction_ref']:.3f} vs {b['masked_fraction_other']:.3f} |",
-              f"| scoring tokens/s, fp32 / bf16 | {sc['tokens_per_s_float32']:.0f} / {sc['tokens_per_s_bfloat16']:.0f} |",
+    lines += [f"| bf16 vs fp32 scoring, {b['response_tokens']} response tokens of {sc['examples']} MBPP examples: max "
+              f"/ mean abs Δnll | {b['max_abs_diff_nll']:.4f} / {b['mean_abs_diff_nll']:.5f} nats |",
+              f"| τ={env['tau']} mask decisions that flip (bf16 vs fp32) | {b['mask_flips']} "
+              f"({b['mask_flip_share']:.3%}); masked {b['masked_fraction_ref']:.3f} vs "
+              f"{b['masked_fraction_other']:.3f} |",
+              f"| scoring tokens/s, fp32 / bf16 | {sc['tokens_per_s_float32']:.0f} "
+              f"/ {sc['tokens_per_s_bfloat16']:.0f} |",
               f"| scoring MFU (2·N·tokens/s, N = {sc['parameters'] / 1e6:.1f} M) | {fmt(sc['mfu_bf16'], '.2%')} |",
-              f"| training tokens/s (full fine-tuning, {tr['labels']} labels, batch {tr['batch']} × ≤{tr['length']}) | {tr['tokens_per_s']:.0f} ({tr['step_s']:.3f} s/step) |",
+              f"| training tokens/s (full fine-tuning, {tr['labels']} labels, batch {tr['batch']} × "
+              f"≤{tr['length']}) | {tr['tokens_per_s']:.0f} ({tr['step_s']:.3f} s/step) |",
               f"| training MFU (6·N·tokens/s) | {fmt(tr['mfu'], '.2%')} |"]
     if "skipped" in vl:
         lines.append(f"| vLLM vs HF scoring | skipped: {vl['skipped']} |")
     else:
-        lines += [f"| vLLM {vl['vllm_version']} scoring tokens/s (vs HF bf16) | {vl['tokens_per_s']:.0f} ({vl['vs_hf_bf16_speed']:.2f}×), startup {vl['startup_s']:.0f} s |",
-                  f"| vLLM vs HF fp32: max abs Δnll, mask flips | {vl['vs_hf_fp32']['max_abs_diff_nll']:.4f}, {vl['vs_hf_fp32']['mask_flip_share']:.3%} |",
-                  f"| vLLM vs HF bf16: max abs Δnll, mask flips | {vl['vs_hf_bf16']['max_abs_diff_nll']:.4f}, {vl['vs_hf_bf16']['mask_flip_share']:.3%} |",
-                  f"| GPU memory free before vLLM / after close() | {vl['gpu_free_gib_before']:.1f} / {vl['gpu_free_gib_after_close']:.1f} GiB |"]
+        lines += [f"| vLLM {vl['vllm_version']} scoring tokens/s (vs HF bf16) | "
+                  f"{vl['tokens_per_s']:.0f} ({vl['vs_hf_bf16_speed']:.2f}×), startup {vl['startup_s']:.0f} s |",
+                  f"| vLLM vs HF fp32: max abs Δnll, mask flips | {vl['vs_hf_fp32']['max_abs_diff_nll']:.4f}, "
+                  f"{vl['vs_hf_fp32']['mask_flip_share']:.3%} |",
+                  f"| vLLM vs HF bf16: max abs Δnll, mask flips | {vl['vs_hf_bf16']['max_abs_diff_nll']:.4f}, "
+                  f"{vl['vs_hf_bf16']['mask_flip_share']:.3%} |",
+                  f"| GPU memory free before vLLM / after close() | {vl['gpu_free_gib_before']:.1f} "
+                  f"/ {vl['gpu_free_gib_after_close']:.1f} GiB |"]
     exit_code = "" if pt["returncode"] is None else f" (exit {pt['returncode']})"
     lines.append(f"| `pytest {pt['command'].split('pytest ', 1)[-1]}` | {pt['summary']}{exit_code} |")
     return "\n".join(lines) + "\n"
@@ -256,7 +270,8 @@ def parse_args(argv=None):
     parser.add_argument("--train-length", type=int, default=512)
     parser.add_argument("--train-steps", type=int, default=10)
     parser.add_argument("--vllm-memory", type=float, default=0.5, help="vLLM's gpu_memory_utilization")
-    parser.add_argument("--peak-tflops", type=float, default=None, help="the GPU's dense bf16 peak (default: the table)")
+    parser.add_argument("--peak-tflops", type=float, default=None,
+                        help="the GPU's dense bf16 peak (default: the table)")
     parser.add_argument("--pytest", nargs="*", default=["tests"], help="paths for pytest -m gpu (none: skip)")
     args = parser.parse_args(argv)
     if args.dry_run:
@@ -288,8 +303,10 @@ def main(argv=None) -> None:
         print("vLLM ...", flush=True)
         vllm = check_vllm(model_dir, tokenizer, encoded, scores, scoring["tokens_per_s_bfloat16"], args)
     print(f"pytest -m gpu {' '.join(args.pytest)} ...", flush=True)
-    tests = run_gpu_tests(args.pytest) if args.pytest else {"command": "pytest -m gpu", "returncode": None, "summary": "not run (--pytest without paths)"}
-    summary = {"environment": environment(args, peak, source), "scoring": scoring, "training": training, "vllm": vllm, "pytest_gpu": tests}
+    tests = (run_gpu_tests(args.pytest) if args.pytest
+             else {"command": "pytest -m gpu", "returncode": None, "summary": "not run (--pytest without paths)"})
+    summary = {"environment": environment(args, peak, source), "scoring": scoring, "training": training, "vllm": vllm,
+               "pytest_gpu": tests}
     args.out_dir.mkdir(parents=True, exist_ok=True)
     (args.out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     (args.out_dir / "summary.md").write_text(markdown(summary))

@@ -116,7 +116,8 @@ def main() -> None:
 
     model, tokenizer = load_model_and_tokenizer("embedded", device="cpu")
     base_id = model_fingerprint("embedded")
-    encoded = [encode_conversation(tokenizer, ex.messages, 512) for ex in load_examples("mbpp-train", args.train_examples)]
+    encoded = [encode_conversation(tokenizer, ex.messages, 512)
+               for ex in load_examples("mbpp-train", args.train_examples)]
     base_nll = response_nll(model, encoded, tokenizer.pad_token_id)
     flat = torch.cat(base_nll)
     tau20 = float(math.exp(torch.quantile(flat.double(), 0.8)))  # masks the top 20% of base NLLs
@@ -125,7 +126,8 @@ def main() -> None:
                "stm20": {"kind": "stm", "tau": tau20}, "random": {"kind": "random", "fraction": frac25}}
     (args.out).mkdir(parents=True, exist_ok=True)
     (args.out / "methods.json").write_text(json.dumps({"tau20": tau20, "masked_fraction_tau2.5": frac25,
-                                                        "methods": methods, "args": {k: str(v) for k, v in vars(args).items()}}, indent=2))
+                                                       "methods": methods,
+                                                       "args": {k: str(v) for k, v in vars(args).items()}}, indent=2))
     logger.info("tau masking 20%%: %.2f; tau=2.5 masks %.3f", tau20, frac25)
     for name in args.methods.split(","):
         out_dir = args.out / name
@@ -155,7 +157,8 @@ def write_probe_report(out: Path) -> None:
     names = {"gt": "ground truth", "stm2.5": "STM tau=2.5", "stm20": "STM tau@20% masked", "random": "random mask"}
     runs = {names[d.name]: d for d in sorted(out.iterdir()) if d.name in names and (d / "done").exists()}
     summaries = {name: summarize_run(out / "base", d) for name, d in runs.items()}
-    lines = [markdown_table(summaries), "", "| method | task | base | tuned | change [95% CI] |", "|---|---|---|---|---|"]
+    lines = [markdown_table(summaries), "", "| method | task | base | tuned | change [95% CI] |",
+             "|---|---|---|---|---|"]
     for name, s in summaries.items():
         for task, row in s["tasks"].items():
             lines.append(f"| {name} | {task} | {row['base']:.3f} | {row['tuned']:.3f} | "

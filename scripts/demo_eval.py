@@ -33,7 +33,8 @@ def quick_adapter(out: Path, examples: int, steps: int, lr: float) -> Path:
     if (out / "adapter_config.json").is_file():
         return out
     model, tokenizer = load_model_and_tokenizer("embedded", device="cpu", dtype="float32")
-    model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"))
+    model = get_peft_model(model,
+                           LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"))
     model.train()
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
     data = [encode_conversation(tokenizer, ex.messages, max_length=384) for ex in load_examples("mbpp-train", examples)]
@@ -58,16 +59,19 @@ def sql_fixture(root: Path) -> Path:
     if not db.exists():
         conn = sqlite3.connect(db)
         conn.executescript("CREATE TABLE items (id INTEGER PRIMARY KEY, name TEXT, price REAL, stock INTEGER);"
-                           "INSERT INTO items VALUES (1,'pen',1.5,100),(2,'book',12.0,7),(3,'bag',30.0,0),(4,'ink',4.0,12);")
+                           "INSERT INTO items VALUES "
+                           "(1,'pen',1.5,100),(2,'book',12.0,7),(3,'bag',30.0,0),(4,'ink',4.0,12);")
         conn.commit()
         conn.close()
     questions = [("q1", "How many items are there?", "SELECT COUNT(*) FROM items"),
-                 ("q2", "What is the name of the most expensive item?", "SELECT name FROM items ORDER BY price DESC LIMIT 1"),
+                 ("q2", "What is the name of the most expensive item?",
+                  "SELECT name FROM items ORDER BY price DESC LIMIT 1"),
                  ("q3", "Which items are out of stock?", "SELECT name FROM items WHERE stock = 0")]
     (root / "sql_dev.json").write_text(json.dumps([{"question_id": q, "db_id": "shop", "question": text, "SQL": sql}
                                                    for q, text, sql in questions]))
     definition = root / "shop_sql.yaml"
-    definition.write_text(f"name: sql_shop\ndata: {root / 'sql_dev.json'}\ndb_root: {root / 'dbs'}\nmetric: sql\nmax_new_tokens: 64\n")
+    definition.write_text(f"name: sql_shop\ndata: {root / 'sql_dev.json'}\ndb_root: {root / 'dbs'}\n"
+                          "metric: sql\nmax_new_tokens: 64\n")
     return definition
 
 
@@ -90,7 +94,8 @@ def main() -> None:
                          max_new_tokens=args.max_new_tokens, batch_size=args.limit, device="cpu", **extra)
         print_eval_summary(run_eval(cfg))
         timings[label] = round(time.monotonic() - start, 1)
-    print_report(run_report(ReportConfig(runs=(f"base={out / 'base'}", f"lora-sft={out / 'tuned'}"), output_dir=str(out / "report"))))
+    print_report(run_report(ReportConfig(runs=(f"base={out / 'base'}", f"lora-sft={out / 'tuned'}"),
+                                         output_dir=str(out / "report"))))
     print(f"eval seconds: {timings}")
 
 
