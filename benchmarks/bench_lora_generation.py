@@ -66,7 +66,8 @@ def main() -> None:
     result = {"tokens_per_s_median": summary, "rounds": rounds, "prompts": len(ids),
               "max_new_tokens": args.max_new_tokens, "merged_identical_to_unmerged": f"{same}/{len(ids)}",
               "merged_over_unmerged": round(summary["lora-merged"] / summary["lora-unmerged"], 3),
-              "adapter": args.adapter, "threads": torch.get_num_threads(), "cpu": platform.processor() or platform.machine()}
+              "adapter": args.adapter, "threads": torch.get_num_threads(),
+              "cpu": platform.processor() or platform.machine()}
     print(json.dumps(result, indent=2))
     if args.out:
         Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
