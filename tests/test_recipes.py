@@ -3,6 +3,7 @@ the frontier against the reference at matched gain; each pinned on a hand-comput
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 
@@ -286,27 +287,49 @@ def test_bwt_vs_ti_points_carry_their_paired_intervals(tmp_path):
     assert [p.name for p in plot_report(report, tmp_path)] == ["bwt_vs_ti.png"]
 
 
-def test_frontier_target_gain_reads_enough_test_tasks_none_selected_on_or_trained():
-    """The frontier's target: >= 250 MBPP test tasks; none in mbpp-validation (what keep=best-epoch selects on) and
-    none among the examples the recipes train on (mbpp-train's first `limit`)."""
+def test_frontier_target_gain_reads_enough_test_tasks_none_trained_on():
+    """The frontier's target: >= 250 MBPP test tasks, none among the examples the recipes train on (mbpp-train's first
+    `limit`). No recipe there selects an epoch, so the MBPP test tasks that are also validation tasks are measured."""
     from forgetless.cli import resolve_config_path
     from forgetless.config import load_config
     from forgetless.lm.data import load_records
-    from forgetless.retention.answers import SELECTION_SPLIT, prompt_set
-    from forgetless.run import RunConfig, measure_stages
-    from forgetless.train.config import TrainConfig
+    from forgetless.retention.answers import prompt_set
+    from forgetless.run import RunConfig, measure_stages, selection_data
 
     config = load_config(RunConfig, resolve_config_path("frontier"))
     [retention] = [cfg for cfg, _, _ in measure_stages(config, "base", config.model, None)]
     assert config.target == "gen:mbpp-test" and config.frontier["retention"] == "did_what_asked"
+    assert selection_data(config) == ()
     _, _, records = prompt_set("mbpp-test", retention.limit("mbpp-test"), retention.excluded_tasks())
     measured = {r["task_id"] for r in records}
-    selected = {int(r["task_id"]) for r in load_records(SELECTION_SPLIT)[0]}
     trained = {int(r["task_id"]) for r in load_records(config.data)[0][: config.limit]}
-    assert len(measured) >= 250 and not measured & selected and not measured & trained
+    assert len(measured) >= 250 and not measured & trained
+
+
+def test_a_recipe_that_selects_its_epoch_keeps_the_selection_tasks_out_of_every_measure(tiny_run_config):
+    """keep=best-epoch reads mbpp-validation (or its first select_limit): the run's behaviour sources leave those MBPP
+    tasks out, beside the trained ones; without selection the 39 MBPP test tasks that are validation tasks count."""
+    from forgetless.config import load_config
+    from forgetless.lm.data import load_records
+    from forgetless.retention.answers import SELECTION_SPLIT, prompt_set
+    from forgetless.run import RunConfig, measure_stages, selection_data
+    from forgetless.train.config import TrainConfig
+
     assert TrainConfig.__dataclass_fields__["select_on"].default == f"gen:{SELECTION_SPLIT}"
-
-
+    plain = load_config(RunConfig, tiny_run_config[0])
+    assert selection_data(plain) == ()
+    selecting = dataclasses.replace(plain, methods=(
+        *plain.methods, dataclasses.replace(plain.methods[0], name="picked", train={"keep": "best-epoch"}),
+        dataclasses.replace(plain.methods[0], name="picked-20", train={"keep": "best-epoch", "select_limit": 20}),
+        dataclasses.replace(plain.methods[0], name="picked-task", train={"keep": "best-epoch", "select_on": "mbpp"})))
+    assert selection_data(selecting) == (SELECTION_SPLIT, f"{SELECTION_SPLIT}:20")
+    validation = {int(r["task_id"]) for r in load_records(SELECTION_SPLIT)[0]}
+    counts = {}
+    for name, config in (("plain", plain), ("selecting", selecting)):
+        [*_, (retention, _, _)] = measure_stages(config, "base", config.model, None)
+        _, _, records = prompt_set("mbpp-test", None, retention.excluded_tasks())
+        counts[name] = len({r["task_id"] for r in records} & validation)
+    assert counts == {"plain": 39, "selecting": 0}
 def test_leans_are_per_recipe():
     from forgetless.cli import resolve_config_path
     from forgetless.config import load_config

