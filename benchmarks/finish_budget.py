@@ -8,9 +8,10 @@ An answer that stopped within the recorded budget stopped at its recorded length
 greedy, from its prompt with ``--budget`` new tokens, which gives the length at which it stops (or that it does not
 stop within ``--budget``). Greedy decoding is deterministic, so the first tokens of the re-decode are the recorded
 answer (the script checks it). A recorded answer that finished is counted at its re-tokenized length (exact
-at budgets from the recorded one up, approximate below it). The finish rate at budget B is the share of items whose answer stops within B new
-tokens, the stop token counted. Cut answers are also classed as loops (the last 300 characters repeat a span, see
-:func:`is_loop`): a looping answer does not finish at any budget, and its content stops changing.
+at budgets from the recorded one up, approximate below it). The finish rate at budget B is the share of items
+whose answer stops within B new tokens, the stop token counted. Cut answers are also classed as loops (the last
+300 characters repeat a span, see :func:`is_loop`): a looping answer does not finish at any budget, and its
+content stops changing.
 """
 
 from __future__ import annotations
