@@ -68,3 +68,24 @@ def test_lean_list_marks_length_and_format_measures_one_sided():
         assert lean(task).startswith("one-sided, never the headline"), task
     assert lean("gen:gsm8k").startswith("neutral")  # did what was asked
     assert lean("gen:gsm8k:surprise").startswith("leans toward")
+
+
+def test_one_headline_per_prompt_source_and_none_where_the_base_sits_at_the_floor():
+    from forgetless.report.verdicts import measure_of
+
+    sources, target = frozenset({"gen:ifeval", "gen:gsm8k"}), "gen:mbpp-test"
+    assert measure_of("gen:ifeval", {"score": 0.17}, target, sources, 0.05).headline
+    other = measure_of("gen:ifeval:inst_level_strict_acc", {"score": 0.29}, target, sources, 0.05)
+    assert not other.headline and other.one_sided.startswith("another reading of the prompts of IFEval")
+    # GSM8K accuracy is another reading of the GSM8K prompts; alone (no gen:gsm8k record) it would headline
+    assert not measure_of("gen:gsm8k:accuracy", {"score": 0.3}, target, sources, 0.05).headline
+    assert measure_of("gen:gsm8k:accuracy", {"score": 0.3}, target, frozenset(), 0.05).headline
+    # floor: a base score <= the equivalence margin cannot lose more than the margin
+    for score, headline in ((0.04, False), (0.05, False), (0.06, True)):
+        m = measure_of("gen:gsm8k", {"score": score}, target, sources, 0.05)
+        assert m.headline is headline, score
+    assert "within the equivalence margin (0.05) of 0" in measure_of("gen:gsm8k", {"score": 0.04}, target,
+                                                                      sources, 0.05).one_sided
+    lower = measure_of("gen:gsm8k", {"score": 0.01, "higher_is_better": False}, target, sources, 0.05)
+    assert lower.headline  # lower is better: a low base score is no floor for a loss
+    assert measure_of("gen:gsm8k", {"score": 0.04}, target, sources, None).headline  # no margin given: no floor rule

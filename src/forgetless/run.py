@@ -521,9 +521,9 @@ def report_inputs(run_dir: str | Path, output_dir: str | None = None):
                        scores=tuple(f"{label}={d / SCORES_FILE}" for label, d in layout["ppl_sources"].items()),
                        token_view=str(layout["token_view"] / MASKED_FILE), recipe_sources=recipe_sources(config))
     grid = None
-    curves = config.probe or len(config.learning_rates) > 1 or any(len(m.learning_rates) > 1 or m.interpolate
-                                                                    for m in config.methods)
-    if config.retention is not None and curves:
+    # The verdicts compare recipes at the same dose, so two recipes are enough; curves (several learning rates, WiSE-FT
+    # or probe points) add the matched-gain reading.
+    if config.retention is not None and len(groups(measured)) > 2:
         grid = {"grid": frontier_grid(points, measured, lambda group: out / "retention" / group, layout["train"],
                                       config.train.get("learning_rate")),
                 "base_dir": out / "retention" / "base", **config.frontier}

@@ -57,16 +57,32 @@ def plain_name(task: str, metric: str | None = None) -> str:
     return SOURCES.get(task, task)
 
 
-def measure_of(task: str, record: dict, target: str) -> Measure:
-    """The :class:`Measure` of a retention record: the target, a one-sided measure, or a headline one."""
+def measure_of(task: str, record: dict, target: str, sources: frozenset[str] = frozenset(),
+               floor_margin: float | None = None) -> Measure:
+    """The :class:`Measure` of a retention record (the base's): the target, a measure that does not headline (with
+    why), or a headline one.
+
+    One headline per prompt source: ``gen:<source>:<metric>`` is another reading of the same prompts when
+    ``gen:<source>`` is among ``sources`` (IFEval's loose and instruction-level accuracies beside prompt-level
+    strict; GSM8K's accuracy beside did-what-was-asked), so it is shown but is not a test of its own. A
+    higher-is-better measure on which the base scores at most ``floor_margin`` (the equivalence margin) cannot show a
+    loss beyond the margin, so "equivalent" would be true by construction: it does not headline either.
+    """
     metric = task.split(":")[2] if task.count(":") >= 2 else record.get("metric", "")
+    higher = bool(record.get("higher_is_better", True))
     if task == target:
-        return Measure(task, plain_name(task, "pass rate") + " (target)", "target",
-                       record.get("higher_is_better", True))
+        return Measure(task, plain_name(task, "pass rate") + " (target)", "target", higher)
     lean = ONE_SIDED.get(metric) or (ONE_SIDED["kl_base_tuned"] if task.startswith("drift:") else None)
     if lean is None and target.startswith("gen:") and task.startswith(target + ":"):
         lean = "a detail of the target task"
-    return Measure(task, plain_name(task, metric), "retention", bool(record.get("higher_is_better", True)), lean)
+    parent = ":".join(task.split(":")[:2])
+    if lean is None and task.count(":") >= 2 and parent in sources:
+        lean = f"another reading of the prompts of {plain_name(parent)}, whose headline is {plain_name(parent)}"
+    score = record.get("score")
+    if lean is None and floor_margin is not None and higher and score is not None and score <= floor_margin:
+        lean = (f"the base scores {score:.3f}, within the equivalence margin ({floor_margin:g}) of 0: no loss beyond "
+                "the margin can show")
+    return Measure(task, plain_name(task, metric), "retention", higher, lean)
 
 
 def grid_rows(grid: list[dict], base_dir: Path) -> list[dict]:
@@ -93,10 +109,11 @@ def grid_rows(grid: list[dict], base_dir: Path) -> list[dict]:
     return rows
 
 
-def grid_measures(base_dir: Path, target: str) -> list[Measure]:
-    """The measures of the base's records: the target first."""
+def grid_measures(base_dir: Path, target: str, floor_margin: float | None = None) -> list[Measure]:
+    """The measures of the base's records (:func:`measure_of`): the target first."""
     tasks = sorted(list_tasks(base_dir), key=lambda t: t != target)
-    return [measure_of(t, read_task(base_dir, t)[0], target) for t in tasks]
+    sources = frozenset(t for t in tasks if t.count(":") == 1)
+    return [measure_of(t, read_task(base_dir, t)[0], target, sources, floor_margin) for t in tasks]
 
 
 def build_verdicts(rows: list[dict], measures: list[Measure], cfg: VerdictConfig) -> dict:
@@ -201,8 +218,9 @@ def verdict_section(out: Path, grid: list[dict], base_dir: Path, target: str, se
     and numbers behind them written to ``out`` (:func:`write_verdicts`). Empty when the base has no target record."""
     if not base_dir.is_dir() or target not in list_tasks(base_dir):
         return ""
-    rows, measures = grid_rows(grid, base_dir), grid_measures(base_dir, target)
+    cfg = VerdictConfig(**(settings or {}))
+    rows, measures = grid_rows(grid, base_dir), grid_measures(base_dir, target, cfg.equivalence_margin)
     if len({r["recipe"] for r in rows} - {BASE}) < 2:
         return ""
-    data = write_verdicts(out, rows, measures, VerdictConfig(**(settings or {})))
+    data = write_verdicts(out, rows, measures, cfg)
     return render_verdicts(data) + "\n![frontier](frontier.png)\n\n" + render_details(data) + "\n"
