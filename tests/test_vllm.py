@@ -254,6 +254,7 @@ def test_eval_with_a_lora_adapter_on_vllm(gpu_here, tiny_model_dir, tmp_path):
     assert [p["prompt_token_ids"] for p in call["prompts"]] == [encode_prompt(tok, it.messages) for it in items]
     summary = json.loads((out / "gsm8k.json").read_text())
     assert summary["settings"]["backend"] == "vllm" and summary["n"] == 2
+    assert summary["finish_rate"] == 1.0 and summary["n_finished"] == 2  # the fake's finish_reason is "stop"
     assert all(json.loads(line)["output"] == "The answer is 42"
                for line in (out / "gsm8k.items.jsonl").read_text().splitlines())
 
