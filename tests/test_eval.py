@@ -13,8 +13,9 @@ from forgetless.core.intervals import paired_difference, wilson_interval
 from forgetless.eval.tasks.custom import task_from_definition
 from forgetless.eval.tasks.gsm8k import load_gsm8k
 
-TASK_KEYS = {"task", "metric", "score", "n", "ci95", "higher_is_better", "chance", "settings"}
-ITEM_KEYS = {"id", "score", "prompt", "output", "extracted", "gold"}
+TASK_KEYS = {"task", "metric", "score", "n", "ci95", "higher_is_better", "chance", "finish_rate", "n_finished",
+             "settings"}
+ITEM_KEYS = {"id", "score", "prompt", "output", "extracted", "gold", "finished"}
 
 
 def test_left_pad_and_stop_cut():

@@ -35,6 +35,7 @@ class FakeLLM:
 
     made: list["FakeLLM"] = []
     reply = staticmethod(lambda ids, j: [7, 8])
+    finish_reason = staticmethod(lambda ids, j: "stop")
     logprob_fn = staticmethod(lambda ids: [-1.0] * (len(ids) - 1))
 
     def __init__(self, **kwargs):
@@ -47,7 +48,8 @@ class FakeLLM:
         return [self._output(p["prompt_token_ids"], sp) for p, sp in zip(prompts, per_prompt)]
 
     def _output(self, ids, sp):
-        completions = [SimpleNamespace(token_ids=tuple(self.reply(ids, j)), finish_reason="stop") for j in range(sp.n)]
+        completions = [SimpleNamespace(token_ids=tuple(self.reply(ids, j)), finish_reason=self.finish_reason(ids, j))
+                       for j in range(sp.n)]
         logprobs = None
         if sp.prompt_logprobs is not None:
             values = self.logprob_fn(ids)
@@ -75,6 +77,7 @@ def fake_vllm(monkeypatch):
         monkeypatch.setitem(sys.modules, name, module)
     monkeypatch.setattr(FakeLLM, "made", [])
     monkeypatch.setattr(FakeLLM, "reply", staticmethod(lambda ids, j: [7, 8]))
+    monkeypatch.setattr(FakeLLM, "finish_reason", staticmethod(lambda ids, j: "stop"))
     return FakeLLM
 
 
@@ -125,6 +128,18 @@ def test_generation_prompts_are_the_hf_paths_token_ids(fake_vllm, monkeypatch, t
     params = call["params"][0]  # one SamplingParams for the whole call
     assert (params.n, params.temperature, params.seed, params.max_tokens) == (1, 0.0, None, 16)
     assert params.stop_token_ids == stop_token_ids(tok)
+
+
+def test_answers_finish_at_a_stop_token_and_not_at_the_budget(fake_vllm):
+    tok = build_tokenizer()
+    answer, stop = tok.encode("def add", add_special_tokens=False), stop_token_ids(tok)[0]
+    # a stop token in the ids; vLLM's "stop" with the stop token left out of the ids; cut at the budget ("length")
+    replies, reasons = iter([answer + [stop], answer, answer]), iter(["stop", "stop", "length"])
+    fake_vllm.reply = staticmethod(lambda ids, j: next(replies))
+    fake_vllm.finish_reason = staticmethod(lambda ids, j: next(reasons))
+    answers = VllmEngine("model", tok).generate_answers([QUESTION] * 3, DecodingSettings(max_new_tokens=len(answer)))
+    assert [(a.text, a.finished, a.new_tokens) for a in answers] == \
+        [(tok.decode(answer, skip_special_tokens=True), finished, len(answer)) for finished in (True, True, False)]
 
 
 def test_prompt_nll_by_hand():
@@ -239,6 +254,7 @@ def test_eval_with_a_lora_adapter_on_vllm(gpu_here, tiny_model_dir, tmp_path):
     assert [p["prompt_token_ids"] for p in call["prompts"]] == [encode_prompt(tok, it.messages) for it in items]
     summary = json.loads((out / "gsm8k.json").read_text())
     assert summary["settings"]["backend"] == "vllm" and summary["n"] == 2
+    assert summary["finish_rate"] == 1.0 and summary["n_finished"] == 2  # the fake's finish_reason is "stop"
     assert all(json.loads(line)["output"] == "The answer is 42"
                for line in (out / "gsm8k.items.jsonl").read_text().splitlines())
 

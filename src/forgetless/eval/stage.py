@@ -1,7 +1,10 @@
 """The ``eval`` stage: generate answers for each task's items, extract, score, write results.
 
 Writes, inside ``output_dir``: ``<task>.json`` (score record), ``<task>.items.jsonl`` (one record
-per item), ``scores.json`` (task -> score record), ``config.json`` and ``manifest.json``.
+per item), ``scores.json`` (task -> score record), ``config.json`` and ``manifest.json``. Each item says whether
+its answer stopped on its own (``finished``; False: cut at the budget) and each score record gives the share that
+did (``finish_rate``, ``n_finished`` of ``n``) beside the budget (``settings.max_new_tokens``); both are None for
+predictions, which carry no stop information.
 
 Three ways in:
 
@@ -33,7 +36,7 @@ from forgetless.core.errors import ConfigError, DataError
 from forgetless.lm import distributed
 from forgetless.lm.artifacts import write_json, write_manifest, write_text
 from forgetless.lm.data import iter_jsonl
-from forgetless.lm.decode import DecodingSettings, generate
+from forgetless.lm.decode import DecodingSettings, Sampled, generate_answers
 from forgetless.lm.vllm_backend import check_backend_settings, resolve_backend
 from forgetless.core.intervals import score_interval
 from forgetless.eval.sandbox import SandboxLimits
@@ -41,7 +44,8 @@ from forgetless.eval.tasks import Item, Task, get_task, items_fingerprint, selec
 
 logger = logging.getLogger(__name__)
 
-GenerateFn = Callable[[list[list[dict[str, str]]], DecodingSettings], list[str]]
+# One answer per prompt: a Sampled (text and whether it stopped on its own), or plain text (finish not known).
+GenerateFn = Callable[[list[list[dict[str, str]]], DecodingSettings], list[Sampled] | list[str]]
 
 
 @dataclass(frozen=True)
@@ -132,24 +136,46 @@ def decoding_for(task: Task, cfg: EvalConfig) -> DecodingSettings:
                             temperature=cfg.temperature, top_p=cfg.top_p, seed=cfg.seed or 0)
 
 
-def score_task(task: Task, items: list[Item], outputs: list[str], settings: dict[str, Any]) -> tuple[dict, list[dict]]:
-    """The task's score record and per-item records from the model's outputs."""
+def score_task(task: Task, items: list[Item], outputs: list[str], settings: dict[str, Any],
+               finished: list[bool | None] | None = None) -> tuple[dict, list[dict]]:
+    """The task's score record and per-item records from the model's outputs. ``finished``: whether each answer
+    stopped on its own (None: not known, e.g. predictions); the record's ``finish_rate`` is their share, None
+    unless every item's is known."""
     scored = task.evaluate(outputs, items)
+    finished = list(finished) if finished is not None else [None] * len(outputs)
     records = []
-    for item, output, s in zip(items, outputs, scored):
+    for item, output, s, done in zip(items, outputs, scored, finished):
         record = {"id": item.id, "score": s.score, "prompt": item.messages, "output": output,
-                  "extracted": s.extracted, "gold": item.gold}
+                  "extracted": s.extracted, "gold": item.gold, "finished": done}
         if s.detail is not None:
             record["detail"] = s.detail
         records.append(record)
     scores = [s.score for s in scored]
     lo, hi = score_interval(scores) if scores else (None, None)
+    known = bool(finished) and all(f is not None for f in finished)
     summary = {"task": task.name, "metric": task.metric, "score": sum(scores) / len(scores) if scores else None,
                "n": len(scores), "ci95": [lo, hi], "higher_is_better": task.higher_is_better,
-               "chance": task.chance, "settings": settings}
+               "chance": task.chance, "finish_rate": sum(finished) / len(finished) if known else None,
+               "n_finished": sum(finished) if known else None, "settings": settings}
     if task.metrics is not None and scored:
         summary["metrics"] = task.metrics(scored)
     return summary, records
+
+
+def split_answers(answers: list[Sampled] | list[str]) -> tuple[list[str], list[bool | None]]:
+    """(texts, finished) of a GenerateFn's answers; plain text has no finish information (None)."""
+    return ([a if isinstance(a, str) else a.text for a in answers],
+            [None if isinstance(a, str) else a.finished for a in answers])
+
+
+def finish_text(summary: dict) -> str:
+    """``finished 75% within 256 new tokens``, or why the finish rate is not known."""
+    budget = summary.get("settings", {}).get("max_new_tokens")
+    if summary.get("finish_rate") is None:
+        why = "predictions carry no stop information" if summary.get("settings", {}).get("source") == "predictions" \
+            else "not recorded"
+        return f"finish rate unknown ({why})"
+    return f"finished {summary['finish_rate']:.0%} within {budget} new tokens"
 
 
 def write_task_results(out: Path, summary: dict, records: list[dict]) -> None:
@@ -239,7 +265,8 @@ def evaluate_tasks(tasks: Sequence[str | Task], cfg: EvalConfig, generate_fn: Ge
         items = select_items(task.load(), cfg.limit, cfg.seed)
         decoding = decoding_for(task, cfg)
         settings = {"model": cfg.model, "adapter": cfg.adapter, "fingerprint": fingerprint,
-                    "decoding": dataclasses.asdict(decoding), "limit": cfg.limit, "seed": cfg.seed,
+                    "decoding": dataclasses.asdict(decoding), "max_new_tokens": decoding.max_new_tokens,
+                    "limit": cfg.limit, "seed": cfg.seed,
                     "items_fingerprint": items_fingerprint(items), "task_hash": task.definition_hash(),
                     "backend": cfg.backend, "source": "generated"}
         resume_key = _resume_key(settings, cfg) if resume else None
@@ -256,6 +283,10 @@ def evaluate_tasks(tasks: Sequence[str | Task], cfg: EvalConfig, generate_fn: Ge
             why = _why_cache_missed(cache_root, _cache_parts(fingerprint, task, items, decoding, cfg.backend))
             if why:
                 logger.info("%s: cached base results not used: %s changed", task.name, why)
+        if cached is not None and _without_finish(cached / f"{task.name}.json"):
+            logger.info("%s: cached results %s predate finish rates; evaluating again", task.name, cached)
+            if distributed.is_main():
+                shutil.rmtree(cached, ignore_errors=True)  # the new results are stored in its place
         if cached is not None and (cached / f"{task.name}.json").is_file() and out is not None:
             logger.info("%s: reusing cached results %s", task.name, cached)
             summary = json.loads((cached / f"{task.name}.json").read_text())
@@ -271,23 +302,32 @@ def evaluate_tasks(tasks: Sequence[str | Task], cfg: EvalConfig, generate_fn: Ge
             outputs = [o for _, o in found if o is not None]
             if not items:
                 raise DataError(f"{task.name}: the predictions file has no output for any of its items")
+            finished = [None] * len(outputs)  # another engine's outputs: whether they stopped is not known
             settings.update(source="predictions", predictions=cfg.predictions,
-                            items_fingerprint=items_fingerprint(items))
+                            items_fingerprint=items_fingerprint(items), max_new_tokens=None)
         else:
             start = time.monotonic()
-            outputs = generate_fn([it.messages for it in items], decoding)
+            outputs, finished = split_answers(generate_fn([it.messages for it in items], decoding))
             settings["generation_s"] = round(time.monotonic() - start, 2)
         if not distributed.is_main():  # the first process scores (MBPP runs code) and writes
             continue
-        summary, records = score_task(task, items, outputs, settings)
-        logger.info("%s: %s = %.4f (n=%d, 95%% CI %.3f-%.3f)", task.name, task.metric, summary["score"], summary["n"],
-                    *summary["ci95"])
+        summary, records = score_task(task, items, outputs, settings, finished)
+        logger.info("%s: %s = %.4f (n=%d, 95%% CI %.3f-%.3f), %s", task.name, task.metric, summary["score"],
+                    summary["n"], *summary["ci95"], finish_text(summary))
         results[task.name] = summary
         if out is not None:
             write_task_results(out, summary, records)
             if cached is not None:
                 _store_cache(cached, out, task.name, _cache_parts(fingerprint, task, items, decoding, cfg.backend))
     return results
+
+
+def _without_finish(path: Path) -> bool:
+    """A cached score record stored before records carried ``finish_rate``."""
+    try:
+        return path.is_file() and "finish_rate" not in json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return False
 
 
 def _default_cache() -> Path:
@@ -309,7 +349,8 @@ def _store_cache(cached: Path, out: Path, name: str, parts: dict) -> None:
 
 
 def hf_generate_fn(model, tokenizer, cfg: EvalConfig) -> GenerateFn:
-    return lambda prompts, decoding: generate(model, tokenizer, prompts, decoding, cfg.batch_size, cfg.progress)
+    return lambda prompts, decoding: generate_answers(model, tokenizer, prompts, decoding, cfg.batch_size,
+                                                      cfg.progress)
 
 
 def evaluate_model(model, tokenizer, cfg: EvalConfig, output_dir: str | Path | None = None,
@@ -347,7 +388,7 @@ def _pick_generate_fn(cfg: EvalConfig) -> tuple[GenerateFn, Callable[[], None]]:
         from forgetless.lm.vllm_backend import VllmEngine
 
         engine = VllmEngine.from_config(cfg)
-        return engine.generate, engine.close
+        return engine.generate_answers, engine.close
     model, tokenizer = load_for_eval(cfg)
     return hf_generate_fn(model, tokenizer, cfg), lambda: None
 
@@ -397,11 +438,11 @@ def write_eval_outputs(out: Path, cfg: EvalConfig, results: dict[str, dict], fin
 
 
 def print_eval_summary(out: Path) -> None:
-    """One line per task: score, 95% interval, items."""
+    """One line per task: score, 95% interval, items, and the share of answers that stopped within the budget."""
     scores = json.loads((Path(out) / "scores.json").read_text())
     for name, r in scores.items():
         lo, hi = r["ci95"]
-        print(f"{name:>16}  {r['metric']:<18} {r['score']:.3f}  [{lo:.3f}, {hi:.3f}]  n={r['n']}")
+        print(f"{name:>16}  {r['metric']:<18} {r['score']:.3f}  [{lo:.3f}, {hi:.3f}]  n={r['n']}  {finish_text(r)}")
         for metric, m in r.get("metrics", {}).items():
             if metric != r["metric"]:
                 print(f"{'':>16}  {metric:<18} {m['score']:.3f}  [{m['ci95'][0]:.3f}, {m['ci95'][1]:.3f}]  n={m['n']}")

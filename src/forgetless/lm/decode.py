@@ -193,7 +193,8 @@ def cut_at_stop(new_ids: list[int], stops: set[int]) -> tuple[list[int], bool]:
 
 @dataclass(frozen=True)
 class Sampled:
-    """One sampled answer: its text and whether it stopped on its own (False: cut at max_new_tokens)."""
+    """One answer (a sample, or an eval completion): its text, whether it stopped on its own (False: cut at
+    max_new_tokens) and its new tokens (the stop token not counted)."""
 
     text: str
     finished: bool
@@ -218,10 +219,20 @@ def sample_batch(model, tokenizer, prompts: list[list[int]], k: int, settings: D
     return [texts[p * k:(p + 1) * k] for p in range(len(prompts))]
 
 
-def generate(model, tokenizer, prompts: list[list[dict[str, str]]], settings: DecodingSettings = DecodingSettings(),
-             batch_size: int | None = None, show_progress: bool = True, description: str = "generating") -> list[str]:
-    """One completion per prompt (a list of chat messages), in input order. The bar counts items (items/s)."""
+def generate_answers(model, tokenizer, prompts: list[list[dict[str, str]]],
+                     settings: DecodingSettings = DecodingSettings(), batch_size: int | None = None,
+                     show_progress: bool = True, description: str = "generating") -> list[Sampled]:
+    """One answer per prompt (a list of chat messages), in input order, with whether it stopped on its own within
+    ``settings.max_new_tokens`` (eval's finish rate). The bar counts items (items/s)."""
     encoded = [encode_prompt(tokenizer, messages) for messages in prompts]
     decoded = decode_ids(model, tokenizer, encoded, settings, batch_size, show_progress, description)
-    return [tokenizer.decode(new, skip_special_tokens=True) for new, _ in decoded]
+    return [Sampled(tokenizer.decode(new, skip_special_tokens=True), stop is not None, len(new))
+            for new, stop in decoded]
+
+
+def generate(model, tokenizer, prompts: list[list[dict[str, str]]], settings: DecodingSettings = DecodingSettings(),
+             batch_size: int | None = None, show_progress: bool = True, description: str = "generating") -> list[str]:
+    """One completion per prompt (a list of chat messages), in input order: the texts of :func:`generate_answers`."""
+    return [a.text for a in generate_answers(model, tokenizer, prompts, settings, batch_size, show_progress,
+                                             description)]
 

@@ -142,7 +142,7 @@ def request_seed(seed: int, index: int) -> int:
 class VllmEngine:
     """One vLLM ``LLM`` (a model, optionally a LoRA adapter) and the calls the stages make of it.
 
-    ``generate`` is eval's GenerateFn, ``sample`` and ``score`` are what the generate and score stages call
+    ``generate_answers`` is eval's GenerateFn, ``sample`` and ``score`` are what the generate and score stages call
     (the HF path: :func:`forgetless.lm.decode.sample_batch`, :func:`forgetless.lm.scoring.score_encoded`).
     """
 
@@ -203,11 +203,17 @@ class VllmEngine:
             [self._params(settings, seed=request_seed(settings.seed, p)) for p in range(len(prompts))]
         return [self._cut(out.outputs[0]) for out in self._run(prompts, params)]
 
-    def generate(self, prompts: list[list[dict[str, str]]], settings: DecodingSettings) -> list[str]:
-        """One completion per chat prompt, decoded as :func:`forgetless.lm.decode.generate`
-        decodes (eval's GenerateFn)."""
+    def generate_answers(self, prompts: list[list[dict[str, str]]], settings: DecodingSettings) -> list[Sampled]:
+        """One answer per chat prompt, decoded as :func:`forgetless.lm.decode.generate_answers` decodes, finished
+        when it ended at a stop token (``finish_reason`` "stop") rather than at the budget ("length"); eval's
+        GenerateFn."""
         ids = [encode_prompt(self.tokenizer, messages) for messages in prompts]
-        return [self.tokenizer.decode(new, skip_special_tokens=True) for new, _ in self.decode_ids(ids, settings)]
+        return [Sampled(self.tokenizer.decode(new, skip_special_tokens=True), finished, len(new))
+                for new, finished in self.decode_ids(ids, settings)]
+
+    def generate(self, prompts: list[list[dict[str, str]]], settings: DecodingSettings) -> list[str]:
+        """One completion per chat prompt: the texts of :meth:`generate_answers`."""
+        return [a.text for a in self.generate_answers(prompts, settings)]
 
     def sample(self, prompts: list[list[int]], k: int, settings: DecodingSettings, seed: int) -> list[list[Sampled]]:
         """``k`` samples per prompt (token ids), ``[prompt][sample]``: one request per prompt with ``n=k``."""
