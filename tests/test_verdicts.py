@@ -120,3 +120,12 @@ def test_real_gains_and_a_dominating_curve_win_at_matched_gain():
     (row,) = matched_gain(recs, CFG)
     assert row["verdict"] == "wins" and row["reached_both"] > 0.99 and row["ci95"][0] > 0
     assert matched_gain(recs, VerdictConfig(n_boot=500, matched_gain=None)) == []
+
+
+def test_a_row_without_an_estimate_reads_without_numbers():
+    row = {"reference": "stm", "rival": "sft", "verdict": "not resolved", "gain": 0.05, "diff": float("nan"),
+           "ci95": [float("-inf"), float("inf")], "n_items": 150, "n_draws": 1,
+           "reason": "a curve does not reach gain 0.05 on the measured models"}
+    assert verdict_sentence(row, "IFEval", 2) == (
+        "stm is not resolved against sft on IFEval at gain 0.05: no difference to estimate, n = 150 items; a curve "
+        "does not reach gain 0.05 on the measured models.")

@@ -33,5 +33,8 @@ def verdict_sentence(row: dict, plain: str, family: int) -> str:
     word = WORDS[row["verdict"]]
     within = f" within ±{row['margin']:g}" if row["verdict"] == "equivalent" else ""
     where = f" at gain {row['gain']:g}" if "gain" in row else (f" at dose {row['dose']}" if row.get("dose") else "")
+    if math.isnan(row["diff"]):  # no estimate (a curve never reaches g* on the measured models): no numbers to show
+        return (f"{ref} {word} {rival}{within} on {plain}{where}: no difference to estimate, {n_text(row)}; "
+                f"{row['reason']}.")
     return (f"{ref} {word} {rival}{within} on {plain}{where}: {ref} − {rival} = {interval_text(row)} (95%), "
             f"{n_text(row)}; Holm over {family} tests: {row['reason']}.")
