@@ -28,6 +28,16 @@ def test_the_committed_fixture_rederives():
     assert text.startswith("# Verdicts") and "stm@lr0.0003 wins against sft@lr0.0003" in text
 
 
+COMMITTED = sorted(p.parent.name for p in (ROOT / "benchmarks" / "results").glob("*/verdicts.json"))
+
+
+@pytest.mark.parametrize("result", COMMITTED)
+def test_every_committed_result_rederives(result):
+    """Each result under benchmarks/results/ with verdicts (the recipes pilot, the confirmatory run when it lands)."""
+    done = rederive(ROOT / "benchmarks" / "results" / result)
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
 def test_a_changed_item_is_caught(tmp_path):
     result = tmp_path / "result"
     shutil.copytree(FIXTURE, result)
