@@ -31,7 +31,7 @@ from typing import Any, Callable, Sequence
 
 from forgetless.core.errors import ConfigError, DataError
 from forgetless.lm import distributed
-from forgetless.lm.artifacts import write_json, write_manifest, write_text
+from forgetless.lm.artifacts import file_sha256, write_json, write_manifest, write_text
 from forgetless.lm.data import iter_jsonl
 from forgetless.lm.decode import DecodingSettings, generate
 from forgetless.lm.vllm_backend import check_backend_settings, resolve_backend
@@ -206,12 +206,8 @@ def _resume_key(settings: dict, cfg: EvalConfig) -> str:
     from forgetless.lm.modeling import model_fingerprint
 
     extra = [[model_fingerprint(cfg.model, cfg.revision), model_fingerprint(cfg.adapter)] if cfg.adapter else None,
-             _file_hash(cfg.predictions) if cfg.predictions else None]
+             file_sha256(cfg.predictions, 16) if cfg.predictions else None]
     return hashlib.sha256(json.dumps([settings, extra], sort_keys=True, default=str).encode()).hexdigest()[:24]
-
-
-def _file_hash(path: str) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
 
 
 def _finished(out: Path | None, name: str, resume_key: str | None) -> dict | None:

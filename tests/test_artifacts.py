@@ -1,0 +1,22 @@
+"""The one artifact module: its file hash keeps the values that existing runs and caches were keyed with."""
+
+from __future__ import annotations
+
+from forgetless.lm import artifacts, codehash
+
+
+def test_file_hash_values_are_pinned(tmp_path):
+    # Digests computed outside forgetless (coreutils sha256sum); stamps and cache keys on disk hold these values.
+    small = tmp_path / "small.txt"
+    small.write_bytes(b"forgetless\n")
+    full = "e7ba347112ac16b8024544d45f7e901626b402cea4908afc1f71647952fadeb5"
+    assert artifacts.file_sha256(small) == full
+    assert artifacts.file_sha256(small, 16) == full[:16] == artifacts.file_digest(small)
+    assert codehash._file_digest(small, small.stat().st_mtime_ns) == full
+    empty = tmp_path / "empty"
+    empty.write_bytes(b"")
+    assert artifacts.file_sha256(empty) == "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"
+    big = tmp_path / "big"  # more than one read chunk
+    big.write_bytes(b"a" * 3_000_000)
+    assert artifacts.file_sha256(big) == "2a152c894398719c0570f83fac34ac03a0f6e8e474b995c2403aa5434f7b9dd4"
+    assert artifacts.file_digest(tmp_path / "absent") is None
