@@ -20,3 +20,14 @@ def test_file_hash_values_are_pinned(tmp_path):
     big.write_bytes(b"a" * 3_000_000)
     assert artifacts.file_sha256(big) == "2a152c894398719c0570f83fac34ac03a0f6e8e474b995c2403aa5434f7b9dd4"
     assert artifacts.file_digest(tmp_path / "absent") is None
+
+
+def test_settings_digests_are_pinned():
+    from forgetless.eval.stage import _cache_key
+
+    # The eval cache's entry names (their values from before the key was built once, and sha256sum of the JSON).
+    parts = {"model": "m:1", "task": "gsm8k", "task_definition": "3789a298bffec93f", "items": "91d5305004170465",
+             "decoding": {"max_new_tokens": 7, "greedy": True, "temperature": 1.0, "top_p": 1.0, "seed": 0}}
+    assert _cache_key(parts) == "f7412933ee993d8cd4ff4ae3"
+    assert _cache_key({**parts, "backend": "vllm"}) == "9d8624bffc1dcb76c3a74580"
+    assert artifacts.json_digest([{"b": "x", "a": 1}, None], 12, sort_keys=True) == "fc15114b10a6"

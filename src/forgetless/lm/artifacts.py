@@ -98,6 +98,13 @@ def file_sha256(path: Path, length: int | None = None) -> str:
     return h.hexdigest()[:length]
 
 
+def json_digest(data: Any, length: int, sort_keys: bool = False, default=None) -> str:
+    """First ``length`` hex digits of the sha256 of ``json.dumps(data, sort_keys=sort_keys, default=default)``: a
+    cache key made of settings. Its values are stored on disk (cache entries, stamps): never change how it
+    serialises."""
+    return hashlib.sha256(json.dumps(data, sort_keys=sort_keys, default=default).encode()).hexdigest()[:length]
+
+
 def file_digest(path: Path) -> str | None:
     """First 16 hex digits of the sha256 of a file's bytes (None when it does not exist): a stage's stamp holds
     the digest of what it read, so that an input rewritten in place makes it run again."""
