@@ -31,3 +31,14 @@ def test_settings_digests_are_pinned():
     assert _cache_key(parts) == "f7412933ee993d8cd4ff4ae3"
     assert _cache_key({**parts, "backend": "vllm"}) == "9d8624bffc1dcb76c3a74580"
     assert artifacts.json_digest([{"b": "x", "a": 1}, None], 12, sort_keys=True) == "fc15114b10a6"
+
+
+def test_one_manifest_writer_keeps_each_stage_shape(tmp_path):
+    artifacts.write_manifest(tmp_path / "keyed", {"stage": "score"}, {"model": "m"}, tau=2.0)
+    keyed = artifacts.read_json(tmp_path / "keyed" / artifacts.MANIFEST)
+    assert list(keyed) == ["key", "config", "tau", "versions"] and "python" in keyed["versions"]
+    artifacts.write_manifest(tmp_path / "retention", stage="retention", tasks=["mc:piqa"])
+    assert list(artifacts.read_json(tmp_path / "retention" / artifacts.MANIFEST)) == ["stage", "tasks", "versions"]
+    artifacts.write_manifest(tmp_path / "train", stage="train", versions={"torch": "x"}, created="now")
+    assert artifacts.read_json(tmp_path / "train" / artifacts.MANIFEST) == {
+        "stage": "train", "versions": {"torch": "x"}, "created": "now"}

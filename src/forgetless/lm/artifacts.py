@@ -121,11 +121,15 @@ def versions() -> dict[str, str]:
     return found
 
 
-def write_manifest(out_dir: Path, key: dict[str, Any], config: Any, **fields: Any) -> None:
-    """Write ``manifest.json`` (key, resolved config, versions, and the stage's own ``fields``)
-    last, marking the stage complete."""
-    config_dict = dataclasses.asdict(config) if dataclasses.is_dataclass(config) else config
-    write_json(Path(out_dir) / MANIFEST, {"key": key, "config": config_dict, **fields, "versions": versions()})
+def write_manifest(out_dir: Path, key: dict[str, Any] | None = None, config: Any = None, **fields: Any) -> None:
+    """Write ``manifest.json`` last, marking the stage complete: the ``key`` that :func:`is_fresh` compares and the
+    resolved ``config`` (both left out when ``key`` is None), the stage's own ``fields``, then the package
+    :func:`versions` (unless ``fields`` holds the stage's own ``versions``)."""
+    record = {} if key is None else {
+        "key": key, "config": dataclasses.asdict(config) if dataclasses.is_dataclass(config) else config}
+    record.update(fields)
+    record.setdefault("versions", versions())
+    write_json(Path(out_dir) / MANIFEST, record)
 
 
 def is_fresh(out_dir: Path, key: dict[str, Any], *required: str) -> bool:

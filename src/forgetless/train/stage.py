@@ -31,7 +31,7 @@ from forgetless.core.errors import ConfigError
 from forgetless import __version__
 from forgetless.train.card import card_text, mask_facts, write_card
 from forgetless.train.collate import FlatBatchCollator, MaskedBatchCollator, TableError, read_table, table_counts
-from forgetless.lm.artifacts import file_sha256, write_json
+from forgetless.lm.artifacts import file_sha256, write_json, write_manifest
 from forgetless.train.config import ADAPTERS, METHODS, TrainConfig  # noqa: F401  (re-exported)
 from forgetless.train.loss import MaskedLossMixin, NonFiniteLossError
 from forgetless.train.outputs import print_diagnostics, save_outputs, saved_diagnostics, weight_diagnostics
@@ -305,7 +305,7 @@ def run_train(config: TrainConfig, callbacks: list | None = None, select_measure
                    "weights_sharded": engine, **kept}
         write_json(out / "train_summary.json", summary)
         run_manifest = manifest(config, tokenizer)
-        write_json(out / "manifest.json", run_manifest)
+        write_manifest(out, **run_manifest)
         weights = out / ("model" if config.adapter == "full" else "adapter")
         write_card(weights, card_text(config, run_manifest, counts, mask_facts(config.data)))
         print_diagnostics(diag, summary)
