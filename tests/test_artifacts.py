@@ -42,3 +42,34 @@ def test_one_manifest_writer_keeps_each_stage_shape(tmp_path):
     artifacts.write_manifest(tmp_path / "train", stage="train", versions={"torch": "x"}, created="now")
     assert artifacts.read_json(tmp_path / "train" / artifacts.MANIFEST) == {
         "stage": "train", "versions": {"torch": "x"}, "created": "now"}
+
+
+def test_write_dir_renames_a_filled_folder_and_keeps_one_already_there(tmp_path):
+    target = tmp_path / "cache" / "entry"
+    assert artifacts.write_dir(target, lambda tmp: (tmp / "a.json").write_text("1"))
+    assert (target / "a.json").read_text() == "1"
+    assert not artifacts.write_dir(target, lambda tmp: (tmp / "a.json").write_text("2"))  # another process first
+    assert (target / "a.json").read_text() == "1"
+
+    def fail(tmp):
+        (tmp / "half").write_text("")
+        raise RuntimeError("killed while filling")
+
+    try:
+        artifacts.write_dir(tmp_path / "other", fail)
+    except RuntimeError:
+        pass
+    assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == ["entry"]
+    assert [p.name for p in tmp_path.iterdir() if p.name != "cache"] == []
+
+
+def test_verdict_items_keep_their_bytes(tmp_path):
+    import hashlib
+
+    from forgetless.report.verdicts import write_items
+
+    # The bytes (gzip header included) that the writer gave before it went through artifacts.write_atomic.
+    path = write_items(tmp_path / "items.jsonl.gz", [{"b": 1, "a": "é"}, {"x": [1, 2]}])
+    assert hashlib.sha256(path.read_bytes()).hexdigest() == (
+        "18f3bb5915c01bf2fa976be2b172e769bed2ed1afeef31788ab15c5e4f4b5eca")
+    assert [p.name for p in tmp_path.iterdir()] == ["items.jsonl.gz"]

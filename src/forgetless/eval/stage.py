@@ -20,9 +20,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import os
 import shutil
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,7 +28,7 @@ from typing import Any, Callable, Sequence
 
 from forgetless.core.errors import ConfigError, DataError
 from forgetless.lm import distributed
-from forgetless.lm.artifacts import file_sha256, json_digest, write_json, write_manifest, write_text
+from forgetless.lm.artifacts import file_sha256, json_digest, write_dir, write_json, write_manifest, write_text
 from forgetless.lm.data import iter_jsonl
 from forgetless.lm.decode import DecodingSettings, generate
 from forgetless.lm.vllm_backend import check_backend_settings, resolve_backend
@@ -295,15 +293,12 @@ def _default_cache() -> Path:
 
 
 def _store_cache(cached: Path, out: Path, name: str, parts: dict) -> None:
-    cached.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=cached.parent, prefix=".tmp-"))
-    for suffix in (".items.jsonl", ".json"):
-        shutil.copyfile(out / f"{name}{suffix}", tmp / f"{name}{suffix}")
-    (tmp / "key.json").write_text(json.dumps(parts, default=str))  # lets a later miss say what changed
-    try:
-        os.replace(tmp, cached)
-    except OSError:  # another run stored it first
-        shutil.rmtree(tmp, ignore_errors=True)
+    def fill(tmp: Path) -> None:
+        for suffix in (".items.jsonl", ".json"):
+            shutil.copyfile(out / f"{name}{suffix}", tmp / f"{name}{suffix}")
+        (tmp / "key.json").write_text(json.dumps(parts, default=str))  # lets a later miss say what changed
+
+    write_dir(cached, fill)  # False: another run stored it first
 
 
 def hf_generate_fn(model, tokenizer, cfg: EvalConfig) -> GenerateFn:

@@ -13,10 +13,11 @@ import json
 import logging
 import os
 import platform
+import shutil
 import tempfile
 from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from forgetless.core.errors import DataError
 
@@ -33,7 +34,10 @@ def _umask() -> int:
     return mask
 
 
-def _atomic(path: Path, write) -> None:
+def write_atomic(path: Path, write: Callable[[str], Any]) -> None:
+    """``write(tmp)`` a file at a temporary name beside ``path``, then rename it to ``path``: the one way an artifact
+    file is written (the writers below are this for one format each)."""
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
@@ -47,7 +51,7 @@ def _atomic(path: Path, write) -> None:
 
 
 def write_text(path: Path, text: str) -> None:
-    _atomic(Path(path), lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+    write_atomic(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
 
 
 def write_json(path: Path, data: Any) -> None:
@@ -57,7 +61,7 @@ def write_json(path: Path, data: Any) -> None:
 def write_parquet(path: Path, table) -> None:
     import pyarrow.parquet as pq
 
-    _atomic(Path(path), lambda tmp: pq.write_table(table, tmp))
+    write_atomic(path, lambda tmp: pq.write_table(table, tmp))
 
 
 def write_npz(path: Path, arrays: dict) -> None:
@@ -67,7 +71,24 @@ def write_npz(path: Path, arrays: dict) -> None:
         with open(tmp, "wb") as f:
             np.savez(f, **arrays)
 
-    _atomic(Path(path), save)
+    write_atomic(path, save)
+
+
+def write_dir(target: Path, fill: Callable[[Path], Any]) -> bool:
+    """``fill(tmp)`` a new temporary folder beside ``target``, then rename it to ``target``, so that a folder found
+    there is complete. When another process has put ``target`` there first, its folder is kept (False)."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}."))
+    try:
+        fill(tmp)
+        try:
+            os.replace(tmp, target)
+        except OSError:  # a folder is not renamed onto a full one: another process finished first
+            return False
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)  # left only when not renamed
+    return True
 
 
 def read_parquet(path: str | Path, columns: list[str] | None = None):

@@ -21,7 +21,6 @@ import copy
 import dataclasses
 import json
 import logging
-import os
 import time
 from pathlib import Path
 
@@ -31,7 +30,7 @@ from forgetless.core.errors import ConfigError
 from forgetless import __version__
 from forgetless.train.card import card_text, mask_facts, write_card
 from forgetless.train.collate import FlatBatchCollator, MaskedBatchCollator, TableError, read_table, table_counts
-from forgetless.lm.artifacts import file_sha256, write_json, write_manifest
+from forgetless.lm.artifacts import file_sha256, write_json, write_manifest, write_text
 from forgetless.train.config import ADAPTERS, METHODS, TrainConfig  # noqa: F401  (re-exported)
 from forgetless.train.loss import MaskedLossMixin, NonFiniteLossError
 from forgetless.train.outputs import print_diagnostics, save_outputs, saved_diagnostics, weight_diagnostics
@@ -75,9 +74,7 @@ def _loss_log_callback(path: Path, trainer_ref: dict):
             self.trimmed = True
             lines = path.read_text().splitlines() if path.exists() else []
             kept = [ln for ln in lines if _logged_step(ln) <= state.global_step]  # a cut last line goes too
-            tmp = path.with_name(f".{path.name}.tmp")
-            tmp.write_text("".join(ln + "\n" for ln in kept))
-            os.replace(tmp, path)
+            write_text(path, "".join(ln + "\n" for ln in kept))
 
         def on_log(self, args, state, control, logs=None, **kwargs):
             if not logs or "loss" not in logs:
