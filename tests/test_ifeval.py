@@ -145,3 +145,13 @@ def test_cli_eval_ifeval_predictions(tmp_path, capsys):
 def test_ifeval_is_a_builtin_task():
     task = get_task("ifeval")
     assert (task.name, task.metric) == ("ifeval", "prompt_level_strict_acc")
+
+
+def test_punkt_model_is_written_as_one_folder(tmp_path):
+    from forgetless.eval.tasks.punkt_offline import FILES, punkt_tab_files, write_punkt_tab
+
+    target = write_punkt_tab(tmp_path)
+    files = punkt_tab_files()
+    assert sorted(p.name for p in target.iterdir()) == sorted(FILES)
+    assert all((target / name).read_bytes() == text.encode("utf-8") for name, text in files.items())
+    assert [p.name for p in target.parent.iterdir()] == ["english"]

@@ -131,3 +131,17 @@ def test_nontarget_prompts_for_chat_and_raw_arc_records():
     assert "D. Planetary gravity will become stronger." in text
     ids, messages, _ = prompt_set("gsm8k", 1)
     assert len(ids) == 1 and messages[0][-1]["role"] == "user"  # the gold answer is not in the prompt
+
+
+def test_retention_base_cache_names_are_pinned(tmp_path):
+    import torch
+
+    from forgetless.retention.basecache import cache_path, ids_hash, load_cached, save_cached
+
+    # The values from before basecache hashed through artifacts.json_digest: stored caches keep their names.
+    assert cache_path("/c", "drift", {"b": 1, "a": [1, 2]}).name == "drift-3813f9409eb0095bf9c8.pt"
+    assert ids_hash([[1, 2], [3]]) == "192f318fa6690229"
+    path = tmp_path / "drift-x.pt"
+    save_cached(path, {"k": 1}, {"x": torch.ones(2)})
+    assert load_cached(path, {"k": 1})["x"].tolist() == [1.0, 1.0] and load_cached(path, {"k": 2}) is None
+    assert [p.name for p in tmp_path.iterdir()] == ["drift-x.pt"]

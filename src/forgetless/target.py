@@ -23,6 +23,7 @@ import numpy as np
 
 from forgetless.config import ConfigError
 from forgetless.core.masking import tau_for_fraction
+from forgetless.lm import artifacts
 from forgetless.lm.data import bundled_names, load_examples
 
 HOLDOUT = "holdout"  # the target task's name, and the run's subdirectory for the split
@@ -140,10 +141,7 @@ def check_draw_size(size: int, available: int, data: str) -> None:
 def _write_if_changed(path: Path, text: str) -> None:
     if path.is_file() and path.read_text(encoding="utf-8") == text:
         return
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    tmp.replace(path)
+    artifacts.write_text(path, text)
 
 
 def tau_share_note(nll: np.ndarray, tau: float, data: str) -> str | None:

@@ -21,12 +21,9 @@ of fine-tuned models evaluates the base once.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import logging
-import os
 import shutil
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,7 +31,7 @@ from typing import Any, Callable, Sequence
 
 from forgetless.core.errors import ConfigError, DataError
 from forgetless.lm import distributed
-from forgetless.lm.artifacts import write_json, write_manifest, write_text
+from forgetless.lm.artifacts import file_sha256, json_digest, write_dir, write_json, write_manifest, write_text
 from forgetless.lm.data import iter_jsonl
 from forgetless.lm.decode import DecodingSettings, Sampled, generate_answers
 from forgetless.lm.vllm_backend import check_backend_settings, resolve_backend
@@ -202,10 +199,12 @@ def _cache_parts(fingerprint: str, task: Task, items: list[Item], decoding: Deco
             **({"backend": backend} if backend == "vllm" else {})}
 
 
-def _cache_key(fingerprint: str, task: Task, items: list[Item], decoding: DecodingSettings, backend: str) -> str:
-    key = [fingerprint, task.definition_hash(), items_fingerprint(items), dataclasses.asdict(decoding)]
-    key += [backend] if backend == "vllm" else []
-    return hashlib.sha256(json.dumps(key).encode()).hexdigest()[:24]
+def _cache_key(parts: dict) -> str:
+    """The cache entry's name, from :func:`_cache_parts` (a list of its values: the names of entries stored before
+    the parts were kept beside them)."""
+    key = [parts["model"], parts["task_definition"], parts["items"], parts["decoding"]]
+    key += [parts["backend"]] if "backend" in parts else []
+    return json_digest(key, 24)
 
 
 def _why_cache_missed(cache_root: Path, parts: dict) -> str | None:
@@ -232,12 +231,8 @@ def _resume_key(settings: dict, cfg: EvalConfig) -> str:
     from forgetless.lm.modeling import model_fingerprint
 
     extra = [[model_fingerprint(cfg.model, cfg.revision), model_fingerprint(cfg.adapter)] if cfg.adapter else None,
-             _file_hash(cfg.predictions) if cfg.predictions else None]
-    return hashlib.sha256(json.dumps([settings, extra], sort_keys=True, default=str).encode()).hexdigest()[:24]
-
-
-def _file_hash(path: str) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
+             file_sha256(cfg.predictions, 16) if cfg.predictions else None]
+    return json_digest([settings, extra], 24, sort_keys=True, default=str)
 
 
 def _finished(out: Path | None, name: str, resume_key: str | None) -> dict | None:
@@ -276,11 +271,12 @@ def evaluate_tasks(tasks: Sequence[str | Task], cfg: EvalConfig, generate_fn: Ge
             results[task.name] = done
             continue
         settings["resume_key"] = resume_key
-        key = (_cache_key(fingerprint, task, items, decoding, cfg.backend)
-               if fingerprint and cfg.cache and predictions is None else None)
+        parts = (_cache_parts(fingerprint, task, items, decoding, cfg.backend)
+                 if fingerprint and cfg.cache and predictions is None else None)
+        key = _cache_key(parts) if parts else None
         cached = cache_root / key if key else None
         if cached is not None and not (cached / f"{task.name}.json").is_file():
-            why = _why_cache_missed(cache_root, _cache_parts(fingerprint, task, items, decoding, cfg.backend))
+            why = _why_cache_missed(cache_root, parts)
             if why:
                 logger.info("%s: cached base results not used: %s changed", task.name, why)
         if cached is not None and _without_finish(cached / f"{task.name}.json"):
@@ -318,7 +314,7 @@ def evaluate_tasks(tasks: Sequence[str | Task], cfg: EvalConfig, generate_fn: Ge
         if out is not None:
             write_task_results(out, summary, records)
             if cached is not None:
-                _store_cache(cached, out, task.name, _cache_parts(fingerprint, task, items, decoding, cfg.backend))
+                _store_cache(cached, out, task.name, parts)
     return results
 
 
@@ -337,15 +333,12 @@ def _default_cache() -> Path:
 
 
 def _store_cache(cached: Path, out: Path, name: str, parts: dict) -> None:
-    cached.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=cached.parent, prefix=".tmp-"))
-    for suffix in (".items.jsonl", ".json"):
-        shutil.copyfile(out / f"{name}{suffix}", tmp / f"{name}{suffix}")
-    (tmp / "key.json").write_text(json.dumps(parts, default=str))  # lets a later miss say what changed
-    try:
-        os.replace(tmp, cached)
-    except OSError:  # another run stored it first
-        shutil.rmtree(tmp, ignore_errors=True)
+    def fill(tmp: Path) -> None:
+        for suffix in (".items.jsonl", ".json"):
+            shutil.copyfile(out / f"{name}{suffix}", tmp / f"{name}{suffix}")
+        (tmp / "key.json").write_text(json.dumps(parts, default=str))  # lets a later miss say what changed
+
+    write_dir(cached, fill)  # False: another run stored it first
 
 
 def hf_generate_fn(model, tokenizer, cfg: EvalConfig) -> GenerateFn:

@@ -13,10 +13,11 @@ import json
 import logging
 import os
 import platform
+import shutil
 import tempfile
 from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from forgetless.core.errors import DataError
 
@@ -33,7 +34,10 @@ def _umask() -> int:
     return mask
 
 
-def _atomic(path: Path, write) -> None:
+def write_atomic(path: Path, write: Callable[[str], Any]) -> None:
+    """``write(tmp)`` a file at a temporary name beside ``path``, then rename it to ``path``: the one way an artifact
+    file is written (the writers below are this for one format each)."""
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
@@ -47,7 +51,7 @@ def _atomic(path: Path, write) -> None:
 
 
 def write_text(path: Path, text: str) -> None:
-    _atomic(Path(path), lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+    write_atomic(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
 
 
 def write_json(path: Path, data: Any) -> None:
@@ -57,7 +61,7 @@ def write_json(path: Path, data: Any) -> None:
 def write_parquet(path: Path, table) -> None:
     import pyarrow.parquet as pq
 
-    _atomic(Path(path), lambda tmp: pq.write_table(table, tmp))
+    write_atomic(path, lambda tmp: pq.write_table(table, tmp))
 
 
 def write_npz(path: Path, arrays: dict) -> None:
@@ -67,7 +71,24 @@ def write_npz(path: Path, arrays: dict) -> None:
         with open(tmp, "wb") as f:
             np.savez(f, **arrays)
 
-    _atomic(Path(path), save)
+    write_atomic(path, save)
+
+
+def write_dir(target: Path, fill: Callable[[Path], Any]) -> bool:
+    """``fill(tmp)`` a new temporary folder beside ``target``, then rename it to ``target``, so that a folder found
+    there is complete. When another process has put ``target`` there first, its folder is kept (False)."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}."))
+    try:
+        fill(tmp)
+        try:
+            os.replace(tmp, target)
+        except OSError:  # a folder is not renamed onto a full one: another process finished first
+            return False
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)  # left only when not renamed
+    return True
 
 
 def read_parquet(path: str | Path, columns: list[str] | None = None):
@@ -87,17 +108,28 @@ def read_json(path: Path) -> Any:
     return json.loads(Path(path).read_text(encoding="utf-8"))
 
 
+def file_sha256(path: Path, length: int | None = None) -> str:
+    """The sha256 (hex) of a file's bytes, read in chunks; its first ``length`` hex digits when given. The one file
+    hash of forgetless: cache keys, stage stamps and the embedded model's fingerprint are made of it, so its values
+    must never change (same algorithm, same bytes, same truncation)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 20):
+            h.update(block)
+    return h.hexdigest()[:length]
+
+
+def json_digest(data: Any, length: int, sort_keys: bool = False, default=None) -> str:
+    """First ``length`` hex digits of the sha256 of ``json.dumps(data, sort_keys=sort_keys, default=default)``: a
+    cache key made of settings. Its values are stored on disk (cache entries, stamps): never change how it
+    serialises."""
+    return hashlib.sha256(json.dumps(data, sort_keys=sort_keys, default=default).encode()).hexdigest()[:length]
+
+
 def file_digest(path: Path) -> str | None:
     """First 16 hex digits of the sha256 of a file's bytes (None when it does not exist): a stage's stamp holds
     the digest of what it read, so that an input rewritten in place makes it run again."""
-    path = Path(path)
-    if not path.is_file():
-        return None
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()[:16]
+    return file_sha256(path, 16) if Path(path).is_file() else None
 
 
 def versions() -> dict[str, str]:
@@ -110,11 +142,15 @@ def versions() -> dict[str, str]:
     return found
 
 
-def write_manifest(out_dir: Path, key: dict[str, Any], config: Any, **fields: Any) -> None:
-    """Write ``manifest.json`` (key, resolved config, versions, and the stage's own ``fields``)
-    last, marking the stage complete."""
-    config_dict = dataclasses.asdict(config) if dataclasses.is_dataclass(config) else config
-    write_json(Path(out_dir) / MANIFEST, {"key": key, "config": config_dict, **fields, "versions": versions()})
+def write_manifest(out_dir: Path, key: dict[str, Any] | None = None, config: Any = None, **fields: Any) -> None:
+    """Write ``manifest.json`` last, marking the stage complete: the ``key`` that :func:`is_fresh` compares and the
+    resolved ``config`` (both left out when ``key`` is None), the stage's own ``fields``, then the package
+    :func:`versions` (unless ``fields`` holds the stage's own ``versions``)."""
+    record = {} if key is None else {
+        "key": key, "config": dataclasses.asdict(config) if dataclasses.is_dataclass(config) else config}
+    record.update(fields)
+    record.setdefault("versions", versions())
+    write_json(Path(out_dir) / MANIFEST, record)
 
 
 def is_fresh(out_dir: Path, key: dict[str, Any], *required: str) -> bool:

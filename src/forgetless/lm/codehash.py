@@ -17,6 +17,8 @@ import hashlib
 import importlib.util
 from pathlib import Path
 
+from forgetless.lm.artifacts import file_sha256
+
 
 def module_file(name: str) -> Path | None:
     """The source file of module ``name`` (None when it has none, e.g. a namespace package)."""
@@ -61,7 +63,7 @@ def code_closure(modules: tuple[str, ...], within: tuple[str, ...]) -> dict[str,
 
 @functools.lru_cache(maxsize=None)
 def _file_digest(path: Path, mtime_ns: int) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
+    return file_sha256(path)
 
 
 def code_digest(modules: tuple[str, ...], within: tuple[str, ...] = ("forgetless.eval", "forgetless.retention")) -> str:

@@ -13,13 +13,12 @@ import hashlib
 import importlib.util
 import logging
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 
 from forgetless.core.errors import ForgetlessError
+from forgetless.lm.artifacts import file_sha256, write_dir
 
 logger = logging.getLogger(__name__)
 
@@ -53,14 +52,6 @@ def embedded_gguf_path() -> Path:
     return path
 
 
-def file_sha256(path: Path, chunk: int = 1 << 22) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
-
-
 def embedded_model_dir() -> Path:
     """Directory with the embedded model as safetensors, converting from GGUF on first use."""
     gguf = embedded_gguf_path()
@@ -81,15 +72,13 @@ def embedded_model_dir() -> Path:
     clean = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     clean.load_state_dict(model.state_dict())
     clean.generation_config = model.generation_config
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".tmp-"))
-    clean.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    (tmp / "SOURCE").write_text(f"{gguf}\nsha256={file_sha256(gguf)}\n")
-    try:
-        os.replace(tmp, target)
-    except OSError:  # another process finished first
-        shutil.rmtree(tmp, ignore_errors=True)
+
+    def fill(tmp: Path) -> None:
+        clean.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        (tmp / "SOURCE").write_text(f"{gguf}\nsha256={file_sha256(gguf)}\n")
+
+    write_dir(target, fill)  # False: another process finished first
     return target
 
 

@@ -17,6 +17,7 @@ from typing import Sequence
 
 from forgetless.core.frontier import common_gains, items_at_gain, matched_gain_table, resolved, verdict
 from forgetless.core.intervals import paired_difference
+from forgetless.lm import artifacts
 from forgetless.report.plots import can_plot
 from forgetless.train.probe import PROBES_FILE, read_probes
 from forgetless.retention.records import list_tasks, read_task
@@ -400,9 +401,7 @@ def write_frontier(report_dir: str | Path, data: dict) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     for name, text in (("frontier.json", json.dumps(data, indent=2, default=str) + "\n"),
                        ("frontier.md", render_markdown(data))):
-        tmp = out / f".tmp-{name}"
-        tmp.write_text(text, encoding="utf-8")
-        tmp.replace(out / name)
+        artifacts.write_text(out / name, text)
     if can_plot():
         plot_frontier(data, out / "frontier.png")
     return out / "frontier.md"

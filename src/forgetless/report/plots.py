@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 from pathlib import Path
 
 import numpy as np
@@ -75,9 +74,7 @@ def _pyplot():
 def save_figure(fig, path: Path) -> Path:
     """Lay out, write atomically and close ``fig``."""
     fig.tight_layout()
-    tmp = path.with_name(".tmp-" + path.name)
-    fig.savefig(tmp, dpi=120, format="png")
-    os.replace(tmp, path)
+    artifacts.write_atomic(path, lambda tmp: fig.savefig(tmp, dpi=120, format="png"))
     _pyplot().close(fig)
     return path
 

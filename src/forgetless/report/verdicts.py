@@ -24,6 +24,7 @@ from pathlib import Path
 from forgetless.core.matched import matched_gain
 from forgetless.core.sentences import interval_text, n_text, verdict_sentence
 from forgetless.core.verdicts import BASE, Measure, VerdictConfig, p_text, records_from_rows, same_dose
+from forgetless.lm import artifacts
 from forgetless.retention.records import list_tasks, read_task
 
 ITEMS_FILE = "items.jsonl.gz"
@@ -187,10 +188,13 @@ def write_items(path: Path, rows: list[dict]) -> Path:
     """``items.jsonl.gz`` in the rows' order (the models' order is the report's: the first recipe is the default
     reference), gzip mtime 0 so that the same rows give the same bytes."""
     text = "".join(json.dumps(r, sort_keys=True) + "\n" for r in rows)
-    tmp = path.with_name(f".tmp-{path.name}")
-    with open(tmp, "wb") as raw, gzip.GzipFile(fileobj=raw, mode="wb", mtime=0) as f:
-        f.write(text.encode("utf-8"))
-    tmp.replace(path)
+
+    def write(tmp):
+        # The gzip header names the file: the name it has always held, not the random temporary one.
+        with open(tmp, "wb") as raw, gzip.GzipFile(f".tmp-{path.name}", mode="wb", fileobj=raw, mtime=0) as f:
+            f.write(text.encode("utf-8"))
+
+    artifacts.write_atomic(path, write)
     return path
 
 
@@ -204,8 +208,8 @@ def write_verdicts(out: Path, rows: list[dict], measures: list[Measure], cfg: Ve
     out.mkdir(parents=True, exist_ok=True)
     data = build_verdicts(rows, measures, cfg)
     write_items(out / ITEMS_FILE, rows)
-    (out / VERDICTS_FILE).write_text(json.dumps(data, indent=1, default=_json) + "\n", encoding="utf-8")
-    (out / VERDICTS_MD).write_text(render_verdicts(data) + "\n" + render_details(data), encoding="utf-8")
+    artifacts.write_text(out / VERDICTS_FILE, json.dumps(data, indent=1, default=_json) + "\n")
+    artifacts.write_text(out / VERDICTS_MD, render_verdicts(data) + "\n" + render_details(data))
     return data
 
 

@@ -13,14 +13,13 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import json
-import os
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from forgetless.core.errors import ConfigError
+from forgetless.lm import artifacts
 
 
 def is_peft(model) -> bool:
@@ -70,12 +69,11 @@ def base_fingerprint(model, base_model=None, given: str | None = None) -> str:
 
 
 def ids_hash(sequences: list[list[int]]) -> str:
-    return hashlib.sha256(json.dumps(sequences).encode()).hexdigest()[:16]
+    return artifacts.json_digest(sequences, 16)
 
 
 def cache_path(cache_dir: str | Path, kind: str, key: dict[str, Any]) -> Path:
-    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
-    return Path(cache_dir) / f"{kind}-{digest}.pt"
+    return Path(cache_dir) / f"{kind}-{artifacts.json_digest(key, 20, sort_keys=True)}.pt"
 
 
 def load_cached(path: Path, key: dict[str, Any]) -> dict[str, Any] | None:
@@ -92,8 +90,5 @@ def save_cached(path: Path, key: dict[str, Any], payload: dict[str, Any]) -> Non
     from forgetless.lm import distributed
 
     if distributed.is_main():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-        torch.save({**payload, "key": key}, tmp)
-        os.replace(tmp, path)
+        artifacts.write_atomic(path, lambda tmp: torch.save({**payload, "key": key}, tmp))
     distributed.barrier()

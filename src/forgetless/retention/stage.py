@@ -96,10 +96,9 @@ def run_retention(config: RetentionConfig) -> Path:
     started = time.time()
     tasks = list(measure_retention(model, tokenizer, base, config, out, cache, base_id))
     if distributed.is_main():
-        artifacts.write_json(out / "manifest.json", {
-            "stage": "retention", "model": config.model, "adapter": config.adapter,
-            "adapter_scale": config.adapter_scale, "base": base_id,
-            "tasks": tasks, "seconds": round(time.time() - started, 1), "versions": artifacts.versions()})
+        artifacts.write_manifest(out, stage="retention", model=config.model, adapter=config.adapter,
+                                 adapter_scale=config.adapter_scale, base=base_id, tasks=tasks,
+                                 seconds=round(time.time() - started, 1))
     distributed.barrier()
     return out
 

@@ -7,6 +7,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from forgetless.lm import artifacts
+
 CARD = "README.md"
 MEASURED = "## Measured against the base"
 
@@ -42,7 +44,7 @@ def card_text(config, manifest: dict, counts: dict, facts: dict) -> str:
 
 def write_card(weights_dir: Path, text: str) -> Path:
     path = Path(weights_dir) / CARD
-    path.write_text(text, encoding="utf-8")
+    artifacts.write_text(path, text)
     return path
 
 
@@ -54,4 +56,4 @@ def add_measured(weights_dir: Path, lines: list[str], report_path: str) -> None:
     head = path.read_text(encoding="utf-8").split(MEASURED)[0]
     body = [MEASURED, "", "Change against the base (paired 95% interval):", "", *[f"- {line}" for line in lines], "",
             f"Full report: {report_path}", ""]
-    path.write_text(head + "\n".join(body), encoding="utf-8")
+    artifacts.write_text(path, head + "\n".join(body))

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Callable
 
 from forgetless.core.errors import ConfigError, DataError
+from forgetless.lm import artifacts
 
 logger = logging.getLogger(__name__)
 
@@ -145,7 +146,7 @@ def best_epoch_callback(out: Path, measure: Measure, select_on: str, fresh: bool
                 return
             self.trimmed = True
             rows = [r for r in read_epochs(out) if r["step"] <= state.global_step]
-            (out / EPOCHS_FILE).write_text("".join(json.dumps(r) + "\n" for r in rows))
+            artifacts.write_text(out / EPOCHS_FILE, "".join(json.dumps(r) + "\n" for r in rows))
 
         def on_epoch_end(self, args, state, control, model=None, **kwargs):
             epoch = int(round(state.epoch))

@@ -21,7 +21,6 @@ import copy
 import dataclasses
 import json
 import logging
-import os
 import time
 from pathlib import Path
 
@@ -31,14 +30,13 @@ from forgetless.core.errors import ConfigError
 from forgetless import __version__
 from forgetless.train.card import card_text, mask_facts, write_card
 from forgetless.train.collate import FlatBatchCollator, MaskedBatchCollator, TableError, read_table, table_counts
-from forgetless.lm.artifacts import write_json
+from forgetless.lm.artifacts import file_sha256, write_json, write_manifest, write_text
 from forgetless.train.config import ADAPTERS, METHODS, TrainConfig  # noqa: F401  (re-exported)
 from forgetless.train.loss import MaskedLossMixin, NonFiniteLossError
 from forgetless.train.outputs import print_diagnostics, save_outputs, saved_diagnostics, weight_diagnostics
 from forgetless.train.parallel import barrier, initialized, launch_device, refuse_data_parallel, sharding_engine
 from forgetless.train.passthrough import LIGER_KERNELS, check_options, check_padding_free, push_final, trackers
 from forgetless.train.select import best_epoch_callback, load_best_epoch, selection_measure
-from forgetless.lm.modeling import file_sha256
 
 logger = logging.getLogger(__name__)
 
@@ -76,9 +74,7 @@ def _loss_log_callback(path: Path, trainer_ref: dict):
             self.trimmed = True
             lines = path.read_text().splitlines() if path.exists() else []
             kept = [ln for ln in lines if _logged_step(ln) <= state.global_step]  # a cut last line goes too
-            tmp = path.with_name(f".{path.name}.tmp")
-            tmp.write_text("".join(ln + "\n" for ln in kept))
-            os.replace(tmp, path)
+            write_text(path, "".join(ln + "\n" for ln in kept))
 
         def on_log(self, args, state, control, logs=None, **kwargs):
             if not logs or "loss" not in logs:
@@ -181,7 +177,7 @@ def manifest(config: TrainConfig, tokenizer) -> dict:
         "stage": "train", "forgetless": __version__, "model": config.model, "revision": config.revision,
         "model_fingerprint": model_fingerprint(config.model, config.revision),
         "template_hash": template_hash(tokenizer), "data": str(Path(config.data).resolve()),
-        "data_fingerprint": file_sha256(Path(config.data))[:16],
+        "data_fingerprint": file_sha256(Path(config.data), 16),
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__},
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
@@ -306,7 +302,7 @@ def run_train(config: TrainConfig, callbacks: list | None = None, select_measure
                    "weights_sharded": engine, **kept}
         write_json(out / "train_summary.json", summary)
         run_manifest = manifest(config, tokenizer)
-        write_json(out / "manifest.json", run_manifest)
+        write_manifest(out, **run_manifest)
         weights = out / ("model" if config.adapter == "full" else "adapter")
         write_card(weights, card_text(config, run_manifest, counts, mask_facts(config.data)))
         print_diagnostics(diag, summary)

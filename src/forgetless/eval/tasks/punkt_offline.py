@@ -12,8 +12,6 @@ own code and those parameters, exactly as after ``nltk.download("punkt_tab")``. 
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 
 FILES = ("collocations.tab", "sent_starters.txt", "abbrev_types.txt", "ortho_context.tab")
@@ -36,16 +34,13 @@ def write_punkt_tab(root: Path) -> Path:
     target = root / "tokenizers" / "punkt_tab" / "english"
     if all((target / name).is_file() for name in FILES):
         return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".english-"))
-    for name, text in punkt_tab_files().items():
-        (tmp / name).write_text(text, encoding="utf-8", newline="")
-    try:
-        os.replace(tmp, target)
-    except OSError:  # another process wrote it first
-        for name in FILES:
-            (tmp / name).unlink(missing_ok=True)
-        tmp.rmdir()
+    from forgetless.lm.artifacts import write_dir
+
+    def fill(tmp: Path) -> None:
+        for name, text in punkt_tab_files().items():
+            (tmp / name).write_text(text, encoding="utf-8", newline="")
+
+    write_dir(target, fill)  # False: another process wrote it first
     return target
 
 
