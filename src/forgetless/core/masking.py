@@ -32,12 +32,12 @@ import numpy as np
 import torch
 
 from forgetless.core.errors import ConfigError, DataError
+from forgetless.core.labels import IGNORE_INDEX
 
 HARD_POLICIES = ("none", "threshold", "fraction", "auto-tau", "random", "inverse", "reference-diff", "dpf", "dpf+stm")
 REFERENCE_POLICIES = ("reference-diff", "dpf", "dpf+stm")  # need a second scoring of the same tokens
 SOFT_POLICIES = ("inverse-ppl",)
 POLICIES = HARD_POLICIES + SOFT_POLICIES
-IGNORE_INDEX = -100
 PAPER_TAU = 2.5  # the paper's STM threshold (perplexity units)
 
 

@@ -17,8 +17,8 @@ import pyarrow as pa
 
 from forgetless.core.errors import DataError
 from forgetless.lm import artifacts
-from forgetless.core.masking import (IGNORE_INDEX, POLICIES, REFERENCE_POLICIES, check_fraction, check_tau,
-                                     weights_for_policy)
+from forgetless.core.labels import IGNORE_INDEX
+from forgetless.core.masking import POLICIES, REFERENCE_POLICIES, check_fraction, check_tau, weights_for_policy
 from forgetless.score.stage import SCORES_FILE
 
 logger = logging.getLogger(__name__)
