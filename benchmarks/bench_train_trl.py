@@ -51,12 +51,13 @@ import threading
 import time
 from pathlib import Path
 
+from forgetless.core.labels import IGNORE_INDEX as IGNORE
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 VARIANTS = ("trl-padding-free", "trl-padded", "forgetless-sft", "forgetless-sft-packed", "forgetless-stm",
             "forgetless-stm-packed", "forgetless-sft-accum2", "forgetless-stm-accum2", "forgetless-sft-accum4",
             "forgetless-stm-accum4", "forgetless-sft-accum4-ftz", "forgetless-stm-accum4-ftz")
-IGNORE = -100
 
 
 def rss_gib(field: str = "VmRSS") -> float:

@@ -114,6 +114,16 @@ def drop_every(rows: list[dict], k: int) -> list[dict]:
     return rows
 
 
+def batch(tokenizer, n=4, mask_every=None):
+    """The SFT table of ``conversations(n)`` (STM-like with ``mask_every``: see ``drop_every``) and its padded batch."""
+    from forgetless.train.collate import MaskedBatchCollator, build_sft_table
+
+    rows = build_sft_table(conversations(n), tokenizer)
+    if mask_every:  # an STM-like table: some response tokens dropped from the loss
+        drop_every(rows, mask_every)
+    return rows, MaskedBatchCollator(tokenizer.pad_token_id)(rows)
+
+
 class Crash(Exception):
     """Raised by ``crash_at`` to stand in for a crash in the middle of training."""
 

@@ -23,9 +23,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from conftest import build_model, build_tokenizer
+from conftest import batch, build_model, build_tokenizer
 from forgetless.core.logits import split_causal_lm
-from test_loss import batch
 
 
 def perturbed(vocab: int):

@@ -7,17 +7,10 @@ import math
 import pytest
 import torch
 
-from conftest import conversations, drop_every
+from conftest import batch
 from forgetless.core.logits import token_nll
-from forgetless.train.collate import MaskedBatchCollator, build_sft_table
+from forgetless.train.collate import MaskedBatchCollator
 from forgetless.train.loss import compute_masked_loss, masked_loss, rows_kl, trained_rows
-
-
-def batch(tokenizer, n=4, mask_every=None):
-    rows = build_sft_table(conversations(n), tokenizer)
-    if mask_every:  # an STM-like table: some response tokens dropped from the loss
-        drop_every(rows, mask_every)
-    return rows, MaskedBatchCollator(tokenizer.pad_token_id)(rows)
 
 
 def test_masked_loss_hand_computed():

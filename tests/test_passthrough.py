@@ -16,7 +16,8 @@ from conftest import build_model, train_config
 from forgetless.config import ConfigError, load_config
 from forgetless.core.packing import flatten, packing_isolates, restart_positions
 from forgetless.lm.templates import Encoded
-from forgetless.train.collate import IGNORE, FlatBatchCollator, MaskedBatchCollator
+from forgetless.core.labels import IGNORE_INDEX as IGNORE
+from forgetless.train.collate import FlatBatchCollator, MaskedBatchCollator
 from forgetless.train.loss import compute_masked_loss
 
 # Two examples of unequal length; soft weights; the second has a label at position 0, which no collator may train.

@@ -10,7 +10,7 @@ import math
 import pytest
 import torch
 
-from conftest import cli, run_to_end
+from conftest import batch, cli, run_to_end
 from forgetless.core.frontier import items_at_gain
 from forgetless.core.logits import token_nll
 from forgetless.grid import MethodSpec, train_points
@@ -18,7 +18,6 @@ from forgetless.lm.interpolate import InterpolationError, blend_weights, scale_l
 from forgetless.replay.stage import ReplayOverlapError, candidates, prompt_text, replay_count
 from forgetless.retention.records import make_record, pool_records, read_task, write_task
 from forgetless.train.loss import compute_masked_loss, dft_weight, masked_loss
-from test_loss import batch
 
 
 # --- DFT --------------------------------------------------------------------------------------------------------

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import json
 import sqlite3
+import subprocess
+import sys
 
 import pytest
 
+from conftest import SRC
 from forgetless.eval.tasks import Item, get_task, select_items
 from forgetless.eval.tasks.arc import extract_letter, load_arc
 from forgetless.eval.tasks.custom import load_task_file, score_metric
@@ -16,6 +19,12 @@ from forgetless.eval.tasks.math import answers_equivalent, last_boxed, load_math
 from forgetless.eval.tasks.math import extract_answer as math_extract
 from forgetless.eval.tasks.mbpp import extract_code, load_mbpp
 from forgetless.eval.tasks.sql import execution_match, extract_sql, sql_task
+
+
+def test_a_task_module_imports_without_torch():
+    """Reading and scoring answers needs no model: the eval package loads its stage (and torch) only when asked."""
+    code = "import sys, forgetless.eval.tasks.gsm8k; assert 'torch' not in sys.modules, 'torch was imported'"
+    subprocess.run([sys.executable, "-c", code], env={"PYTHONPATH": SRC}, check=True)
 
 
 # --- MBPP -----------------------------------------------------------------------------------

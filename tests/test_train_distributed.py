@@ -23,10 +23,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import build_model, build_tokenizer
+from conftest import batch, build_model, build_tokenizer, conversations
 from forgetless.train.collate import build_sft_table, write_table
 from forgetless.train.stage import TrainConfig, run_train
-from test_loss import batch, conversations
 
 ROOT = Path(__file__).resolve().parents[1]
 ACCELERATE_CONFIGS = ROOT / "src" / "forgetless" / "configs" / "accelerate"

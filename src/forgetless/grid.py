@@ -15,7 +15,7 @@ from typing import Any, NamedTuple
 
 from forgetless.lm.interpolate import check_alpha
 from forgetless.mask.stage import MaskConfig
-from forgetless.replay.stage import check_fraction
+from forgetless.core.checks import check_fraction
 
 # method -> (masking policy, TrainConfig fields the method implies)
 METHOD_POLICIES: dict[str, tuple[str, dict[str, Any]]] = {
@@ -70,7 +70,8 @@ class MethodSpec:
         for alpha in self.interpolate:
             check_alpha(alpha, "interpolate")
         if self.method == "replay":
-            check_fraction(self.replay_fraction, "replay_fraction")
+            check_fraction(self.replay_fraction, "replay_fraction", include_0=False, include_1=False,
+                           what="the share of replay rows in the mix")
         elif self.replay_fraction is not None:
             raise ValueError("replay_fraction belongs to method 'replay'")
 

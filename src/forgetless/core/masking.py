@@ -31,24 +31,20 @@ import math
 import numpy as np
 import torch
 
+from forgetless.core.checks import check_fraction
 from forgetless.core.errors import ConfigError, DataError
+from forgetless.core.labels import IGNORE_INDEX
 
 HARD_POLICIES = ("none", "threshold", "fraction", "auto-tau", "random", "inverse", "reference-diff", "dpf", "dpf+stm")
 REFERENCE_POLICIES = ("reference-diff", "dpf", "dpf+stm")  # need a second scoring of the same tokens
 SOFT_POLICIES = ("inverse-ppl",)
 POLICIES = HARD_POLICIES + SOFT_POLICIES
-IGNORE_INDEX = -100
 PAPER_TAU = 2.5  # the paper's STM threshold (perplexity units)
 
 
 def check_tau(tau: float) -> None:
     if not isinstance(tau, (int, float)) or math.isnan(tau) or tau <= 0:
         raise ConfigError(f"tau is a perplexity threshold and must be > 0 (inf masks nothing); got {tau!r}")
-
-
-def check_fraction(q: float) -> None:
-    if not isinstance(q, (int, float)) or math.isnan(q) or not 0 <= q < 1:
-        raise ConfigError(f"a masked fraction must be in [0, 1); got {q!r}")
 
 
 def check_finite(nll: np.ndarray) -> None:
@@ -86,7 +82,7 @@ def top_k_mask(score: np.ndarray, k: int, highest: bool = True) -> np.ndarray:
 
 def fraction_count(n: int, q: float) -> int:
     """Tokens masked for a fraction ``q`` of ``n``: floor(q * n), never more than asked."""
-    check_fraction(q)
+    check_fraction(q, "a masked fraction", include_0=True, include_1=False)
     return int(math.floor(q * n + 1e-9))
 
 
@@ -194,7 +190,7 @@ def _reference(reference_nll, nll: np.ndarray, policy: str) -> np.ndarray:
 def _need(fraction: float | None, policy: str) -> float:
     if fraction is None:
         raise ConfigError(f"policy {policy!r} needs a target fraction (fraction=q, 0 <= q < 1)")
-    check_fraction(fraction)
+    check_fraction(fraction, "a masked fraction", include_0=True, include_1=False)
     return fraction
 
 

@@ -17,8 +17,9 @@ import pyarrow as pa
 
 from forgetless.core.errors import DataError
 from forgetless.lm import artifacts
-from forgetless.core.masking import (IGNORE_INDEX, POLICIES, REFERENCE_POLICIES, check_fraction, check_tau,
-                                     weights_for_policy)
+from forgetless.core.checks import check_fraction
+from forgetless.core.labels import IGNORE_INDEX
+from forgetless.core.masking import POLICIES, REFERENCE_POLICIES, check_tau, weights_for_policy
 from forgetless.score.stage import SCORES_FILE
 
 logger = logging.getLogger(__name__)
@@ -57,7 +58,7 @@ class MaskConfig:
                              "same data under the second model"
                              f"{' (the fine-tuned one)' if self.policy != 'reference-diff' else ''}")
         if self.fraction is not None:
-            check_fraction(self.fraction)
+            check_fraction(self.fraction, "fraction", include_0=True, include_1=False, what="the masked share")
 
 
 def flatten_response_nll(table: pa.Table) -> tuple[np.ndarray, list[int], list[np.ndarray]]:

@@ -24,12 +24,14 @@ import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from forgetless.core.errors import ConfigError, DataError, ForgetlessError
+from forgetless.core.checks import check_fraction
+from forgetless.core.errors import DataError, ForgetlessError
 from forgetless.lm import artifacts
 
 logger = logging.getLogger(__name__)
 
 DATA_FILE = "data.jsonl"
+SHARE = "the share of replay rows in the mix"
 
 
 class ReplayOverlapError(ForgetlessError, ValueError):
@@ -56,14 +58,9 @@ class ReplayConfig:
                 "teaches stopping mid-way)"})
 
     def __post_init__(self):
-        check_fraction(self.fraction)
+        check_fraction(self.fraction, "replay fraction", include_0=False, include_1=False, what=SHARE)
         if self.skip < 0 or self.max_new_tokens < 1 or (self.batch_size is not None and self.batch_size < 1):
             raise ValueError("replay: skip must be >= 0, max_new_tokens and batch_size >= 1")
-
-
-def check_fraction(fraction: float | None, where: str = "replay fraction") -> None:
-    if fraction is None or not 0.0 < fraction < 1.0:
-        raise ConfigError(f"{where} must be in (0, 1) (the share of replay rows in the mix), got {fraction}")
 
 
 def replay_count(n_target: int, fraction: float) -> int:
@@ -72,7 +69,7 @@ def replay_count(n_target: int, fraction: float) -> int:
     >>> replay_count(24, 0.25)
     8
     """
-    check_fraction(fraction)
+    check_fraction(fraction, "replay fraction", include_0=False, include_1=False, what=SHARE)
     return max(1, round(n_target * fraction / (1.0 - fraction)))
 
 

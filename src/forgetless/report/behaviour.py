@@ -11,11 +11,12 @@ tokens" (the same-count random mask) item by item.
 
 from __future__ import annotations
 
+import functools
 import itertools
-import math
 from pathlib import Path
 
 from forgetless.core.intervals import mcnemar_exact, paired_difference
+from forgetless.report.cells import MISSING, cell
 from forgetless.retention.records import read_task
 
 LEANS = {
@@ -29,6 +30,8 @@ LEANS = {
     "mc": "neutral: fixed continuations no recipe trains on; misses behaviour (what the model writes)",
     "task": "neutral: task success on items no recipe trains on",
 }
+
+_cell = functools.partial(cell, digits=2)  # the behaviour tables' cells: 2 digits unless a call says
 
 
 def lean(task: str, recipe_sources: tuple[str, ...] = ()) -> str:
@@ -82,15 +85,6 @@ def recipe_leans(task: str, recipe_sources: tuple[str, ...]) -> list[str]:
         if source_family(source) == source_family(measured_source(task) or ""):
             out.append(f"favours {label} (it trains on {source}'s prompts, the source of this measure)")
     return out
-
-
-def _cell(x: float | None, ci=None, digits: int = 2, signed: bool = False) -> str:
-    if x is None or (isinstance(x, float) and math.isnan(x)):
-        return "—"
-    f = f"{{:{'+' if signed else ''}.{digits}f}}"
-    if ci and not any(c is None or math.isnan(c) for c in ci):
-        return f"{f.format(x)} [{f.format(ci[0])}, {f.format(ci[1])}]"
-    return f.format(x)
 
 
 def sources(summaries: dict[str, dict]) -> list[str]:
@@ -192,7 +186,7 @@ def between_methods(run_dirs: dict[str, Path], source: str, labels: list[str]) -
         ids = sorted(set(sa) & set(sb))
         only_a = sum(1 for i in ids if sa[i]["score"] > sb[i]["score"])
         only_b = sum(1 for i in ids if sb[i]["score"] > sa[i]["score"])
-        diff = _cell(d["mean"], d["ci95"], signed=True) if d["n"] else "—"
+        diff = _cell(d["mean"], d["ci95"], signed=True) if d["n"] else MISSING
         lines.append(f"| {a} vs {b} | {diff} (n={d['n']}) | {only_a} / {only_b} "
                      f"| {mcnemar_exact(only_a, only_b):.3g} |")
     return lines

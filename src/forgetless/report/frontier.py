@@ -9,6 +9,7 @@ that reaches it; the paired sentences compare methods item by item on the same i
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
@@ -18,6 +19,7 @@ from typing import Sequence
 from forgetless.core.frontier import common_gains, items_at_gain, matched_gain_table, resolved, verdict
 from forgetless.core.intervals import paired_difference
 from forgetless.lm import artifacts
+from forgetless.report.cells import MISSING, cell, number
 from forgetless.report.plots import can_plot
 from forgetless.train.probe import PROBES_FILE, read_probes
 from forgetless.retention.records import list_tasks, read_task
@@ -26,6 +28,7 @@ from forgetless.retention.summary import accuracy_tasks, summarize_run
 logger = logging.getLogger(__name__)
 
 NAN = float("nan")
+_signed = functools.partial(cell, signed=True)  # the frontier's differences and scores: signed, 3 digits
 # (measure, higher is better) shown per point
 MEASURES = (("mc_retention", True), ("did_what_asked", True), ("working_kept", True), ("top1_agreement", True),
             ("kl_base_tuned", False), ("kl_tuned_base", False))
@@ -36,7 +39,7 @@ GAIN_LEANS = {"gain_target": "paired change of the target task's graded success:
               "gain_masked": "held-out NLL decrease on the masked kind: favours ground truth by construction"}
 
 
-def _cell(d: dict | None) -> tuple[float, list[float] | None]:
+def _score_and_ci(d: dict | None) -> tuple[float, list[float] | None]:
     if not d:
         return NAN, None
     return d["score"], d.get("ci95")
@@ -52,11 +55,11 @@ def _entropy_change(run_dir: Path) -> float:
 def final_point(base_dir: Path, run_dir: Path, gain: str, train_dir: Path | None, target: str | None = None) -> dict:
     """One learning-rate point from a finished model's retention records."""
     s = summarize_run(base_dir, run_dir, target_task=target)
-    point = {"gain": _cell(s["target"].get(gain))[0], "gain_ci95": _cell(s["target"].get(gain))[1]}
+    point = {"gain": _score_and_ci(s["target"].get(gain))[0], "gain_ci95": _score_and_ci(s["target"].get(gain))[1]}
     for name, _ in MEASURES:
-        point[name], point[f"{name}_ci95"] = _cell(s[name] if name in OWN else s["drift"].get(name))
+        point[name], point[f"{name}_ci95"] = _score_and_ci(s[name] if name in OWN else s["drift"].get(name))
     for kind in ("gain_kept", "gain_masked", "gain_all"):
-        point[kind] = _cell(s["target"].get(kind))[0]
+        point[kind] = _score_and_ci(s["target"].get(kind))[0]
     point["entropy_change"] = _entropy_change(run_dir)
     diag = train_dir / "diagnostics.json" if train_dir else None
     point["dw_frobenius"] = json.loads(diag.read_text())["total_frobenius"] if diag and diag.is_file() else NAN
@@ -181,7 +184,7 @@ def base_point(base_dir: Path | None = None, target: str | None = None) -> dict:
         v = 1.0 if name in ("mc_retention", "working_kept", "top1_agreement") else 0.0
         point[name], point[f"{name}_ci95"] = v, [v, v]
     if base_dir is not None:
-        point["did_what_asked"], point["did_what_asked_ci95"] = _cell(
+        point["did_what_asked"], point["did_what_asked_ci95"] = _score_and_ci(
             summarize_run(base_dir, base_dir, target)["did_what_asked"])
     else:
         point["did_what_asked"], point["did_what_asked_ci95"] = NAN, None
@@ -227,14 +230,6 @@ def build_frontier(grid: list[dict], base_dir: Path, gain: str = "gain_all", ret
             "reference": grid[0]["method"] if grid else None, "vs_reference": vs_reference,
             "matched": {m: {str(k): v for k, v in row.items()} for m, row in table.items()},
             "paired": paired_sentences(dirs, list(dict.fromkeys(pairs)))}
-
-
-def _fmt(x, ci=None, d: int = 3) -> str:
-    if x is None or (isinstance(x, float) and math.isnan(x)):
-        return "—"
-    if ci and None not in ci and not any(math.isnan(c) for c in ci):
-        return f"{x:+.{d}f} [{ci[0]:+.{d}f}, {ci[1]:+.{d}f}]"
-    return f"{x:+.{d}f}"
 
 
 def matched_sentences(data: dict) -> list[str]:
@@ -285,14 +280,14 @@ def reference_section(data: dict) -> list[str]:
         for m in methods:
             c = row["others"][m]
             if c is None:
-                cells.append("—")
+                cells.append(MISSING)
                 continue
             ci = c.get("ci95") or [NAN, NAN]
-            cells.append(f"{c['retention']:.3f} (Δ {_fmt(c['mean'], ci)})")
+            cells.append(f"{number(c['retention'])} (Δ {_signed(c['mean'], ci)})")
             tag = {True: "resolved", False: "not resolved", None: "too few items"}[c.get("resolved")]
-            verdicts.append(f"At {row['reference']}'s gain {row['gain']:+.3f}: {m} − {ref} = {_fmt(c['mean'], ci)} "
+            verdicts.append(f"At {row['reference']}'s gain {row['gain']:+.3f}: {m} − {ref} = {_signed(c['mean'], ci)} "
                             f"over {c.get('n', 0)} items ({tag}).")
-        lines.append(f"| {row['reference']} | {_fmt(row['gain'], row.get('gain_ci95'))} "
+        lines.append(f"| {row['reference']} | {_signed(row['gain'], row.get('gain_ci95'))} "
                      f"| {row['reference_retention']:.3f} | " + " | ".join(cells) + " |")
     return lines + [""] + [f"- {v}" for v in verdicts] + [""]
 
@@ -315,15 +310,16 @@ def render_markdown(data: dict) -> str:
              "| ‖ΔW‖_F |", "|" + "---|" * 13]
     for pts in data["curves"].values():
         for p in pts[1:]:
-            knob = f"α {p['alpha']:g}" if p.get("alpha") is not None else (p.get("lr") or "—")
-            lines.append(f"| {p['label']} | {knob} | {_fmt(p['gain'], p.get('gain_ci95'))} "
-                         f"| {_fmt(p.get('gain_kept'))} | {_fmt(p.get('gain_masked'))} "
-                         f"| {_fmt(p['mc_retention'], p.get('mc_retention_ci95'))} "
-                         f"| {_fmt(p.get('did_what_asked', NAN), p.get('did_what_asked_ci95'))} "
-                         f"| {_fmt(p['working_kept'], p.get('working_kept_ci95'))} "
-                         f"| {_fmt(p['top1_agreement'], p.get('top1_agreement_ci95'))} "
-                         f"| {_fmt(p['kl_base_tuned'], p.get('kl_base_tuned_ci95'))} | {_fmt(p['kl_tuned_base'])} "
-                         f"| {_fmt(p.get('entropy_change'))} | {_fmt(p.get('dw_frobenius'), d=2)} |")
+            knob = f"α {p['alpha']:g}" if p.get("alpha") is not None else (p.get("lr") or MISSING)
+            lines.append(f"| {p['label']} | {knob} | {_signed(p['gain'], p.get('gain_ci95'))} "
+                         f"| {_signed(p.get('gain_kept'))} | {_signed(p.get('gain_masked'))} "
+                         f"| {_signed(p['mc_retention'], p.get('mc_retention_ci95'))} "
+                         f"| {_signed(p.get('did_what_asked', NAN), p.get('did_what_asked_ci95'))} "
+                         f"| {_signed(p['working_kept'], p.get('working_kept_ci95'))} "
+                         f"| {_signed(p['top1_agreement'], p.get('top1_agreement_ci95'))} "
+                         f"| {_signed(p['kl_base_tuned'], p.get('kl_base_tuned_ci95'))} "
+                         f"| {_signed(p['kl_tuned_base'])} "
+                         f"| {_signed(p.get('entropy_change'))} | {_signed(p.get('dw_frobenius'), digits=2)} |")
     lines += ["", f"## {ret} at matched target gain (interpolated along each method's curve; — : not reached)", ""]
     if not data["gains"]:
         lines.append("The methods' curves share no range of target gain above 0: no matched comparison is possible.")
@@ -334,7 +330,7 @@ def render_markdown(data: dict) -> str:
             cells = []
             for g in data["gains"]:
                 c = row.get(str(g))
-                cells.append("—" if c is None else f"{_fmt(c['retention'], c['ci95'])}" +
+                cells.append(MISSING if c is None else f"{_signed(c['retention'], c['ci95'])}" +
                              (f" @ lr {c['lr']:.2g}" if c.get("lr") else ""))
             lines.append(f"| {method} | " + " | ".join(cells) + " |")
         lines += ["", "Interpolated intervals are approximate (the neighbouring points' bounds); where two "
@@ -347,9 +343,9 @@ def render_markdown(data: dict) -> str:
                   "| run | step | gain | MC retention | top-1 agree | KL(base‖tuned) | ‖ΔW‖_F |", "|" + "---|" * 7]
         for label, pts in data["probes"].items():
             for p in pts:
-                lines.append(f"| {label} | {p['step']} | {_fmt(p['gain'])} | {_fmt(p['mc_retention'])} | "
-                             f"{_fmt(p['top1_agreement'])} | {_fmt(p['kl_base_tuned'])} | "
-                             f"{_fmt(p['dw_frobenius'], d=2)} |")
+                lines.append(f"| {label} | {p['step']} | {_signed(p['gain'])} | {_signed(p['mc_retention'])} | "
+                             f"{_signed(p['top1_agreement'])} | {_signed(p['kl_base_tuned'])} | "
+                             f"{_signed(p['dw_frobenius'], digits=2)} |")
     lines += ["", "## Paired differences (same items, paired bootstrap 95%)", ""]
     resolved_n = sum(1 for r in data["paired"] if resolved(r))
     lines.append(f"{resolved_n} of {len(data['paired'])} paired differences are resolved by the item count "

@@ -14,11 +14,11 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
+from forgetless.core.labels import IGNORE_INDEX
 from forgetless.lm import artifacts
 from forgetless.lm.artifacts import write_text
 
 PPL_DARKEST = 100.0
-IGNORE_INDEX = -100
 
 
 @dataclass(frozen=True)

@@ -6,13 +6,13 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+from forgetless.report.cells import cell
 from forgetless.retention.summary import above_chance, accuracy_tasks, summarize_run  # noqa: F401  (re-exported)
 
 
-def _fmt(cell: dict, digits: int = 3) -> str:
-    if math.isnan(cell["score"]):
-        return "—"
-    return f"{cell['score']:+.{digits}f} [{cell['ci95'][0]:+.{digits}f}, {cell['ci95'][1]:+.{digits}f}]"
+def _scored(record: dict) -> str:
+    """A summary record ``{"score", "ci95"}`` as a signed cell with its interval."""
+    return cell(record["score"], record["ci95"], signed=True)
 
 
 def markdown_table(summaries: dict[str, dict]) -> str:
@@ -29,10 +29,10 @@ def markdown_table(summaries: dict[str, dict]) -> str:
     for name, s in summaries.items():
         t = s["target"]
         lines.append("| " + " | ".join([
-            name, _fmt(t.get("gain_target", missing)), _fmt(s.get("working_kept", missing)), _fmt(s["bwt"]),
-            _fmt(s["mc_retention"]), _fmt(s["drift"]["kl_base_tuned"]), _fmt(s["drift"]["kl_tuned_base"]),
-            _fmt(s["drift"]["top1_agreement"]), _fmt(t.get("gain_kept", missing)),
-            _fmt(t.get("gain_masked", missing))]) + " |")
+            name, _scored(t.get("gain_target", missing)), _scored(s.get("working_kept", missing)), _scored(s["bwt"]),
+            _scored(s["mc_retention"]), _scored(s["drift"]["kl_base_tuned"]), _scored(s["drift"]["kl_tuned_base"]),
+            _scored(s["drift"]["top1_agreement"]), _scored(t.get("gain_kept", missing)),
+            _scored(t.get("gain_masked", missing))]) + " |")
     return "\n".join(lines) + "\n"
 
 

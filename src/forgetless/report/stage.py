@@ -25,6 +25,7 @@ from forgetless.core.errors import ConfigError
 from forgetless.lm.artifacts import write_text
 from forgetless.core.intervals import average_of_differences, paired_difference
 from forgetless.report.behaviour import lean
+from forgetless.report.cells import MISSING, cell, interval, is_missing, number
 from forgetless.report.frontier import build_frontier, write_frontier
 from forgetless.report.sections import retention_section, train_extras
 from forgetless.report.verdicts import plain_name, verdict_section
@@ -181,28 +182,21 @@ def merge_scores(label: str, paths: list[str]) -> dict[str, dict]:
 
 # --- the report -----------------------------------------------------------------------------
 
-def _fmt(x: float | None, digits: int = 3, percent: bool = False) -> str:
-    if x is None:
-        return "n/a"
-    return f"{100 * x:+.1f}%" if percent else f"{x:.{digits}f}"
-
-
 def _with_interval(v: tuple | None, percent: bool, n: int | None = None) -> str:
-    """A TI / BWT cell: the value, its paired 95% interval when there is one, and n (the target's items)."""
-    if v is None or v[0] is None:
-        return "—" if v is None else "n/a"
-    text = _fmt(v[0], percent=percent)
-    if not math.isnan(v[1]):
-        text += " [" + ", ".join(f"{100 * x:+.1f}%" if percent else f"{x:+.3f}" for x in v[1:]) + "]"
-    return text + (f" n={n}" if n else "")
+    """A TI / BWT cell: the value (signed as a percent, unsigned as an absolute difference), its paired 95% interval
+    (signed) when there is one, and n (the target's items)."""
+    if v is None or is_missing(v[0]):
+        return MISSING
+    digits = 1 if percent else 3
+    return (number(v[0], digits, signed=percent, percent=percent)
+            + interval(v[1:], digits, signed=True, percent=percent) + (f" n={n}" if n else ""))
 
 
-def _cell(record: dict | None) -> str:
-    if record is None or record.get("score") is None:
-        return "—"
-    lo, hi = record.get("ci95") or (None, None)
-    interval = f" [{lo:.2f}, {hi:.2f}]" if lo is not None and hi is not None else ""
-    return f"{record['score']:.3f}{interval} n={record['n']}"
+def _task_cell(record: dict | None) -> str:
+    """A task's score [95% interval] n=items."""
+    if record is None:
+        return MISSING
+    return cell(record.get("score"), record.get("ci95"), ci_digits=2, n=record.get("n"))
 
 
 def build_report(cfg: ReportConfig) -> dict[str, Any]:
@@ -262,11 +256,11 @@ def render_markdown(report: dict[str, Any]) -> str:
         ti, bwt = point_intervals(row, report, True) if m else (None, None)
         ti_abs, bwt_abs = point_intervals(row, report, False) if m else (None, None)
         n_target = (row.get("paired", {}).get(report["target"]) or {}).get("n")
-        cells = [row["label"], *[_cell(row["tasks"].get(t)) for t in tasks],
+        cells = [row["label"], *[_task_cell(row["tasks"].get(t)) for t in tasks],
                  _with_interval(ti, True, n_target), _with_interval(ti_abs, False, n_target),
                  _with_interval(bwt, True), _with_interval(bwt_abs, False),
-                 _fmt(ex["masked_fraction"]), _fmt(ex["tau"], 2), _fmt(ex["delta_w_norm"], 4),
-                 "n/a" if ex.get("train_time_s") is None else f"{ex['train_time_s']:.0f} s"]
+                 number(ex["masked_fraction"]), number(ex["tau"], 2), number(ex["delta_w_norm"], 4),
+                 MISSING if ex.get("train_time_s") is None else f"{ex['train_time_s']:.0f} s"]
         lines.append("| " + " | ".join(cells) + " |")
         notes += [f"{row['label']}: {n}" for n in m.get("notes", [])]
     paired = [r for r in report["rows"] if r.get("paired")]
@@ -277,8 +271,8 @@ def render_markdown(report: dict[str, Any]) -> str:
             cells = []
             for t in tasks:
                 d = row["paired"].get(t)
-                cells.append(f"{d['mean']:+.3f} [{d['ci95'][0]:+.2f}, {d['ci95'][1]:+.2f}] n={d['n']}" if d and d["n"]
-                             else "—")
+                cells.append(cell(d["mean"], d["ci95"], signed=True, ci_digits=2, n=d["n"]) if d and d["n"]
+                             else MISSING)
             lines.append(f"| {row['label']} | " + " | ".join(cells) + " |")
     lines += ["", "Cells: score [95% interval] n=items. TI = (tuned − base)/base on the target; BWT = mean over "
               "non-target tasks of (tuned − base)/base; 'abs' = absolute differences. ARC-Challenge here is generative "

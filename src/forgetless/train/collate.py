@@ -17,11 +17,11 @@ from typing import Iterable
 import torch
 
 from forgetless.core.errors import ForgetlessError
+from forgetless.core.labels import IGNORE_INDEX
 from forgetless.lm import artifacts
 from forgetless.core.packing import flatten, restart_positions
 from forgetless.lm.templates import encode_conversation
 
-IGNORE = -100
 COLUMNS = ("id", "input_ids", "response_mask", "labels", "loss_weight")
 
 
@@ -34,11 +34,11 @@ def build_sft_table(examples: Iterable, tokenizer, max_length: int | None = None
     rows = []
     for ex in examples:
         enc = encode_conversation(tokenizer, ex.messages, max_length)
-        labels = [t if m else IGNORE for t, m in zip(enc.input_ids, enc.response_mask)]
-        labels[0] = IGNORE  # position 0 has no context: never trained (see forgetless.core.logits)
+        labels = [t if m else IGNORE_INDEX for t, m in zip(enc.input_ids, enc.response_mask)]
+        labels[0] = IGNORE_INDEX  # position 0 has no context: never trained (see forgetless.core.logits)
         rows.append({
             "id": str(ex.id), "input_ids": list(enc.input_ids), "response_mask": list(enc.response_mask),
-            "labels": labels, "loss_weight": [0.0 if y == IGNORE else 1.0 for y in labels],
+            "labels": labels, "loss_weight": [0.0 if y == IGNORE_INDEX else 1.0 for y in labels],
             "nll": [math.nan] * len(enc.input_ids),
         })
     return rows
@@ -53,10 +53,10 @@ def check_row(row: dict, index: int) -> None:
     if any(len(row[c]) != n for c in COLUMNS[2:]):
         raise TableError(f"row {index} ({row['id']}): input_ids, response_mask, labels, loss_weight differ in length")
     for i, (tok, y, w) in enumerate(zip(row["input_ids"], row["labels"], row["loss_weight"])):
-        if y != IGNORE and (y != tok or not 0.0 < w <= 1.0):
+        if y != IGNORE_INDEX and (y != tok or not 0.0 < w <= 1.0):
             raise TableError(f"row {index} ({row['id']}), token {i}: a trained label must equal input_ids and "
                              f"have loss_weight in (0, 1]; got label {y}, token {tok}, weight {w}")
-        if y == IGNORE and w != 0.0:
+        if y == IGNORE_INDEX and w != 0.0:
             raise TableError(f"row {index} ({row['id']}), token {i}: loss_weight {w} on an untrained token")
 
 
@@ -81,12 +81,12 @@ def read_table(path: str | Path) -> list[dict]:
 def table_counts(rows: list[dict]) -> dict:
     """Trained-token counts of a table: response tokens, trained tokens, masked fraction, empty examples."""
     response = sum(sum(r["response_mask"]) for r in rows)
-    trained = sum(sum(1 for y in r["labels"][1:] if y != IGNORE) for r in rows)
+    trained = sum(sum(1 for y in r["labels"][1:] if y != IGNORE_INDEX) for r in rows)
     weight = sum(sum(r["loss_weight"][1:]) for r in rows)
     return {
         "examples": len(rows), "response_tokens": response, "trained_tokens": trained,
         "trained_weight": weight, "masked_fraction": (1 - trained / response) if response else 0.0,
-        "examples_without_trained_tokens": sum(1 for r in rows if all(y == IGNORE for y in r["labels"][1:])),
+        "examples_without_trained_tokens": sum(1 for r in rows if all(y == IGNORE_INDEX for y in r["labels"][1:])),
     }
 
 
@@ -108,7 +108,7 @@ class MaskedBatchCollator:
         batch = {
             "input_ids": torch.full((len(examples), length), self.pad_token_id, dtype=torch.long),
             "attention_mask": torch.zeros((len(examples), length), dtype=torch.long),
-            "labels": torch.full((len(examples), length), IGNORE, dtype=torch.long),
+            "labels": torch.full((len(examples), length), IGNORE_INDEX, dtype=torch.long),
             "loss_weight": torch.zeros((len(examples), length), dtype=torch.float32),
         }
         for b, e in enumerate(examples):
@@ -120,13 +120,13 @@ class MaskedBatchCollator:
             if e.get("loss_weight") is not None:
                 batch["loss_weight"][b, :n] = torch.as_tensor(list(e["loss_weight"]), dtype=torch.float32)
             else:
-                batch["loss_weight"][b, :n] = (labels != IGNORE).float()
+                batch["loss_weight"][b, :n] = (labels != IGNORE_INDEX).float()
         if self.keep_nll:
             batch["nll"] = torch.full((len(examples), length), math.nan, dtype=torch.float32)
             for b, e in enumerate(examples):
                 batch["nll"][b, :len(e["nll"])] = torch.as_tensor([math.nan if v is None else v for v in e["nll"]])
         # Position 0 is never predicted; clearing it keeps the Trainer's token count equal to ours for any model.
-        batch["labels"][:, 0] = IGNORE
+        batch["labels"][:, 0] = IGNORE_INDEX
         batch["loss_weight"][:, 0] = 0.0
         return batch
 
@@ -144,8 +144,9 @@ class FlatBatchCollator:
     def __call__(self, examples: list[dict]) -> dict[str, torch.Tensor]:
         labels, weights = [], []
         for e in examples:
-            y = [IGNORE, *list(e.get("labels", e["input_ids"]))[1:]]
-            w = list(e["loss_weight"])[1:] if e.get("loss_weight") is not None else [float(t != IGNORE) for t in y[1:]]
+            y = [IGNORE_INDEX, *list(e.get("labels", e["input_ids"]))[1:]]
+            w = (list(e["loss_weight"])[1:] if e.get("loss_weight") is not None
+                 else [float(t != IGNORE_INDEX) for t in y[1:]])
             labels.append(y)
             weights.append([0.0, *w])
         return {"input_ids": flatten([e["input_ids"] for e in examples]),

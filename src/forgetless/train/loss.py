@@ -40,10 +40,10 @@ import torch
 import torch.nn.functional as F
 
 from forgetless.core.errors import ConfigError, ForgetlessError
+from forgetless.core.labels import IGNORE_INDEX
 from forgetless.core.logits import chunk_rows, head_logits, head_rows, split_causal_lm, target_nll
 from forgetless.train.parallel import any_process, call_inside_forward, gather_rows, unwrap
 
-IGNORE = -100
 logger = logging.getLogger(__name__)
 
 
@@ -53,7 +53,7 @@ def trained_rows(labels: torch.Tensor, position_ids: torch.Tensor | None = None)
     In a padding-free row (``position_ids`` restarting at 0 per example) an example's first token is never trained:
     the row before it is the previous example's (the collators already give it label -100).
     """
-    predict = labels[:, 1:] != IGNORE
+    predict = labels[:, 1:] != IGNORE_INDEX
     return predict & (position_ids[:, 1:] > 0) if position_ids is not None else predict
 
 
