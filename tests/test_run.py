@@ -1,10 +1,13 @@
 """`forgetless run` end to end on a tiny saved model: every stage, the report, and resume."""
 
 import json
+from pathlib import Path
 
 import pytest
 
 from forgetless.cli import main
+
+FIXTURES = Path(__file__).parent / "fixtures"
 
 
 def test_run_writes_report_and_resumes(tiny_run_config, capsys, caplog):
@@ -24,6 +27,7 @@ def test_run_writes_report_and_resumes(tiny_run_config, capsys, caplog):
     assert (out / "report" / "masked_fraction_vs_tau.png").stat().st_size > 1000
     assert (out / "report" / "drift_vs_gain.png").stat().st_size > 1000
     check_report_json(json.loads((out / "report" / "report.json").read_text()), out)
+    check_pinned_numbers(json.loads((out / "report" / "report.json").read_text()))
     for plot in ("training_loss.png", "delta_w.png", "token_ppl_distribution.png"):
         assert (out / "report" / plot).stat().st_size > 1000
     page = (out / "report" / "report.html").read_text()
@@ -44,6 +48,39 @@ def test_run_writes_report_and_resumes(tiny_run_config, capsys, caplog):
     # stages whose settings hold tuples (task lists) resume too: their stamps read back as lists
     assert "retention auto-tau-q0.3: done already" in caplog.text and "eval base: done already" in caplog.text
     assert "re-running" not in caplog.text
+
+
+def report_numbers(data: dict) -> dict:
+    """Every number of report.json a refactor must not move (not wall times or paths), flat, by row/measure."""
+    out = {}
+    for row in data["rows"]:
+        label = row["label"]
+        for task, r in row["tasks"].items():
+            out[f"{label}/{task}"] = [r["score"], r["n"], *(r["ci95"] or [None, None])]
+        for task, r in row.get("paired", {}).items():
+            out[f"{label}/paired/{task}"] = [r["mean"], r["n"], *(r["ci95"] or [None, None])]
+        for key, value in (row.get("metrics") or {}).items():
+            if value is None or isinstance(value, (int, float)):
+                out[f"{label}/metrics/{key}"] = value
+        out.update({f"{label}/extras/{k}": v for k, v in row["extras"].items() if k != "train_time_s"})
+    return out
+
+
+def check_pinned_numbers(data: dict) -> None:
+    """The tiny run's report numbers equal those b82a008 wrote (tests/fixtures/tiny_run_numbers.json), so a
+    refactor that claims no change of results is held to it. Regenerate the file only for a change that means to
+    move results, and say so in the commit."""
+    pinned = json.loads((FIXTURES / "tiny_run_numbers.json").read_text())
+    numbers = report_numbers(data)
+    assert sorted(numbers) == sorted(pinned)
+    for key, value in pinned.items():
+        got, want = numbers[key], value
+        if not isinstance(want, list):
+            got, want = [got], [want]
+        assert len(got) == len(want), key
+        for a, b in zip(got, want):  # None (no estimate) must stay None, nan stay nan
+            same = a is None if b is None else a == pytest.approx(b, rel=1e-4, abs=1e-6, nan_ok=True)
+            assert same, (key, a, b)
 
 
 def check_report_json(data: dict, out) -> None:
