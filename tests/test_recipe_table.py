@@ -1,10 +1,11 @@
-"""One recipe table (forgetless.core.recipes): every list of methods is read from it."""
+"""One recipe table (forgetless.core.recipes): every list of methods is read from it, and ``forgetless run --help``
+shows every recipe with its description."""
 
 from __future__ import annotations
 
 import pytest
 
-from forgetless import grid, run
+from forgetless import cli, grid, run
 from forgetless.core.masking import POLICIES
 from forgetless.core.recipes import GENERATED, RECIPES, TRAIN_METHODS, Recipe
 from forgetless.generate.config import DEFAULT_SAMPLES, GenerateConfig
@@ -77,3 +78,13 @@ def test_unknown_methods_name_the_choices():
     with pytest.raises(ValueError, match="method must be one of self_output, .*, got 'self-output'"):
         GenerateConfig(method="self-output")
 
+
+def test_run_help_lists_every_recipe_with_its_description(capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["run", "--help"])
+    shown = capsys.readouterr().out
+    lines = shown[shown.index("recipes (methods:"):].splitlines()[1:]
+    assert [line.split()[0] for line in lines] == list(RECIPES)
+    assert all(r.description in " ".join(line.split()) for r, line in zip(RECIPES.values(), lines))
+    methods_help = run.RunConfig.__dataclass_fields__["methods"].metadata["help"]
+    assert "|".join(RECIPES) in methods_help  # run.py's own list, until it reads the table
