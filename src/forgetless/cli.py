@@ -19,6 +19,7 @@ from typing import Callable
 from forgetless import __version__
 from forgetless.config import REQUIRED, ConfigError, field_help, load_config
 from forgetless.core.errors import ForgetlessError
+from forgetless.core.recipes import recipe_lines
 from forgetless.lm import distributed
 from forgetless.eval.stage import EvalConfig, print_eval_summary, run_eval
 from forgetless.generate.stage import GenerateConfig, print_generate_summary, run_generate
@@ -69,6 +70,8 @@ EXAMPLES = {
     "report": "forgetless report runs/demo",
     "run": "forgetless run demo data=my.jsonl --output-dir runs/mine",
 }
+# What else a subcommand's --help shows below its example.
+MORE_HELP = {"run": f"\n\nrecipes (methods: [{{method: NAME, ...}}]):\n{recipe_lines()}"}
 # Flag spellings that differ from the field name: (config field, flag) for one output directory everywhere and an
 # adapter *kind* that is not confused with the adapter *directory* of eval/retention.
 # Errors shown as one line: forgetless's own (a setting, a file, a data set to fix) and a path that does not exist.
@@ -93,7 +96,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     for name, (cls, fn, _) in COMMANDS.items():
         p = sub.add_parser(name, help=(fn.__doc__ or "").splitlines()[0], allow_abbrev=False,
-                           epilog=f"example: {EXAMPLES[name]}", formatter_class=argparse.RawDescriptionHelpFormatter)
+                           epilog=f"example: {EXAMPLES[name]}{MORE_HELP.get(name, '')}",
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
         p.add_argument("--config", help="YAML file with this stage's settings")
         p.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
         names = flag_names(name)

@@ -22,6 +22,9 @@ Policies (``weights_for_policy``):
 * ``dpf+stm``    -- the authors' ``--stm stm_dpf``: mask where ``ppl_base > tau`` *or*
   ``ppl_tuned > ppl_base`` (the union of STM and DPF at margin 0).
 * ``inverse-ppl`` -- soft: weight = p(token) = exp(-nll) under the base model (static DFT).
+
+The recipes of ``forgetless run`` (:data:`forgetless.core.recipes.RECIPES`) each name one of these policies; no
+recipe names the others (``fraction``, ``reference-diff``, ``dpf``, ``dpf+stm``): ``forgetless mask`` runs them.
 """
 
 from __future__ import annotations

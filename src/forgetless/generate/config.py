@@ -4,13 +4,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from forgetless.core.recipes import GENERATED
 from forgetless.generate.assemble import ON_FAILURE
 from forgetless.generate.paper import CHOICES
 from forgetless.generate.verify import TASKS
 from forgetless.lm.modeling import EMBEDDED
 from forgetless.lm.vllm_backend import check_backend_settings
 
-METHODS = ("self_output", "rephrase", "paper_self_output", "paper_rephrase")
+# The generators of the recipes whose data is generated (forgetless.core.recipes), then the authors' published
+# generations of each (paper_<generator>: loaded, not generated).
+METHODS = (*GENERATED.values(), *(f"paper_{g}" for g in GENERATED.values()))
 DATA_FILE = "data.jsonl"
 # The authors' rephrase prompt (PROMPT_TEMPLATE of generate_self-output_training_data.py in
 # appier-research/robust-llm-finetunes), word for word; their {original_response} is {reference} here.

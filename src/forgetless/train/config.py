@@ -5,10 +5,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from forgetless.core.recipes import RECIPES, TRAIN_METHODS
 from forgetless.train.loss import LOSS_TYPES
 from forgetless.train.select import check_selection
 
-METHODS = ("sft", "stm", "random-mask", "inverse-mask", "soft", "kl", "self-output", "rephrase", "dft", "replay")
+METHODS = TRAIN_METHODS  # the recipes (forgetless.core.recipes) that do not train as another one
 ADAPTERS = ("lora", "dora", "full")
 
 
@@ -81,10 +82,11 @@ class TrainConfig:
             raise ValueError(f"adapter must be one of {ADAPTERS}, got {self.adapter!r}")
         if self.loss_type not in LOSS_TYPES:
             raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {self.loss_type!r}")
-        if self.method == "dft" and self.loss_type != "dft":
-            raise ValueError("method 'dft' needs loss_type='dft'")
-        if self.method == "kl" and self.kl_coef <= 0:
-            raise ValueError("method 'kl' needs kl_coef > 0")
+        recipe = RECIPES[self.method]
+        if recipe.loss != "nll" and self.loss_type != recipe.loss:
+            raise ValueError(f"method {self.method!r} needs loss_type={recipe.loss!r}")
+        if recipe.kl and self.kl_coef <= 0:
+            raise ValueError(f"method {self.method!r} needs kl_coef > 0")
         if self.kl_coef < 0:
             raise ValueError("kl_coef must be >= 0")
         for name in ("lora_r", "batch_size", "grad_accum", "logging_steps"):
