@@ -57,7 +57,9 @@ def _logged_step(line: str) -> float:
         return float("inf")
 
 
-def _loss_log_callback(path: Path, trainer_ref: dict):
+def _loss_log_callback(path: Path):
+    """The loss log; its ``trainer`` is set once the Trainer is built (the callback reads the Trainer's loss
+    statistics, which no ``on_*`` hook receives), and ``tokens`` counts the trained tokens it logged."""
     from transformers import TrainerCallback
 
     class LossLog(TrainerCallback):
@@ -65,6 +67,8 @@ def _loss_log_callback(path: Path, trainer_ref: dict):
         processes together (and the tokens of each process, ``trained_tokens_by_rank``, when there are several)."""
 
         trimmed = False
+        trainer = None
+        tokens = 0
 
         def on_step_begin(self, args, state, control, **kwargs):
             # After a resume keep only the lines of steps the checkpoint had reached (the state is restored
@@ -79,17 +83,16 @@ def _loss_log_callback(path: Path, trainer_ref: dict):
         def on_log(self, args, state, control, logs=None, **kwargs):
             if not logs or "loss" not in logs:
                 return
-            trainer = trainer_ref["trainer"]
-            stats = trainer.pop_loss_stats()  # summed over processes; on every process (a collective)
+            stats = self.trainer.pop_loss_stats()  # summed over processes; on every process (a collective)
             tokens = stats["trained_tokens"]
             row = {"step": state.global_step, "loss": logs["loss"], "lr": logs.get("learning_rate"),
                    "grad_norm": logs.get("grad_norm"), "trained_tokens": tokens,
                    "nll_per_token": stats["nll_sum"] / max(tokens, 1)}
-            if trainer.kl_coef > 0:
+            if self.trainer.kl_coef > 0:
                 row["kl_per_token"] = stats["kl_sum"] / max(tokens, 1)
             if len(stats["trained_tokens_by_rank"]) > 1:
                 row["trained_tokens_by_rank"] = stats["trained_tokens_by_rank"]
-            trainer_ref["tokens"] = trainer_ref.get("tokens", 0) + tokens
+            self.tokens += tokens
             if not state.is_world_process_zero:
                 return
             with path.open("a") as f:
@@ -121,6 +124,8 @@ def training_arguments(config: TrainConfig, out: Path, device: str, dtype: torch
     return TrainingArguments(
         output_dir=str(out / "checkpoints"), per_device_train_batch_size=config.batch_size,
         gradient_accumulation_steps=config.grad_accum, learning_rate=config.learning_rate,
+        # Since transformers 5.0 a float warmup_steps < 1 is a share of the steps, >= 1 a count (get_warmup_steps):
+        # warmup_ratio's own meaning (transformers' own warmup_ratio was deprecated in 5.0, and is gone in 5.23).
         lr_scheduler_type=config.lr_scheduler, warmup_steps=config.warmup_ratio,
         num_train_epochs=config.epochs, max_steps=config.max_steps, weight_decay=config.weight_decay,
         optim=config.optim, max_grad_norm=config.max_grad_norm, seed=config.seed, data_seed=config.seed,
@@ -264,7 +269,7 @@ def run_train(config: TrainConfig, callbacks: list | None = None, select_measure
     resume_from = last_checkpoint(out) if config.resume else None
     if main and not config.resume and (out / "loss.jsonl").exists():
         (out / "loss.jsonl").unlink()
-    ref: dict = {}
+    loss_log = _loss_log_callback(out / "loss.jsonl")
     if config.keep == "best-epoch":
         measure = select_measure or selection_measure(config, tokenizer)
         callbacks = [*(callbacks or []), best_epoch_callback(out, measure, config.select_on, fresh=not config.resume)]
@@ -272,9 +277,9 @@ def run_train(config: TrainConfig, callbacks: list | None = None, select_measure
         model=model, args=args, train_dataset=rows,
         data_collator=FlatBatchCollator() if config.padding_free else MaskedBatchCollator(tokenizer.pad_token_id),
         kl_coef=config.kl_coef, reference=reference, loss_type=config.loss_type,
-        callbacks=[_loss_log_callback(out / "loss.jsonl", ref), *(callbacks or [])], record_stats=True,
+        callbacks=[loss_log, *(callbacks or [])], record_stats=True,
     )
-    ref["trainer"] = trainer
+    loss_log.trainer = trainer
     if reference is not None:
         reference.to(trainer.args.device)
     start = time.time()
@@ -296,7 +301,7 @@ def run_train(config: TrainConfig, callbacks: list | None = None, select_measure
             diag = saved_diagnostics(config, out, args.device)
         write_json(out / "diagnostics.json", diag)
         summary = {"table": counts, "global_steps": result.global_step, "train_loss": result.training_loss,
-                   "trained_tokens_seen": ref.get("tokens", 0), "wall_time_s": wall,
+                   "trained_tokens_seen": loss_log.tokens, "wall_time_s": wall,
                    "resumed_from": resume_from, "method": config.method, "adapter": config.adapter,
                    "processes": args.world_size, "distributed": trainer.accelerator.distributed_type.value,
                    "weights_sharded": engine, **kept}
