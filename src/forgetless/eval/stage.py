@@ -105,22 +105,10 @@ def check_tasks(cfg: EvalConfig) -> None:
 
 
 def resolve_task(spec: str | Task, cfg: EvalConfig) -> Task:
+    """``spec`` itself when it is a Task, else :func:`forgetless.eval.tasks.get_task` with cfg's sandbox limits."""
     if isinstance(spec, Task):
         return spec
-    limits = SandboxLimits(timeout_s=cfg.sandbox_timeout_s, memory_mb=cfg.sandbox_memory_mb)
-    if spec == "mbpp":
-        from forgetless.eval.tasks.mbpp import mbpp_task
-
-        return mbpp_task(limits)
-    if spec == "mbpp-test":
-        from forgetless.eval.tasks.paper import mbpp_test_task
-
-        return mbpp_test_task(limits)
-    if spec == "mbpp-test-plus":
-        from forgetless.eval.tasks.paper import mbpp_test_plus_task
-
-        return mbpp_test_plus_task(limits)
-    return get_task(spec)
+    return get_task(spec, SandboxLimits(timeout_s=cfg.sandbox_timeout_s, memory_mb=cfg.sandbox_memory_mb))
 
 
 def code_key(cfg: EvalConfig) -> dict[str, str]:
