@@ -105,22 +105,10 @@ def check_tasks(cfg: EvalConfig) -> None:
 
 
 def resolve_task(spec: str | Task, cfg: EvalConfig) -> Task:
+    """``spec`` itself when it is a Task, else :func:`forgetless.eval.tasks.get_task` with cfg's sandbox limits."""
     if isinstance(spec, Task):
         return spec
-    limits = SandboxLimits(timeout_s=cfg.sandbox_timeout_s, memory_mb=cfg.sandbox_memory_mb)
-    if spec == "mbpp":
-        from forgetless.eval.tasks.mbpp import mbpp_task
-
-        return mbpp_task(limits)
-    if spec == "mbpp-test":
-        from forgetless.eval.tasks.paper import mbpp_test_task
-
-        return mbpp_test_task(limits)
-    if spec == "mbpp-test-plus":
-        from forgetless.eval.tasks.paper import mbpp_test_plus_task
-
-        return mbpp_test_plus_task(limits)
-    return get_task(spec)
+    return get_task(spec, SandboxLimits(timeout_s=cfg.sandbox_timeout_s, memory_mb=cfg.sandbox_memory_mb))
 
 
 def code_key(cfg: EvalConfig) -> dict[str, str]:
@@ -257,65 +245,106 @@ def evaluate_tasks(tasks: Sequence[str | Task], cfg: EvalConfig, generate_fn: Ge
     cache_root = Path(cfg.cache_dir) if cfg.cache_dir else _default_cache()
     for spec in tasks:
         task = resolve_task(spec, cfg)
-        items = select_items(task.load(), cfg.limit, cfg.seed)
-        decoding = decoding_for(task, cfg)
-        settings = {"model": cfg.model, "adapter": cfg.adapter, "fingerprint": fingerprint,
-                    "decoding": dataclasses.asdict(decoding), "max_new_tokens": decoding.max_new_tokens,
-                    "limit": cfg.limit, "seed": cfg.seed,
-                    "items_fingerprint": items_fingerprint(items), "task_hash": task.definition_hash(),
-                    "backend": cfg.backend, "source": "generated"}
-        resume_key = _resume_key(settings, cfg) if resume else None
-        done = _finished(out, task.name, resume_key)
-        if done is not None:
-            logger.info("%s: already evaluated in %s (same settings); kept", task.name, out)
-            results[task.name] = done
-            continue
-        settings["resume_key"] = resume_key
-        parts = (_cache_parts(fingerprint, task, items, decoding, cfg.backend)
-                 if fingerprint and cfg.cache and predictions is None else None)
-        key = _cache_key(parts) if parts else None
-        cached = cache_root / key if key else None
-        if cached is not None and not (cached / f"{task.name}.json").is_file():
-            why = _why_cache_missed(cache_root, parts)
-            if why:
-                logger.info("%s: cached base results not used: %s changed", task.name, why)
-        if cached is not None and _without_finish(cached / f"{task.name}.json"):
-            logger.info("%s: cached results %s predate finish rates; evaluating again", task.name, cached)
-            if distributed.is_main():
-                shutil.rmtree(cached, ignore_errors=True)  # the new results are stored in its place
-        if cached is not None and (cached / f"{task.name}.json").is_file() and out is not None:
-            logger.info("%s: reusing cached results %s", task.name, cached)
-            summary = json.loads((cached / f"{task.name}.json").read_text())
-            summary["settings"].update(source="cache", cache_key=key, resume_key=resume_key)
-            if distributed.is_main():
-                shutil.copyfile(cached / f"{task.name}.items.jsonl", out / f"{task.name}.items.jsonl")
-                write_json(out / f"{task.name}.json", summary)
+        summary = evaluate_task(task, cfg, generate_fn, out, fingerprint, predictions, resume, cache_root)
+        if summary is not None:
             results[task.name] = summary
-            continue
-        if predictions is not None:
-            found = [(it, predictions.get((task.name, it.id), predictions.get((None, it.id)))) for it in items]
-            items = [it for it, o in found if o is not None]
-            outputs = [o for _, o in found if o is not None]
-            if not items:
-                raise DataError(f"{task.name}: the predictions file has no output for any of its items")
-            finished = [None] * len(outputs)  # another engine's outputs: whether they stopped is not known
-            settings.update(source="predictions", predictions=cfg.predictions,
-                            items_fingerprint=items_fingerprint(items), max_new_tokens=None)
-        else:
-            start = time.monotonic()
-            outputs, finished = split_answers(generate_fn([it.messages for it in items], decoding))
-            settings["generation_s"] = round(time.monotonic() - start, 2)
-        if not distributed.is_main():  # the first process scores (MBPP runs code) and writes
-            continue
-        summary, records = score_task(task, items, outputs, settings, finished)
-        logger.info("%s: %s = %.4f (n=%d, 95%% CI %.3f-%.3f), %s", task.name, task.metric, summary["score"],
-                    summary["n"], *summary["ci95"], finish_text(summary))
-        results[task.name] = summary
-        if out is not None:
-            write_task_results(out, summary, records)
-            if cached is not None:
-                _store_cache(cached, out, task.name, parts)
     return results
+
+
+def evaluate_task(task: Task, cfg: EvalConfig, generate_fn: GenerateFn | None, out: Path | None,
+                  fingerprint: str | None, predictions: dict | None, resume: bool, cache_root: Path) -> dict | None:
+    """One task's score record: kept from ``out`` (resume), copied from the cache, or from answers (predicted or
+    generated) scored and written. None on the processes other than the first, which only help generate."""
+    items = select_items(task.load(), cfg.limit, cfg.seed)
+    decoding = decoding_for(task, cfg)
+    settings = task_settings(task, items, decoding, cfg, fingerprint)
+    resume_key = _resume_key(settings, cfg) if resume else None
+    done = _finished(out, task.name, resume_key)
+    if done is not None:
+        logger.info("%s: already evaluated in %s (same settings); kept", task.name, out)
+        return done
+    settings["resume_key"] = resume_key
+    parts = (_cache_parts(fingerprint, task, items, decoding, cfg.backend)
+             if fingerprint and cfg.cache and predictions is None else None)
+    cached = cache_root / _cache_key(parts) if parts else None
+    if cached is not None:
+        _check_cache_entry(cache_root, cached, task.name, parts)
+        if (cached / f"{task.name}.json").is_file() and out is not None:
+            return _reuse_cached(cached, out, task.name, resume_key)
+    if predictions is not None:
+        items, outputs, finished = _predicted_answers(task, items, predictions, settings, cfg.predictions)
+    else:
+        outputs, finished = _generated_answers(items, decoding, generate_fn, settings)
+    if not distributed.is_main():  # the first process scores (MBPP runs code) and writes
+        return None
+    return _score_and_write(task, items, outputs, finished, settings, out, cached, parts)
+
+
+def task_settings(task: Task, items: list[Item], decoding: DecodingSettings, cfg: EvalConfig,
+                  fingerprint: str | None) -> dict[str, Any]:
+    """What the score record's ``settings`` says it was made from (the resume key is computed from these)."""
+    return {"model": cfg.model, "adapter": cfg.adapter, "fingerprint": fingerprint,
+            "decoding": dataclasses.asdict(decoding), "max_new_tokens": decoding.max_new_tokens,
+            "limit": cfg.limit, "seed": cfg.seed,
+            "items_fingerprint": items_fingerprint(items), "task_hash": task.definition_hash(),
+            "backend": cfg.backend, "source": "generated"}
+
+
+def _check_cache_entry(cache_root: Path, cached: Path, name: str, parts: dict) -> None:
+    """Say why a missing entry missed; remove an entry stored before records carried ``finish_rate``."""
+    if not (cached / f"{name}.json").is_file():
+        why = _why_cache_missed(cache_root, parts)
+        if why:
+            logger.info("%s: cached base results not used: %s changed", name, why)
+    if _without_finish(cached / f"{name}.json"):
+        logger.info("%s: cached results %s predate finish rates; evaluating again", name, cached)
+        if distributed.is_main():
+            shutil.rmtree(cached, ignore_errors=True)  # the new results are stored in its place
+
+
+def _reuse_cached(cached: Path, out: Path, name: str, resume_key: str | None) -> dict:
+    """The cached score record, copied with its items into ``out`` (by the first process)."""
+    logger.info("%s: reusing cached results %s", name, cached)
+    summary = json.loads((cached / f"{name}.json").read_text())
+    summary["settings"].update(source="cache", cache_key=cached.name, resume_key=resume_key)
+    if distributed.is_main():
+        shutil.copyfile(cached / f"{name}.items.jsonl", out / f"{name}.items.jsonl")
+        write_json(out / f"{name}.json", summary)
+    return summary
+
+
+def _predicted_answers(task: Task, items: list[Item], predictions: dict, settings: dict, path: str | None):
+    """(items, outputs, finished) of the items the predictions answer; ``settings`` is updated to say so."""
+    found = [(it, predictions.get((task.name, it.id), predictions.get((None, it.id)))) for it in items]
+    items = [it for it, o in found if o is not None]
+    outputs = [o for _, o in found if o is not None]
+    if not items:
+        raise DataError(f"{task.name}: the predictions file has no output for any of its items")
+    finished = [None] * len(outputs)  # another engine's outputs: whether they stopped is not known
+    settings.update(source="predictions", predictions=path, items_fingerprint=items_fingerprint(items),
+                    max_new_tokens=None)
+    return items, outputs, finished
+
+
+def _generated_answers(items: list[Item], decoding: DecodingSettings, generate_fn: GenerateFn, settings: dict):
+    """(outputs, finished) of ``generate_fn``; ``settings`` records the generation time."""
+    start = time.monotonic()
+    outputs, finished = split_answers(generate_fn([it.messages for it in items], decoding))
+    settings["generation_s"] = round(time.monotonic() - start, 2)
+    return outputs, finished
+
+
+def _score_and_write(task: Task, items: list[Item], outputs: list[str], finished: list[bool | None],
+                     settings: dict, out: Path | None, cached: Path | None, parts: dict | None) -> dict:
+    """Score, log, and write the task's files into ``out`` (and the cache entry, when there is one)."""
+    summary, records = score_task(task, items, outputs, settings, finished)
+    logger.info("%s: %s = %.4f (n=%d, 95%% CI %.3f-%.3f), %s", task.name, task.metric, summary["score"],
+                summary["n"], *summary["ci95"], finish_text(summary))
+    if out is not None:
+        write_task_results(out, summary, records)
+        if cached is not None:
+            _store_cache(cached, out, task.name, parts)
+    return summary
 
 
 def _without_finish(path: Path) -> bool:

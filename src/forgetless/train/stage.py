@@ -57,7 +57,9 @@ def _logged_step(line: str) -> float:
         return float("inf")
 
 
-def _loss_log_callback(path: Path, trainer_ref: dict):
+def _loss_log_callback(path: Path):
+    """The loss log; its ``trainer`` is set once the Trainer is built (the callback reads the Trainer's loss
+    statistics, which no ``on_*`` hook receives), and ``tokens`` counts the trained tokens it logged."""
     from transformers import TrainerCallback
 
     class LossLog(TrainerCallback):
@@ -65,6 +67,8 @@ def _loss_log_callback(path: Path, trainer_ref: dict):
         processes together (and the tokens of each process, ``trained_tokens_by_rank``, when there are several)."""
 
         trimmed = False
+        trainer = None
+        tokens = 0
 
         def on_step_begin(self, args, state, control, **kwargs):
             # After a resume keep only the lines of steps the checkpoint had reached (the state is restored
@@ -79,17 +83,16 @@ def _loss_log_callback(path: Path, trainer_ref: dict):
         def on_log(self, args, state, control, logs=None, **kwargs):
             if not logs or "loss" not in logs:
                 return
-            trainer = trainer_ref["trainer"]
-            stats = trainer.pop_loss_stats()  # summed over processes; on every process (a collective)
+            stats = self.trainer.pop_loss_stats()  # summed over processes; on every process (a collective)
             tokens = stats["trained_tokens"]
             row = {"step": state.global_step, "loss": logs["loss"], "lr": logs.get("learning_rate"),
                    "grad_norm": logs.get("grad_norm"), "trained_tokens": tokens,
                    "nll_per_token": stats["nll_sum"] / max(tokens, 1)}
-            if trainer.kl_coef > 0:
+            if self.trainer.kl_coef > 0:
                 row["kl_per_token"] = stats["kl_sum"] / max(tokens, 1)
             if len(stats["trained_tokens_by_rank"]) > 1:
                 row["trained_tokens_by_rank"] = stats["trained_tokens_by_rank"]
-            trainer_ref["tokens"] = trainer_ref.get("tokens", 0) + tokens
+            self.tokens += tokens
             if not state.is_world_process_zero:
                 return
             with path.open("a") as f:
@@ -121,6 +124,8 @@ def training_arguments(config: TrainConfig, out: Path, device: str, dtype: torch
     return TrainingArguments(
         output_dir=str(out / "checkpoints"), per_device_train_batch_size=config.batch_size,
         gradient_accumulation_steps=config.grad_accum, learning_rate=config.learning_rate,
+        # Since transformers 5.0 a float warmup_steps < 1 is a share of the steps, >= 1 a count (get_warmup_steps):
+        # warmup_ratio's own meaning (transformers' own warmup_ratio was deprecated in 5.0, and is gone in 5.23).
         lr_scheduler_type=config.lr_scheduler, warmup_steps=config.warmup_ratio,
         num_train_epochs=config.epochs, max_steps=config.max_steps, weight_decay=config.weight_decay,
         optim=config.optim, max_grad_norm=config.max_grad_norm, seed=config.seed, data_seed=config.seed,
@@ -229,12 +234,35 @@ def run_train(config: TrainConfig, callbacks: list | None = None, select_measure
     ``select_measure`` (model -> record with ``score`` and ``higher_is_better``) replaces the measure of
     ``config.select_on`` for ``keep=best-epoch`` (:mod:`forgetless.train.select`).
     """
-    from transformers import set_seed
-
-    from forgetless.lm.modeling import load_model, load_tokenizer, pick_dtype
-
     out = Path(config.output_dir)
     keep_group = initialized()  # a group started before training (``forgetless run`` under a launcher) outlives it
+    args, engine = start_run(config, out)
+    rows, counts = read_training_table(config.data)
+    model, tokenizer, base_state, reference = load_training_model(config, args, engine)
+    resume_from = resume_point(config, out, main=args.process_index == 0)
+    callbacks = with_best_epoch(config, out, tokenizer, callbacks, select_measure)
+    trainer, loss_log = build_trainer(config, args, model, tokenizer, rows, reference, out / "loss.jsonl", callbacks)
+    trained = train(trainer, out, resume_from, loss_log, keep_group)
+    kept, diag = save_trained(config, out, trainer, tokenizer, base_state, engine)
+    if args.process_index == 0:  # one process writes the rest
+        summary = {"table": counts, **trained, "method": config.method, "adapter": config.adapter,
+                   "processes": args.world_size, "distributed": trainer.accelerator.distributed_type.value,
+                   "weights_sharded": engine, **kept}
+        write_run_files(config, out, tokenizer, counts, diag, summary, args.device)
+    try:
+        push_final(trainer, tokenizer, config, out)  # the run is complete on disk first
+    finally:
+        end_processes(trainer, keep_group)
+    return out
+
+
+def start_run(config: TrainConfig, out: Path):
+    """(TrainingArguments, sharding engine): the processes and devices set up, the options checked, ``config.json``
+    written and the seed set."""
+    from transformers import set_seed
+
+    from forgetless.lm.modeling import pick_dtype
+
     device = launch_device(config.device)
     dtype = pick_dtype(config.dtype, device)
     # The accelerate state (process group, this process's device, DeepSpeed's zero.Init switch) is created here,
@@ -243,12 +271,17 @@ def run_train(config: TrainConfig, callbacks: list | None = None, select_measure
     refuse_data_parallel(args)
     check_options(config, device)
     engine = sharding_engine(args)
-    main = args.process_index == 0
-    if main:
+    if args.process_index == 0:
         out.mkdir(parents=True, exist_ok=True)
         write_json(out / "config.json", dataclasses.asdict(config))
     set_seed(config.seed)
-    rows, counts = read_training_table(config.data)
+    return args, engine
+
+
+def load_training_model(config: TrainConfig, args, engine: str | None):
+    """(model with its adapter, tokenizer, W0 for the diagnostics or None, KL reference or None)."""
+    from forgetless.lm.modeling import load_model, load_tokenizer
+
     # Sharding engines place (and shard) the weights themselves; otherwise each process loads onto its device.
     model = load_model(config.model, config.revision, config.dtype, str(args.device), place=engine is None,
                        attn_implementation=config.attn_implementation)
@@ -258,25 +291,47 @@ def run_train(config: TrainConfig, callbacks: list | None = None, select_measure
     # Full fine-tuning keeps W0 for the diagnostics (first process; sharded weights are diagnosed from the saved
     # files instead) and, for the KL method, a frozen reference model.
     base_state = ({k: v.detach().cpu().clone() for k, v in model.state_dict().items() if v.dim() == 2}
-                  if config.adapter == "full" and main and engine is None else None)
+                  if config.adapter == "full" and args.process_index == 0 and engine is None else None)
     reference = reference_copy(config, model, engine, args.device)
-    model = prepare_model(config, model)
+    return prepare_model(config, model), tokenizer, base_state, reference
+
+
+def resume_point(config: TrainConfig, out: Path, main: bool) -> str | None:
+    """The checkpoint to resume from (``config.resume``); a fresh run drops an earlier run's loss log."""
     resume_from = last_checkpoint(out) if config.resume else None
     if main and not config.resume and (out / "loss.jsonl").exists():
         (out / "loss.jsonl").unlink()
-    ref: dict = {}
+    return resume_from
+
+
+def with_best_epoch(config: TrainConfig, out: Path, tokenizer, callbacks: list | None, select_measure) -> list:
+    """``callbacks`` and, for ``keep=best-epoch``, the callback that saves and measures every epoch."""
+    callbacks = list(callbacks or [])
     if config.keep == "best-epoch":
         measure = select_measure or selection_measure(config, tokenizer)
-        callbacks = [*(callbacks or []), best_epoch_callback(out, measure, config.select_on, fresh=not config.resume)]
+        callbacks.append(best_epoch_callback(out, measure, config.select_on, fresh=not config.resume))
+    return callbacks
+
+
+def build_trainer(config: TrainConfig, args, model, tokenizer, rows: list[dict], reference, loss_path: Path,
+                  callbacks: list):
+    """(the masked-loss Trainer, its loss log): the loss log first among the callbacks."""
+    loss_log = _loss_log_callback(loss_path)
     trainer = _trainer_class()(
         model=model, args=args, train_dataset=rows,
         data_collator=FlatBatchCollator() if config.padding_free else MaskedBatchCollator(tokenizer.pad_token_id),
         kl_coef=config.kl_coef, reference=reference, loss_type=config.loss_type,
-        callbacks=[_loss_log_callback(out / "loss.jsonl", ref), *(callbacks or [])], record_stats=True,
+        callbacks=[loss_log, *callbacks], record_stats=True,
     )
-    ref["trainer"] = trainer
+    loss_log.trainer = trainer
     if reference is not None:
         reference.to(trainer.args.device)
+    return trainer, loss_log
+
+
+def train(trainer, out: Path, resume_from: str | None, loss_log, keep_group: bool) -> dict:
+    """Train; returns what ``train_summary.json`` records of it. A non-finite loss ends every process and names
+    the last good checkpoint."""
     start = time.time()
     try:
         result = trainer.train(resume_from_checkpoint=resume_from)
@@ -286,31 +341,35 @@ def run_train(config: TrainConfig, callbacks: list | None = None, select_measure
         raise NonFiniteLossError(f"{e}; last good checkpoint: {kept or 'none (save_steps=0)'}"
                                  f"{' (resume=true continues from it)' if kept else ''}") from None
     wall = time.time() - start
+    return {"global_steps": result.global_step, "train_loss": result.training_loss,
+            "trained_tokens_seen": loss_log.tokens, "wall_time_s": wall, "resumed_from": resume_from}
+
+
+def save_trained(config: TrainConfig, out: Path, trainer, tokenizer, base_state, engine: str | None):
+    """(what ``train_summary.json`` records of the kept weights, the weight diagnostics or None): the best epoch
+    loaded (``keep=best-epoch``), diagnosed on the first process before any merge, and saved."""
     model = trainer.model
     model.eval()
     kept = load_best_epoch(model, out) if config.keep == "best-epoch" else {"keep": "last"}
+    main = trainer.args.process_index == 0
     diag = weight_diagnostics(config, model, base_state) if main and engine is None else None  # before a merge
     save_outputs(config, out, trainer, tokenizer, sharded=engine is not None)
-    if main:  # one process writes the rest
-        if diag is None:
-            diag = saved_diagnostics(config, out, args.device)
-        write_json(out / "diagnostics.json", diag)
-        summary = {"table": counts, "global_steps": result.global_step, "train_loss": result.training_loss,
-                   "trained_tokens_seen": ref.get("tokens", 0), "wall_time_s": wall,
-                   "resumed_from": resume_from, "method": config.method, "adapter": config.adapter,
-                   "processes": args.world_size, "distributed": trainer.accelerator.distributed_type.value,
-                   "weights_sharded": engine, **kept}
-        write_json(out / "train_summary.json", summary)
-        run_manifest = manifest(config, tokenizer)
-        write_manifest(out, **run_manifest)
-        weights = out / ("model" if config.adapter == "full" else "adapter")
-        write_card(weights, card_text(config, run_manifest, counts, mask_facts(config.data)))
-        print_diagnostics(diag, summary)
-    try:
-        push_final(trainer, tokenizer, config, out)  # the run is complete on disk first
-    finally:
-        end_processes(trainer, keep_group)
-    return out
+    return kept, diag
+
+
+def write_run_files(config: TrainConfig, out: Path, tokenizer, counts: dict, diag: dict | None, summary: dict,
+                    device) -> None:
+    """``diagnostics.json`` (from the saved weights when they were sharded), ``train_summary.json``, the manifest
+    and the model card; prints the diagnostics."""
+    if diag is None:
+        diag = saved_diagnostics(config, out, device)
+    write_json(out / "diagnostics.json", diag)
+    write_json(out / "train_summary.json", summary)
+    run_manifest = manifest(config, tokenizer)
+    write_manifest(out, **run_manifest)
+    weights = out / ("model" if config.adapter == "full" else "adapter")
+    write_card(weights, card_text(config, run_manifest, counts, mask_facts(config.data)))
+    print_diagnostics(diag, summary)
 
 
 def end_processes(trainer, keep_group: bool = False) -> None:

@@ -13,9 +13,12 @@ import json
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 from forgetless.core.errors import ConfigError, DataError
+
+if TYPE_CHECKING:
+    from forgetless.eval.sandbox import SandboxLimits
 
 
 @dataclass(frozen=True)
@@ -127,12 +130,21 @@ PAPER = ("gsm8k-test", "math-paper", "arc_challenge-paper", "mbpp-test", "mbpp-t
 BUILTIN = ("mbpp", "gsm8k", "math", "arc_challenge", "ifeval", *PAPER)
 
 
-def get_task(spec: str) -> Task:
-    """A built-in task by name (:data:`BUILTIN`) or a YAML/JSON definition file."""
+def get_task(spec: str, limits: SandboxLimits | None = None) -> Task:
+    """A built-in task by name (:data:`BUILTIN`) or a YAML/JSON definition file. ``limits``: the sandbox limits of
+    the MBPP tasks, which run the answers (None: each task's default)."""
     if spec == "mbpp":
         from forgetless.eval.tasks.mbpp import mbpp_task
 
-        return mbpp_task()
+        return mbpp_task(limits)
+    if spec == "mbpp-test":
+        from forgetless.eval.tasks.paper import mbpp_test_task
+
+        return mbpp_test_task(limits)
+    if spec == "mbpp-test-plus":
+        from forgetless.eval.tasks.paper import mbpp_test_plus_task
+
+        return mbpp_test_plus_task(limits)
     if spec == "gsm8k":
         from forgetless.eval.tasks.gsm8k import gsm8k_task
 
