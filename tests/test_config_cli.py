@@ -69,6 +69,21 @@ def test_a_section_sets_some_fields_each_checked_against_its_class():
         load_config(Sections, overrides=["inner.steps=many"])
 
 
+def test_a_runs_sections_read_back_from_its_run_config_json():
+    import dataclasses
+
+    from forgetless.lm.artifacts import as_json
+    from forgetless.run import RunConfig
+    from forgetless.train.config import TrainConfig
+
+    config = load_config(RunConfig, overrides=["train.max_steps=1", "eval.tasks=gsm8k", "frontier.verdicts.n_boot=300",
+                                               "methods=[{method: kl, train: {kl_coef: 0.1}}]"])
+    assert config.train.cls is TrainConfig and config.eval["tasks"] == ("gsm8k",) and config.retention is None
+    saved = as_json(dataclasses.asdict(config))  # what run_config.json holds: the keys set
+    assert saved["train"] == {"max_steps": 1} and saved["methods"][0]["train"] == {"kl_coef": 0.1}
+    assert build(RunConfig, saved) == config
+
+
 def test_post_init_rules_surface_as_config_errors():
     with pytest.raises(ConfigError, match="tau"):
         load_config(MaskConfig, overrides=["tau=0"])
