@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 import pytest
 
 from forgetless.cli import main
-from forgetless.config import ConfigError, load_config
+from forgetless.config import ConfigError, Overrides, build, check_overrides, load_config
 from forgetless.mask.stage import MaskConfig
 from forgetless.score.stage import ScoreConfig
 
@@ -46,6 +46,42 @@ def test_unknown_key_names_the_nearest():
 def test_wrong_type_is_refused():
     with pytest.raises(ConfigError, match="inner.steps: expected int"):
         load_config(Outer, overrides=["inner.steps=many"])
+
+
+@dataclass(frozen=True)
+class Sections:
+    inner: Overrides[Inner] = field(default_factory=lambda: Overrides(Inner))
+    maybe: Overrides[Inner] | None = None
+
+    def __post_init__(self):
+        check_overrides(self)
+
+
+def test_a_section_sets_some_fields_each_checked_against_its_class():
+    cfg = load_config(Sections, overrides=["inner.lr=1", "maybe.steps=3"])
+    assert dict(cfg.inner) == {"lr": 1.0} and dict(cfg.maybe) == {"steps": 3} and load_config(Sections).maybe is None
+    assert dict(Sections(inner={"steps": 2}).inner) == {"steps": 2}  # built in Python: checked the same
+    with pytest.raises(ConfigError, match="unknown config key 'maybe.stesp'; did you mean 'steps'"):
+        load_config(Sections, overrides=["maybe.stesp=3"])
+    with pytest.raises(ConfigError, match=r"unknown config key 'inner.x' \(valid: lr, steps\)"):
+        Sections(inner={"x": 1})
+    with pytest.raises(ConfigError, match="inner.steps: expected int"):
+        load_config(Sections, overrides=["inner.steps=many"])
+
+
+def test_a_runs_sections_read_back_from_its_run_config_json():
+    import dataclasses
+
+    from forgetless.lm.artifacts import as_json
+    from forgetless.run import RunConfig
+    from forgetless.train.config import TrainConfig
+
+    config = load_config(RunConfig, overrides=["train.max_steps=1", "eval.tasks=gsm8k", "frontier.verdicts.n_boot=300",
+                                               "methods=[{method: kl, train: {kl_coef: 0.1}}]"])
+    assert config.train.cls is TrainConfig and config.eval["tasks"] == ("gsm8k",) and config.retention is None
+    saved = as_json(dataclasses.asdict(config))  # what run_config.json holds: the keys set
+    assert saved["train"] == {"max_steps": 1} and saved["methods"][0]["train"] == {"kl_coef": 0.1}
+    assert build(RunConfig, saved) == config
 
 
 def test_post_init_rules_surface_as_config_errors():

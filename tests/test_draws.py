@@ -52,14 +52,14 @@ def test_every_recipe_at_a_seed_trains_on_that_seeds_draw(tmp_path):
     assert training_data(cfg, 0) == str(draw_path(out, 0)) and training_data(cfg) == "mbpp-train"
     sft, stm = MethodSpec("sft"), MethodSpec("stm")
     assert method_data(cfg, sft, out, 0) == method_data(cfg, stm, out, 0) != method_data(cfg, sft, out, 1)
-    assert layout["scores"][method_data(cfg, sft, out, 0)] == out / "scores" / "draw-s0"
+    assert layout.scores[method_data(cfg, sft, out, 0)] == out / "scores" / "draw-s0"
     # replay mixes each draw with the base's answers: one mix per draw
     replay = MethodSpec("replay", replay_fraction=0.25)
     assert Path(method_data(cfg, replay, out, 1)).parent.name == "naturalqs-f0.25-s1"
     # a draw is scored whole: `limit` already made it
     assert score_settings(cfg, training_data(cfg, 0), "-", whole=True)["limit"] is None
-    assert layout["masks"]["sft@s0"] != layout["masks"]["sft@s1"]
-    assert set(layout["ppl_sources"]) >= {"ground truth"}
+    assert layout.masks["sft@s0"] != layout.masks["sft@s1"]
+    assert set(layout.ppl_sources) >= {"ground truth"}
 
 
 def test_draw_settings_fail_before_any_model_loads(tmp_path):

@@ -1,7 +1,8 @@
 """Typed configs: frozen dataclasses loaded from one YAML file plus ``key.sub=value`` overrides.
 
 Unknown keys are errors that name the nearest valid key; values are checked against the field
-types here and against each config's own rules in its ``__post_init__``.
+types here and against each config's own rules in its ``__post_init__``. A section that sets only some
+fields of another config (a run's ``train: {max_steps: 1}``) is an :class:`Overrides` of that config.
 """
 
 from __future__ import annotations
@@ -10,8 +11,9 @@ import dataclasses
 import difflib
 import types
 import typing
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Generic, Iterator, TypeVar
 
 import yaml
 
@@ -19,6 +21,56 @@ from forgetless.core.errors import ConfigError  # noqa: F401  (raised here; impo
 
 
 REQUIRED = object()  # field_help's default of a field that has none
+C = TypeVar("C")
+
+
+class Overrides(Mapping[str, Any], Generic[C]):
+    """Some fields of config class ``C``, the others left to the settings they are merged with: a run's
+    ``train: {max_steps: 1}`` is an ``Overrides[TrainConfig]``.
+
+    Each key must be a field of ``C``, and each value is checked against that field's type (and converted as
+    :func:`build` converts it) when the overrides are made, so a typo fails when the config loads; ``C``'s own checks
+    run when the stage's config is built from the merged settings. A read-only mapping of the fields set.
+    """
+
+    def __init__(self, cls: type[C], values: Mapping[str, Any] | None = None, where: str = ""):
+        if not isinstance(values, (Mapping, type(None))):
+            raise ConfigError(f"{where.rstrip('.') or cls.__name__}: expected a mapping, got {type(values).__name__}")
+        hints, names = typing.get_type_hints(cls), init_fields(cls)
+        for key in values or {}:
+            check_key(key, names, where)
+        self.cls = cls
+        self._values = {key: coerce(hints[key], value, where + key) for key, value in (values or {}).items()}
+
+    def __getitem__(self, key: str) -> Any:
+        return self._values[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._values)
+
+    def __len__(self) -> int:
+        return len(self._values)
+
+    def __repr__(self) -> str:  # as the mapping a user writes (`--help` shows the defaults so)
+        return repr(self._values)
+
+
+def overrides_class(hint: Any) -> type | None:
+    """``C`` of a field typed ``Overrides[C]`` or ``Overrides[C] | None``; None for any other type."""
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        found = [overrides_class(option) for option in typing.get_args(hint)]
+        return next((c for c in found if c is not None), None)
+    return typing.get_args(hint)[0] if typing.get_origin(hint) is Overrides else None
+
+
+def check_overrides(obj: Any) -> None:
+    """In a dataclass built in Python (not loaded), each ``Overrides[C]`` field given as a plain mapping is made an
+    :class:`Overrides` of ``C`` (checked as when loaded). For ``__post_init__``."""
+    hints = typing.get_type_hints(type(obj))
+    for f in dataclasses.fields(obj):
+        value, cls = getattr(obj, f.name), overrides_class(hints[f.name])
+        if cls is not None and isinstance(value, Mapping) and getattr(value, "cls", None) is not cls:
+            object.__setattr__(obj, f.name, Overrides(cls, value, f"{f.name}."))
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:
@@ -42,18 +94,27 @@ def set_nested(tree: dict, path: list[str], value: Any) -> None:
     tree[path[-1]] = value
 
 
-def build(cls: type, values: dict[str, Any], where: str = "") -> Any:
-    """Instantiate dataclass ``cls`` from a (nested) dict, checking names and types."""
-    if not isinstance(values, dict):
+def init_fields(cls: type) -> list[str]:
+    return [f.name for f in dataclasses.fields(cls) if f.init]
+
+
+def check_key(key: str, names: list[str], where: str) -> None:
+    """Refuse a key that is none of ``names``, naming the nearest one (or all of them)."""
+    if key not in names:
+        near = difflib.get_close_matches(key, names, n=1)
+        hint = f"; did you mean {near[0]!r}?" if near else f" (valid: {', '.join(names)})"
+        raise ConfigError(f"unknown config key {where + key!r}{hint}")
+
+
+def build(cls: type, values: Mapping[str, Any], where: str = "") -> Any:
+    """Instantiate dataclass ``cls`` from a (nested) mapping, checking names and types."""
+    if not isinstance(values, Mapping):
         raise ConfigError(f"{where or 'config'}: expected a mapping, got {type(values).__name__}")
     hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls) if f.init]
+    names = init_fields(cls)
     kwargs = {}
     for key, value in values.items():
-        if key not in names:
-            near = difflib.get_close_matches(key, names, n=1)
-            hint = f"; did you mean {near[0]!r}?" if near else f" (valid: {', '.join(names)})"
-            raise ConfigError(f"unknown config key {where + key!r}{hint}")
+        check_key(key, names, where)
         kwargs[key] = coerce(hints[key], value, where + key)
     missing = [f.name for f in dataclasses.fields(cls) if f.init and f.name not in kwargs
                and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
@@ -74,6 +135,8 @@ def coerce(hint: Any, value: Any, where: str) -> Any:
         options = typing.get_args(hint)
         if value is None and type(None) in options:
             return None
+        if overrides_class(hint) is not None and isinstance(value, Mapping):  # its own error names the bad key
+            return coerce(next(o for o in options if overrides_class(o)), value, where)
         for option in options:
             if option is type(None):
                 continue
@@ -84,6 +147,9 @@ def coerce(hint: Any, value: Any, where: str) -> Any:
         raise ConfigError(f"{where}: {value!r} is not a valid {hint}")
     if dataclasses.is_dataclass(hint):
         return value if isinstance(value, hint) else build(hint, value or {}, where + ".")
+    if origin is Overrides:
+        cls = typing.get_args(hint)[0]
+        return value if isinstance(value, Overrides) and value.cls is cls else Overrides(cls, value, where + ".")
     if origin is dict or hint is dict:
         if not isinstance(value, dict):
             raise ConfigError(f"{where}: expected a mapping, got {value!r}")

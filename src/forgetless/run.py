@@ -17,16 +17,22 @@ from __future__ import annotations
 import dataclasses
 import logging
 from dataclasses import dataclass, field
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 from forgetless.lm import artifacts, distributed
-from forgetless.config import ConfigError, build
+from forgetless.config import ConfigError, Overrides, build, check_overrides
+from forgetless.eval.stage import EvalConfig
+from forgetless.generate.config import GenerateConfig
 from forgetless.grid import (METHOD_POLICIES, MethodSpec, TrainPoint, frontier_grid, groups, measured_models,  # noqa: F401
                              train_points, tuned_model)
 from forgetless.mask.stage import MASKED_FILE, run_mask
+from forgetless.report.frontier import FrontierSettings
 from forgetless.report.stage import ReportConfig, run_report
-from forgetless.train.probe import probe_callbacks
+from forgetless.retention.stage import RetentionConfig
+from forgetless.train.config import TrainConfig
+from forgetless.train.probe import ProbeConfig, probe_callbacks
 from forgetless.lm.modeling import EMBEDDED
 from forgetless.lm.stamps import STAMP, run_once
 from forgetless.verdict import fill_model_cards
@@ -67,18 +73,17 @@ class RunConfig:
                                                                   "at that seed), so the examples drawn vary and not "
                                                                   "only the seed (default: every run "
                                                                   "trains on all of them)"})
-    score: dict[str, Any] = field(default_factory=dict,
-                                  metadata={"help": "ScoreConfig overrides (batch_tokens, device, ...)"})
-    train: dict[str, Any] = field(default_factory=dict,
-                                  metadata={"help": "TrainConfig overrides shared by every method"})
-    generate: dict[str, Any] = field(default_factory=dict, metadata={"help": "GenerateConfig overrides for "
-                                                                             "self-output/rephrase without data "
-                                                                             "(samples, batch_size, device, ...)"})
-    eval: dict[str, Any] | None = field(default_factory=dict, metadata={"help": "EvalConfig overrides (tasks, limit, "
-                                                                                "...); null skips "
-                                                                                "generative evaluation"})
-    retention: dict[str, Any] | None = field(default=None, metadata={"help": "RetentionConfig overrides (mc_tasks, "
-                                                                             "drift_sources, ...); null skips them"})
+    # The stage sections: each sets some fields of its stage's config (the run decides the rest), checked on load.
+    score: Overrides[ScoreConfig] = field(default_factory=lambda: Overrides(ScoreConfig),
+                                          metadata={"help": "ScoreConfig overrides (batch_tokens, device, ...)"})
+    train: Overrides[TrainConfig] = field(default_factory=lambda: Overrides(TrainConfig),
+                                          metadata={"help": "TrainConfig overrides shared by every method"})
+    generate: Overrides[GenerateConfig] = field(default_factory=lambda: Overrides(GenerateConfig), metadata={
+        "help": "GenerateConfig overrides for self-output/rephrase without data (samples, batch_size, device, ...)"})
+    eval: Overrides[EvalConfig] | None = field(default_factory=lambda: Overrides(EvalConfig), metadata={
+        "help": "EvalConfig overrides (tasks, limit, ...); null skips generative evaluation"})
+    retention: Overrides[RetentionConfig] | None = field(default=None, metadata={
+        "help": "RetentionConfig overrides (mc_tasks, drift_sources, ...); null skips them"})
     target: str | None = field(default=None, metadata={"help": "the target task in the report (a task name, or your "
                                                                "task file: forgetless.eval.tasks.custom); every other "
                                                                "task is non-target. Default: with your own data, a "
@@ -90,13 +95,14 @@ class RunConfig:
     holdout_seed: int = field(default=0, metadata={"help": "seed of the held-out split"})
     other_target: bool = field(default=False,
                                metadata={"help": "allow a target on another data set than data (refused otherwise)"})
-    probe: dict[str, Any] | None = field(default=None, metadata={"help": "ProbeConfig settings: evaluate a probe every "
-                                                                         "N steps of each run (null: none)"})
-    frontier: dict[str, Any] = field(default_factory=dict, metadata={"help": "frontier report: gain (gain_all, "
-                                                                             "gain_kept...), retention "
-                                                                             "(mc_retention, top1_agreement...)"})
+    probe: Overrides[ProbeConfig] | None = field(default=None, metadata={
+        "help": "ProbeConfig settings: evaluate a probe every N steps of each run (null: none)"})
+    frontier: Overrides[FrontierSettings] = field(default_factory=lambda: Overrides(FrontierSettings), metadata={
+        "help": "frontier report: gain (gain_all, gain_kept...), retention (mc_retention, top1_agreement...), "
+                "verdicts"})
 
     def __post_init__(self):
+        check_overrides(self)  # sections given as plain mappings (a RunConfig built in Python) are checked too
         # one recipe may come twice on different learning rates (e.g. WiSE-FT at one of them only), not twice on one
         labels = [p.label for p in train_points(self.methods, self.learning_rates, self.seeds)]
         if len(set(labels)) != len(labels):
@@ -114,7 +120,7 @@ class RunConfig:
             raise ValueError(f"holdout is a share in (0, 1), got {self.holdout}")
 
 
-def make(cls: type, values: dict[str, Any], where: str) -> Any:
+def make(cls: type, values: Mapping[str, Any], where: str) -> Any:
     """A stage config from merged settings; unknown keys name the section they came from."""
     try:
         return build(cls, values)
@@ -129,8 +135,6 @@ def train_runs(config: RunConfig) -> list[TrainPoint]:
 
 def train_config(config: RunConfig, label: str, method: MethodSpec, lr: float | None, data: str,
                  seed: int | None = None):
-    from forgetless.train.stage import TrainConfig
-
     implied = METHOD_POLICIES[method.method][1]
     values = {"model": config.model, **config.train, "method": method.method, **implied, **method.train,
               "data": data, "output_dir": str(Path(config.out_dir) / "train" / label)}
@@ -141,12 +145,20 @@ def train_config(config: RunConfig, label: str, method: MethodSpec, lr: float | 
     return make(TrainConfig, values, f"train ({label})")
 
 
+class MeasureStage(NamedTuple):
+    """One measurement of one model: the stage's config, the function that runs it, and its name in the log."""
+
+    config: EvalConfig | RetentionConfig
+    run: Callable[[Any], Path]
+    name: str
+
+
 def measure_stages(config: RunConfig, label: str, model: str, adapter: str | None,
-                   alpha: float = 1.0) -> list[tuple[Any, Callable, str]]:
-    """(config, stage function, name) of each measurement of one model; a WiSE-FT interpolation (``alpha`` < 1) is
-    measured by retention only (the eval stage loads no interpolated model)."""
-    from forgetless.eval.stage import EvalConfig, run_eval
-    from forgetless.retention.stage import RetentionConfig, run_retention
+                   alpha: float = 1.0) -> list[MeasureStage]:
+    """Each measurement of one model; a WiSE-FT interpolation (``alpha`` < 1) is measured by retention only (the
+    eval stage loads no interpolated model)."""
+    from forgetless.eval.stage import run_eval
+    from forgetless.retention.stage import run_retention
 
     out, common, stages = Path(config.out_dir), {"model": model, "adapter": adapter}, []
     # A fully fine-tuned model needs its base named for drift; an adapter's base is the adapter disabled.
@@ -161,7 +173,7 @@ def measure_stages(config: RunConfig, label: str, model: str, adapter: str | Non
         retention = None if retention is None else {**retention, "heldout_source": str(holdout_paths(out)["target"])}
     if eval_settings is not None and alpha == 1.0:
         cfg = make(EvalConfig, {**eval_settings, **common, "output_dir": str(out / "eval" / label)}, "eval")
-        stages.append((cfg, run_eval, f"eval {label}"))
+        stages.append(MeasureStage(cfg, run_eval, f"eval {label}"))
     if retention is not None:
         # No behaviour source reads a task the recipes train on (the target data, as far as `limit` takes it).
         # Nor one that a recipe's best-epoch selection reads.
@@ -169,7 +181,7 @@ def measure_stages(config: RunConfig, label: str, model: str, adapter: str | Non
                                          *selection_data(config))}
         cfg = make(RetentionConfig, {**trained, **retention, **retention_common,
                                      "output_dir": str(out / "retention" / label)}, "retention")
-        stages.append((cfg, run_retention, f"retention {label}"))
+        stages.append(MeasureStage(cfg, run_retention, f"retention {label}"))
     return stages
 
 
@@ -180,7 +192,6 @@ def selection_data(config: RunConfig) -> tuple[str, ...]:
     MBPP validation split (:data:`forgetless.retention.answers.SELECTION_SPLIT`); other eval tasks read no MBPP task.
     """
     from forgetless.retention.answers import SELECTION_SPLIT
-    from forgetless.train.config import TrainConfig
 
     defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig) if f.name in ("keep", "select_on",
                                                                                           "select_limit")}
@@ -200,7 +211,7 @@ def selection_data(config: RunConfig) -> tuple[str, ...]:
 
 def stage_code(cfg) -> Any:
     """What computes a measure stage's results (task hashes, or the retention code digest): a change re-runs it."""
-    if hasattr(cfg, "tasks"):
+    if isinstance(cfg, EvalConfig):
         from forgetless.eval.stage import code_key
 
         return code_key(cfg)
@@ -268,8 +279,6 @@ def run_target(config: RunConfig) -> str:
 
 def generate_config(config: RunConfig, method: MethodSpec, out: Path, seed: int | None = None):
     """The generate stage of a self-output/rephrase method: the base model answers the target data's prompts."""
-    from forgetless.generate.stage import GenerateConfig
-
     values = {"model": config.model, "data": training_data(config, seed), "limit": data_limit(config, seed),
               "max_length": config.max_length, **config.generate, "method": GENERATED[method.method],
               "out_dir": str(Path(method_data(config, method, out, seed)).parent)}
@@ -282,8 +291,8 @@ def measured_prompts(config: RunConfig, source: str) -> tuple[int, tuple[str, ..
     from forgetless.retention.answers import prompt_set
 
     reads = []
-    for cfg, _, _ in measure_stages(config, "base", config.model, None):
-        if hasattr(cfg, "tasks"):  # the eval stage: a task named like the source reads its items
+    for cfg in (s.config for s in measure_stages(config, "base", config.model, None)):
+        if isinstance(cfg, EvalConfig):  # a task named like the source reads its items
             reads += [cfg.limit] if source in cfg.tasks else []
             continue
         reads += [cfg.limit(source)] if source in cfg.behaviour_sources else []
@@ -325,14 +334,15 @@ def check_settings(config: RunConfig) -> None:
 
         check_draw_size(config.draw_size, len(load_examples(training_data(config), config.limit)), config.data)
     pushed = []
-    for label, method, lr, seed, _ in train_runs(config):
+    for point in train_runs(config):
+        method = point.method
         method.mask_config(Path("-"), Path("-"))
-        cfg = train_config(config, label, method, lr, "-", seed)
+        cfg = train_config(config, point.label, method, point.lr, "-", point.seed)
         pushed.append(cfg.hub_model_id)
         if generates(method):
-            generate_config(config, method, Path("-"), seed)
+            generate_config(config, method, Path("-"), point.seed)
         if method.method == "replay":
-            replay_config(config, method, Path("-"), seed)
+            replay_config(config, method, Path("-"), point.seed)
         if method.interpolate and cfg.adapter == "dora":
             raise ConfigError(f"{method.label}: interpolate: a DoRA adapter does not interpolate "
                               "linearly; use lora, or full")
@@ -341,8 +351,8 @@ def check_settings(config: RunConfig) -> None:
         raise ConfigError(f"train runs would overwrite each other on the hub ({', '.join(repeated)}): give each "
                           f"method its own hub_model_id (methods: - train: {{hub_model_id: ...}})")
     written = {str(holdout_paths(Path(config.out_dir))["task"])} if holds_out(config) else set()
-    for cfg, _, _ in measure_stages(config, "base", config.model, None):
-        if hasattr(cfg, "tasks"):  # the eval stage: every task name must resolve (but the one this run writes)
+    for cfg in (s.config for s in measure_stages(config, "base", config.model, None)):
+        if isinstance(cfg, EvalConfig):  # every task name must resolve (but the one this run writes)
             from forgetless.eval.stage import resolve_task
 
             for task in (t for t in cfg.tasks if str(t) not in written):
@@ -397,7 +407,7 @@ def run_experiment(config: RunConfig) -> Path:
     distributed.start()
     out = Path(config.out_dir)
     if distributed.is_main():
-        artifacts.write_json(out / "run_config.json", dataclasses.asdict(config))
+        artifacts.write_json(out / "run_config.json", dataclasses.asdict(config))  # sections: the keys set
         if holds_out(config):
             paths = split_holdout(config.data, config.holdout, config.holdout_seed, out)
             logger.info("target: the held-out share of %s in %s, scored by chrF of greedy answers", config.data,
@@ -410,28 +420,28 @@ def run_experiment(config: RunConfig) -> Path:
         ours = {p.label: p for p in points if p.seed == seed}
         for point in ours.values():
             train_point(config, layout, point, scored)
-        measure_models(config, layout, [lab for lab, m in models_of(config, layout["train"]).items() if m.run in ours])
-    measured = models_of(config, layout["train"])
+        measure_models(config, layout, [lab for lab, m in models_of(config, layout.train).items() if m.run in ours])
+    measured = models_of(config, layout.train)
     if distributed.is_main():
         pool_seeds(config, out, measured)
     distributed.barrier()
     report_dir = distributed.on_main(report_run, ReportConfig(run_dir=str(out)))
     if distributed.is_main():
-        fill_model_cards(report_dir, layout["train"])
+        fill_model_cards(report_dir, layout.train)
     return report_dir
 
 
-def train_point(config: RunConfig, layout: dict, point: TrainPoint, scored: set) -> None:
+def train_point(config: RunConfig, layout: RunLayout, point: TrainPoint, scored: set) -> None:
     """One training run of the grid, after the stages its data needs (generate or replay, score once per data set,
     mask); each stage skipped when its output exists and was made from the same settings."""
     from forgetless.generate.stage import run_generate
     from forgetless.replay.stage import run_replay
     from forgetless.train.stage import run_train
 
-    label, method, lr, seed, _ = point
+    label, method, seed = point.label, point.method, point.seed
     out = Path(config.out_dir)
     data = method_data(config, method, out, seed)
-    scores = layout["scores"][data]
+    scores = layout.scores[data]
     if data not in scored and generates(method):
         cfg = generate_config(config, method, out, seed)
         run_once(Path(cfg.out_dir), dataclasses.asdict(cfg), lambda c=cfg: run_generate(c), f"generate {method.method}")
@@ -445,8 +455,8 @@ def train_point(config: RunConfig, layout: dict, point: TrainPoint, scored: set)
         scored.add(data)
         if data == training_data(config, seed) and distributed.is_main():
             note_tau_share(config, scores)
-    masks = distributed.on_main(run_mask, method.mask_config(scores, layout["masks"][label]))
-    cfg = train_config(config, label, method, lr, str(masks / MASKED_FILE), seed)
+    masks = distributed.on_main(run_mask, method.mask_config(scores, layout.masks[label]))
+    cfg = train_config(config, label, method, point.lr, str(masks / MASKED_FILE), seed)
     settings = {**dataclasses.asdict(cfg), **({"probe": config.probe} if config.probe else {}),
                 "data_digest": artifacts.file_digest(masks / MASKED_FILE)}
     def train(c):  # the checkpoint probe is set up (and earlier probes cleared) only when the run trains
@@ -455,16 +465,17 @@ def train_point(config: RunConfig, layout: dict, point: TrainPoint, scored: set)
     run_once(Path(cfg.output_dir), settings, lambda c=cfg: train(c), f"train {label}")
 
 
-def measure_models(config: RunConfig, layout: dict, labels: list[str]) -> None:
+def measure_models(config: RunConfig, layout: RunLayout, labels: list[str]) -> None:
     """Every measure stage of the trained models ``labels`` (of :func:`models_of`), each skipped when done."""
-    measured = models_of(config, layout["train"])  # after training: a run's adapter directory decides its model
+    measured = models_of(config, layout.train)  # after training: a run's adapter directory decides its model
     for label in labels:
         m = measured[label]
-        trained = artifacts.file_digest(layout["train"][m.run] / STAMP) if m.run else None
-        for cfg, fn, what in measure_stages(config, label, m.model, m.adapter, m.alpha):
+        trained = artifacts.file_digest(layout.train[m.run] / STAMP) if m.run else None
+        for stage in measure_stages(config, label, m.model, m.adapter, m.alpha):
+            cfg = stage.config
             run_once(Path(cfg.output_dir),
                      {**dataclasses.asdict(cfg), "trained_digest": trained, "code": stage_code(cfg)},
-                     lambda c=cfg, f=fn: f(c), what)
+                     lambda c=cfg, f=stage.run: f(c), stage.name)
 
 
 def report_run(cfg) -> Path:
@@ -506,25 +517,25 @@ def report_inputs(run_dir: str | Path, output_dir: str | None = None):
     config = make(RunConfig, artifacts.read_json(out / "run_config.json"), "run_config.json")
     layout = run_layout(config, out)
     points = train_runs(config)
-    measured = models_of(config, layout["train"])
+    measured = models_of(config, layout.train)
     # One report row per group (the seeds pooled); its training diagnostics are its first seed's.
     runs, first_train = [], {}
     for group, labels in groups(measured).items():
         m = measured[labels[0]]
-        for cfg, _, _ in measure_stages(config, group, m.model, m.adapter, m.alpha):
-            runs.append(f"{group}={Path(cfg.output_dir).parent / group}")
+        for stage in measure_stages(config, group, m.model, m.adapter, m.alpha):
+            runs.append(f"{group}={Path(stage.config.output_dir).parent / group}")
         if m.run is not None and m.alpha == 1.0:
-            first_train.setdefault(group, layout["train"][m.run])
+            first_train.setdefault(group, layout.train[m.run])
     cfg = ReportConfig(runs=tuple(runs), train_dirs=tuple(f"{label}={d}" for label, d in first_train.items()),
                        output_dir=output_dir or str(out / "report"), base="base", target=run_target(config),
                        tasks=report_tasks(config), tokenizer=config.model,
-                       scores=tuple(f"{label}={d / SCORES_FILE}" for label, d in layout["ppl_sources"].items()),
-                       token_view=str(layout["token_view"] / MASKED_FILE), recipe_sources=recipe_sources(config))
+                       scores=tuple(f"{label}={d / SCORES_FILE}" for label, d in layout.ppl_sources.items()),
+                       token_view=str(layout.token_view / MASKED_FILE), recipe_sources=recipe_sources(config))
     grid = None
     # The verdicts compare recipes at the same dose, so two recipes are enough; curves (several learning rates, WiSE-FT
     # or probe points) add the matched-gain reading.
     if config.retention is not None and len(groups(measured)) > 2:
-        grid = {"grid": frontier_grid(points, measured, lambda group: out / "retention" / group, layout["train"],
+        grid = {"grid": frontier_grid(points, measured, lambda group: out / "retention" / group, layout.train,
                                       config.train.get("learning_rate")),
                 "base_dir": out / "retention" / "base", **config.frontier}
     return cfg, grid
@@ -542,20 +553,35 @@ def recipe_sources(config: RunConfig) -> tuple[str, ...]:
     return tuple(dict.fromkeys(out))
 
 
-def run_layout(config: RunConfig, out: Path) -> dict:
+@dataclass(frozen=True)
+class RunLayout:
+    """Where each stage of a run writes (:func:`run_layout`)."""
+
+    scores: dict[str, Path]  # training data -> its score directory (one per data set, shared by the runs on it)
+    masks: dict[str, Path]  # training run label -> its mask directory
+    train: dict[str, Path]  # training run label -> its train directory
+    token_view: Path  # the mask directory the report's token view shows
+    ppl_sources: dict[str, Path]  # report name of each scored data set ('ground truth': the target data) -> scores
+
+
+def run_layout(config: RunConfig, out: Path) -> RunLayout:
     """Where each stage of ``config`` writes under ``out`` (the one place the layout is decided)."""
-    scores, masks, train, first_mask = {}, {}, {}, {}
-    targets = {training_data(config, seed) for _, _, _, seed, _ in train_runs(config)} | {training_data(config)}
-    for label, method, _, seed, _ in train_runs(config):
-        data = method_data(config, method, out, seed)
+    scores: dict[str, Path] = {}
+    masks: dict[str, Path] = {}
+    train: dict[str, Path] = {}
+    first_mask: dict[str, Path] = {}
+    points = train_runs(config)
+    targets = {training_data(config, p.seed) for p in points} | {training_data(config)}
+    for p in points:
+        data = method_data(config, p.method, out, p.seed)
         scores[data] = out / "scores" / data_name(config, data)
-        masks[label] = out / "masks" / f"{scores[data].name}-{method.label}"
-        first_mask.setdefault(method.method, masks[label])
-        train[label] = out / "train" / label
+        masks[p.label] = out / "masks" / f"{scores[data].name}-{p.method.label}"
+        first_mask.setdefault(p.method.method, masks[p.label])
+        train[p.label] = out / "train" / p.label
     # The token view shows what STM drops; without an STM method, the first method's mask.
     view = first_mask.get("stm") or first_mask.get("auto-tau") or next(iter(first_mask.values()))
     ppl_sources = {("ground truth" if data in targets else data_name(config, data)): d for data, d in scores.items()}
-    return {"scores": scores, "masks": masks, "train": train, "token_view": view, "ppl_sources": ppl_sources}
+    return RunLayout(scores=scores, masks=masks, train=train, token_view=view, ppl_sources=ppl_sources)
 
 
 def data_name(config: RunConfig, data: str) -> str:
@@ -574,8 +600,8 @@ def report_tasks(config: RunConfig) -> tuple[str, ...]:
     from forgetless.retention.olmo_tasks import primary_metric
 
     tasks: list[str] = []
-    for cfg, _, _ in measure_stages(config, "base", config.model, None):
-        if hasattr(cfg, "tasks"):
+    for cfg in (s.config for s in measure_stages(config, "base", config.model, None)):
+        if isinstance(cfg, EvalConfig):
             tasks += [HOLDOUT if t == str(holdout_paths(config.out_dir)["task"]) else t for t in cfg.tasks]
         else:
             tasks += [t if primary_metric(t) == "acc" else f"{t}:{primary_metric(t)}" for t in cfg.mc_tasks]

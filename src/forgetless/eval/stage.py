@@ -34,6 +34,7 @@ from forgetless.lm import distributed
 from forgetless.lm.artifacts import file_sha256, json_digest, write_dir, write_json, write_manifest, write_text
 from forgetless.lm.data import iter_jsonl
 from forgetless.lm.decode import DecodingSettings, Sampled, generate_answers
+from forgetless.lm.model_args import EngineArgs
 from forgetless.lm.vllm_backend import check_backend_settings, resolve_backend
 from forgetless.core.intervals import score_interval
 from forgetless.eval.sandbox import SandboxLimits
@@ -46,12 +47,12 @@ GenerateFn = Callable[[list[list[dict[str, str]]], DecodingSettings], list[Sampl
 
 
 @dataclass(frozen=True)
-class EvalConfig:
+class EvalConfig(EngineArgs):
+    """Settings of the eval stage; the model (a base or merged model, with ``adapter`` loaded on it) and engine
+    are :class:`EngineArgs`."""
+
     output_dir: str = field(default="runs/eval", metadata={"help": "directory for results (created)"})
-    model: str = field(default="embedded",
-                       metadata={"help": "'embedded', a local model dir (base or merged) or a hub name"})
     adapter: str | None = field(default=None, metadata={"help": "PEFT adapter dir to load on top of model"})
-    revision: str | None = field(default=None, metadata={"help": "hub revision of model"})
     tasks: tuple[str, ...] = field(default=("mbpp", "gsm8k", "math", "arc_challenge"),
                                    metadata={"help": "built-in task names or .yaml/.json task definition files"})
     limit: int | None = field(default=None, metadata={"help": "evaluate at most this many items per task"})
@@ -68,15 +69,6 @@ class EvalConfig:
                                     metadata={"help": "JSONL of {task, id, output}: score these, load no model"})
     cache: bool = field(default=True, metadata={"help": "reuse/store results of models without adapter"})
     cache_dir: str | None = field(default=None, metadata={"help": "result cache (default $FORGETLESS_CACHE/eval)"})
-    backend: str = field(default="auto",
-                         metadata={"help": "hf | vllm | auto (vllm when installed and CUDA present, else hf)"})
-    tensor_parallel_size: int = field(default=1, metadata={"help": "vLLM: GPUs one model is split across"})
-    gpu_memory_utilization: float = field(default=0.9, metadata={"help": "vLLM: share of GPU memory it may take "
-                                                                         "(weights + KV cache)"})
-    max_model_len: int | None = field(default=None, metadata={"help": "vLLM: longest prompt + answer in tokens "
-                                                                      "(null: the model's own)"})
-    device: str | None = field(default=None, metadata={"help": "cuda/cpu (default: cuda when available)"})
-    dtype: str = field(default="auto", metadata={"help": "auto | float32 | bfloat16 | float16"})
     sandbox_timeout_s: float = field(default=10.0, metadata={"help": "wall-time limit per MBPP program"})
     sandbox_memory_mb: int = field(default=1024, metadata={"help": "address-space limit per MBPP program"})
     progress: bool = field(default=True, metadata={"help": "show progress bars"})

@@ -8,7 +8,7 @@ from forgetless.core.recipes import GENERATED
 from forgetless.generate.assemble import ON_FAILURE
 from forgetless.generate.paper import CHOICES
 from forgetless.generate.verify import TASKS
-from forgetless.lm.modeling import EMBEDDED
+from forgetless.lm.model_args import EngineArgs
 from forgetless.lm.vllm_backend import check_backend_settings
 
 # The generators of the recipes whose data is generated (forgetless.core.recipes), then the authors' published
@@ -27,12 +27,10 @@ DEFAULT_SAMPLES = {"self_output": 32, "rephrase": 1}
 
 
 @dataclass(frozen=True)
-class GenerateConfig:
-    """Settings of the generation stage."""
+class GenerateConfig(EngineArgs):
+    """Settings of the generation stage; the model and engine are :class:`EngineArgs`."""
 
     method: str = field(default="self_output", metadata={"help": f"one of {', '.join(METHODS)}"})
-    model: str = field(default=EMBEDDED, metadata={"help": "base model: 'embedded', a local directory or a hub name"})
-    revision: str | None = field(default=None, metadata={"help": "hub revision (commit, tag or branch)"})
     data: str = field(default="mbpp-train",
                       metadata={"help": "ground-truth training set (paper_* methods: mbpp-train or mbpp-validation)"})
     limit: int | None = field(default=None, metadata={"help": "use only the first N prompts"})
@@ -56,15 +54,6 @@ class GenerateConfig:
     batch_tokens: int = field(default=8192, metadata={"help": "padded tokens per scoring batch"})
     compare: tuple[str, ...] = field(default=(), metadata={"help": "other generate output dirs whose answers "
                                                                    "join the ppl comparison"})
-    dtype: str = field(default="auto", metadata={"help": "auto (bf16 on CUDA, else fp32), float32, bfloat16, float16"})
-    device: str | None = field(default=None, metadata={"help": "cuda or cpu (default: cuda when available)"})
-    backend: str = field(default="auto", metadata={"help": "hf | vllm (k samples in one request) | auto (vllm when "
-                                                           "installed and CUDA present)"})
-    tensor_parallel_size: int = field(default=1, metadata={"help": "vLLM: GPUs one model is split across"})
-    gpu_memory_utilization: float = field(default=0.9, metadata={"help": "vLLM: share of GPU memory it may take "
-                                                                         "(weights + KV cache)"})
-    max_model_len: int | None = field(default=None,
-                                      metadata={"help": "vLLM: longest sequence in tokens (null: the model's own)"})
     out_dir: str = field(default="runs/default/generate", metadata={"help": "output directory"})
 
     def __post_init__(self):

@@ -13,9 +13,11 @@ import functools
 import json
 import logging
 import math
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
+from forgetless.core.verdicts import VerdictConfig
 from forgetless.core.frontier import common_gains, items_at_gain, matched_gain_table, resolved, verdict
 from forgetless.core.intervals import paired_difference
 from forgetless.lm import artifacts
@@ -37,6 +39,18 @@ GAIN_LEANS = {"gain_target": "paired change of the target task's graded success:
               "gain_all": "held-out NLL decrease on all gold tokens: favours ground truth by construction",
               "gain_kept": "held-out NLL decrease on the kept kind: favours STM by construction",
               "gain_masked": "held-out NLL decrease on the masked kind: favours ground truth by construction"}
+
+
+@dataclass(frozen=True)
+class FrontierSettings:
+    """A run's ``frontier`` section: what the frontier plots (:func:`build_frontier`) and how the verdicts are read
+    (:func:`forgetless.report.verdicts.verdict_section`)."""
+
+    gain: str = field(default="gain_all", metadata={"help": f"target gain: {', '.join(GAIN_LEANS)}"})
+    retention: str = field(default="mc_retention", metadata={"help": "retention measure: mc_retention, "
+                                                                     "did_what_asked, top1_agreement, ..."})
+    n_gains: int = field(default=3, metadata={"help": "gains every curve reaches that the recipes are compared at"})
+    verdicts: VerdictConfig = field(default_factory=VerdictConfig, metadata={"help": "how the verdicts are read"})
 
 
 def _score_and_ci(d: dict | None) -> tuple[float, list[float] | None]:
@@ -191,8 +205,9 @@ def base_point(base_dir: Path | None = None, target: str | None = None) -> dict:
     return point
 
 
-def build_frontier(grid: list[dict], base_dir: Path, gain: str = "gain_all", retention: str = "mc_retention",
-                   n_gains: int = 3, target: str | None = None) -> dict:
+def build_frontier(grid: list[dict], base_dir: Path, gain: str = FrontierSettings.gain,
+                   retention: str = FrontierSettings.retention, n_gains: int = FrontierSettings.n_gains,
+                   target: str | None = None) -> dict:
     """``grid``: [{"label", "method", "lr", "retention_dir", "train_dir"}] -> the frontier's data."""
     curves: dict[str, list[dict]] = {}
     probes: dict[str, list[dict]] = {}

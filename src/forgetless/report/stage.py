@@ -355,7 +355,7 @@ def run_report(cfg: ReportConfig, frontier_grid: dict | None = None) -> Path:
     opening = ""
     if frontier_grid is not None:
         frontier = dict(frontier_grid)
-        verdicts = frontier.pop("verdicts", {})  # a run's `frontier: {verdicts: {...}}` (VerdictConfig's fields)
+        verdicts = frontier.pop("verdicts", None)  # a run's `frontier: {verdicts: {...}}` (a VerdictConfig)
         write_frontier(out, build_frontier(**frontier, target=cfg.target))
         opening = verdict_section(out, frontier["grid"], Path(frontier["base_dir"]), cfg.target, verdicts)
     markdown = opening + render_markdown(report) + retention_section(out, groups, report["base"], cfg.target)

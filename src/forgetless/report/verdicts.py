@@ -217,12 +217,14 @@ def _json(x):
     return float(x) if hasattr(x, "__float__") else str(x)
 
 
-def verdict_section(out: Path, grid: list[dict], base_dir: Path, target: str, settings: dict | None = None) -> str:
+def verdict_section(out: Path, grid: list[dict], base_dir: Path, target: str,
+                    settings: VerdictConfig | dict | None = None) -> str:
     """report.md's opening for a frontier grid: the verdict block, the frontier plot, the detail tables; the records
-    and numbers behind them written to ``out`` (:func:`write_verdicts`). Empty when the base has no target record."""
+    and numbers behind them written to ``out`` (:func:`write_verdicts`). Empty when the base has no target record.
+    ``settings``: a VerdictConfig, or some of its fields."""
     if not base_dir.is_dir() or target not in list_tasks(base_dir):
         return ""
-    cfg = VerdictConfig(**(settings or {}))
+    cfg = settings if isinstance(settings, VerdictConfig) else VerdictConfig(**(settings or {}))
     rows, measures = grid_rows(grid, base_dir), grid_measures(base_dir, target, cfg.equivalence_margin)
     if len({r["recipe"] for r in rows} - {BASE}) < 2:
         return ""

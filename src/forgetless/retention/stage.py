@@ -19,16 +19,17 @@ from pathlib import Path
 
 from forgetless.lm import artifacts, distributed
 from forgetless.lm.interpolate import blend_weights, check_alpha, scale_lora
+from forgetless.lm.model_args import ModelArgs
 from forgetless.retention.measures import MeasureSettings, measure_retention
 
 logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
-class RetentionConfig(MeasureSettings):
-    """The model to measure and where to write; what to measure is :class:`MeasureSettings`."""
+class RetentionConfig(MeasureSettings, ModelArgs):
+    """The model to measure (:class:`ModelArgs`: the tuned model, or the base its ``adapter`` is loaded on) and
+    where to write; what to measure is :class:`MeasureSettings`."""
 
-    model: str = field(default="embedded", metadata={"help": "tuned model: 'embedded', a local dir or a hub name"})
     adapter: str | None = field(default=None, metadata={"help": "PEFT adapter dir applied on `model`; its base is "
                                                                 "`model` with the adapter disabled"})
     base_model: str | None = field(default=None, metadata={"help": "separate base model for drift/held-out (full "
@@ -37,9 +38,6 @@ class RetentionConfig(MeasureSettings):
     adapter_scale: float = field(default=1.0, metadata={"help": "WiSE-FT interpolation alpha in [0, 1]: base + alpha * "
                                                                 "(tuned - base); a LoRA adapter's scale, or a full "
                                                                 "fine-tune blended with base_model"})
-    revision: str | None = field(default=None, metadata={"help": "hub revision of `model`"})
-    dtype: str = field(default="auto", metadata={"help": "auto, float32, bfloat16 or float16"})
-    device: str | None = field(default=None, metadata={"help": "cpu or cuda (default: cuda when present)"})
     output_dir: str = field(default="runs/retention", metadata={"help": "where the records are written"})
     cache_dir: str | None = field(default=None, metadata={"help": "cache of base answers/statistics (default: "
                                                                   "$FORGETLESS_CACHE/retention)"})

@@ -20,7 +20,8 @@ import pyarrow as pa
 from forgetless.core.errors import DataError
 from forgetless.lm import artifacts, distributed
 from forgetless.lm.data import Example, fingerprint_examples, load_examples
-from forgetless.lm.modeling import EMBEDDED, load_tokenizer, model_fingerprint
+from forgetless.lm.model_args import EngineArgs
+from forgetless.lm.modeling import load_tokenizer, model_fingerprint
 from forgetless.lm.engines import open_engine
 from forgetless.lm.progress import progress
 from forgetless.lm.scoring import score_buckets, score_encoded  # noqa: F401  (re-exported: the stage's Python entry point)
@@ -34,11 +35,9 @@ SCORES_FILE = "scores.parquet"
 
 
 @dataclass(frozen=True)
-class ScoreConfig:
-    """Settings of the scoring stage."""
+class ScoreConfig(EngineArgs):
+    """Settings of the scoring stage; the model and engine are :class:`EngineArgs`."""
 
-    model: str = field(default=EMBEDDED, metadata={"help": "base model: 'embedded', a local directory or a hub name"})
-    revision: str | None = field(default=None, metadata={"help": "hub revision (commit, tag or branch)"})
     adapter: str | None = field(default=None, metadata={"help": "PEFT adapter dir applied on `model`: score under the "
                                                                 "tuned model (DPF's second scoring)"})
     data: str = field(default="mbpp-train",
@@ -51,15 +50,6 @@ class ScoreConfig:
     batch_tokens: int = field(default=8192, metadata={"help": "padded tokens per forward batch (length-bucketed)"})
     part_size: int = field(default=256,
                            metadata={"help": "examples per saved part: a crash loses at most one part's work"})
-    dtype: str = field(default="auto", metadata={"help": "auto (bf16 on CUDA, else fp32), float32, bfloat16, float16"})
-    device: str | None = field(default=None, metadata={"help": "cuda or cpu (default: cuda when available)"})
-    backend: str = field(default="auto", metadata={"help": "hf | vllm (prompt_logprobs) | auto (vllm when installed "
-                                                           "and CUDA present, else hf)"})
-    tensor_parallel_size: int = field(default=1, metadata={"help": "vLLM: GPUs one model is split across"})
-    gpu_memory_utilization: float = field(default=0.9, metadata={"help": "vLLM: share of GPU memory it may take "
-                                                                         "(weights + KV cache)"})
-    max_model_len: int | None = field(default=None, metadata={"help": "vLLM: longest sequence in tokens, > max_length "
-                                                                      "(null: the model's own)"})
     attn_implementation: str | None = field(default=None, metadata={
         "help": "transformers attention: sdpa, eager, flash_attention_2, ... (default: transformers' choice)"})
     padding_free: bool = field(default=False, metadata={

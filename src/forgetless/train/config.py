@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from forgetless.core.recipes import RECIPES, TRAIN_METHODS
+from forgetless.lm.model_args import ModelArgs
 from forgetless.train.loss import LOSS_TYPES
 from forgetless.train.select import check_selection
 
@@ -14,11 +15,11 @@ ADAPTERS = ("lora", "dora", "full")
 
 
 @dataclass(frozen=True)
-class TrainConfig:
+class TrainConfig(ModelArgs):
+    """Settings of the training stage; the model is :class:`ModelArgs`."""
+
     data: str = field(metadata={"help": "training table (Parquet) written by the masking stage or build_sft_table"})
     output_dir: str = field(metadata={"help": "run directory; everything is written inside it"})
-    model: str = field(default="embedded", metadata={"help": "'embedded', a local model directory or a hub name"})
-    revision: str | None = field(default=None, metadata={"help": "hub revision of the model"})
     method: str = field(default="sft", metadata={"help": f"label of the method ({', '.join(METHODS)}); "
                                                           "'kl' needs kl_coef > 0"})
     kl_coef: float = field(default=0.0, metadata={"help": "beta of beta * KL(tuned || base) on trained tokens"})
@@ -47,8 +48,9 @@ class TrainConfig:
     save_total_limit: int = field(default=2, metadata={"help": "checkpoints kept"})
     resume: bool = field(default=False, metadata={"help": "continue from the last checkpoint in output_dir"})
     merge: bool = field(default=False, metadata={"help": "also write the adapter merged into the model"})
-    dtype: str = field(default="auto", metadata={"help": "auto (bf16 on CUDA, fp32 on CPU), float32, bfloat16"})
-    device: str = field(default="auto", metadata={"help": "auto, cpu or cuda"})
+    # 'auto' resolves as None does (forgetless.lm.distributed.launch_device), but every finished training run's
+    # stamp holds device='auto': the shared default would re-train them all on resume.
+    device: str = field(default="auto", kw_only=True, metadata={"help": "auto, cpu or cuda"})
     gradient_checkpointing: bool = field(default=False, metadata={"help": "trade compute for activation memory"})
     deepspeed: str | None = field(default=None, metadata={"help": "DeepSpeed JSON config file (run under torchrun / "
                                                                   "accelerate launch; or use an accelerate config)"})
