@@ -39,7 +39,7 @@ def test_train_methods_are_the_recipes_that_train_as_themselves():
 
 def test_the_generators_are_the_generated_recipes_and_the_authors_generations_of_each():
     assert GENERATED == {"self-output": "self_output", "rephrase": "rephrase"}
-    assert grid.GENERATED == run.GENERATED == GENERATED  # run.py keeps its own copy until it reads the table
+    assert grid.GENERATED is run.GENERATED is GENERATED  # one table, read by every consumer
     assert GENERATE_METHODS == ("self_output", "rephrase", "paper_self_output", "paper_rephrase")
     assert set(DEFAULT_SAMPLES) == set(GENERATED.values())
 
@@ -87,4 +87,4 @@ def test_run_help_lists_every_recipe_with_its_description(capsys):
     assert [line.split()[0] for line in lines] == list(RECIPES)
     assert all(r.description in " ".join(line.split()) for r, line in zip(RECIPES.values(), lines))
     methods_help = run.RunConfig.__dataclass_fields__["methods"].metadata["help"]
-    assert "|".join(RECIPES) in methods_help  # run.py's own list, until it reads the table
+    assert "|".join(RECIPES) in methods_help

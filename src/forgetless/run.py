@@ -25,7 +25,8 @@ from forgetless.lm import artifacts, distributed
 from forgetless.config import ConfigError, Overrides, build, check_overrides
 from forgetless.eval.stage import EvalConfig
 from forgetless.generate.config import GenerateConfig
-from forgetless.grid import (METHOD_POLICIES, MethodSpec, TrainPoint, frontier_grid, groups, measured_models,  # noqa: F401
+from forgetless.core.recipes import GENERATED, RECIPES
+from forgetless.grid import (MethodSpec, TrainPoint, frontier_grid, groups, measured_models,  # noqa: F401
                              train_points, tuned_model)
 from forgetless.mask.stage import MASKED_FILE, run_mask
 from forgetless.report.frontier import FrontierSettings
@@ -43,7 +44,6 @@ from forgetless.score.stage import SCORES_FILE, ScoreConfig, run_score
 logger = logging.getLogger(__name__)
 
 # Methods whose training data, unless given as `data`, the generate stage makes from the target data.
-GENERATED = {"self-output": "self_output", "rephrase": "rephrase"}
 
 
 @dataclass(frozen=True)
@@ -59,8 +59,7 @@ class RunConfig:
     limit: int | None = field(default=None, metadata={"help": "first N training examples"})
     max_length: int = field(default=1024, metadata={"help": "tokens per training example"})
     methods: tuple[MethodSpec, ...] = field(default=(MethodSpec("sft"), MethodSpec("stm")), metadata={
-        "help": "the recipes, each {method: "
-                "sft|stm|auto-tau|random-mask|inverse-mask|soft|dft|kl|weight-decay|replay|self-output|rephrase, tau, "
+        "help": f"the recipes, each {{method: {'|'.join(RECIPES)}, tau, "
                 "learning_rates: [its own axis], interpolate: [WiSE-FT alphas], replay_fraction, replay_source, name, "
                 "train: {...}} (forgetless.grid.MethodSpec)"})
     learning_rates: tuple[float, ...] = field(default=(), metadata={"help": "learning-rate axis: every method at each "
@@ -135,7 +134,7 @@ def train_runs(config: RunConfig) -> list[TrainPoint]:
 
 def train_config(config: RunConfig, label: str, method: MethodSpec, lr: float | None, data: str,
                  seed: int | None = None):
-    implied = METHOD_POLICIES[method.method][1]
+    implied = method.recipe.train
     values = {"model": config.model, **config.train, "method": method.method, **implied, **method.train,
               "data": data, "output_dir": str(Path(config.out_dir) / "train" / label)}
     if lr is not None:
@@ -197,7 +196,7 @@ def selection_data(config: RunConfig) -> tuple[str, ...]:
                                                                                           "select_limit")}
     found: list[str] = []
     for method in config.methods:
-        values = {**defaults, **config.train, **METHOD_POLICIES[method.method][1], **method.train}
+        values = {**defaults, **config.train, **method.recipe.train, **method.train}
         if values["keep"] != "best-epoch":
             continue
         select_on = str(values["select_on"])
@@ -229,7 +228,7 @@ def method_data(config: RunConfig, method: MethodSpec, out: Path, seed: int | No
     """The training data of ``method`` at ``seed``: its own ``data``, the generated set, the replay mix, or the
     target data (a run with ``draw_size``: the seed's draw of it, and the generated set or mix made from that)."""
     draw = f"-s{seed}" if drawn(config, seed) else ""
-    if method.method == "replay":
+    if method.recipe.data == "replay":
         from forgetless.replay.stage import DATA_FILE
 
         return str(out / "replay" / f"{method.replay_source}-f{method.replay_fraction:g}{draw}" / DATA_FILE)
@@ -341,7 +340,7 @@ def check_settings(config: RunConfig) -> None:
         pushed.append(cfg.hub_model_id)
         if generates(method):
             generate_config(config, method, Path("-"), point.seed)
-        if method.method == "replay":
+        if method.recipe.data == "replay":
             replay_config(config, method, Path("-"), point.seed)
         if method.interpolate and cfg.adapter == "dora":
             raise ConfigError(f"{method.label}: interpolate: a DoRA adapter does not interpolate "
@@ -365,8 +364,7 @@ def note_tau_share(config: RunConfig, scores: Path) -> None:
 
     from forgetless.mask.stage import flatten_response_nll
 
-    taus = sorted({m.tau for m in config.methods if METHOD_POLICIES[m.method][0] in ("threshold", "random", "inverse")
-                   and m.fraction is None})
+    taus = sorted({m.tau for m in config.methods if m.recipe.uses_tau and m.fraction is None})
     if not taus:
         return
     nll = flatten_response_nll(pq.read_table(scores / SCORES_FILE))[0]
@@ -445,12 +443,12 @@ def train_point(config: RunConfig, layout: RunLayout, point: TrainPoint, scored:
     if data not in scored and generates(method):
         cfg = generate_config(config, method, out, seed)
         run_once(Path(cfg.out_dir), dataclasses.asdict(cfg), lambda c=cfg: run_generate(c), f"generate {method.method}")
-    if data not in scored and method.method == "replay":
+    if data not in scored and method.recipe.data == "replay":
         cfg = replay_config(config, method, out, seed)
         run_once(Path(cfg.out_dir), dataclasses.asdict(cfg), lambda c=cfg: distributed.on_main(run_replay, c),
                  f"replay {method.label}")
     if data not in scored:  # the score stage itself reuses an output made from the same inputs
-        whole = method.method == "replay" or drawn(config, seed)
+        whole = method.recipe.data == "replay" or drawn(config, seed)
         run_score(make(ScoreConfig, score_settings(config, data, str(scores), whole), "score"))
         scored.add(data)
         if data == training_data(config, seed) and distributed.is_main():
@@ -546,7 +544,7 @@ def recipe_sources(config: RunConfig) -> tuple[str, ...]:
     replay_source) and the generated sets of self-output / rephrase (the target data's prompts, the base's answers)."""
     out = []
     for method in config.methods:
-        if method.method == "replay":
+        if method.recipe.data == "replay":
             out.append(f"{method.label}={method.replay_source}")
         elif generates(method):
             out.append(f"{method.label}={config.data}")
