@@ -195,3 +195,20 @@ target: mbpp
     assert main(["run", str(config)]) == 0
     assert "generate self-output: done already" in caplog.text and "train self-output: done already" in caplog.text
     assert (generated / "samples.jsonl").stat().st_mtime_ns == samples_mtime
+
+
+def test_the_verdicts_compare_every_recipe_with_stm_unless_the_config_names_a_reference():
+    from forgetless.core.verdicts import VerdictConfig
+    from forgetless.grid import MethodSpec
+    from forgetless.run import with_reference
+
+    methods = (MethodSpec("sft"), MethodSpec("random-mask"), MethodSpec("stm"))
+    stm = methods[2].label
+    assert with_reference(None, methods) == {"reference": stm}
+    assert with_reference({"n_boot": 10}, methods) == {"n_boot": 10, "reference": stm}
+    assert with_reference({"reference": "sft"}, methods) == {"reference": "sft"}
+    assert with_reference(VerdictConfig(n_boot=200), methods).reference == stm
+    assert with_reference(VerdictConfig(reference="sft"), methods).reference == "sft"
+    assert with_reference(None, (MethodSpec("sft"), MethodSpec("dft"))) is None  # no STM: the records' first
+    assert with_reference(None, (MethodSpec("sft"), MethodSpec("auto-tau", fraction=0.2))) == {
+        "reference": MethodSpec("auto-tau", fraction=0.2).label}

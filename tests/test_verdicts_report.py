@@ -89,3 +89,27 @@ def test_one_headline_per_prompt_source_and_none_where_the_base_sits_at_the_floo
     lower = measure_of("gen:gsm8k", {"score": 0.01, "higher_is_better": False}, target, sources, 0.05)
     assert lower.headline  # lower is better: a low base score is no floor for a loss
     assert measure_of("gen:gsm8k", {"score": 0.04}, target, sources, None).headline  # no margin given: no floor rule
+
+
+def test_a_target_measured_by_eval_is_read_from_each_models_eval_dir(tmp_path):
+    """On the user's own data the target (the held-out share, `holdout`) is an eval task, not a retention record:
+    the verdicts read it from each model's eval directory, the base's too, and put it first."""
+    rng = random.Random(1)
+    retention = lambda r: {"ifeval": (r, "acc")}  # noqa: E731
+    target = lambda t: {"holdout": (t, "chrf")}  # noqa: E731
+    base = write_dir(tmp_path / "retention" / "base", retention(0.9), rng)
+    base_eval = write_dir(tmp_path / "eval" / "base", target(0.3), rng)
+    grid = []
+    for label, t, r in (("stm", 0.8, 0.85), ("sft", 0.6, 0.3)):
+        write_dir(tmp_path / "eval" / label, target(t), rng)
+        grid.append({"label": label, "method": label, "lr": 0.001, "alpha": None,
+                     "retention_dir": write_dir(tmp_path / "retention" / label, retention(r), rng),
+                     "eval_dir": tmp_path / "eval" / label})
+    assert verdict_section(tmp_path / "without", grid, base, "holdout", {"n_boot": 200}) == ""  # no base target
+    rows = grid_rows(grid, base, base_eval, "holdout")
+    assert {(r["model"], r["measure"]) for r in rows} == {(m, t) for m in ("base", "stm", "sft")
+                                                          for t in ("holdout", "ifeval")}
+    assert len([r for r in rows if r["measure"] == "holdout"]) == 300  # 100 items for each of the three models
+    text = verdict_section(tmp_path / "report", grid, base, "holdout", {"n_boot": 200}, base_eval)
+    assert "| sft | lr0.001 | holdout (target) |" in text
+    assert text.split("\n- ", 1)[1].startswith("stm wins against sft on IFEval at dose lr0.001")

@@ -26,6 +26,7 @@ from forgetless.config import ConfigError, Overrides, build, check_overrides
 from forgetless.eval.stage import EvalConfig
 from forgetless.generate.config import GenerateConfig
 from forgetless.core.recipes import GENERATED, RECIPES
+from forgetless.core.verdicts import VerdictConfig
 from forgetless.grid import (MethodSpec, TrainPoint, frontier_grid, groups, measured_models,  # noqa: F401
                              train_points, tuned_model)
 from forgetless.mask.stage import MASKED_FILE, run_mask
@@ -535,8 +536,23 @@ def report_inputs(run_dir: str | Path, output_dir: str | None = None):
     if config.retention is not None and len(groups(measured)) > 2:
         grid = {"grid": frontier_grid(points, measured, lambda group: out / "retention" / group, layout.train,
                                       config.train.get("learning_rate")),
-                "base_dir": out / "retention" / "base", **config.frontier}
+                "base_dir": out / "retention" / "base", "base_eval_dir": out / "eval" / "base", **config.frontier}
+        grid["verdicts"] = with_reference(grid.get("verdicts"), config.methods)
+        for point in grid["grid"]:  # the target may be an eval task (the held-out share of the user's data)
+            point["eval_dir"] = out / "eval" / Path(point["retention_dir"]).name
     return cfg, grid
+
+
+def with_reference(verdicts, methods) -> VerdictConfig | dict | None:
+    """The verdict settings with STM (the first method that masks by perplexity: stm or auto-tau) as the reference
+    every other recipe is compared with, unless the config names one; as given when no method is STM."""
+    stm = next((m.label for m in methods if m.recipe.policy in ("threshold", "auto-tau")), None)
+    if isinstance(verdicts, VerdictConfig):
+        return verdicts if verdicts.reference or stm is None else dataclasses.replace(verdicts, reference=stm)
+    verdicts = dict(verdicts or {})
+    if stm is not None:
+        verdicts.setdefault("reference", stm)
+    return verdicts or None
 
 
 def recipe_sources(config: RunConfig) -> tuple[str, ...]:

@@ -192,23 +192,30 @@ def between_methods(run_dirs: dict[str, Path], source: str, labels: list[str]) -
     return lines
 
 
+# The behaviour section's explanation, a sentence per measure, each shown only where its source was measured.
+GSM8K_NOTE = ("Did what was asked (GSM8K, the headline): at least 40 characters of working and a final "
+              "`#### <number>`. Working kept: the share of the base's working (characters before the final-answer "
+              "marker, e.g. GSM8K's `####`) left in the tuned answer, on prompts where the base wrote at least a "
+              "sentence (1 = all of it); it counts length, is one-sided and favours answers that never finish, so it "
+              "is a secondary measure.")
+IFEVAL_NOTE = "IFEval: lm-eval's four metrics, each instruction checked by deterministic code."
+SURPRISE_NOTE = ("Surprise: mean NLL per token of the tuned model's answer under the base (Δ against the base's own "
+                 "answer); it sees a changed opening in full, where teacher-forced drift dilutes it.")
+ASSERTS_NOTE = "Asserts passed: the share of each target item's tests its code passes, run in the sandbox."
+LEANS_NOTE = ("Which recipe a measure favours (one that trains on its prompt source) is in the report's list of leans. "
+              "Brackets: 95% intervals, paired on the same prompts. Under each table: the token budget and the share "
+              "of answers the base finished within it.")
+
+
 def behaviour_markdown(summaries: dict[str, dict], run_dirs: dict[str, Path]) -> str:
     """The report section (empty when no run has behaviour records)."""
     found = sources(summaries)
     if not found:
         return ""
     lines = ["", "## Behaviour: what each model writes, greedy, on the same prompts as the base", "",
-             "Did what was asked (GSM8K, the headline): at least 40 characters of working and a final `#### <number>`. "
-             "Working kept: the share of the base's working (characters before the final-answer marker, e.g. GSM8K's "
-             "`####`) left in the tuned answer, on prompts where the base wrote at least a sentence (1 = all of it); "
-             "it counts length, is one-sided and favours answers that never finish, so it is a secondary measure. "
-             "IFEval: lm-eval's four metrics, each instruction checked by deterministic code. "
-             "Surprise: mean NLL per token of the tuned model's answer under the base (Δ against the base's own "
-             "answer); it sees a changed opening in full, where teacher-forced drift dilutes it. Asserts passed: the "
-             "share of each target item's tests its code passes, run in the sandbox. Which recipe a measure favours "
-             "(one that trains on its prompt source) is in the report's list of leans. Brackets: 95% intervals, paired "
-             "on the same prompts. Under each table: the token budget and the share of answers the "
-             "base finished within it."]
+             " ".join(text for shown, text in (
+                 ("gsm8k" in found, GSM8K_NOTE), ("ifeval" in found, IFEVAL_NOTE), (True, SURPRISE_NOTE),
+                 (any(s.startswith("mbpp") for s in found), ASSERTS_NOTE), (True, LEANS_NOTE)) if shown)]
     labels = [k for k in summaries]
     for source in found:
         lines += ["", f"### {source}", ""] + against_base_table(summaries, source)

@@ -356,8 +356,10 @@ def run_report(cfg: ReportConfig, frontier_grid: dict | None = None) -> Path:
     if frontier_grid is not None:
         frontier = dict(frontier_grid)
         verdicts = frontier.pop("verdicts", None)  # a run's `frontier: {verdicts: {...}}` (a VerdictConfig)
+        base_eval = frontier.pop("base_eval_dir", None)  # where a run's target is an eval task (its held-out share)
         write_frontier(out, build_frontier(**frontier, target=cfg.target))
-        opening = verdict_section(out, frontier["grid"], Path(frontier["base_dir"]), cfg.target, verdicts)
+        opening = verdict_section(out, frontier["grid"], Path(frontier["base_dir"]), cfg.target, verdicts,
+                                  Path(base_eval) if base_eval else None)
     markdown = opening + render_markdown(report) + retention_section(out, groups, report["base"], cfg.target)
     for name, text in (("report.md", markdown), ("report.json", json.dumps(report, indent=2, default=str) + "\n"),
                        ("config.json", json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")):
