@@ -44,8 +44,6 @@ from forgetless.score.stage import SCORES_FILE, ScoreConfig, run_score
 
 logger = logging.getLogger(__name__)
 
-# Methods whose training data, unless given as `data`, the generate stage makes from the target data.
-
 
 @dataclass(frozen=True)
 class RunConfig:
@@ -544,9 +542,9 @@ def report_inputs(run_dir: str | Path, output_dir: str | None = None):
 
 
 def with_reference(verdicts, methods) -> VerdictConfig | dict | None:
-    """The verdict settings with STM (the first method that masks by perplexity: stm or auto-tau) as the reference
+    """The verdict settings with STM (the first method that trains as stm: stm or auto-tau) as the reference
     every other recipe is compared with, unless the config names one; as given when no method is STM."""
-    stm = next((m.label for m in methods if m.recipe.policy in ("threshold", "auto-tau")), None)
+    stm = next((m.label for m in methods if (m.recipe.trains_as or m.recipe.name) == "stm"), None)
     if isinstance(verdicts, VerdictConfig):
         return verdicts if verdicts.reference or stm is None else dataclasses.replace(verdicts, reference=stm)
     verdicts = dict(verdicts or {})

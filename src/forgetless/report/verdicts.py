@@ -86,14 +86,13 @@ def measure_of(task: str, record: dict, target: str, sources: frozenset[str] = f
     return Measure(task, plain_name(task, metric), "retention", higher, lean)
 
 
-def target_dirs(d: Path, eval_dir, target: str | None) -> list[tuple[Path, list[str]]]:
-    """(directory, tasks) to read for one model: its retention records, and the target from its eval records
-    (``eval_dir``) when retention does not hold it, as for a run's held-out share of the user's data."""
-    tasks = list_tasks(d)
-    dirs = [(d, tasks)]
-    if target and target not in tasks and eval_dir and target in list_tasks(eval_dir):
-        dirs.append((Path(eval_dir), [target]))
-    return dirs
+def model_tasks(d: Path, eval_dir, target: str | None) -> dict[str, Path]:
+    """Task -> the directory holding its records, for one model: its retention records, and the target from its eval
+    records (``eval_dir``) when retention does not hold it, as for a run's held-out share of the user's data."""
+    where = dict.fromkeys(list_tasks(d), d)
+    if target and target not in where and eval_dir and target in list_tasks(eval_dir):
+        where[target] = Path(eval_dir)
+    return where
 
 
 def grid_rows(grid: list[dict], base_dir: Path, base_eval_dir: Path | None = None,
@@ -115,12 +114,11 @@ def grid_rows(grid: list[dict], base_dir: Path, base_eval_dir: Path | None = Non
         # a WiSE-FT model (the trained adapter scaled by alpha) is a point of its trained recipe's own curve
         head = {"model": label, "recipe": method.get(trained, g["method"]),
                 "dose": dose.get(label) or dose.get(trained), "alpha": 1.0 if alpha is None else float(alpha)}
-        for where, tasks in target_dirs(d, g.get("eval_dir"), target):
-            for task in tasks:
-                for item_id, item in read_task(where, task)[1].items():
-                    scores = item.get("seeds") or [item["score"]]
-                    rows += [{**head, "draw": k, "measure": task, "item": item_id, "score": s}
-                             for k, s in enumerate(scores) if s is not None and not math.isnan(s)]
+        for task, where in model_tasks(d, g.get("eval_dir"), target).items():
+            for item_id, item in read_task(where, task)[1].items():
+                scores = item.get("seeds") or [item["score"]]
+                rows += [{**head, "draw": k, "measure": task, "item": item_id, "score": s}
+                         for k, s in enumerate(scores) if s is not None and not math.isnan(s)]
     return rows
 
 
@@ -128,10 +126,7 @@ def grid_measures(base_dir: Path, target: str, floor_margin: float | None = None
                   base_eval_dir: Path | None = None) -> list[Measure]:
     """The measures of the base's records (:func:`measure_of`), the target first (read from ``base_eval_dir`` where
     the retention records lack it)."""
-    where: dict[str, Path] = {}
-    for d, tasks in target_dirs(base_dir, base_eval_dir, target):
-        for task in tasks:
-            where.setdefault(task, d)
+    where = model_tasks(base_dir, base_eval_dir, target)
     tasks = sorted(where, key=lambda t: t != target)
     sources = frozenset(t for t in tasks if t.count(":") == 1)
     return [measure_of(t, read_task(where[t], t)[0], target, sources, floor_margin) for t in tasks]
@@ -242,7 +237,7 @@ def verdict_section(out: Path, grid: list[dict], base_dir: Path, target: str,
     """report.md's opening for a frontier grid: the verdict block, the frontier plot, the detail tables; the records
     and numbers behind them written to ``out`` (:func:`write_verdicts`). Empty when the base has no target record
     (in its retention records, or in ``base_eval_dir``). ``settings``: a VerdictConfig, or some of its fields."""
-    if not base_dir.is_dir() or not any(target in tasks for _, tasks in target_dirs(base_dir, base_eval_dir, target)):
+    if not base_dir.is_dir() or target not in model_tasks(base_dir, base_eval_dir, target):
         return ""
     cfg = settings if isinstance(settings, VerdictConfig) else VerdictConfig(**(settings or {}))
     rows = grid_rows(grid, base_dir, base_eval_dir, target)
