@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from conftest import Crash, build_model, conversations, crash_at, train_config
+from forgetless.core.errors import ConfigError
 from forgetless.train.collate import (MaskedBatchCollator, TableError, build_sft_table, check_row, read_table,
                                       table_counts, write_table)
 from forgetless.train.stage import TrainConfig, run_train
@@ -63,6 +64,17 @@ def test_config_validation(tmp_path):
         TrainConfig(data="x", output_dir=str(tmp_path), method="kl")
     with pytest.raises(ValueError, match="adapter"):
         TrainConfig(data="x", output_dir=str(tmp_path), adapter="qlora")
+    with pytest.raises(ValueError, match="save_steps must be a whole number of steps"):
+        TrainConfig(data="x", output_dir=str(tmp_path), save_steps=2.5)
+
+
+def test_checkpoint_interval_is_a_count_or_a_share_of_the_steps():
+    from forgetless.train.stage import checkpoint_interval
+
+    assert TrainConfig(data="x", output_dir="o").save_steps == 0.1  # ten checkpoints a run unless told otherwise
+    assert checkpoint_interval(0.1) == 0.1
+    assert isinstance(checkpoint_interval(3.0), int) and checkpoint_interval(3.0) == 3
+    assert checkpoint_interval(0) == 500  # the Trainer's own value; save_strategy is "no"
 
 
 @pytest.mark.parametrize("adapter,method,table",
@@ -120,7 +132,11 @@ def test_resume_after_crash_matches_uninterrupted(train_world):
     full = run_train(train_config(train_world, "resume-full", **kw))
     with pytest.raises(Crash):
         run_train(train_config(train_world, "resume-cut", **kw), callbacks=[crash_at(3)])
+    # a fresh run would train over the interrupted one's checkpoints: it stops before any model loads
+    with pytest.raises(ConfigError, match=r"interrupted run's checkpoint \(checkpoint-2\): resume=true continues"):
+        run_train(train_config(train_world, "resume-cut", model="/no/such/model", **kw))
     cut = run_train(train_config(train_world, "resume-cut", resume=True, **kw))
+    assert not list((cut / "checkpoints").glob("checkpoint-*"))  # a finished run keeps no checkpoints
     summary = json.loads((cut / "train_summary.json").read_text())
     assert summary["resumed_from"].endswith("checkpoint-2")
     steps = [json.loads(x)["step"] for x in (cut / "loss.jsonl").read_text().splitlines()]

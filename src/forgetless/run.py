@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import shutil
 from dataclasses import dataclass, field
 from collections.abc import Mapping
 from pathlib import Path
@@ -33,10 +34,10 @@ from forgetless.mask.stage import MASKED_FILE, run_mask
 from forgetless.report.frontier import FrontierSettings
 from forgetless.report.stage import ReportConfig, run_report
 from forgetless.retention.stage import RetentionConfig
-from forgetless.train.config import TrainConfig
+from forgetless.train.config import CHECKPOINTING, TrainConfig
 from forgetless.train.probe import ProbeConfig, probe_callbacks
 from forgetless.lm.modeling import EMBEDDED
-from forgetless.lm.stamps import STAMP, run_once
+from forgetless.lm.stamps import STAMP, record_start, run_once, started_with
 from forgetless.verdict import fill_model_cards
 from forgetless.target import (HOLDOUT, check_draw_size, check_target, default_target, draw_path, holdout_paths,
                                own_data, split_holdout, tau_share_note, write_draw)
@@ -457,9 +458,30 @@ def train_point(config: RunConfig, layout: RunLayout, point: TrainPoint, scored:
     settings = {**dataclasses.asdict(cfg), **({"probe": config.probe} if config.probe else {}),
                 "data_digest": artifacts.file_digest(masks / MASKED_FILE)}
     def train(c):  # the checkpoint probe is set up (and earlier probes cleared) only when the run trains
+        c = continue_or_restart(c, settings)
         return run_train(c, callbacks=probe_callbacks(config.probe, config.model, c, out / "probe_cache"))
 
-    run_once(Path(cfg.output_dir), settings, lambda c=cfg: train(c), f"train {label}")
+    run_once(Path(cfg.output_dir), settings, lambda c=cfg: train(c), f"train {label}", ignore=CHECKPOINTING)
+
+
+def continue_or_restart(cfg: TrainConfig, settings: dict) -> TrainConfig:
+    """``cfg`` to continue from the last checkpoint of an interrupted training of the same settings (``resume``),
+    or, after a change of settings, to start over with that run's checkpoints removed."""
+    from forgetless.train.stage import last_checkpoint
+
+    out = Path(cfg.output_dir)
+    kept = last_checkpoint(out)
+    resume = kept is not None and started_with(out, settings, ignore=CHECKPOINTING)
+    distributed.barrier()  # every process has decided before the first changes anything
+    if distributed.is_main():
+        if kept and not resume:
+            logger.info("%s: its checkpoints are of other settings; starting over", out)
+            shutil.rmtree(out / "checkpoints", ignore_errors=True)
+        record_start(out, settings)
+    if resume:
+        logger.info("%s: continuing the interrupted training from %s", out, Path(kept).name)
+    distributed.barrier()
+    return dataclasses.replace(cfg, resume=resume)
 
 
 def measure_models(config: RunConfig, layout: RunLayout, labels: list[str]) -> None:

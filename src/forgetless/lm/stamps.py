@@ -17,6 +17,7 @@ from forgetless.lm import artifacts, distributed
 logger = logging.getLogger(__name__)
 
 STAMP = ".run_stamp.json"
+STARTED = ".run_started.json"  # the settings of the run in progress (written first): may its partial output be used?
 
 
 def stamped(settings: dict) -> dict:
@@ -24,23 +25,38 @@ def stamped(settings: dict) -> dict:
     return {**settings, "forgetless_version": __version__}
 
 
-def stage_done(out: Path, settings: dict) -> bool:
+def _changed(path: Path, settings: dict, ignore: tuple[str, ...]) -> list[str] | None:
+    """The fields of ``settings`` (stamped) that differ from those in ``path``, less ``ignore``; None without it."""
+    if not path.is_file():
+        return None
+    old, new = artifacts.read_json(path), stamped(settings)
+    return [k for k in artifacts.stale_fields(old, new) if k not in ignore]
+
+
+def stage_done(out: Path, settings: dict, ignore: tuple[str, ...] = ()) -> bool:
     """True when ``out`` holds a finished stage made with ``settings`` by this forgetless version (compared as JSON:
-    tuples read back as lists)."""
-    settings = stamped(settings)
-    stamp = out / STAMP
-    if not stamp.is_file():
-        return False
-    changed = artifacts.stale_fields(artifacts.read_json(stamp), settings)
+    tuples read back as lists; the fields named in ``ignore`` are not compared)."""
+    changed = _changed(out / STAMP, settings, ignore)
     if changed:
         logger.info("%s: re-running, %s changed", out, ", ".join(changed))
-    return not changed
+    return changed == []
 
 
-def run_once(out: Path, settings: dict, fn: Callable[[], Any], what: str) -> Path:
-    """Run ``fn`` unless ``out`` already holds its result for the same ``settings``; log its time and the
-    process's peak RSS so far."""
-    if stage_done(out, settings):
+def started_with(out: Path, settings: dict, ignore: tuple[str, ...] = ()) -> bool:
+    """True when the unfinished stage in ``out`` was started with ``settings`` (less ``ignore``) by this version,
+    so what it left (a checkpoint) can be continued."""
+    return _changed(out / STARTED, settings, ignore) == []
+
+
+def record_start(out: Path, settings: dict) -> None:
+    """Note that a stage which can continue an interrupted run of itself starts in ``out`` with ``settings``."""
+    artifacts.write_json(out / STARTED, stamped(settings))
+
+
+def run_once(out: Path, settings: dict, fn: Callable[[], Any], what: str, ignore: tuple[str, ...] = ()) -> Path:
+    """Run ``fn`` unless ``out`` already holds its result for the same ``settings`` (less ``ignore``); log its time
+    and the process's peak RSS so far."""
+    if stage_done(out, settings, ignore):
         logger.info("%s: done already (%s)", what, out)
         return out
     logger.info("%s -> %s", what, out)

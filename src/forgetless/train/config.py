@@ -12,6 +12,9 @@ from forgetless.train.select import check_selection
 
 METHODS = TRAIN_METHODS  # the recipes (forgetless.core.recipes) that do not train as another one
 ADAPTERS = ("lora", "dora", "full")
+# How a run is checkpointed, not what it trains: a finished stage's stamp is compared without them, so a run that
+# resumed, or checkpoints at another interval, is the same result.
+CHECKPOINTING = ("save_steps", "save_total_limit", "resume")
 
 
 @dataclass(frozen=True)
@@ -44,7 +47,9 @@ class TrainConfig(ModelArgs):
     optim: str = field(default="adamw_torch", metadata={"help": "HF optimizer name (adamw_torch, sgd, ...)"})
     max_grad_norm: float = field(default=1.0, metadata={"help": "gradient clipping norm"})
     seed: int = field(default=0, metadata={"help": "seed of initialisation, dropout and data order"})
-    save_steps: int = field(default=0, metadata={"help": "checkpoint every N steps (0: no checkpoints)"})
+    save_steps: float = field(default=0.1, metadata={
+        "help": "checkpoint every N optimizer steps; below 1, every such share of the run's steps (0.1: ten "
+                "checkpoints); 0: none. Checkpoints are for resuming: a finished run removes them"})
     save_total_limit: int = field(default=2, metadata={"help": "checkpoints kept"})
     resume: bool = field(default=False, metadata={"help": "continue from the last checkpoint in output_dir"})
     merge: bool = field(default=False, metadata={"help": "also write the adapter merged into the model"})
@@ -98,8 +103,9 @@ class TrainConfig(ModelArgs):
             raise ValueError("lora_dropout must be in [0, 1)")
         if self.max_steps < 1 and self.epochs <= 0:
             raise ValueError("set epochs > 0 or max_steps >= 1")
-        if self.save_steps < 0:
-            raise ValueError("save_steps must be >= 0")
+        if self.save_steps < 0 or (self.save_steps >= 1 and self.save_steps != int(self.save_steps)):
+            raise ValueError(f"save_steps must be a whole number of steps, a share of the steps in (0, 1), or 0; "
+                             f"got {self.save_steps}")
         if self.merge and self.adapter == "full":
             raise ValueError("merge applies to adapters; full fine-tuning already writes the whole model")
         check_selection(self)

@@ -21,6 +21,7 @@ import copy
 import dataclasses
 import json
 import logging
+import shutil
 import time
 from pathlib import Path
 
@@ -129,7 +130,7 @@ def training_arguments(config: TrainConfig, out: Path, device: str, dtype: torch
         lr_scheduler_type=config.lr_scheduler, warmup_steps=config.warmup_ratio,
         num_train_epochs=config.epochs, max_steps=config.max_steps, weight_decay=config.weight_decay,
         optim=config.optim, max_grad_norm=config.max_grad_norm, seed=config.seed, data_seed=config.seed,
-        save_strategy="steps" if config.save_steps else "no", save_steps=config.save_steps or 500,
+        save_strategy="steps" if config.save_steps else "no", save_steps=checkpoint_interval(config.save_steps),
         save_total_limit=config.save_total_limit, logging_steps=config.logging_steps,
         report_to=trackers(config.report_to), run_name=out.name, torch_compile=config.torch_compile,
         use_liger_kernel=config.use_liger_kernel,
@@ -153,6 +154,28 @@ def checkpointing_argument(on: bool) -> dict:
 
     names = {f.name for f in dataclasses.fields(TrainingArguments)}
     return {"activation_checkpointing" if "activation_checkpointing" in names else "gradient_checkpointing": on}
+
+
+def checkpoint_interval(save_steps: float) -> float | int:
+    """The Trainer's ``save_steps``: a count of steps, or below 1 a share of them (resolved when training starts);
+    any value with checkpoints off."""
+    return save_steps if 0 < save_steps < 1 else int(save_steps) or 500
+
+
+def check_fresh_start(config: TrainConfig, out: Path) -> None:
+    """A fresh run (``resume=false``) into a folder that holds an interrupted run's checkpoints would train over
+    them; it stops, before any model loads, saying how to continue or start over."""
+    kept = None if config.resume else last_checkpoint(out)
+    if kept:
+        raise ConfigError(f"{out} holds an interrupted run's checkpoint ({Path(kept).name}): resume=true continues "
+                          f"it; to start over, remove {out / 'checkpoints'} or choose another output_dir")
+
+
+def drop_checkpoints(out: Path) -> None:
+    """A finished run's ``checkpoint-*`` folders: they exist to resume it, and a full fine-tune's take the size
+    of the model and its optimizer state each."""
+    for d in sorted((out / "checkpoints").glob("checkpoint-*")):
+        shutil.rmtree(d, ignore_errors=True)
 
 
 def last_checkpoint(out: Path) -> str | None:
@@ -249,6 +272,7 @@ def run_train(config: TrainConfig, callbacks: list | None = None, select_measure
                    "processes": args.world_size, "distributed": trainer.accelerator.distributed_type.value,
                    "weights_sharded": engine, **kept}
         write_run_files(config, out, tokenizer, counts, diag, summary, args.device)
+        drop_checkpoints(out)
     try:
         push_final(trainer, tokenizer, config, out)  # the run is complete on disk first
     finally:
@@ -263,6 +287,7 @@ def start_run(config: TrainConfig, out: Path):
 
     from forgetless.lm.modeling import pick_dtype
 
+    check_fresh_start(config, out)
     device = launch_device(config.device)
     dtype = pick_dtype(config.dtype, device)
     # The accelerate state (process group, this process's device, DeepSpeed's zero.Init switch) is created here,
