@@ -79,6 +79,17 @@ def test_better_retention_with_a_worse_target_is_not_a_win():
     assert row["p_holm"] < 0.05 and row["verdict"] == "not resolved" and "non-inferior" in row["reason"]
 
 
+def test_a_tie_on_retention_at_less_learning_says_the_reference_learned_less():
+    recs = records({"stm": {"target": 0.2, "ret": 0.7, "length": 0.9},
+                    "sft": {"target": 0.7, "ret": 0.7, "length": 0.9},
+                    "dft": {"target": 0.2, "ret": 0.7, "length": 0.9}}, n=300)
+    rows = headline(same_dose(recs, CFG))
+    sft, dft = rows[("sft@lr1", "ret")], rows[("dft@lr1", "ret")]
+    assert sft["verdict"] in ("not resolved", "equivalent") and sft["p_holm"] >= 0.05
+    assert "and the reference learned less on the target (reference − rival in [-0." in sft["reason"]
+    assert "learned less" not in dft["reason"] and "learn as much" not in dft["reason"]  # same target: no clause
+
+
 def test_a_one_sided_measure_never_headlines():
     recs = records({"stm": {"target": 0.6, "ret": 0.7, "length": 1.0},
                     "sft": {"target": 0.6, "ret": 0.7, "length": 0.0}})

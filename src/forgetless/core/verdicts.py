@@ -198,8 +198,9 @@ def classify(row: dict, target: dict | None, higher: bool, target_higher: bool,
     ref_better = (row["diff"] > 0) == higher
     if resolved and target is None:
         return "not resolved", "the retention difference is resolved, but there is no target record to check the dose"
+    lo, hi = (None, None) if target is None else (
+        target["ci95"] if target_higher else [-target["ci95"][1], -target["ci95"][0]])
     if resolved:
-        lo, hi = target["ci95"] if target_higher else [-target["ci95"][1], -target["ci95"][0]]
         held = f"retention resolved (Holm p {p_text(row['p_holm'], cfg.n_boot)})"
         if ref_better and lo > -cfg.target_margin:
             return "wins", f"{held}; target non-inferior (lower bound {lo:+.3f} > -{cfg.target_margin:g})"
@@ -209,7 +210,16 @@ def classify(row: dict, target: dict | None, higher: bool, target_higher: bool,
         why = f"the {side} keeps more, but its target is not shown non-inferior within {cfg.target_margin:g}"
     else:
         why = f"Holm p {p_text(row['p_holm'], cfg.n_boot)} ≥ {cfg.alpha:g}"
+    tost = f"TOST within ±{row['margin']:g}"
     if row["p_tost_holm"] < cfg.alpha:
-        return "equivalent", f"TOST within ±{row['margin']:g} passes (Holm p {p_text(row['p_tost_holm'], cfg.n_boot)})"
-    return "not resolved", why + (f"; TOST within ±{row['margin']:g} does not pass "
-                                  f"(Holm p {p_text(row['p_tost_holm'], cfg.n_boot)})")
+        verdict, why = "equivalent", f"{tost} passes (Holm p {p_text(row['p_tost_holm'], cfg.n_boot)})"
+    else:
+        verdict = "not resolved"
+        why += f"; {tost} does not pass (Holm p {p_text(row['p_tost_holm'], cfg.n_boot)})"
+    said = verdict == "not resolved" and resolved and ref_better  # the reason names the reference's target already
+    if lo is not None and lo <= -cfg.target_margin and not said:
+        # the same retention at less learning is not the same result: the sentence says so
+        learned = "learned less" if hi < 0 else "is not shown to learn as much"
+        why += (f"; and the reference {learned} on the target (reference − rival in [{lo:+.3f}, {hi:+.3f}], "
+                f"non-inferiority margin {cfg.target_margin:g})")
+    return verdict, why
