@@ -17,6 +17,8 @@ def test_plain_names():
     assert plain_name("heldout:mbpp-validation:kept") == "MBPP validation: held-out NLL, kept tokens"
     assert plain_name("gen:gsm8k", "working_kept") == "GSM8K: working kept"
     assert plain_name("ifeval") == "IFEval" and plain_name("piqa") == "piqa"
+    # a source given as a path: its last two parts (the whole path is in the run's config)
+    assert plain_name("heldout:runs/mine/holdout/target.jsonl:all") == "holdout/target.jsonl: held-out NLL, all tokens"
 
 
 def write_dir(d, chances, rng, seeds=1, n=100):
@@ -73,13 +75,15 @@ def test_lean_list_marks_length_and_format_measures_one_sided():
 def test_one_headline_per_prompt_source_and_none_where_the_base_sits_at_the_floor():
     from forgetless.report.verdicts import measure_of
 
-    sources, target = frozenset({"gen:ifeval", "gen:gsm8k"}), "gen:mbpp-test"
+    sources = {"gen:ifeval": "IFEval: prompt-level strict accuracy", "gen:gsm8k": "GSM8K: did what was asked"}
+    target = "gen:mbpp-test"
     assert measure_of("gen:ifeval", {"score": 0.17}, target, sources, 0.05).headline
     other = measure_of("gen:ifeval:inst_level_strict_acc", {"score": 0.29}, target, sources, 0.05)
-    assert not other.headline and other.one_sided.startswith("another reading of the prompts of IFEval")
+    assert not other.headline and other.one_sided == ("another reading of the prompts of IFEval, whose headline is "
+                                                      "IFEval: prompt-level strict accuracy")
     # GSM8K accuracy is another reading of the GSM8K prompts; alone (no gen:gsm8k record) it would headline
     assert not measure_of("gen:gsm8k:accuracy", {"score": 0.3}, target, sources, 0.05).headline
-    assert measure_of("gen:gsm8k:accuracy", {"score": 0.3}, target, frozenset(), 0.05).headline
+    assert measure_of("gen:gsm8k:accuracy", {"score": 0.3}, target, {}, 0.05).headline
     # floor: a base score <= the equivalence margin cannot lose more than the margin
     for score, headline in ((0.04, False), (0.05, False), (0.06, True)):
         m = measure_of("gen:gsm8k", {"score": score}, target, sources, 0.05)

@@ -19,7 +19,9 @@ from __future__ import annotations
 import gzip
 import json
 import math
+from collections.abc import Mapping
 from pathlib import Path
+from types import MappingProxyType
 
 from forgetless.core.matched import matched_gain
 from forgetless.core.sentences import interval_text, n_text, verdict_sentence
@@ -52,22 +54,32 @@ def plain_name(task: str, metric: str | None = None) -> str:
     """``gen:mbpp-validation:defines`` -> 'MBPP validation: defines the function'; unknown names stay as they are."""
     parts = task.split(":")
     if parts[0] in ("gen", "heldout", "drift") and len(parts) >= 2:
-        source = SOURCES.get(parts[1], parts[1])
+        source = source_name(parts[1])
         what = parts[2] if len(parts) > 2 else ("kl_base_tuned" if parts[0] == "drift" else metric or "score")
         return f"{source}: {METRICS.get(what, what.replace('_', ' '))}"
     return SOURCES.get(task, task)
 
 
-def measure_of(task: str, record: dict, target: str, sources: frozenset[str] = frozenset(),
+def source_name(source: str) -> str:
+    """A prompt source's plain name ('IFEval'); one given as a file path, by its last two parts
+    (``runs/mine/holdout/target.jsonl`` -> 'holdout/target.jsonl'): the tables have no room for the whole path, which
+    the run's config holds."""
+    if source in SOURCES:
+        return SOURCES[source]
+    return "/".join(Path(source).parts[-2:]) if "/" in source else source
+
+
+def measure_of(task: str, record: dict, target: str, sources: Mapping[str, str] = MappingProxyType({}),
                floor_margin: float | None = None) -> Measure:
     """The :class:`Measure` of a retention record (the base's): the target, a measure that does not headline (with
     why), or a headline one.
 
     One headline per prompt source: ``gen:<source>:<metric>`` is another reading of the same prompts when
-    ``gen:<source>`` is among ``sources`` (IFEval's loose and instruction-level accuracies beside prompt-level
-    strict; GSM8K's accuracy beside did-what-was-asked), so it is shown but is not a test of its own. A
-    higher-is-better measure on which the base scores at most ``floor_margin`` (the equivalence margin) cannot show a
-    loss beyond the margin, so "equivalent" would be true by construction: it does not headline either.
+    ``gen:<source>`` is among ``sources`` (source task -> the plain name of its headline measure): IFEval's loose
+    and instruction-level accuracies beside prompt-level strict, GSM8K's accuracy beside did-what-was-asked. It is
+    shown but is not a test of its own. A higher-is-better measure on which the base scores at most ``floor_margin``
+    (the equivalence margin) cannot show a loss beyond the margin, so "equivalent" would be true by construction: it
+    does not headline either.
     """
     metric = task.split(":")[2] if task.count(":") >= 2 else record.get("metric", "")
     higher = bool(record.get("higher_is_better", True))
@@ -78,7 +90,8 @@ def measure_of(task: str, record: dict, target: str, sources: frozenset[str] = f
         lean = "a detail of the target task"
     parent = ":".join(task.split(":")[:2])
     if lean is None and task.count(":") >= 2 and parent in sources:
-        lean = f"another reading of the prompts of {plain_name(parent)}, whose headline is {plain_name(parent)}"
+        lean = f"another reading of the prompts of {source_name(parent.split(':')[1])}, whose headline is " \
+               f"{sources[parent]}"
     score = record.get("score")
     if lean is None and floor_margin is not None and higher and score is not None and score <= floor_margin:
         lean = (f"the base scores {score:.3f}, within the equivalence margin ({floor_margin:g}) of 0: no loss beyond "
@@ -128,8 +141,9 @@ def grid_measures(base_dir: Path, target: str, floor_margin: float | None = None
     the retention records lack it)."""
     where = model_tasks(base_dir, base_eval_dir, target)
     tasks = sorted(where, key=lambda t: t != target)
-    sources = frozenset(t for t in tasks if t.count(":") == 1)
-    return [measure_of(t, read_task(where[t], t)[0], target, sources, floor_margin) for t in tasks]
+    records = {t: read_task(where[t], t)[0] for t in tasks}
+    sources = {t: plain_name(t, records[t].get("metric")) for t in tasks if t.count(":") == 1}
+    return [measure_of(t, records[t], target, sources, floor_margin) for t in tasks]
 
 
 def build_verdicts(rows: list[dict], measures: list[Measure], cfg: VerdictConfig) -> dict:
