@@ -89,6 +89,22 @@ def test_an_empty_answer_fails_every_instruction():
     assert [(o["strict"], o["loose"]) for o in check_response("  \n", record)] == [(False, False), (False, False)]
 
 
+def test_a_checker_that_draws_a_random_argument_scores_the_same_on_every_run():
+    import random
+
+    # prompt 1129 asks for 6 or more "!": letter_frequency takes only letters, so upstream counts a random letter
+    record = next(item.record for item in load_ifeval() if item.id == "1129")
+    assert record["kwargs"][0]["letter"] == "!"
+    answer = "Sunnis ice cream is gentle on the stomach. Try it today and tell a friend about it."
+    outcomes = []
+    for seed in range(5):  # whatever state the caller's random is in
+        random.seed(seed)
+        before = random.getstate()
+        outcomes.append(check_response(answer, record))
+        assert random.getstate() == before  # the caller's random is left as it was
+    assert all(o == outcomes[0] for o in outcomes)
+
+
 def test_punkt_is_found_offline_and_counts_sentences_as_nltk_does():
     import nltk
 

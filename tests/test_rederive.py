@@ -67,3 +67,21 @@ def test_the_run_ends_with_the_grids_verdict_sentences():
     assert lines[0].startswith("- stm@lr0.0003 wins against sft@lr0.0003") and "[+0.362, +0.688]" in lines[0]
     assert all("n = " in line and "[" in line for line in lines)
     assert grid_verdict_lines(FIXTURE / "nowhere") == []
+
+
+def test_the_committed_ifeval_base_rescores_to_its_figures(tmp_path):
+    """benchmarks/results/ifeval-base: the base's 541 answers at 512 tokens, re-scored, give the committed metrics
+    and per-instruction outcomes (the README's base figure)."""
+    from forgetless.eval.stage import EvalConfig, run_eval
+
+    result = ROOT / "benchmarks" / "results" / "ifeval-base"
+    predictions = tmp_path / "predictions-512.jsonl"
+    predictions.write_bytes(gzip.decompress((result / "predictions-512.jsonl.gz").read_bytes()))
+    out = run_eval(EvalConfig(tasks=("ifeval",), predictions=str(predictions), output_dir=str(tmp_path / "eval"),
+                              cache=False, progress=False))
+    fresh = json.loads((out / "scores.json").read_text())["ifeval"]
+    committed = json.loads((result / "eval-512" / "scores.json").read_text())["ifeval"]
+    assert fresh["n"] == 541 and fresh["metrics"] == committed["metrics"]
+    with gzip.open(result / "eval-512" / "ifeval.items.jsonl.gz", "rt") as f:
+        assert [json.loads(line)["extracted"] for line in f] == \
+            [json.loads(line)["extracted"] for line in (out / "ifeval.items.jsonl").read_text().splitlines()]

@@ -15,11 +15,17 @@ instructions, not prompts). Every one of the 25 instruction types is checked off
 ``length_constraints:number_sentences`` and ``change_case:capital_word_frequency`` need NLTK's English punkt
 model, which :mod:`forgetless.eval.tasks.punkt_offline` provides without a download; ``language:response_language``
 uses langdetect, seeded here (lm-eval leaves it unseeded, so a short answer can be read two ways on two runs).
+Likewise a checker given an argument it cannot use draws a random one in its place: prompt 1129 asks for 6 or more
+"!", and ``keywords:letter_frequency`` takes only a letter, so it counts a random letter, a different one on each
+run in lm-eval. Here each instruction is built under Python's ``random`` seeded with the prompt key and the
+instruction (the global state is restored), so every run scores an answer the same way.
 """
 
 from __future__ import annotations
 
 import math
+import random
+from contextlib import contextmanager
 from typing import Any
 
 from forgetless.core.intervals import wilson_interval
@@ -55,6 +61,17 @@ def _checkers():
     return INSTRUCTION_DICT, get_loose_transformations
 
 
+@contextmanager
+def seeded_random(seed: str):
+    """Python's global ``random`` seeded with ``seed`` inside the block, and as it was after it."""
+    state = random.getstate()
+    random.seed(seed)
+    try:
+        yield
+    finally:
+        random.setstate(state)
+
+
 def check_response(response: str, record: dict[str, Any]) -> list[dict[str, Any]]:
     """One ``{"instruction", "strict", "loose"}`` per instruction of ``record`` (an IFEval line)."""
     registry, variants_of = _checkers()
@@ -62,10 +79,11 @@ def check_response(response: str, record: dict[str, Any]) -> list[dict[str, Any]
     outcomes = []
     for instruction_id, kwargs in zip(record["instruction_id_list"], record["kwargs"]):
         checker = registry[instruction_id](instruction_id)
-        checker.build_description(**{k: v for k, v in kwargs.items() if v is not None})
-        args = checker.get_instruction_args()
-        if args and "prompt" in args:
-            checker.build_description(prompt=record["prompt"])
+        with seeded_random(f"{record.get('key')}:{instruction_id}"):  # an unusable argument: a random one, seeded
+            checker.build_description(**{k: v for k, v in kwargs.items() if v is not None})
+            args = checker.get_instruction_args()
+            if args and "prompt" in args:
+                checker.build_description(prompt=record["prompt"])
         strict = bool(response.strip()) and bool(checker.check_following(response))
         loose = strict or any(checker.check_following(v) for v in variants)
         outcomes.append({"instruction": instruction_id, "strict": strict, "loose": loose})
