@@ -17,7 +17,7 @@ import forgetless
 ROOT = Path(forgetless.__file__).parent
 STAGES = ("score", "mask", "generate", "train", "eval", "retention", "report", "replay")
 LAYER = {"core": 0, "lm": 1, "config": 1, **{s: 2 for s in STAGES}, "grid": 3, "api": 3, "target": 3, "verdict": 3,
-         "run": 4, "cli": 5, "__main__": 6}
+         "run": 4, "runplan": 4, "runreport": 4, "cli": 5, "__main__": 6}
 
 
 def unit(module: str) -> str:
