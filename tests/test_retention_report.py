@@ -7,6 +7,7 @@ import json
 import pytest
 import torch
 
+from conftest import Crash
 from forgetless.retention.records import make_record, write_task
 from forgetless.report.retention import markdown_table, plot_drift_vs_gain, summarize_run
 
@@ -106,3 +107,43 @@ def test_behaviour_columns_target_gain_sign_and_between_methods(tmp_path):
     assert "| sft vs stm | -0.75 [" in text and "| 8 / 0 | 0.00781 |" in text
     table = markdown_table(summaries)
     assert "| stm | +0.300 [" in table and "favours STM" in table
+
+
+def test_a_crashed_retention_stage_keeps_the_measures_it_finished(tiny_model_dir, tmp_path, monkeypatch):
+    import forgetless.retention.drift as drift
+    import forgetless.retention.heldout as heldout
+    import forgetless.retention.mc as mc
+    from forgetless.retention.progress import PROGRESS_FILE
+    from forgetless.retention.stage import RetentionConfig, run_retention
+
+    common = dict(model=str(tiny_model_dir), mc_tasks=("piqa",), mc_limit=3, drift_sources=("gsm8k",),
+                  drift_limit=1, max_new_tokens=3, top_k=8, heldout_limit=2, cache_dir=str(tmp_path / "cache"),
+                  device="cpu", dtype="float32")
+    whole = run_retention(RetentionConfig(output_dir=str(tmp_path / "whole"), **common))
+    calls, crash = [], [True]
+
+    def counting(name, real):
+        def counted(*args, **kwargs):
+            calls.append(name)
+            if name == "evaluate_heldout" and crash:
+                crash.clear()
+                raise Crash  # the process dies in the last measure, once
+            return real(*args, **kwargs)
+        return counted
+
+    for module, name in ((mc, "evaluate_mc"), (drift, "evaluate_drift"), (heldout, "evaluate_heldout")):
+        monkeypatch.setattr(module, name, counting(name, getattr(module, name)))
+    config = RetentionConfig(output_dir=str(tmp_path / "cut"), **common)
+    with pytest.raises(Crash):
+        run_retention(config)
+    assert calls == ["evaluate_mc", "evaluate_drift", "evaluate_heldout"]
+    assert not (tmp_path / "cut" / "manifest.json").exists()
+    calls.clear()
+    out = run_retention(config)  # the same settings: only the unfinished measure runs
+    assert calls == ["evaluate_heldout"]
+    for name in ("piqa", "drift__gsm8k", "heldout__mbpp-validation__kept"):
+        assert (out / f"{name}.json").read_text() == (whole / f"{name}.json").read_text(), name
+    calls.clear()
+    run_retention(RetentionConfig(output_dir=str(tmp_path / "cut"), **{**common, "mc_limit": 2}))
+    assert calls == ["evaluate_mc", "evaluate_drift", "evaluate_heldout"]  # other settings: measured again
+    assert json.loads((out / PROGRESS_FILE).read_text())["done"]["mc:piqa"][0] == "piqa"  # the records it wrote

@@ -135,11 +135,13 @@ def default(name: str, value):
 
 
 def measure_retention(model, tokenizer, base, settings: MeasureSettings, out_dir: str | Path | None,
-                      cache_dir: str | Path | None, base_id: str | None = None) -> dict[str, dict]:
+                      cache_dir: str | Path | None, base_id: str | None = None, progress=None) -> dict[str, dict]:
     """Every measure of ``settings`` on an in-memory model; the records by task name, written to ``out_dir``.
 
     ``base``: a separate base model, the model itself (it is its own base: drift 0), or None for
-    the PEFT adapter-disabled view of ``model``. ``base_id`` names the base in cache keys.
+    the PEFT adapter-disabled view of ``model``. ``base_id`` names the base in cache keys. ``progress``
+    (:class:`forgetless.retention.progress.Progress`): the measures an interrupted run of the same stage finished,
+    read back instead of measured again.
     """
     from forgetless.retention.behaviour import evaluate_behaviour
     from forgetless.retention.drift import evaluate_drift
@@ -151,17 +153,25 @@ def measure_retention(model, tokenizer, base, settings: MeasureSettings, out_dir
     # Under a launcher every process computes its share of each measure and sees every record; the first writes.
     out_dir = out_dir if distributed.is_main() else None
     s, records = settings, {}
+
+    def measure(name: str, compute) -> None:
+        kept = progress.finished(name) if progress is not None else None
+        found = kept if kept is not None else compute()
+        records.update(found)
+        if progress is not None and kept is None:
+            progress.add(name, found)
+
     for task in s.mc_tasks:
-        records.update(evaluate_mc(model, tokenizer, task, s.mc_limit, out_dir, s.batch_tokens))
+        measure(f"mc:{task}", lambda t=task: evaluate_mc(model, tokenizer, t, s.mc_limit, out_dir, s.batch_tokens))
     for source in s.drift_sources:
-        records.update(evaluate_drift(model, tokenizer, base, source, s.drift_limit, cache_dir, out_dir,
-                                      s.max_new_tokens, s.top_k, base_id))
+        measure(f"drift:{source}", lambda x=source: evaluate_drift(
+            model, tokenizer, base, x, s.drift_limit, cache_dir, out_dir, s.max_new_tokens, s.top_k, base_id))
     exclude = s.excluded_tasks() if s.behaviour_sources else frozenset()
     for source in s.behaviour_sources:
-        records.update(evaluate_behaviour(model, tokenizer, base, source, s.limit(source), cache_dir, out_dir,
-                                          s.budget(source), base_id, is_base=base is model,
-                                          **({"exclude": exclude} if exclude else {})))
+        measure(f"behaviour:{source}", lambda x=source: evaluate_behaviour(
+            model, tokenizer, base, x, s.limit(x), cache_dir, out_dir, s.budget(x), base_id, is_base=base is model,
+            **({"exclude": exclude} if exclude else {})))
     if s.heldout_source:
-        records.update(evaluate_heldout(model, tokenizer, base, s.heldout_source, s.heldout_limit,
-                                        cache_dir, out_dir, s.tau, base_id=base_id))
+        measure(f"heldout:{s.heldout_source}", lambda: evaluate_heldout(
+            model, tokenizer, base, s.heldout_source, s.heldout_limit, cache_dir, out_dir, s.tau, base_id=base_id))
     return records

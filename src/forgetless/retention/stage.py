@@ -6,7 +6,8 @@ base's: working kept, format, accuracy, surprise; graded success on a target set
 and the held-out target NLL by kind, and writes one
 record per measure (:mod:`.records`) plus ``config.json`` and ``manifest.json`` (last: it marks
 the stage complete). Evaluating the base itself (no adapter, no base_model) gives drift 0 and
-the base rows of the report.
+the base rows of the report. A re-run after a crash keeps the measures the stage finished, when its settings,
+code and weights are the same (:mod:`.progress`).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from forgetless.lm import artifacts, distributed
 from forgetless.lm.interpolate import blend_weights, check_alpha, scale_lora
 from forgetless.lm.model_args import ModelArgs
 from forgetless.retention.measures import MeasureSettings, measure_retention
+from forgetless.retention.progress import Progress
 
 logger = logging.getLogger(__name__)
 
@@ -79,6 +81,21 @@ def load_models(config: RetentionConfig):
     return model, tokenizer, base, base_id
 
 
+def stage_key(config: RetentionConfig) -> str:
+    """What a stage's records are made of: its settings (less where they are written), the measure code, this
+    version, and the fingerprints of the model, the adapter and the separate base (their files, not their names)."""
+    from forgetless import __version__
+    from forgetless.lm.modeling import model_fingerprint
+    from forgetless.retention.measures import code_key
+
+    settings = {k: v for k, v in dataclasses.asdict(config).items() if k not in ("output_dir", "cache_dir")}
+    weights = {name: model_fingerprint(path) if path else None
+               for name, path in (("adapter", config.adapter), ("base_model", config.base_model))}
+    return artifacts.json_digest({**settings, **weights, "model_fingerprint": model_fingerprint(config.model,
+                                  config.revision), "code": code_key(), "version": __version__}, 24,
+                                 sort_keys=True, default=str)
+
+
 def run_retention(config: RetentionConfig) -> Path:
     """Evaluate every retention measure of ``config``; returns the output directory. Under a launcher the
     processes share each measure's batches and the first one writes (:mod:`forgetless.lm.distributed`)."""
@@ -90,9 +107,10 @@ def run_retention(config: RetentionConfig) -> Path:
     cache = Path(config.cache_dir) if config.cache_dir else forgetless_cache() / "retention"
     if distributed.is_main():
         artifacts.write_json(out / "config.json", dataclasses.asdict(config))
+    progress = Progress(out, stage_key(config))
     model, tokenizer, base, base_id = load_models(config)
     started = time.time()
-    tasks = list(measure_retention(model, tokenizer, base, config, out, cache, base_id))
+    tasks = list(measure_retention(model, tokenizer, base, config, out, cache, base_id, progress))
     if distributed.is_main():
         artifacts.write_manifest(out, stage="retention", model=config.model, adapter=config.adapter,
                                  adapter_scale=config.adapter_scale, base=base_id, tasks=tasks,
